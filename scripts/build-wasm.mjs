@@ -1,0 +1,39 @@
+#!/usr/bin/env node
+// Assembles the CPU GEMM WebAssembly kernels into build/wasm/ (not committed; run by `npm run build`).
+//   gemm.wasm          baseline: WebAssembly SIMD128 + threads (runs on Node >= 16)
+//   gemm-relaxed.wasm  same, with relaxed_madd (fused multiply-add); picked at run time where the
+//                      engine validates it (Node >= 22, or Node 20 with --experimental-wasm-relaxed-simd)
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import wabtInit from 'wabt';
+import { generateWat } from '../src/backends/cpu/wasm/gemm-wat.mjs';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const outDir = join(root, 'build', 'wasm');
+
+export async function buildWasm({ config, outDir: dir = outDir, quiet = false } = {}) {
+  const wabt = await wabtInit();
+  mkdirSync(dir, { recursive: true });
+  const outputs = [];
+  for (const [name, relaxed] of [['gemm.wasm', false], ['gemm-relaxed.wasm', true]]) {
+    const wat = generateWat({ relaxed, config });
+    const features = { simd: true, threads: true, relaxed_simd: relaxed };
+    const mod = wabt.parseWat(name.replace('.wasm', '.wat'), wat, features);
+    try {
+      mod.validate(features);
+      const { buffer } = mod.toBinary({ log: false });
+      const file = join(dir, name);
+      writeFileSync(file, buffer);
+      outputs.push(file);
+      if (!quiet) console.log(`build-wasm: wrote ${file} (${buffer.length} bytes)`);
+    } finally {
+      mod.destroy();
+    }
+  }
+  return outputs;
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  await buildWasm();
+}

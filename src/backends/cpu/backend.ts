@@ -1,0 +1,302 @@
+/**
+ * The CPU backend: typed-array storage, elementwise loops generated once per op (one generator for
+ * every unary, binary, compare and select kernel), and matrix products through ./gemm.ts
+ * (OpenBLAS when present, else WebAssembly SIMD).
+ */
+import type { Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import { type DType, type HostArray, hostArray } from '../../engine/dtype.js';
+import { coalesce, sizeOf } from '../../engine/shape.js';
+import { gemm, gemmInfo } from './gemm.js';
+
+type Arr = HostArray;
+
+const UNARY_EXPR: Record<UnaryOp, string> = {
+  neg: '-x',
+  exp: 'Math.exp(x)',
+  log: 'Math.log(x)',
+  sqrt: 'Math.sqrt(x)',
+  rsqrt: '1 / Math.sqrt(x)',
+  tanh: 'Math.tanh(x)',
+  sigmoid: '1 / (1 + Math.exp(-x))',
+  silu: 'x / (1 + Math.exp(-x))',
+  square: 'x * x',
+  abs: 'Math.abs(x)',
+  cos: 'Math.cos(x)',
+  sin: 'Math.sin(x)',
+  sign: 'Math.sign(x)',
+  reciprocal: '1 / x',
+};
+const BINARY_EXPR: Record<BinaryOp, string> = {
+  add: 'x + y',
+  sub: 'x - y',
+  mul: 'x * y',
+  div: 'x / y',
+  pow: 'Math.pow(x, y)',
+  maximum: 'Math.max(x, y)',
+  minimum: 'Math.min(x, y)',
+};
+const INT_BINARY_EXPR: Partial<Record<BinaryOp, string>> = { mul: 'Math.imul(x, y)' };
+const COMPARE_EXPR: Record<CompareOp, string> = {
+  eq: 'x === y ? 1 : 0',
+  ne: 'x !== y ? 1 : 0',
+  lt: 'x < y ? 1 : 0',
+  le: 'x <= y ? 1 : 0',
+  gt: 'x > y ? 1 : 0',
+  ge: 'x >= y ? 1 : 0',
+};
+
+/**
+ * Builds a kernel `(out, shape, strides[], ...inputs)` that walks a coalesced N-d index space
+ * (innermost axis in a tight loop) and stores `expr` of the inputs x, y, z.
+ */
+type StridedKernel = (out: Arr, shape: number[], strides: number[][], ...inputs: Arr[]) => void;
+function stridedKernel(arity: number, expr: string): StridedKernel {
+  const names = ['x', 'y', 'z'].slice(0, arity);
+  const src = `
+    const r = shape.length;
+    if (r === 0) { ${names.map((v, i) => `const ${v} = in${i}[0];`).join(' ')} out[0] = ${expr}; return; }
+    const n = shape[r - 1];
+    ${names.map((_, i) => `const s${i} = strides[${i}][r - 1];`).join(' ')}
+    const idx = new Array(r - 1).fill(0);
+    let rows = 1; for (let d = 0; d < r - 1; d++) rows *= shape[d];
+    let o = 0;
+    ${names.map((_, i) => `let b${i} = 0;`).join(' ')}
+    for (let row = 0; row < rows; row++) {
+      ${names.map((_, i) => `let p${i} = b${i};`).join(' ')}
+      for (let j = 0; j < n; j++) {
+        ${names.map((v, i) => `const ${v} = in${i}[p${i}]; p${i} += s${i};`).join(' ')}
+        out[o++] = ${expr};
+      }
+      for (let d = r - 2; d >= 0; d--) {
+        ${names.map((_, i) => `b${i} += strides[${i}][d];`).join(' ')}
+        if (++idx[d] < shape[d]) break;
+        ${names.map((_, i) => `b${i} -= strides[${i}][d] * shape[d];`).join(' ')}
+        idx[d] = 0;
+      }
+    }`;
+  const inner = new Function('out', 'shape', 'strides', ...names.map((_, i) => `in${i}`), src) as StridedKernel;
+  return inner;
+}
+
+function flatKernel(expr: string): (out: Arr, x: Arr) => void {
+  return new Function('out', 'a', `for (let i = 0, n = out.length; i < n; i++) { const x = a[i]; out[i] = ${expr}; }`) as (out: Arr, x: Arr) => void;
+}
+
+const cache = new Map<string, unknown>();
+function cached<T>(key: string, make: () => T): T {
+  let k = cache.get(key) as T | undefined;
+  if (!k) {
+    k = make();
+    cache.set(key, k);
+  }
+  return k;
+}
+
+/** Runs a strided kernel over inputs broadcast to `shape` (strides already computed by the engine). */
+function runStrided(key: string, expr: string, out: Arr, shape: number[], inputs: Arr[], strides: number[][]): void {
+  const c = coalesce(shape, strides);
+  cached(`${key}/${inputs.length}`, () => stridedKernel(inputs.length, expr))(out, c.shape, c.strides, ...inputs);
+}
+
+function gemmJobFor(a: Arr, b: Arr, c: Arr, job: MatmulJob) {
+  return { ...job, a: a as Float32Array | Float64Array, b: b as Float32Array | Float64Array, c: c as Float32Array | Float64Array };
+}
+
+export class CpuBackend implements Backend {
+  readonly name = 'cpu';
+
+  info(): Record<string, unknown> {
+    return { name: this.name, matmul: gemmInfo() };
+  }
+  upload(values: HostArray, dtype: DType): Arr {
+    const out = hostArray(dtype, values.length);
+    out.set(values as ArrayLike<number>);
+    return out;
+  }
+  download(data: unknown, dtype: DType, size: number): HostArray {
+    const out = hostArray(dtype, size);
+    out.set(data as ArrayLike<number>);
+    return out;
+  }
+  free(): void {
+    // typed arrays belong to the garbage collector
+  }
+  fill(size: number, dtype: DType, value: number): Arr {
+    const out = hostArray(dtype, size);
+    if (value !== 0) out.fill(value);
+    return out;
+  }
+  unary(op: UnaryOp, x: unknown, size: number, dtype: DType): Arr {
+    const out = hostArray(dtype, size);
+    cached(`u/${op}`, () => flatKernel(UNARY_EXPR[op]))(out, x as Arr);
+    return out;
+  }
+  binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {
+    const out = hostArray(dtype, sizeOf(shape));
+    const intExpr = dtype === 'int32' ? INT_BINARY_EXPR[op] : undefined;
+    runStrided(`b/${op}/${intExpr ? 'i' : 'f'}`, intExpr ?? BINARY_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
+    return out;
+  }
+  compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[]): Arr {
+    const out = new Uint8Array(sizeOf(shape));
+    runStrided(`c/${op}`, COMPARE_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
+    return out;
+  }
+  where(c: unknown, sc: number[], a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {
+    const out = hostArray(dtype, sizeOf(shape));
+    runStrided('where', 'x ? y : z', out, shape, [c as Arr, a as Arr, b as Arr], [sc, sa, sb]);
+    return out;
+  }
+  reduce(op: ReduceOp, xd: unknown, outer: number, n: number, inner: number, dtype: DType): Arr {
+    const x = xd as Arr;
+    const out = hostArray(dtype, outer * inner);
+    const init = op === 'sum' ? 0 : op === 'max' ? -Infinity : Infinity;
+    for (let o = 0; o < outer; o++) {
+      const base = o * n * inner;
+      if (inner === 1) {
+        let acc = init;
+        const end = base + n;
+        if (op === 'sum') for (let i = base; i < end; i++) acc += x[i];
+        else if (op === 'max') for (let i = base; i < end; i++) acc = x[i] > acc || x[i] !== x[i] ? x[i] : acc;
+        else for (let i = base; i < end; i++) acc = x[i] < acc || x[i] !== x[i] ? x[i] : acc;
+        out[o] = acc;
+        continue;
+      }
+      const acc = new Float64Array(inner).fill(init);
+      for (let r = 0; r < n; r++) {
+        const row = base + r * inner;
+        if (op === 'sum') for (let i = 0; i < inner; i++) acc[i] += x[row + i];
+        else if (op === 'max') for (let i = 0; i < inner; i++) acc[i] = x[row + i] > acc[i] || x[row + i] !== x[row + i] ? x[row + i] : acc[i];
+        else for (let i = 0; i < inner; i++) acc[i] = x[row + i] < acc[i] || x[row + i] !== x[row + i] ? x[row + i] : acc[i];
+      }
+      out.set(acc, o * inner);
+    }
+    return out;
+  }
+  softmax(xd: unknown, outer: number, n: number, dtype: DType): Arr {
+    const x = xd as Arr;
+    const out = hostArray(dtype, outer * n);
+    for (let o = 0; o < outer; o++) {
+      const base = o * n;
+      let m = -Infinity;
+      for (let i = 0; i < n; i++) if (x[base + i] > m) m = x[base + i];
+      if (m === -Infinity) m = 0;
+      let s = 0;
+      for (let i = 0; i < n; i++) {
+        const e = Math.exp(x[base + i] - m);
+        out[base + i] = e;
+        s += e;
+      }
+      const inv = 1 / s;
+      for (let i = 0; i < n; i++) out[base + i] *= inv;
+    }
+    return out;
+  }
+  logsumexp(xd: unknown, outer: number, n: number, dtype: DType): Arr {
+    const x = xd as Arr;
+    const out = hostArray(dtype, outer);
+    for (let o = 0; o < outer; o++) {
+      const base = o * n;
+      let m = -Infinity;
+      for (let i = 0; i < n; i++) if (x[base + i] > m) m = x[base + i];
+      if (m === -Infinity || m === Infinity) {
+        out[o] = m;
+        continue;
+      }
+      let s = 0;
+      for (let i = 0; i < n; i++) s += Math.exp(x[base + i] - m);
+      out[o] = m + Math.log(s);
+    }
+    return out;
+  }
+  cumsum(xd: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): Arr {
+    const x = xd as Arr;
+    const out = hostArray(dtype, outer * n * inner);
+    const acc = new Float64Array(inner);
+    for (let o = 0; o < outer; o++) {
+      acc.fill(0);
+      for (let s = 0; s < n; s++) {
+        const r = reverse ? n - 1 - s : s;
+        const row = (o * n + r) * inner;
+        for (let i = 0; i < inner; i++) out[row + i] = acc[i] += x[row + i];
+      }
+    }
+    return out;
+  }
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): Arr {
+    const c = hostArray(dtype, job.batch * job.m * job.n);
+    gemm(gemmJobFor(a as Arr, b as Arr, c, job));
+    return c;
+  }
+  copy(src: unknown, srcOffset: number, ss: number[], dst: unknown, dstOffset: number, ds: number[], shape: number[]): void {
+    const s = src as Arr;
+    const d = dst as Arr;
+    const c = coalesce(shape, [ss, ds]);
+    if (sizeOf(shape) === 0) return;
+    const r = c.shape.length;
+    if (r === 0) {
+      d[dstOffset] = s[srcOffset];
+      return;
+    }
+    const n = c.shape[r - 1];
+    const [s0, d0] = [c.strides[0][r - 1], c.strides[1][r - 1]];
+    const rows = sizeOf(c.shape.slice(0, -1));
+    const idx = new Array<number>(r - 1).fill(0);
+    let bs = srcOffset;
+    let bd = dstOffset;
+    for (let row = 0; row < rows; row++) {
+      if (s0 === 1 && d0 === 1) d.set(s.subarray(bs, bs + n) as never, bd);
+      else for (let j = 0, ps = bs, pd = bd; j < n; j++, ps += s0, pd += d0) d[pd] = s[ps];
+      for (let k = r - 2; k >= 0; k--) {
+        bs += c.strides[0][k];
+        bd += c.strides[1][k];
+        if (++idx[k] < c.shape[k]) break;
+        bs -= c.strides[0][k] * c.shape[k];
+        bd -= c.strides[1][k] * c.shape[k];
+        idx[k] = 0;
+      }
+    }
+  }
+  gather(xd: unknown, idxd: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): Arr {
+    const x = xd as Arr;
+    const idx = idxd as Int32Array;
+    checkRange('gather', idx, n);
+    const out = hostArray(dtype, outer * count * inner);
+    for (let o = 0; o < outer; o++) {
+      for (let j = 0; j < count; j++) {
+        const from = (o * n + idx[j]) * inner;
+        out.set(x.subarray(from, from + inner) as never, (o * count + j) * inner);
+      }
+    }
+    return out;
+  }
+  scatterAdd(based: unknown, idxd: unknown, upd: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): Arr {
+    const idx = idxd as Int32Array;
+    const u = upd as Arr;
+    checkRange('scatterAdd', idx, n);
+    const out = this.upload(based as Arr, dtype);
+    for (let o = 0; o < outer; o++) {
+      for (let j = 0; j < count; j++) {
+        const to = (o * n + idx[j]) * inner;
+        const from = (o * count + j) * inner;
+        for (let i = 0; i < inner; i++) out[to + i] += u[from + i];
+      }
+    }
+    return out;
+  }
+  cast(xd: unknown, size: number, from: DType, to: DType): Arr {
+    const x = xd as Arr;
+    const out = hostArray(to, size);
+    if (to === 'bool') for (let i = 0; i < size; i++) out[i] = x[i] !== 0 ? 1 : 0;
+    else if (to === 'int32') for (let i = 0; i < size; i++) out[i] = Math.trunc(x[i]);
+    else out.set(x as ArrayLike<number>);
+    void from;
+    return out;
+  }
+}
+
+function checkRange(op: string, idx: Int32Array, n: number): void {
+  for (let i = 0; i < idx.length; i++) {
+    if (idx[i] < 0 || idx[i] >= n) throw new Error(`${op}: index ${idx[i]} out of range [0, ${n})`);
+  }
+}

@@ -1,0 +1,432 @@
+// CPU matrix multiply: the one entry point the CPU backend calls for every (batched) product.
+//
+// Three interchangeable paths, all synchronous:
+//   blas  OpenBLAS (or another CBLAS) through koffi, when installed            -> ./blas.ts
+//   wasm  our WebAssembly SIMD kernels (./wasm/gemm-wat.mjs, built into build/wasm/), optionally split
+//         across worker threads that share the wasm memory
+//   js    plain loops; always available, and used for tiny products on every path because a call
+//         into wasm or BLAS costs more than the arithmetic there
+import { existsSync, readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import { blasGemm, loadBlas } from './blas.js';
+
+export type FloatArray = Float32Array | Float64Array;
+
+export interface GemmJob {
+  batch: number;
+  m: number;
+  n: number;
+  k: number;
+  transA: boolean;
+  transB: boolean;
+  /** For batch i, A_i starts at a[aOffsets[i]]: row-major [m,k], or [k,m] if transA. */
+  a: FloatArray;
+  aOffsets: ArrayLike<number>;
+  /** B_i at b[bOffsets[i]]: row-major [k,n], or [n,k] if transB. */
+  b: FloatArray;
+  bOffsets: ArrayLike<number>;
+  /** Output, contiguous [batch, m, n], overwritten; same dtype as a and b. */
+  c: FloatArray;
+}
+
+export type GemmPath = 'blas' | 'wasm' | 'js';
+
+/**
+ * Below this many multiply-adds per batch entry the JS loop beats the fixed cost of a call (measured:
+ * ~0.3 us into OpenBLAS, ~1.5 us into wasm with staging; JS runs ~1.4 multiply-adds per ns at 8^3).
+ */
+const SMALL_PRODUCT: Record<GemmPath, number> = { blas: 256, wasm: 1536, js: Infinity };
+/** Below this many multiply-adds in a whole call, waking worker threads costs more than it saves. */
+const MIN_PARALLEL_WORK = 1 << 19;
+const MAX_DEFAULT_THREADS = 16;
+
+let requestedPath: GemmPath | 'auto' = 'auto';
+let threads = defaultThreads();
+
+function defaultThreads(): number {
+  const env = Number.parseInt(process.env.TTT_THREADS ?? '', 10);
+  if (Number.isFinite(env) && env >= 1) return env;
+  return Math.max(1, Math.min(availableParallelism(), MAX_DEFAULT_THREADS));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Public API
+
+export function gemm(job: GemmJob): void {
+  const { batch, m, n, k, a, b, c } = job;
+  checkJob(job);
+  if (batch === 0 || m === 0 || n === 0) return;
+  if (k === 0) {
+    c.fill(0, 0, batch * m * n);
+    return;
+  }
+  const path = resolvePath();
+  if (m * n * k < SMALL_PRODUCT[path]) {
+    jsGemm(job);
+  } else if (path === 'blas') {
+    const blas = loadBlas()!;
+    blasGemm(blas, a instanceof Float64Array, batch, m, n, k, job.transA, job.transB, a, job.aOffsets, b, job.bOffsets, c);
+  } else {
+    getWasm()!.run(job, threads);
+  }
+}
+
+export function gemmInfo(): { path: GemmPath; available: GemmPath[]; threads: number; blasLibrary?: string; wasmSimd: boolean } {
+  const blas = loadBlas();
+  const info: ReturnType<typeof gemmInfo> = {
+    path: resolvePath(),
+    available: availablePaths(),
+    threads,
+    wasmSimd: getWasm() !== null,
+  };
+  if (blas) info.blasLibrary = blas.library;
+  return info;
+}
+
+/** Forces a path; 'auto' picks the best available (blas, then wasm, then js). */
+export function setGemmPath(path: GemmPath | 'auto'): void {
+  if (path !== 'auto' && !availablePaths().includes(path)) {
+    const why = path === 'blas'
+      ? 'no CBLAS library could be loaded (needs the optional koffi package and libopenblas; see TTT_BLAS_LIB, TTT_NO_BLAS)'
+      : `the wasm kernel is missing or failed to load (${wasmError ?? 'run `npm run build`'})`;
+    throw new Error(`gemm path '${path}' is not available: ${why}`);
+  }
+  requestedPath = path;
+}
+
+/** Thread count for the wasm path, and for OpenBLAS when it is the library in use. */
+export function setGemmThreads(n: number): void {
+  if (!Number.isInteger(n) || n < 1) throw new RangeError(`setGemmThreads: expected a positive integer, got ${n}`);
+  threads = n;
+  loadBlas()?.setNumThreads?.(n);
+}
+
+function availablePaths(): GemmPath[] {
+  const paths: GemmPath[] = [];
+  if (loadBlas()) paths.push('blas');
+  if (getWasm()) paths.push('wasm');
+  paths.push('js');
+  return paths;
+}
+
+function resolvePath(): GemmPath {
+  if (requestedPath !== 'auto') return requestedPath;
+  return availablePaths()[0];
+}
+
+function checkJob(job: GemmJob): void {
+  const { batch, m, n, k, a, b, c, aOffsets, bOffsets } = job;
+  for (const [name, v] of [['batch', batch], ['m', m], ['n', n], ['k', k]] as const) {
+    if (!Number.isInteger(v) || v < 0) throw new RangeError(`gemm: ${name} must be a non-negative integer, got ${v}`);
+  }
+  const Ctor = a.constructor;
+  if (b.constructor !== Ctor || c.constructor !== Ctor || (Ctor !== Float32Array && Ctor !== Float64Array)) {
+    throw new TypeError('gemm: a, b and c must all be Float32Array or all be Float64Array');
+  }
+  if (c.length < batch * m * n) throw new RangeError(`gemm: c has ${c.length} elements, needs ${batch * m * n}`);
+  if (aOffsets.length < batch || bOffsets.length < batch) throw new RangeError('gemm: fewer offsets than batch entries');
+  for (let i = 0; i < batch; i++) {
+    if (!(aOffsets[i] >= 0 && aOffsets[i] + m * k <= a.length)) throw new RangeError(`gemm: A_${i} out of bounds`);
+    if (!(bOffsets[i] >= 0 && bOffsets[i] + k * n <= b.length)) throw new RangeError(`gemm: B_${i} out of bounds`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// JS path
+
+let rowScratch = new Float64Array(64);
+
+function jsGemm({ batch, m, n, k, transA, transB, a, aOffsets, b, bOffsets, c }: GemmJob): void {
+  const rsa = transA ? 1 : k;
+  const csa = transA ? m : 1;
+  if (!transB && rowScratch.length < n) rowScratch = new Float64Array(n);
+  const acc = rowScratch;
+  for (let i = 0; i < batch; i++) {
+    const ao = aOffsets[i];
+    const bo = bOffsets[i];
+    const co = i * m * n;
+    for (let r = 0; r < m; r++) {
+      const ar = ao + r * rsa;
+      const cr = co + r * n;
+      if (transB) {
+        // Rows of B^T are contiguous in p: dot products.
+        for (let j = 0; j < n; j++) {
+          const bj = bo + j * k;
+          let s = 0;
+          for (let p = 0; p < k; p++) s += a[ar + p * csa] * b[bj + p];
+          c[cr + j] = s;
+        }
+      } else {
+        // Rows of B are contiguous in j: accumulate a row of C (in float64, like the dot branch).
+        acc.fill(0, 0, n);
+        for (let p = 0; p < k; p++) {
+          const av = a[ar + p * csa];
+          const bp = bo + p * n;
+          for (let j = 0; j < n; j++) acc[j] += av * b[bp + j];
+        }
+        for (let j = 0; j < n; j++) c[cr + j] = acc[j];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// wasm path
+
+/** Layout of the shared control words (Int32Array) between the main thread and the workers. */
+const CTRL_GEN = 0; // bumped per job; workers sleep on it
+const CTRL_CLAIM = 1; // (generation tag << TAG_SHIFT) | next task index; -1 between jobs
+const CTRL_DONE = 2; // tasks finished in this job
+const CTRL_TOTAL = 3; // tasks in this job
+const CTRL_PARTICIPANTS = 4; // thread ids below this may take tasks (each owns a workspace)
+const CTRL_ERROR = 5;
+const CTRL_WORDS = 8;
+const TAG_SHIFT = 11;
+const MAX_TASKS = (1 << TAG_SHIFT) - 1;
+const TASK_WORDS = 12; // f64 flag, m, n, k, a, rsa, csa, b, rsb, csb, c, ldc
+
+/**
+ * Claims and runs tasks of job `gen` until none are left. The same source runs on the main thread and
+ * inside every worker (workers are `eval` workers, so they cannot import this module); the generation
+ * tag in the claim word stops a thread that woke late from taking tasks of a newer job.
+ */
+const RUN_TASKS_SRC = `
+  const tag = gen & ${(1 << (31 - TAG_SHIFT)) - 1};
+  const ws = wsBase + id * wsBytes;
+  for (;;) {
+    const cur = Atomics.load(ctrl, ${CTRL_CLAIM});
+    if (cur >>> ${TAG_SHIFT} !== tag || id >= Atomics.load(ctrl, ${CTRL_PARTICIPANTS})) return;
+    const t = cur & ${MAX_TASKS};
+    const total = Atomics.load(ctrl, ${CTRL_TOTAL});
+    if (t >= total) return;
+    if (Atomics.compareExchange(ctrl, ${CTRL_CLAIM}, cur, cur + 1) !== cur) continue;
+    const o = t * ${TASK_WORDS};
+    try {
+      (tasks[o] ? ex.gemm_f64 : ex.gemm_f32)(tasks[o + 1], tasks[o + 2], tasks[o + 3], tasks[o + 4], tasks[o + 5],
+        tasks[o + 6], tasks[o + 7], tasks[o + 8], tasks[o + 9], tasks[o + 10], tasks[o + 11], ws);
+    } catch (e) {
+      Atomics.store(ctrl, ${CTRL_ERROR}, 1);
+    }
+    if (Atomics.add(ctrl, ${CTRL_DONE}, 1) + 1 === total) Atomics.notify(ctrl, ${CTRL_DONE});
+  }`;
+
+const WORKER_SRC = `
+  const { workerData } = require('node:worker_threads');
+  const { module, memory, ctrlBuf, tasksBuf, id, wsBase, wsBytes } = workerData;
+  const ex = new WebAssembly.Instance(module, { env: { memory } }).exports;
+  const ctrl = new Int32Array(ctrlBuf);
+  const tasks = new Int32Array(tasksBuf);
+  function runTasks(gen) { ${RUN_TASKS_SRC} }
+  let seen = 0;
+  for (;;) {
+    Atomics.wait(ctrl, ${CTRL_GEN}, seen);
+    seen = Atomics.load(ctrl, ${CTRL_GEN});
+    runTasks(seen);
+  }`;
+
+interface WasmExports {
+  gemm_f32: (...args: number[]) => void;
+  gemm_f64: (...args: number[]) => void;
+  workspace_bytes: () => number;
+  mr_f32: WebAssembly.Global; nr_f32: WebAssembly.Global;
+  mr_f64: WebAssembly.Global; nr_f64: WebAssembly.Global;
+}
+
+const PAGE = 65536;
+const MAX_PAGES = 32768; // must match the module's declared maximum (2 GiB keeps pointers in int32)
+const WS_BASE = PAGE; // keep address 0 unused so a zero pointer is never valid data
+/** Soft cap on A/B/C bytes staged in wasm memory at once; bigger batches are processed in chunks. */
+const CHUNK_BYTES = 256 << 20;
+
+const align = (x: number, to: number) => Math.ceil(x / to) * to;
+
+class WasmGemm {
+  private readonly ex: WasmExports;
+  private readonly wsBytes: number;
+  private readonly ctrl = new Int32Array(new SharedArrayBuffer(CTRL_WORDS * 4));
+  private readonly tasks = new Int32Array(new SharedArrayBuffer(MAX_TASKS * TASK_WORDS * 4));
+  private readonly workers: Worker[] = [];
+  private readonly runTasks: (gen: number, id: number) => void;
+  private gen = 0;
+
+  constructor(private readonly module: WebAssembly.Module, private readonly memory: WebAssembly.Memory) {
+    this.ex = new WebAssembly.Instance(module, { env: { memory } }).exports as unknown as WasmExports;
+    this.wsBytes = align(this.ex.workspace_bytes(), 64);
+    Atomics.store(this.ctrl, CTRL_CLAIM, -1);
+    this.runTasks = new Function('ctrl', 'tasks', 'ex', 'wsBase', 'wsBytes', 'gen', 'id', RUN_TASKS_SRC)
+      .bind(null, this.ctrl, this.tasks, this.ex, WS_BASE, this.wsBytes) as (gen: number, id: number) => void;
+  }
+
+  run(job: GemmJob, threadCount: number): void {
+    const { batch, m, n, k, transA, transB, a, b, c } = job;
+    const f64 = a instanceof Float64Array;
+    const S = f64 ? 8 : 4;
+    const mr = (f64 ? this.ex.mr_f64 : this.ex.mr_f32).value as number;
+    const nr = (f64 ? this.ex.nr_f64 : this.ex.nr_f32).value as number;
+    const parallel = threadCount > 1 && batch * m * n * k >= MIN_PARALLEL_WORK;
+    const participants = parallel ? threadCount : 1;
+    // Split each product into pieces along n (each piece then packs only its own part of B; A is
+    // re-packed per piece, which is cheap next to the product) unless n is too narrow to give every
+    // thread a tile column.
+    const nTiles = Math.ceil(n / nr);
+    const mTiles = Math.ceil(m / mr);
+    const piecesWanted = parallel ? Math.ceil(participants / batch) : 1;
+    const splitN = nTiles >= piecesWanted || nTiles >= mTiles;
+    const pieces = Math.max(1, Math.min(piecesWanted, splitN ? nTiles : mTiles, MAX_TASKS));
+
+    const aLen = m * k;
+    const bLen = k * n;
+    const cLen = m * n;
+    const [rsa, csa] = transA ? [1, m] : [k, 1];
+    const [rsb, csb] = transB ? [1, k] : [n, 1];
+    const dataBase = align(WS_BASE + participants * this.wsBytes, 64);
+    const entryBytes = (aLen + bLen + cLen) * S + 3 * 64;
+    const maxBytes = MAX_PAGES * PAGE - dataBase;
+    if (entryBytes > maxBytes) {
+      jsGemm(job); // a single product larger than a wasm32 memory: correct, if slow
+      return;
+    }
+    const perChunk = Math.max(1, Math.min(Math.floor(Math.max(CHUNK_BYTES, entryBytes) / entryBytes), Math.floor(MAX_TASKS / pieces)));
+
+    for (let start = 0; start < batch; start += perChunk) {
+      const end = Math.min(batch, start + perChunk);
+      // Stage operands: C first (one contiguous block, copied out in one go), then A and B, sharing
+      // the staged copy between batch entries that broadcast the same operand.
+      const cPtr = dataBase;
+      let top = align(cPtr + (end - start) * cLen * S, 64);
+      const stage = (offsets: ArrayLike<number>, len: number, seen: Map<number, number>, i: number) => {
+        let p = seen.get(offsets[i]);
+        if (p === undefined) {
+          p = top;
+          seen.set(offsets[i], p);
+          top = align(top + len * S, 64);
+        }
+        return p;
+      };
+      const aSeen = new Map<number, number>();
+      const bSeen = new Map<number, number>();
+      const aPtrs: number[] = [];
+      const bPtrs: number[] = [];
+      for (let i = start; i < end; i++) {
+        aPtrs.push(stage(job.aOffsets, aLen, aSeen, i));
+        bPtrs.push(stage(job.bOffsets, bLen, bSeen, i));
+      }
+      this.ensureBytes(top);
+      const heap = f64 ? new Float64Array(this.memory.buffer) : new Float32Array(this.memory.buffer);
+      for (const [off, p] of aSeen) heap.set(a.subarray(off, off + aLen), p / S);
+      for (const [off, p] of bSeen) heap.set(b.subarray(off, off + bLen), p / S);
+
+      let t = 0;
+      const tasks = this.tasks;
+      const addTask = (mm: number, nn: number, ap: number, bp: number, cp: number) => {
+        tasks.set([f64 ? 1 : 0, mm, nn, k, ap, rsa, csa, bp, rsb, csb, cp, n], t++ * TASK_WORDS);
+      };
+      for (let i = start; i < end; i++) {
+        const ap = aPtrs[i - start];
+        const bp = bPtrs[i - start];
+        const cp = cPtr + (i - start) * cLen * S;
+        const tiles = splitN ? nTiles : mTiles;
+        for (let q = 0; q < pieces; q++) {
+          const lo = Math.floor((q * tiles) / pieces);
+          const hi = Math.floor(((q + 1) * tiles) / pieces);
+          if (splitN) {
+            const n0 = lo * nr;
+            const n1 = Math.min(n, hi * nr);
+            if (n1 > n0) addTask(m, n1 - n0, ap, bp + n0 * csb * S, cp + n0 * S);
+          } else {
+            const m0 = lo * mr;
+            const m1 = Math.min(m, hi * mr);
+            if (m1 > m0) addTask(m1 - m0, n, ap + m0 * rsa * S, bp, cp + m0 * n * S);
+          }
+        }
+      }
+      this.dispatch(t, t > 1 ? participants : 1);
+      c.set(heap.subarray(cPtr / S, cPtr / S + (end - start) * cLen), start * cLen);
+    }
+  }
+
+  private dispatch(total: number, participants: number): void {
+    const ctrl = this.ctrl;
+    if (participants > 1) this.ensureWorkers(participants - 1);
+    this.gen = (this.gen + 1) & 0x7fffffff;
+    const gen = this.gen;
+    Atomics.store(ctrl, CTRL_DONE, 0);
+    Atomics.store(ctrl, CTRL_ERROR, 0);
+    Atomics.store(ctrl, CTRL_TOTAL, total);
+    Atomics.store(ctrl, CTRL_PARTICIPANTS, participants);
+    Atomics.store(ctrl, CTRL_CLAIM, (gen & ((1 << (31 - TAG_SHIFT)) - 1)) << TAG_SHIFT);
+    if (participants > 1) {
+      Atomics.store(ctrl, CTRL_GEN, gen);
+      Atomics.notify(ctrl, CTRL_GEN);
+    }
+    this.runTasks(gen, 0);
+    // Workers that are still starting up simply find no tasks left: the main thread never waits for
+    // a task nobody claimed, so a slow (or failed) worker start cannot deadlock it.
+    for (let d = Atomics.load(ctrl, CTRL_DONE); d < total; d = Atomics.load(ctrl, CTRL_DONE)) {
+      Atomics.wait(ctrl, CTRL_DONE, d);
+    }
+    Atomics.store(ctrl, CTRL_CLAIM, -1);
+    if (Atomics.load(ctrl, CTRL_ERROR)) throw new Error('gemm: the wasm kernel trapped');
+  }
+
+  private ensureBytes(bytes: number): void {
+    const have = this.memory.buffer.byteLength;
+    if (bytes > have) this.memory.grow(Math.ceil((bytes - have) / PAGE));
+  }
+
+  private ensureWorkers(count: number): void {
+    while (this.workers.length < count) {
+      const id = this.workers.length + 1;
+      const worker = new Worker(WORKER_SRC, {
+        eval: true,
+        workerData: {
+          module: this.module, memory: this.memory, ctrlBuf: this.ctrl.buffer, tasksBuf: this.tasks.buffer,
+          id, wsBase: WS_BASE, wsBytes: this.wsBytes,
+        },
+      });
+      worker.unref();
+      // A worker that dies only stops taking tasks; the main thread does the rest.
+      worker.on('error', () => {});
+      this.workers.push(worker);
+    }
+  }
+}
+
+let wasm: WasmGemm | null | undefined;
+let wasmError: string | undefined;
+
+function findRepoRoot(): string | null {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    if (existsSync(join(dir, 'package.json'))) return dir;
+    const parent = dirname(dir);
+    if (parent === dir) return null;
+    dir = parent;
+  }
+}
+
+function getWasm(): WasmGemm | null {
+  if (wasm !== undefined) return wasm;
+  wasm = null;
+  try {
+    const root = findRepoRoot();
+    if (!root) throw new Error('package.json not found above gemm.ts');
+    const dir = join(root, 'build', 'wasm');
+    // The relaxed-SIMD build fuses multiply-add (about 10% faster) but only validates where the
+    // runtime supports it.
+    const bytes = ['gemm-relaxed.wasm', 'gemm.wasm']
+      .map((file) => join(dir, file))
+      .filter((path) => existsSync(path))
+      .map((path) => readFileSync(path))
+      .find((candidate) => WebAssembly.validate(candidate));
+    if (!bytes) throw new Error(`no loadable kernel in ${dir} (run \`npm run build\`)`);
+    const memory = new WebAssembly.Memory({ initial: 1, maximum: MAX_PAGES, shared: true });
+    wasm = new WasmGemm(new WebAssembly.Module(bytes), memory);
+  } catch (e) {
+    wasmError = e instanceof Error ? e.message : String(e);
+  }
+  return wasm;
+}

@@ -1,0 +1,248 @@
+// Generates the WebAssembly text for the CPU GEMM kernels (assembled by scripts/build-wasm.mjs).
+//
+// The structure follows the BLIS/Goto scheme: B is packed into KC x NR panels, A into MR x KC panels,
+// and a register-blocked MR x NR micro-kernel runs over the packed data so that the inner loop does
+// only aligned sequential loads. The micro-kernel is unrolled here (in JS) rather than written out by
+// hand because it is MR*NRV copies of the same two instructions, and f32/f64 share every line of it.
+//
+// All pointers are byte addresses into the (shared, imported) memory; strides passed to gemm_* are in
+// elements so the JS side never has to know the element size of the packed layout.
+
+/** Tile and blocking parameters per element type. Tuned by bench/cpu-matmul.ts on a Zen 5 core. */
+export const DEFAULT_CONFIG = {
+  f32: { MR: 4, NRV: 4, KC: 256, MC: 64, NC: 2048, U: 2 },
+  f64: { MR: 4, NRV: 4, KC: 256, MC: 64, NC: 1024, U: 2 },
+};
+
+const TYPES = {
+  f32: { S: 4, L: 4, V: 'f32x4', T: 'f32', splat: 'v128.load32_splat' },
+  f64: { S: 8, L: 2, V: 'f64x2', T: 'f64', splat: 'v128.load64_splat' },
+};
+
+const align64 = (x) => Math.ceil(x / 64) * 64;
+
+/** Bytes of per-thread scratch each dtype needs: packed A block, packed B panel, edge-tile buffer. */
+function scratchLayout(dt, cfg) {
+  const { S, L } = TYPES[dt];
+  const { MR, NRV, KC, MC, NC } = cfg;
+  const NR = NRV * L;
+  const apBytes = align64(MC * KC * S);
+  const bpBytes = align64(KC * NC * S);
+  const tmpBytes = align64(MR * NR * S);
+  return { apBytes, bpBytes, tmpBytes, total: apBytes + bpBytes + tmpBytes };
+}
+
+export function workspaceBytes(config = DEFAULT_CONFIG) {
+  return Math.max(scratchLayout('f32', config.f32).total, scratchLayout('f64', config.f64).total);
+}
+
+const get = (v) => `(local.get $${v})`;
+const set = (v, e) => `(local.set $${v} ${e})`;
+const i32 = (n) => `(i32.const ${n})`;
+const add = (a, b) => `(i32.add ${a} ${b})`;
+const mul = (a, b) => `(i32.mul ${a} ${b})`;
+const min = (a, b) => `(select ${a} ${b} (i32.lt_u ${a} ${b}))`;
+const locals = (names, type) => names.map((n) => `(local $${n} ${type})`).join(' ');
+
+/** `for (v = start; v < end; v += step) body` with unsigned compare. */
+function forLoop(label, v, start, end, step, body) {
+  return `${set(v, start)}
+    (block $${label}_end (loop $${label}
+      (br_if $${label}_end (i32.ge_u ${get(v)} ${end}))
+      ${body}
+      ${set(v, add(get(v), step))}
+      (br $${label})))`;
+}
+
+function microKernel(dt, cfg, relaxed) {
+  const { S, L, V, T, splat } = TYPES[dt];
+  const { MR, NRV, U } = cfg;
+  const NR = NRV * L;
+  const acc = (r, v) => `c${r}_${v}`;
+  const accNames = [];
+  for (let r = 0; r < MR; r++) for (let v = 0; v < NRV; v++) accNames.push(acc(r, v));
+  const bNames = Array.from({ length: NRV }, (_, v) => `b${v}`);
+
+  const fma = (a, b, c) => (relaxed ? `(${V}.relaxed_madd ${a} ${b} ${c})` : `(${V}.add ${c} (${V}.mul ${a} ${b}))`);
+  const step = (kOff) => {
+    const oA = kOff * MR * S;
+    const oB = kOff * NR * S;
+    let s = '';
+    for (let v = 0; v < NRV; v++) s += set(`b${v}`, `(v128.load offset=${oB + v * 16} ${get('bp')})`) + '\n';
+    for (let r = 0; r < MR; r++) {
+      s += set('av', `(${splat} offset=${oA + r * S} ${get('ap')})`) + '\n';
+      for (let v = 0; v < NRV; v++) s += set(acc(r, v), fma(get('av'), get(`b${v}`), get(acc(r, v)))) + '\n';
+    }
+    return s;
+  };
+  const advance = (steps) =>
+    `${set('ap', add(get('ap'), i32(steps * MR * S)))} ${set('bp', add(get('bp'), i32(steps * NR * S)))}
+     ${set('kc', `(i32.sub ${get('kc')} ${i32(steps)})`)}`;
+
+  let unrolled = '';
+  for (let u = 0; u < U; u++) unrolled += step(u);
+
+  // Full tiles go straight to C; ragged edge tiles are spilled to tmp and copied element-wise so the
+  // hot path has no per-element bounds checks.
+  let fullStore = '';
+  let fullAcc = '';
+  let spill = '';
+  for (let r = 0; r < MR; r++) {
+    for (let v = 0; v < NRV; v++) {
+      fullStore += `(v128.store offset=${v * 16} ${get('cp')} ${get(acc(r, v))})\n`;
+      fullAcc += `(v128.store offset=${v * 16} ${get('cp')} (${V}.add (v128.load offset=${v * 16} ${get('cp')}) ${get(acc(r, v))}))\n`;
+      spill += `(v128.store offset=${(r * NR + v * L) * S} ${get('tmp')} ${get(acc(r, v))})\n`;
+    }
+    const next = set('cp', add(get('cp'), get('ldc'))) + '\n';
+    fullStore += next;
+    fullAcc += next;
+  }
+  const elem = `(${T}.load ${add(get('tmp'), mul(add(mul(get('i'), i32(NR)), get('j')), i32(S)))})`;
+  const dst = add(get('cp'), mul(get('j'), i32(S)));
+
+  return `
+  (func $kernel_${dt} (param $kc i32) (param $ap i32) (param $bp i32) (param $c i32) (param $ldc i32)
+      (param $mr i32) (param $nr i32) (param $acc i32) (param $tmp i32)
+    ${locals(accNames, 'v128')} ${locals(bNames, 'v128')} (local $av v128) (local $cp i32) (local $i i32) (local $j i32)
+    (block $ku_end (loop $ku
+      (br_if $ku_end (i32.lt_u ${get('kc')} ${i32(U)}))
+      ${unrolled}
+      ${advance(U)}
+      (br $ku)))
+    (block $k1_end (loop $k1
+      (br_if $k1_end (i32.eqz ${get('kc')}))
+      ${step(0)}
+      ${advance(1)}
+      (br $k1)))
+    ${set('cp', get('c'))}
+    (if (i32.and (i32.eq ${get('mr')} ${i32(MR)}) (i32.eq ${get('nr')} ${i32(NR)}))
+      (then (if ${get('acc')} (then ${fullAcc}) (else ${fullStore})))
+      (else
+        ${spill}
+        ${forLoop('ei', 'i', i32(0), get('mr'), i32(1), `
+          ${forLoop('ej', 'j', i32(0), get('nr'), i32(1), `
+            (if ${get('acc')}
+              (then (${T}.store ${dst} (${T}.add (${T}.load ${dst}) ${elem})))
+              (else (${T}.store ${dst} ${elem})))`)}
+          ${set('cp', add(get('cp'), get('ldc')))}`)}))
+  )`;
+}
+
+/**
+ * Packs `len` rows (stride sP bytes) x kc columns (stride sK bytes) into panels of W rows, each panel
+ * stored k-major ([kc][W]) and zero-padded to W. Used for A (rows = m) and for B (rows = n).
+ */
+function packer(dt, W) {
+  const { S, V, T } = TYPES[dt];
+  const rowBytes = W * S;
+  const contiguous = rowBytes % 16 === 0
+    ? Array.from({ length: rowBytes / 16 }, (_, v) =>
+        `(v128.store offset=${v * 16} ${get('d')} (v128.load offset=${v * 16} ${get('s')}))`).join('\n')
+    : Array.from({ length: W }, (_, r) =>
+        `(${T}.store offset=${r * S} ${get('d')} (${T}.load offset=${r * S} ${get('s')}))`).join('\n');
+  let strided = set('q', get('s')) + '\n';
+  for (let r = 0; r < W; r++) {
+    strided += `(${T}.store offset=${r * S} ${get('d')} (${T}.load ${get('q')}))\n`;
+    if (r < W - 1) strided += set('q', add(get('q'), get('sP'))) + '\n';
+  }
+  let zero = '';
+  let off = 0;
+  for (; off + 16 <= rowBytes; off += 16) zero += `(v128.store offset=${off} ${get('d')} (v128.const i64x2 0 0))\n`;
+  // Widths like MR=6 (24 bytes of f32) are not a multiple of 16: finish with scalars so the padding
+  // never writes past the end of the packed buffer.
+  for (; off < rowBytes; off += S) zero += `(${T}.store offset=${off} ${get('d')} (${T}.const 0))\n`;
+  const kLoop = (body) => `
+      ${set('s', get('src'))}
+      ${forLoop('pk', 'p', i32(0), get('kc'), i32(1), `${body}
+        ${set('s', add(get('s'), get('sK')))}
+        ${set('d', add(get('d'), i32(rowBytes)))}`)}`;
+  return `
+  (func $pack_${dt}_${W} (param $dst i32) (param $src i32) (param $len i32) (param $kc i32) (param $sP i32) (param $sK i32)
+    (local $i0 i32) (local $p i32) (local $r i32) (local $rem i32) (local $s i32) (local $d i32) (local $q i32)
+    ${set('d', get('dst'))}
+    ${forLoop('panel', 'i0', i32(0), get('len'), i32(W), `
+      ${set('rem', `(i32.sub ${get('len')} ${get('i0')})`)}
+      (if (i32.ge_u ${get('rem')} ${i32(W)})
+        (then
+          (if (i32.eq ${get('sP')} ${i32(S)})
+            (then ${kLoop(contiguous)})
+            (else ${kLoop(strided)})))
+        (else ${kLoop(`${zero}
+          ${set('q', get('s'))}
+          ${forLoop('pr', 'r', i32(0), get('rem'), i32(1), `
+            (${T}.store ${add(get('d'), mul(get('r'), i32(S)))} (${T}.load ${get('q')}))
+            ${set('q', add(get('q'), get('sP')))}`)}`)}))
+      ${set('src', add(get('src'), mul(get('sP'), i32(W))))}`)}
+  )`;
+}
+
+function driver(dt, cfg) {
+  const { S, L } = TYPES[dt];
+  const { MR, NRV, KC, MC, NC } = cfg;
+  const NR = NRV * L;
+  const lay = scratchLayout(dt, cfg);
+  // Loop order jc -> pc -> ic -> jr -> ir: the packed B panel (KC x NC) stays in L2/L3, the A block
+  // (MC x KC) in L2, and one KC x NR sliver of B in L1 while the micro-kernel sweeps the A block.
+  return `
+  (func $gemm_${dt} (export "gemm_${dt}")
+      (param $m i32) (param $n i32) (param $k i32)
+      (param $a i32) (param $rsa i32) (param $csa i32)
+      (param $b i32) (param $rsb i32) (param $csb i32)
+      (param $c i32) (param $ldc i32) (param $ws i32)
+    (local $jc i32) (local $pc i32) (local $ic i32) (local $jr i32) (local $ir i32)
+    (local $nc i32) (local $kc i32) (local $mc i32) (local $Ap i32) (local $Bp i32) (local $tmp i32)
+    ${set('rsa', mul(get('rsa'), i32(S)))} ${set('csa', mul(get('csa'), i32(S)))}
+    ${set('rsb', mul(get('rsb'), i32(S)))} ${set('csb', mul(get('csb'), i32(S)))}
+    ${set('ldc', mul(get('ldc'), i32(S)))}
+    ${set('Ap', get('ws'))}
+    ${set('Bp', add(get('ws'), i32(lay.apBytes)))}
+    ${set('tmp', add(get('ws'), i32(lay.apBytes + lay.bpBytes)))}
+    ${forLoop('jc', 'jc', i32(0), get('n'), i32(NC), `
+      ${set('nc', min(i32(NC), `(i32.sub ${get('n')} ${get('jc')})`))}
+      ${forLoop('pc', 'pc', i32(0), get('k'), i32(KC), `
+        ${set('kc', min(i32(KC), `(i32.sub ${get('k')} ${get('pc')})`))}
+        (call $pack_${dt}_${NR} ${get('Bp')}
+          ${add(get('b'), add(mul(get('pc'), get('rsb')), mul(get('jc'), get('csb'))))}
+          ${get('nc')} ${get('kc')} ${get('csb')} ${get('rsb')})
+        ${forLoop('ic', 'ic', i32(0), get('m'), i32(MC), `
+          ${set('mc', min(i32(MC), `(i32.sub ${get('m')} ${get('ic')})`))}
+          (call $pack_${dt}_${MR} ${get('Ap')}
+            ${add(get('a'), add(mul(get('ic'), get('rsa')), mul(get('pc'), get('csa'))))}
+            ${get('mc')} ${get('kc')} ${get('rsa')} ${get('csa')})
+          ${forLoop('jr', 'jr', i32(0), get('nc'), i32(NR), `
+            ${forLoop('ir', 'ir', i32(0), get('mc'), i32(MR), `
+              (call $kernel_${dt} ${get('kc')}
+                ${add(get('Ap'), mul(mul(get('ir'), get('kc')), i32(S)))}
+                ${add(get('Bp'), mul(mul(get('jr'), get('kc')), i32(S)))}
+                ${add(get('c'), add(mul(add(get('ic'), get('ir')), get('ldc')), mul(add(get('jc'), get('jr')), i32(S))))}
+                ${get('ldc')}
+                ${min(i32(MR), `(i32.sub ${get('mc')} ${get('ir')})`)}
+                ${min(i32(NR), `(i32.sub ${get('nc')} ${get('jr')})`)}
+                (i32.ne ${get('pc')} (i32.const 0))
+                ${get('tmp')})`)}`)}`)}`)}`)}
+  )`;
+}
+
+/**
+ * @param {{ relaxed?: boolean, config?: typeof DEFAULT_CONFIG }} [opts]
+ * @returns {string} WAT source of a module importing `env.memory` (shared) and exporting
+ *   gemm_f32, gemm_f64, workspace_bytes and the tile sizes mr_f32, nr_f32, mr_f64, nr_f64.
+ */
+export function generateWat({ relaxed = false, config = DEFAULT_CONFIG } = {}) {
+  const parts = [];
+  for (const dt of /** @type {const} */ (['f32', 'f64'])) {
+    const cfg = config[dt];
+    const NR = cfg.NRV * TYPES[dt].L;
+    // The host splits work between threads on tile boundaries so no two threads share a C tile.
+    parts.push(`(global (export "mr_${dt}") i32 ${i32(cfg.MR)}) (global (export "nr_${dt}") i32 ${i32(NR)})`);
+    if (cfg.MC % cfg.MR !== 0 || cfg.NC % NR !== 0) throw new Error(`${dt}: MC/NC must be multiples of MR/NR`);
+    parts.push(microKernel(dt, cfg, relaxed), packer(dt, cfg.MR));
+    if (NR !== cfg.MR) parts.push(packer(dt, NR));
+    parts.push(driver(dt, cfg));
+  }
+  return `(module
+  (import "env" "memory" (memory 1 32768 shared))
+  (func (export "workspace_bytes") (result i32) ${i32(workspaceBytes(config))})
+  ${parts.join('\n')}
+)`;
+}

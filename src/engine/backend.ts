@@ -1,0 +1,58 @@
+import type { DType, HostArray } from './dtype.js';
+
+/** A backend's handle to device (or host) memory. The engine never looks inside. */
+export type BackendData = unknown;
+
+export type UnaryOp =
+  | 'neg' | 'exp' | 'log' | 'sqrt' | 'rsqrt' | 'tanh' | 'sigmoid' | 'silu'
+  | 'square' | 'abs' | 'cos' | 'sin' | 'sign' | 'reciprocal';
+export type BinaryOp = 'add' | 'sub' | 'mul' | 'div' | 'pow' | 'maximum' | 'minimum';
+export type CompareOp = 'eq' | 'ne' | 'lt' | 'le' | 'gt' | 'ge';
+export type ReduceOp = 'sum' | 'max' | 'min';
+
+/** A batched product C_i = op(A_i) op(B_i); offsets are element offsets of each batch entry. */
+export interface MatmulJob {
+  batch: number;
+  m: number;
+  n: number;
+  k: number;
+  transA: boolean;
+  transB: boolean;
+  aOffsets: Int32Array;
+  bOffsets: Int32Array;
+}
+
+/**
+ * Kernels only: shapes are already checked and broadcast by the engine, and every gradient is
+ * written in ops above this line. Outputs are new contiguous buffers unless a method says otherwise.
+ * Strided inputs use element strides (0 = broadcast).
+ */
+export interface Backend {
+  readonly name: string;
+  info(): Record<string, unknown>;
+  upload(values: HostArray, dtype: DType): BackendData;
+  /** Copy to the host. Synchronous: a device backend waits for its queue here. */
+  download(data: BackendData, dtype: DType, size: number): HostArray;
+  free(data: BackendData, dtype: DType, size: number): void;
+  fill(size: number, dtype: DType, value: number): BackendData;
+  unary(op: UnaryOp, x: BackendData, size: number, dtype: DType): BackendData;
+  binary(op: BinaryOp, a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
+  /** Result dtype is `bool`; `dtype` is the inputs'. */
+  compare(op: CompareOp, a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
+  where(cond: BackendData, cStrides: number[], a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
+  /** Reduce the middle axis of a contiguous [outer, n, inner] array to [outer, inner]. */
+  reduce(op: ReduceOp, x: BackendData, outer: number, n: number, inner: number, dtype: DType): BackendData;
+  /** Softmax / logsumexp over the last axis of a contiguous [outer, n] array. */
+  softmax(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
+  logsumexp(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
+  /** Inclusive cumulative sum along the middle axis of [outer, n, inner]. */
+  cumsum(x: BackendData, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): BackendData;
+  matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType): BackendData;
+  /** Strided copy of `shape` elements from src into an existing dst (the only mutating kernel). */
+  copy(src: BackendData, srcOffset: number, srcStrides: number[], dst: BackendData, dstOffset: number, dstStrides: number[], shape: number[], dtype: DType): void;
+  /** x: [outer, n, inner], indices: int32 [count] in [0, n) → [outer, count, inner]. Throws on an index out of range. */
+  gather(x: BackendData, indices: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
+  /** Returns base + scatter of updates ([outer, count, inner]) into rows `indices` of [outer, n, inner]. */
+  scatterAdd(base: BackendData, indices: BackendData, updates: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
+  cast(x: BackendData, size: number, from: DType, to: DType): BackendData;
+}

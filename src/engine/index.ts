@@ -1,0 +1,15 @@
+import './methods.js';
+import { CpuBackend } from '../backends/cpu/backend.js';
+import { registerBackend } from './runtime.js';
+
+registerBackend('cpu', () => new CpuBackend());
+
+export * from './ops.js';
+export * from './autodiff.js';
+export * from './random.js';
+export { Tensor, keep, liveTensorCount } from './tensor.js';
+export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
+export type { Backend, MatmulJob } from './backend.js';
+export type { DType } from './dtype.js';
+export type { Shape } from './shape.js';
+export { type Tree, leaves, mapLeaves, unflatten, zipMap } from './pytree.js';

@@ -1,0 +1,158 @@
+import type { Backend, BackendData } from './backend.js';
+import { type DType, type HostArray } from './dtype.js';
+import { type Shape, sizeOf, fmt } from './shape.js';
+
+/** Reference-counted backend memory, shared by a tensor and its reshaped views. */
+export class Storage {
+  refs = 1;
+  constructor(
+    readonly backend: Backend,
+    public data: BackendData,
+    readonly dtype: DType,
+    readonly size: number,
+  ) {}
+  retain(): this {
+    this.refs++;
+    return this;
+  }
+  release(): void {
+    if (--this.refs === 0) {
+      this.backend.free(this.data, this.dtype, this.size);
+      this.data = null;
+    }
+  }
+}
+
+/**
+ * A node of the autodiff graph: one recorded op application. `vjp` maps output cotangents to input
+ * cotangents and is written in ops, so it can itself be recorded and differentiated again.
+ */
+export interface Node {
+  readonly name: string;
+  readonly inputs: Tensor[];
+  readonly outputs: Tensor[];
+  /** The outermost trace this node belongs to (smaller = outer). */
+  readonly level: number;
+  vjp(cotangents: (Tensor | null)[], needs: boolean[]): (Tensor | null)[];
+}
+
+let nextId = 1;
+let liveTensors = 0;
+
+export class Tensor {
+  readonly id = nextId++;
+  readonly shape: readonly number[];
+  readonly size: number;
+  /** Set when this tensor was produced by a recorded op (or is a traced variable). */
+  node: Node | null = null;
+  /** Bit i set: this tensor depends on a variable of the trace at level i. 0 = a constant. */
+  deps = 0;
+  /** Outermost trace whose graph holds this tensor for its backward pass. */
+  pin = Infinity;
+  kept = false;
+  private storageRef: Storage | null;
+
+  constructor(storage: Storage, shape: Shape) {
+    this.shape = Object.freeze([...shape]);
+    this.size = sizeOf(shape);
+    if (this.size !== storage.size) throw new Error(`internal: tensor shape ${fmt(shape)} does not match storage of ${storage.size}`);
+    this.storageRef = storage;
+    liveTensors++;
+    currentScope()?.tensors.push(this);
+  }
+
+  /** Outermost trace that tracks this tensor; Infinity = a constant for every trace. */
+  get level(): number {
+    return this.deps === 0 ? Infinity : 31 - Math.clz32(this.deps & -this.deps);
+  }
+  get dtype(): DType {
+    return this.storage.dtype;
+  }
+  get rank(): number {
+    return this.shape.length;
+  }
+  get backend(): Backend {
+    return this.storage.backend;
+  }
+  get isDisposed(): boolean {
+    return this.storageRef === null;
+  }
+  get storage(): Storage {
+    if (this.storageRef === null) throw new Error(`tensor #${this.id} ${fmt(this.shape)} was used after dispose()`);
+    return this.storageRef;
+  }
+  get data(): BackendData {
+    return this.storage.data;
+  }
+
+  /** Flat values in row-major order (copies from the device where needed). */
+  toArray(): number[] {
+    return Array.from(this.toTyped() as ArrayLike<number>);
+  }
+  /** Flat values as a fresh typed array of the tensor's host type. */
+  toTyped(): HostArray {
+    return this.backend.download(this.data, this.dtype, this.size);
+  }
+  /** The single value of a size-1 tensor. */
+  item(): number {
+    if (this.size !== 1) throw new Error(`item(): tensor has shape ${fmt(this.shape)}, expected a single element`);
+    return this.toTyped()[0];
+  }
+  dispose(): void {
+    if (this.storageRef === null) return;
+    this.storageRef.release();
+    this.storageRef = null;
+    this.node = null;
+    liveTensors--;
+  }
+  toString(): string {
+    return `Tensor(${fmt(this.shape)}, ${this.isDisposed ? 'disposed' : this.dtype})`;
+  }
+}
+
+/** Number of tensors created and not yet disposed (a leak detector for tests). */
+export function liveTensorCount(): number {
+  return liveTensors;
+}
+
+// ---- memory scopes -------------------------------------------------------------------------
+
+interface Scope {
+  tensors: Tensor[];
+}
+const scopes: Scope[] = [];
+
+function currentScope(): Scope | undefined {
+  return scopes[scopes.length - 1];
+}
+
+/** Pins a tensor so no enclosing `tidy` disposes it. */
+export function keep<T extends Tensor>(t: T): T {
+  t.kept = true;
+  return t;
+}
+
+/** Opens a memory scope; `close` disposes what the scope created except `survivors`. */
+export function openScope(): Scope {
+  const s: Scope = { tensors: [] };
+  scopes.push(s);
+  return s;
+}
+
+/**
+ * Closes the innermost scope. A tensor survives (moves to the parent scope) when it is returned,
+ * kept, or still needed by a trace that stays active (`activeDepth`): its graph holds it for a
+ * backward pass that has not run yet.
+ */
+export function closeScope(scope: Scope, survivors: Set<Tensor>, activeDepth: number): void {
+  if (scopes.pop() !== scope) throw new Error('internal: memory scopes closed out of order');
+  const parent = currentScope();
+  for (const t of scope.tensors) {
+    if (t.isDisposed) continue;
+    if (survivors.has(t) || t.level < activeDepth || t.pin < activeDepth) {
+      if (!t.kept) parent?.tensors.push(t);
+    } else if (!t.kept) {
+      t.dispose();
+    }
+  }
+}

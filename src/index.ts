@@ -1,0 +1,2 @@
+/** ttt-e2e: the public API. */
+export * from './engine/index.js';
