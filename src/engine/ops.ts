@@ -241,7 +241,7 @@ export function where(cond: Tensor, xa: TensorLike, xb: TensorLike): Tensor {
   record('where', [a, b], [y], ([g], needs) => [
     needs[0] ? sumToShape(where(cond, g!, 0), a.shape) : null,
     needs[1] ? sumToShape(where(cond, 0, g!), b.shape) : null,
-  ]);
+  ], [cond]);
   return y;
 }
 
@@ -577,7 +577,7 @@ export function gather(x: Tensor, indices: Tensor, axis = 0): Tensor {
   const shape = [...x.shape.slice(0, a), ...indices.shape, ...x.shape.slice(a + 1)];
   const data = x.backend.gather(x.data, indices.data, outer, x.shape[a], inner, indices.size, x.dtype);
   const y = fromData(data, shape, x.dtype, x.backend);
-  record('gather', [x], [y], ([g]) => [scatterAdd(zerosLike(x), indices, g!, a)]);
+  record('gather', [x], [y], ([g]) => [scatterAdd(zerosLike(x), indices, g!, a)], [indices]);
   return y;
 }
 
@@ -595,7 +595,7 @@ export function scatterAdd(base: Tensor, indices: Tensor, updates: Tensor, axis 
   const inner = sizeOf(base.shape.slice(a + 1));
   const data = base.backend.scatterAdd(base.data, indices.data, updates.data, outer, base.shape[a], inner, indices.size, dtype);
   const y = fromData(data, base.shape, dtype, base.backend);
-  record('scatterAdd', [base, updates], [y], ([g], needs) => [needs[0] ? g : null, needs[1] ? gather(g!, indices, a) : null]);
+  record('scatterAdd', [base, updates], [y], ([g], needs) => [needs[0] ? g : null, needs[1] ? gather(g!, indices, a) : null], [indices]);
   return y;
 }
 

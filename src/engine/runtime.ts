@@ -79,6 +79,8 @@ export function record(
   inputs: Tensor[],
   outputs: Tensor[],
   vjp: Node['vjp'],
+  /** Non-differentiable tensors the vjp reads (indices, masks): kept alive like inputs. */
+  saved: Tensor[] = [],
 ): void {
   if (depth === 0) return;
   let deps = 0;
@@ -93,4 +95,5 @@ export function record(
     if (o.pin > level) o.pin = level;
   }
   for (const t of inputs) if (t.pin > level) t.pin = level;
+  for (const t of saved) if (t.pin > level) t.pin = level;
 }

@@ -1,5 +1,6 @@
 // Optional OpenBLAS path: cblas_sgemm/cblas_dgemm called through koffi (an optional dependency).
 // Everything here fails soft: a missing koffi, library or symbol just makes the path unavailable.
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import type { FloatArray } from './gemm.js';
 
@@ -53,12 +54,36 @@ export function loadBlas(): Blas | null {
   return cached;
 }
 
+/**
+ * OpenBLAS releases older than the CPU (Debian 12 ships 0.3.21) detect AMD Zen 4/5 as plain "Zen" and
+ * run the AVX2 Haswell kernels at half the speed the core can do; their SkylakeX kernels run fine on
+ * it (measured on Zen 5: 127 -> 223 GFLOP/s sgemm). OpenBLAS reads OPENBLAS_CORETYPE while the
+ * library loads, so it is set just around dlopen and only when the user has not chosen one.
+ */
+function coretypeHint(): string | undefined {
+  if (process.env.OPENBLAS_CORETYPE !== undefined || process.arch !== 'x64' || process.platform !== 'linux') return undefined;
+  let cpuinfo: string;
+  try {
+    cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return undefined;
+  }
+  const flags = new Set((/^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? '').trim().split(/\s+/));
+  const skylakeX = ['avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl'].every((f) => flags.has(f));
+  return /AuthenticAMD/.test(cpuinfo) && skylakeX ? 'SkylakeX' : undefined;
+}
+
 function tryLoad(koffi: Koffi, path: string): Blas | null {
   let lib: KoffiLib;
+  const hint = coretypeHint();
   try {
+    if (hint) process.env.OPENBLAS_CORETYPE = hint;
     lib = koffi.load(path);
   } catch {
     return null;
+  } finally {
+    // Keep it out of child processes (and out of any later dlopen of a different BLAS).
+    if (hint) delete process.env.OPENBLAS_CORETYPE;
   }
   try {
     const sig = (t: string, name: string) =>
@@ -69,7 +94,9 @@ function tryLoad(koffi: Koffi, path: string): Blas | null {
     let setNumThreads: ((n: number) => void) | undefined;
     try {
       const getConfig = lib.func('const char *openblas_get_config()') as () => string;
-      library = `${path} (${getConfig().trim()})`;
+      const getCore = lib.func('const char *openblas_get_corename()') as () => string;
+      // The config string names the build target; the core name is the kernel set chosen at run time.
+      library = `${path} (${getConfig().trim()}; core ${getCore()}${hint ? ` via OPENBLAS_CORETYPE=${hint}` : ''})`;
       setNumThreads = lib.func('void openblas_set_num_threads(int)') as (n: number) => void;
     } catch {
       // Not OpenBLAS (e.g. reference CBLAS): no threading control, still usable.

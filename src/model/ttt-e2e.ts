@@ -1,0 +1,156 @@
+/**
+ * TTT-E2E (SPEC §2-4). The suffix blocks' prime MLPs are fast weights W. Reading a sequence in
+ * mini-batches of b tokens, for i = 1..T/b:
+ *   loss_i = CE(f(x_i; W_{i-1}))                       — reported before W learns from x_i
+ *   g_i    = clip(∇_W loss_i(W_{i-1}), 1.0)
+ *   W_i    = W_{i-1} − η · g_i
+ * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
+ */
+import {
+  type Tensor, broadcastTo, checkpoint, concat, div, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sub, sum,
+  valueAndGrad,
+} from '../engine/index.js';
+import type { MlpWeights } from '../nn/layers.js';
+import { tokenNll } from '../nn/layers.js';
+import { type ModelConfig } from './config.js';
+import {
+  type FastWeights, type KvCache, type Params, embed, logits, range, runBlocks, suffixStart,
+} from './transformer.js';
+
+export interface InnerLoopOptions {
+  /** Multiplier on the inner learning rate (the ilr warm-up of SPEC §3.4); default 1. */
+  ilrScale?: number;
+  /** Per-token loss mask [B, T] (float, 1 = counts). */
+  mask?: Tensor;
+  /** false: evaluate with W_0 throughout (no inner updates). Default true. */
+  update?: boolean;
+}
+
+export interface InnerLoopResult {
+  /** Per-token next-token NLL [B, T], each token scored before the update on its mini-batch. */
+  tokenNll: Tensor;
+  /** loss_i of each mini-batch (mean over its tokens and the batch). */
+  losses: Tensor[];
+  /** Final fast weights, one copy per sequence ([B, ...]). */
+  fast: FastWeights;
+}
+
+/** Mean over the time axis of nll [B, n] (masked), giving one loss per sequence [B]. */
+function perSequenceLoss(nll: Tensor, mask?: Tensor): Tensor {
+  if (!mask) return mean(nll, 1);
+  return div(sum(mul(nll, mask), 1), maximum(sum(mask, 1), 1e-9));
+}
+
+/** Each sequence's gradient scaled to global norm <= clip (over all fast weights of that sequence). */
+function clipPerSequence(g: FastWeights, clip: number): FastWeights {
+  if (clip <= 0) return g;
+  const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sum(mul(t, t), [1, 2])));
+  const norm = sqrt(sq.reduce((a, b) => a.add(b)));
+  const scale = reshape(div(clip, maximum(norm, clip)), [norm.shape[0], 1, 1]);
+  return g.map((m) => ({ w1: mul(m.w1, scale), w2: mul(m.w2, scale), w3: mul(m.w3, scale) }));
+}
+
+/** W_0 broadcast to one copy per sequence: every document starts from the meta-learned weights. */
+export function perSequence(fast: MlpWeights[], batch: number): FastWeights {
+  const b = (t: Tensor) => (t.rank === 3 ? t : broadcastTo(reshape(t, [1, ...t.shape]), [batch, ...t.shape]));
+  return fast.map((m) => ({ w1: b(m.w1), w2: b(m.w2), w3: b(m.w3) }));
+}
+
+interface StepOut {
+  loss: Tensor;
+  nll: Tensor;
+  fast: FastWeights;
+  caches: KvCache[];
+}
+
+/**
+ * One mini-batch of the inner loop: suffix forward on x_i (prefix output) with W_{i-1} and the window
+ * caches, loss_i, then the SGD step on W. Pure in its tensor arguments so `checkpoint` can
+ * recompute it in the backward pass.
+ */
+export function miniBatchStep(
+  c: ModelConfig, params: Params, fast: FastWeights, caches: KvCache[], x: Tensor, targets: Tensor,
+  positions: number[], lr: number, mask?: Tensor, update = true,
+): StepOut {
+  const s = suffixStart(c);
+  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: KvCache[] }] => {
+    const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
+    const nll = tokenNll(logits(c, params, r.x), targets);
+    const perSeq = perSequenceLoss(nll, mask);
+    // Summing over sequences keeps each sequence's gradient its own (W has a batch axis).
+    return [sum(perSeq), { nll, perSeq, caches: r.caches }];
+  };
+  if (!update || lr === 0) {
+    const [, aux] = lossOf(fast);
+    return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches };
+  }
+  const [[, aux], g] = valueAndGrad(lossOf, { hasAux: true })(fast);
+  let step = clipPerSequence(g as FastWeights, c.innerClip);
+  if (c.firstOrder) step = stopGradient(step);
+  const next = fast.map((w, j) => ({
+    w1: sub(w.w1, mul(step[j].w1, lr)),
+    w2: sub(w.w2, mul(step[j].w2, lr)),
+    w3: sub(w.w3, mul(step[j].w3, lr)),
+  }));
+  return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches };
+}
+
+/**
+ * The inner loop over a whole sequence (SPEC §3): prefix blocks once over all T tokens, then the
+ * suffix mini-batch by mini-batch with fast-weight updates. Plain models (no suffix) take the same
+ * path with nothing to update, so every variant reports per-token NLL the same way.
+ */
+export function innerLoop(
+  c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, opts: InnerLoopOptions = {},
+): InnerLoopResult {
+  const [B, T] = tokens.shape;
+  const b = c.miniBatch;
+  const s = suffixStart(c);
+  const prefix = runBlocks(c, params, 0, s, embed(params, tokens), range(0, T), [], []);
+  const chunks = range(0, Math.ceil(T / b)).map((i) => [i * b, Math.min(T, (i + 1) * b)] as const);
+  const cut = (t: Tensor | undefined, lo: number, hi: number) => t && slice(t, [0, lo], [B, hi]);
+  if (c.suffixLen === 0) {
+    const nll = tokenNll(logits(c, params, prefix.x), targets);
+    const losses = chunks.map(([lo, hi]) => mean(perSequenceLoss(cut(nll, lo, hi)!, cut(opts.mask, lo, hi))));
+    return { tokenNll: nll, losses, fast: [] };
+  }
+  const lr = c.innerLr * (opts.ilrScale ?? 1);
+  const update = opts.update ?? true;
+  // Checkpointed per mini-batch: the backward pass recomputes one mini-batch at a time, so memory
+  // grows with b, not with T.
+  const step = checkpoint((p: Params, w: FastWeights, kv: KvCache[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
+    miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, update));
+  let fast = perSequence(params.fast, B);
+  let caches: KvCache[] = [];
+  const losses: Tensor[] = [];
+  const nlls: Tensor[] = [];
+  for (const [lo, hi] of chunks) {
+    const r = step(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi);
+    losses.push(r.loss);
+    nlls.push(r.nll);
+    fast = r.fast;
+    caches = r.caches;
+  }
+  return { tokenNll: concat(nlls, 1), losses, fast };
+}
+
+/** Mean of the mini-batch losses: TTT-E2E's outer objective (meta-learning through the inner steps). */
+export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, opts: InnerLoopOptions = {}): Tensor {
+  const { losses } = innerLoop(c, params, tokens, targets, opts);
+  return div(losses.reduce((a, l) => a.add(l)), losses.length);
+}
+
+/**
+ * Plain next-token loss of the whole sequence with the fast weights frozen at W_0: the training
+ * objective of full/SWA/hybrid models and of TTT-naive (which then runs the inner loop at test time).
+ */
+export function lmLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, mask?: Tensor): Tensor {
+  const T = tokens.shape[1];
+  const h = runBlocks(c, params, 0, c.nLayers, embed(params, tokens), range(0, T), [], params.fast).x;
+  return mean(perSequenceLoss(tokenNll(logits(c, params, h), targets), mask));
+}
+
+/** The training objective of a variant: meta-learning for e2e, plain LM loss for the others. */
+export function outerLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, opts: InnerLoopOptions = {}): Tensor {
+  return c.variant === 'e2e' ? e2eOuterLoss(c, params, tokens, targets, opts) : lmLoss(c, params, tokens, targets, opts.mask);
+}

@@ -1,0 +1,99 @@
+/**
+ * Layers as pure functions of (weights, inputs). Linear weights are [in, out] and applied as x @ W,
+ * like the reference implementation.
+ */
+import {
+  type Tensor, add, concat, div, expandDims, tensor, logsumexp, matmul, mean, mul, reshape, rsqrt, silu, slice, softmax, square,
+  stack, sub, takeAlongAxis, transpose,
+} from '../engine/index.js';
+
+/** RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w. */
+export function rmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
+  return mul(mul(x, rsqrt(add(mean(square(x), -1, true), eps))), w);
+}
+
+/** SwiGLU MLP: W2 · (silu(W1 x) ⊙ W3 x). */
+export interface MlpWeights {
+  w1: Tensor;
+  w2: Tensor;
+  w3: Tensor;
+}
+export function swiglu(x: Tensor, p: MlpWeights): Tensor {
+  return matmul(mul(silu(matmul(x, p.w1)), matmul(x, p.w3)), p.w2);
+}
+
+/**
+ * Rotary position embedding on [..., T, H, D] with interleaved pairs (x[2i], x[2i+1]) rotated by
+ * angle pos · theta^(-2i/D), as the reference does.
+ */
+export function rope(x: Tensor, positions: readonly number[], theta: number): Tensor {
+  const D = x.shape[x.rank - 1];
+  const H = x.shape[x.rank - 2];
+  const T = x.shape[x.rank - 3];
+  if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
+  const half = D / 2;
+  const cosv = new Float64Array(T * half);
+  const sinv = new Float64Array(T * half);
+  positions.forEach((p, t) => {
+    for (let i = 0; i < half; i++) {
+      const angle = p * Math.pow(theta, (-2 * i) / D);
+      cosv[t * half + i] = Math.cos(angle);
+      sinv[t * half + i] = Math.sin(angle);
+    }
+  });
+  const cos = tensor(cosv, [T, 1, half], x.dtype);
+  const sin = tensor(sinv, [T, 1, half], x.dtype);
+  const pairs = reshape(x, [...x.shape.slice(0, -1), half, 2]);
+  const even = reshape(slice(pairs, [...Array(x.rank).fill(0), 0], [...pairs.shape.slice(0, -1), 1]), [...x.shape.slice(0, -1), half]);
+  const odd = reshape(slice(pairs, [...Array(x.rank).fill(0), 1], [...pairs.shape.slice(0, -1), 2]), [...x.shape.slice(0, -1), half]);
+  const rotEven = sub(mul(even, cos), mul(odd, sin));
+  const rotOdd = add(mul(even, sin), mul(odd, cos));
+  void H;
+  return reshape(stack([rotEven, rotOdd], -1), x.shape);
+}
+
+/**
+ * Which keys each query may see, as data: an additive bias [Tq, Tk] of 0 (visible) or -1e9.
+ * Query at absolute position q sees key position p iff p <= q and (window undefined or q - p < window).
+ */
+export function attentionBias(qPositions: readonly number[], kPositions: readonly number[], window: number | undefined, dtype: Tensor['dtype']): Tensor {
+  const bias = new Float64Array(qPositions.length * kPositions.length);
+  qPositions.forEach((q, i) => {
+    kPositions.forEach((p, j) => {
+      const visible = p <= q && (window === undefined || q - p < window);
+      bias[i * kPositions.length + j] = visible ? 0 : -1e9;
+    });
+  });
+  return tensor(bias, [qPositions.length, kPositions.length], dtype);
+}
+
+/** Multi-head attention: q [B,H,Tq,D], k and v [B,H,Tk,D], bias [Tq,Tk] → [B,H,Tq,D]. */
+export function attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor): Tensor {
+  const D = q.shape[q.rank - 1];
+  const scores = add(div(matmul(q, k, { transB: true }), Math.sqrt(D)), bias);
+  return matmul(softmax(scores, -1), v);
+}
+
+/** [B,T,H·D] → [B,H,T,D] and back. */
+export function splitHeads(x: Tensor, heads: number): Tensor {
+  const [B, T, C] = x.shape;
+  return transpose(reshape(x, [B, T, heads, C / heads]), [0, 2, 1, 3]);
+}
+export function mergeHeads(x: Tensor): Tensor {
+  const [B, H, T, D] = x.shape;
+  return reshape(transpose(x, [0, 2, 1, 3]), [B, T, H * D]);
+}
+
+/** Per-token next-token negative log-likelihood: logsumexp(logits) - logits[target]. logits [..., V], targets int32 [...]. */
+export function tokenNll(logits: Tensor, targets: Tensor): Tensor {
+  const picked = reshape(takeAlongAxis(logits, expandDims(targets, -1), -1), targets.shape);
+  return sub(logsumexp(logits, -1), picked);
+}
+
+/** Mean of `values` where `mask` is 1 (mask float, same shape), or plain mean without a mask. */
+export function maskedMean(values: Tensor, mask?: Tensor): Tensor {
+  if (!mask) return mean(values);
+  return div(mul(values, mask).sum(), add(mask.sum(), 1e-30));
+}
+
+export { concat };
