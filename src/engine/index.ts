@@ -7,7 +7,7 @@ registerBackend('cpu', () => new CpuBackend());
 export * from './ops.js';
 export * from './autodiff.js';
 export * from './random.js';
-export { Tensor, keep, liveTensorCount } from './tensor.js';
+export { Tensor, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
 export type { Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';

@@ -58,6 +58,7 @@ export class Tensor {
     if (this.size !== storage.size) throw new Error(`internal: tensor shape ${fmt(shape)} does not match storage of ${storage.size}`);
     this.storageRef = storage;
     liveTensors++;
+    liveSet?.add(this);
     currentScope()?.tensors.push(this);
   }
 
@@ -104,10 +105,24 @@ export class Tensor {
     this.storageRef = null;
     this.node = null;
     liveTensors--;
+    liveSet?.delete(this);
   }
   toString(): string {
     return `Tensor(${fmt(this.shape)}, ${this.isDisposed ? 'disposed' : this.dtype})`;
   }
+}
+
+let liveSet: Set<Tensor> | null = null;
+
+/**
+ * Leak hunting: after `trackLiveTensors(true)`, `trackedLiveTensors()` lists the tensors created
+ * since then and not yet disposed (with their shapes and the op that made them).
+ */
+export function trackLiveTensors(on: boolean): void {
+  liveSet = on ? new Set() : null;
+}
+export function trackedLiveTensors(): Tensor[] {
+  return liveSet ? [...liveSet] : [];
 }
 
 /** Number of tensors created and not yet disposed (a leak detector for tests). */

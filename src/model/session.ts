@@ -1,0 +1,318 @@
+/**
+ * Inference: a Session reads a document like an RNN. Tokens flow through every block with per-layer
+ * KV caches (the last k-1 positions for SWA layers, everything for full attention); each time a
+ * mini-batch of b positions is complete (and the token after it is known, so its loss is defined),
+ * the fast weights take one inner step on it (SPEC §3). Decoding uses the same path, so generated
+ * tokens update the fast weights every b tokens too.
+ */
+import { createHash } from 'node:crypto';
+import {
+  type Key, Tensor, concat, dispose, foldIn, keep, leaves, logSoftmax, randomKey, reshape, slice, sub, tensor, tidy,
+  threefry2x32, add,
+} from '../engine/index.js';
+import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
+import type { ModelConfig } from './config.js';
+import { miniBatchStep, perSequence } from './ttt-e2e.js';
+import { type FastWeights, type KvCache, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
+import { namedLeaves } from './reference.js';
+
+export interface SamplingOptions {
+  /** 0 (default) = greedy. */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  seed?: number;
+}
+
+/** Everything a session carries between calls. */
+interface State {
+  /** Positions read so far. */
+  position: number;
+  /** Per-layer KV caches (null before the first token). */
+  caches: (KvCache | null)[];
+  /** Current fast weights (batch axis of 1). */
+  fast: FastWeights;
+  /** First position of the mini-batch not yet learned from. */
+  chunkStart: number;
+  /** Suffix-entry hidden states [1, n, D] and tokens of positions [chunkStart, position). */
+  pendingX: Tensor | null;
+  pendingTokens: number[];
+  /** Suffix caches as they were at chunkStart (the inner step recomputes the mini-batch from them). */
+  chunkCaches: (KvCache | null)[];
+  /** Log-probabilities of the next token, from the last position read [V]. */
+  nextLogProbs: Tensor | null;
+}
+
+/** A stable fingerprint of a model: config and every parameter value. */
+export function modelHash(c: ModelConfig, params: Params): string {
+  const h = createHash('sha256');
+  h.update(JSON.stringify(c));
+  for (const [name, t] of namedLeaves(params)) {
+    h.update(name);
+    const d = t.toTyped();
+    h.update(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+  }
+  return h.digest('hex').slice(0, 32);
+}
+
+export class Session {
+  private state: State;
+  private readonly lr: number;
+  private hashCache: string | null = null;
+
+  constructor(readonly config: ModelConfig, readonly params: Params, opts: { ilrScale?: number } = {}) {
+    this.lr = config.innerLr * (opts.ilrScale ?? 1);
+    this.state = this.initialState();
+  }
+
+  private initialState(): State {
+    return {
+      position: 0,
+      caches: Array(this.config.nLayers).fill(null),
+      fast: keepTree(tidy(() => perSequence(this.params.fast, 1))),
+      chunkStart: 0,
+      pendingX: null,
+      pendingTokens: [],
+      chunkCaches: Array(this.config.suffixLen).fill(null),
+      nextLogProbs: null,
+    };
+  }
+
+  /** Number of tokens read (prompt and generated). */
+  get tokensRead(): number {
+    return this.state.position;
+  }
+
+  get hash(): string {
+    return (this.hashCache ??= modelHash(this.config, this.params));
+  }
+
+  /** Forget the document: fast weights back to W_0, caches emptied. */
+  reset(): void {
+    const old = this.state;
+    this.state = this.initialState();
+    releaseState(old, this.state);
+  }
+
+  /**
+   * Reads tokens. Returns the NLL of each token given everything before it (NaN for the first token
+   * of the document, which has no context).
+   */
+  prefill(tokens: readonly number[]): number[] {
+    for (const t of tokens) {
+      if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
+    }
+    const nll: number[] = [];
+    let i = 0;
+    while (i < tokens.length) {
+      const s = this.state;
+      const b = this.config.miniBatch;
+      if (this.config.suffixLen > 0 && s.position === s.chunkStart + b) this.learn(tokens[i]);
+      // Read up to the end of the current mini-batch in one forward pass.
+      const room = this.config.suffixLen > 0 ? this.state.chunkStart + b - this.state.position : tokens.length;
+      const group = tokens.slice(i, i + Math.max(1, room));
+      nll.push(...this.read(group));
+      i += group.length;
+    }
+    return nll;
+  }
+
+  /** The distribution over the next token, as log-probabilities (after at least one token). */
+  nextLogProbs(): number[] {
+    if (!this.state.nextLogProbs) throw new Error('nextLogProbs: the session has not read any token yet');
+    return this.state.nextLogProbs.toArray();
+  }
+
+  /**
+   * Generates n tokens (reading each as it goes, so fast weights keep learning every b tokens).
+   * `onToken` streams them.
+   */
+  decode(n: number, sampling: SamplingOptions = {}, onToken?: (token: number) => void): number[] {
+    if (!Number.isInteger(n) || n < 0) throw new Error(`decode: n must be a non-negative integer, got ${n}`);
+    const out: number[] = [];
+    let key: Key = randomKey(sampling.seed ?? 0);
+    for (let i = 0; i < n; i++) {
+      key = foldIn(key, this.state.position);
+      const token = sample(this.nextLogProbs(), sampling, key);
+      this.prefill([token]);
+      out.push(token);
+      onToken?.(token);
+    }
+    return out;
+  }
+
+  /** One inner step on the completed mini-batch; `nextToken` is the target of its last position. */
+  private learn(nextToken: number): void {
+    const s = this.state;
+    const c = this.config;
+    const next = tidy(() => {
+      const targets = tensor([...s.pendingTokens.slice(1), nextToken], [1, s.pendingTokens.length], 'int32');
+      const r = miniBatchStep(c, this.params, s.fast, s.chunkCaches as KvCache[], s.pendingX!, targets, range(s.chunkStart, s.pendingTokens.length), this.lr);
+      return { fast: r.fast, caches: r.caches };
+    });
+    const ss = suffixStart(c);
+    const caches = [...s.caches.slice(0, ss), ...next.caches];
+    this.commit({ ...s, fast: next.fast, caches, chunkStart: s.position, pendingX: null, pendingTokens: [], chunkCaches: next.caches });
+  }
+
+  /** Forward pass of `tokens` (all inside one mini-batch) through every block; returns their NLLs. */
+  private read(tokens: number[]): number[] {
+    const s = this.state;
+    const c = this.config;
+    const ss = suffixStart(c);
+    const positions = range(s.position, tokens.length);
+    const firstNll = s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const r = tidy(() => {
+      const x = embed(this.params, tensor(tokens, [1, tokens.length], 'int32'));
+      const prefix = runBlocks(c, this.params, 0, ss, x, positions, s.caches.slice(0, ss), []);
+      const suffix = runBlocks(c, this.params, ss, c.nLayers, prefix.x, positions, s.caches.slice(ss), s.fast);
+      const logp = logSoftmax(reshape(logits(c, this.params, suffix.x), [tokens.length, c.vocabSize]));
+      const pendingX = c.suffixLen > 0 ? (s.pendingX ? concat([s.pendingX, prefix.x], 1) : prefix.x) : null;
+      const last = reshape(slice(logp, [tokens.length - 1, 0]), [c.vocabSize]);
+      return { logp, caches: [...prefix.caches, ...suffix.caches], pendingX, last };
+    });
+    const lp = r.logp.toTyped();
+    const nll = [firstNll, ...tokens.slice(1).map((t, j) => -lp[j * c.vocabSize + t])];
+    r.logp.dispose();
+    this.commit({
+      ...s,
+      position: s.position + tokens.length,
+      caches: r.caches,
+      pendingX: r.pendingX,
+      pendingTokens: c.suffixLen > 0 ? [...s.pendingTokens, ...tokens] : [],
+      nextLogProbs: r.last,
+    });
+    return nll;
+  }
+
+  private commit(next: State): void {
+    const old = this.state;
+    this.state = next;
+    releaseState(old, next);
+  }
+
+  // ---- fast-weight memories -------------------------------------------------------------------
+
+  /**
+   * Saves what the session learned from its document: fast-weight deltas W - W_0, the attention
+   * caches and the pending mini-batch, with the model's hash and the number of tokens read.
+   */
+  saveMemory(path: string): void {
+    const s = this.state;
+    const tensors = new Map<string, StoredTensor>();
+    const put = (name: string, t: Tensor) => tensors.set(name, { dtype: t.dtype, shape: [...t.shape], data: t.toTyped() });
+    tidy(() => {
+      s.fast.forEach((w, j) => {
+        for (const k of ['w1', 'w2', 'w3'] as const) put(`fast_delta.${j}.${k}`, sub(w[k], reshape(this.params.fast[j][k], w[k].shape)));
+      });
+    });
+    const starts: Record<string, number> = {};
+    s.caches.forEach((kv, l) => {
+      if (!kv) return;
+      put(`cache.${l}.k`, kv.k);
+      put(`cache.${l}.v`, kv.v);
+      starts[`cache.${l}`] = kv.start;
+    });
+    s.chunkCaches.forEach((kv, j) => {
+      if (!kv) return;
+      put(`chunk_cache.${j}.k`, kv.k);
+      put(`chunk_cache.${j}.v`, kv.v);
+      starts[`chunk_cache.${j}`] = kv.start;
+    });
+    if (s.pendingX) put('pending_x', s.pendingX);
+    if (s.nextLogProbs) put('next_log_probs', s.nextLogProbs);
+    writeSafetensors(path, tensors, {
+      format: 'ttt-e2e-memory/1',
+      model_hash: this.hash,
+      tokens_read: String(s.position),
+      chunk_start: String(s.chunkStart),
+      pending_tokens: JSON.stringify(s.pendingTokens),
+      cache_starts: JSON.stringify(starts),
+    });
+  }
+
+  /** Continues from a saved memory; refuses one made by a different model. */
+  loadMemory(path: string): void {
+    const { tensors, metadata } = readSafetensors(path);
+    if (metadata.format !== 'ttt-e2e-memory/1') throw new Error(`${path} is not a ttt-e2e memory (format '${metadata.format ?? 'missing'}')`);
+    if (metadata.model_hash !== this.hash) {
+      throw new Error(`${path} was made by a different model (hash ${metadata.model_hash}, this model is ${this.hash})`);
+    }
+    const dt = this.params.embed.dtype;
+    const get = (name: string): Tensor => {
+      const t = tensors.get(name);
+      if (!t) throw new Error(`${path}: missing tensor ${name}`);
+      return tensor(t.data, t.shape, t.dtype === 'float64' || t.dtype === 'float32' ? dt : t.dtype);
+    };
+    const starts = JSON.parse(metadata.cache_starts) as Record<string, number>;
+    const cacheOf = (prefix: string): KvCache | null =>
+      tensors.has(`${prefix}.k`) ? { k: get(`${prefix}.k`), v: get(`${prefix}.v`), start: starts[prefix] } : null;
+    const c = this.config;
+    const next: State = tidy(() => ({
+      position: Number(metadata.tokens_read),
+      caches: range(0, c.nLayers).map((l) => cacheOf(`cache.${l}`)),
+      fast: this.params.fast.map((w0, j) => {
+        const f = (k: 'w1' | 'w2' | 'w3') => add(reshape(w0[k], [1, ...w0[k].shape]), get(`fast_delta.${j}.${k}`));
+        return { w1: f('w1'), w2: f('w2'), w3: f('w3') };
+      }),
+      chunkStart: Number(metadata.chunk_start),
+      pendingX: tensors.has('pending_x') ? get('pending_x') : null,
+      pendingTokens: JSON.parse(metadata.pending_tokens) as number[],
+      chunkCaches: range(0, c.suffixLen).map((j) => cacheOf(`chunk_cache.${j}`)),
+      nextLogProbs: tensors.has('next_log_probs') ? get('next_log_probs') : null,
+    }));
+    this.commit(next);
+  }
+}
+
+function keepTree<T>(tree: T): T {
+  for (const t of leaves(tree)) keep(t);
+  return tree;
+}
+
+/** Keeps the new state's tensors and disposes the old state's tensors that are no longer used. */
+function releaseState(old: State, next: State): void {
+  const live = new Set(leaves(next as unknown));
+  for (const t of live) keep(t);
+  for (const t of leaves(old as unknown)) if (!live.has(t)) t.dispose();
+}
+
+/** Picks a token from log-probabilities: greedy, or temperature with top-k / top-p filtering. */
+export function sample(logProbs: number[], opts: SamplingOptions, key: Key): number {
+  const { temperature = 0, topK, topP } = opts;
+  if (temperature < 0) throw new Error(`sampling: temperature must be >= 0, got ${temperature}`);
+  if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new Error(`sampling: topK must be a positive integer, got ${topK}`);
+  if (topP !== undefined && !(topP > 0 && topP <= 1)) throw new Error(`sampling: topP must be in (0, 1], got ${topP}`);
+  const order = logProbs.map((_, i) => i).sort((a, b) => logProbs[b] - logProbs[a]);
+  if (temperature === 0) return order[0];
+  let kept = order.slice(0, topK ?? order.length);
+  const scaled = kept.map((i) => logProbs[i] / temperature);
+  const m = Math.max(...scaled);
+  let probs = scaled.map((v) => Math.exp(v - m));
+  let total = probs.reduce((a, b) => a + b, 0);
+  probs = probs.map((p) => p / total);
+  if (topP !== undefined) {
+    let acc = 0;
+    let cut = probs.length;
+    for (let i = 0; i < probs.length; i++) {
+      acc += probs[i];
+      if (acc >= topP) {
+        cut = i + 1;
+        break;
+      }
+    }
+    kept = kept.slice(0, cut);
+    probs = probs.slice(0, cut);
+    total = probs.reduce((a, b) => a + b, 0);
+    probs = probs.map((p) => p / total);
+  }
+  const u = threefry2x32(key, 0, 0)[0] / 2 ** 32;
+  let acc = 0;
+  for (let i = 0; i < probs.length; i++) {
+    acc += probs[i];
+    if (u < acc) return kept[i];
+  }
+  return kept[kept.length - 1];
+}
+
+export { dispose };

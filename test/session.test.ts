@@ -1,0 +1,128 @@
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as T from '../src/index.js';
+import { type Variant, makeConfig } from '../src/model/config.js';
+import { type Params, initParams } from '../src/model/transformer.js';
+import { innerLoop } from '../src/model/ttt-e2e.js';
+import { Session, sample } from '../src/model/session.js';
+
+const VARIANTS: Variant[] = ['e2e', 'naive', 'swa', 'full', 'hybrid'];
+const cfg = (variant: Variant, extra = {}) =>
+  makeConfig({ variant, vocabSize: 29, dModel: 16, nLayers: 4, nHeads: 2, ffnDim: 24, window: 6, miniBatch: 4, innerLr: 2, ...extra });
+/** Weights scaled up from the 0.02 init so that attention and the inner steps visibly matter. */
+const scaled = (c: ReturnType<typeof cfg>, seed = 1): Params =>
+  T.mapLeaves(initParams(c, T.randomKey(seed), 'float64'), (t) => (t.rank >= 2 ? T.keep(T.mul(t, 12)) : T.keep(t)));
+const randomTokens = (n: number, vocab: number, seed: number): number[] => T.tidy(() => T.randint(T.randomKey(seed), [n], 0, vocab).toArray());
+const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
+
+describe('Session', () => {
+  for (const variant of VARIANTS) {
+    test(`${variant}: prefill NLL equals the inner loop's, and reading in pieces equals one read`, () => {
+      const c = cfg(variant);
+      const params = scaled(c);
+      const doc = randomTokens(23, c.vocabSize, 5); // not a multiple of the mini-batch
+      const ref = innerLoop(c, params, T.tensor(doc.slice(0, -1), [1, 22], 'int32'), T.tensor(doc.slice(1), [1, 22], 'int32')).tokenNll.toArray();
+      const whole = new Session(c, params);
+      const nll = whole.prefill(doc);
+      assert.ok(Number.isNaN(nll[0]));
+      assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
+      for (const cuts of [[1, 7, 8, 13], [3, 4, 5, 6, 16], [11]]) {
+        const s = new Session(c, params);
+        const pieces: number[] = [];
+        let at = 0;
+        for (const cut of [...cuts, doc.length]) {
+          pieces.push(...s.prefill(doc.slice(at, cut)));
+          at = cut;
+        }
+        assert.ok(maxDiff(pieces.slice(1), nll.slice(1)) < 1e-9, `split at ${cuts}`);
+        assert.ok(maxDiff(s.nextLogProbs(), whole.nextLogProbs()) < 1e-9);
+      }
+      // token by token = incremental decoding with caches
+      const s1 = new Session(c, params);
+      const single = doc.flatMap((t) => s1.prefill([t]));
+      assert.ok(maxDiff(single.slice(1), nll.slice(1)) < 1e-9, 'token-by-token read');
+    });
+  }
+
+  test('e2e: the fast weights change every b tokens, also while decoding', () => {
+    const c = cfg('e2e');
+    const s = new Session(c, scaled(c));
+    s.prefill(randomTokens(9, c.vocabSize, 2));
+    const before = s.nextLogProbs();
+    const generated = s.decode(8, { temperature: 0 });
+    assert.equal(generated.length, 8);
+    assert.equal(s.tokensRead, 17);
+    // Reading the same 17 tokens without test-time training gives other predictions.
+    const frozen = new Session(cfg('e2e', { innerLr: 0 }), scaled(c));
+    frozen.prefill(randomTokens(9, c.vocabSize, 2));
+    assert.ok(maxDiff(frozen.nextLogProbs(), before) > 1e-6, 'updates after the first mini-batch change the prediction');
+  });
+
+  test('decode: greedy is deterministic, sampling is seeded', () => {
+    const c = cfg('e2e');
+    const params = scaled(c);
+    const run = (opts: object) => {
+      const s = new Session(c, params);
+      s.prefill([1, 2, 3, 4, 5]);
+      return s.decode(10, opts);
+    };
+    assert.deepEqual(run({}), run({}));
+    assert.deepEqual(run({ temperature: 1, seed: 3 }), run({ temperature: 1, seed: 3 }));
+    const a = [run({ temperature: 1.5, seed: 1 }), run({ temperature: 1.5, seed: 2 }), run({ temperature: 1.5, seed: 3 })];
+    assert.ok(new Set(a.map((x) => x.join())).size > 1, 'different seeds give different samples');
+  });
+
+  test('sample: greedy, top-k, top-p and argument checks', () => {
+    const lp = [Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)];
+    assert.equal(sample(lp, {}, T.randomKey(0)), 0);
+    for (let s = 0; s < 40; s++) {
+      assert.ok([0, 1].includes(sample(lp, { temperature: 1, topK: 2 }, T.randomKey(s))));
+      assert.ok([0, 1].includes(sample(lp, { temperature: 1, topP: 0.7 }, T.randomKey(s))));
+    }
+    const seen = new Set(Array.from({ length: 200 }, (_, s) => sample(lp, { temperature: 1 }, T.randomKey(s))));
+    assert.equal(seen.size, 4);
+    assert.throws(() => sample(lp, { temperature: -1 }, T.randomKey(0)), /temperature/);
+    assert.throws(() => sample(lp, { temperature: 1, topP: 0 }, T.randomKey(0)), /topP/);
+  });
+
+  test('memory: save, load into a fresh session, continue exactly; another model is refused', () => {
+    const c = cfg('e2e');
+    const params = scaled(c);
+    const doc = randomTokens(30, c.vocabSize, 9);
+    const dir = mkdtempSync(join(tmpdir(), 'ttt-mem-'));
+    const path = join(dir, 'doc.safetensors');
+    const a = new Session(c, params);
+    a.prefill(doc.slice(0, 19));
+    a.saveMemory(path);
+    const b = new Session(c, params);
+    b.loadMemory(path);
+    assert.equal(b.tokensRead, 19);
+    assert.ok(maxDiff(b.nextLogProbs(), a.nextLogProbs()) < 1e-12);
+    const restA = a.prefill(doc.slice(19));
+    const restB = b.prefill(doc.slice(19));
+    assert.ok(maxDiff(restA, restB) < 1e-12, 'continuing from the memory equals having read the document');
+    const other = new Session(c, scaled(c, 2));
+    assert.throws(() => other.loadMemory(path), /different model/);
+    assert.throws(() => other.loadMemory(join(dir, 'missing.safetensors')), /cannot read/);
+  });
+
+  test('prefill rejects tokens outside the vocabulary', () => {
+    const c = cfg('swa');
+    assert.throws(() => new Session(c, scaled(c)).prefill([1, 99]), /outside the vocabulary/);
+  });
+
+  test('a long session keeps the live tensor count bounded', () => {
+    const c = cfg('e2e');
+    const s = new Session(c, scaled(c));
+    s.prefill(randomTokens(12, c.vocabSize, 3));
+    const counts: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      s.prefill(randomTokens(c.miniBatch, c.vocabSize, 10 + i));
+      counts.push(T.liveTensorCount());
+    }
+    assert.ok(counts.every((n) => n === counts[0]), `live tensors drift: ${counts}`);
+  });
+});
