@@ -2,7 +2,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  type Tensor, add, arange, concat, exp, gather, grad, log, logsumexp, matmul, max, mean, mul, reshape, scatterAdd, slice, sqrt,
+  type Tensor, add, arange, broadcastTo, concat, expandDims, mT, pad, squeeze, exp, gather, grad, log, logsumexp, matmul, max, mean, mul, reshape, scatterAdd, slice, sqrt,
   sum, takeAlongAxis, tensor, transpose, valueAndGrad, where, zeros,
 } from '../src/index.js';
 import { rn } from './helpers/check.js';
@@ -42,6 +42,25 @@ describe('shape errors', () => {
     throwsWith(() => slice(x, [-5]), 'slice', '[3,4]');
     throwsWith(() => slice(x, [2], [1]), 'slice');
     throwsWith(() => slice(x, [0, 0, 0]), 'slice', '[3,4]');
+  });
+
+  test('other shape ops: squeeze, expandDims, pad, broadcastTo, mT', () => {
+    throwsWith(() => squeeze(zeros([2, 3]), 0), 'squeeze', '[2,3]');
+    throwsWith(() => expandDims(zeros([2, 3]), 4), 'expandDims', 'axis 4');
+    throwsWith(() => pad(zeros([2]), [[-1, 0]]), 'pad');
+    throwsWith(() => pad(zeros([2, 2]), [[1, 1]]), 'pad', '[2,2]');
+    throwsWith(() => broadcastTo(zeros([3]), [4]), 'broadcastTo', '[3]', '[4]');
+    throwsWith(() => broadcastTo(zeros([2, 3]), [3]), 'broadcastTo', '[2,3]', '[3]');
+    throwsWith(() => mT(zeros([3])), 'mT', '[3]');
+  });
+
+  test('tensor: values that do not fill the shape, ragged nested arrays, bad shapes', () => {
+    throwsWith(() => tensor([1, 2, 3], [2, 2]), 'tensor', '[2,2]');
+    throwsWith(() => tensor([[1, 2], [3, 4, 5, 6], []] as unknown as number[][]), 'tensor', 'ragged');
+    throwsWith(() => tensor([[1, 2, 3], [4, 5]]), 'tensor');
+    throwsWith(() => tensor([[[1, 2], [3, 4]], [[5, 6, 7, 8]]] as unknown as number[][][]), 'tensor', 'ragged');
+    throwsWith(() => zeros([2, -1]), 'full', '[2,-1]');
+    throwsWith(() => zeros([1.5]), 'full', '[1.5]');
   });
 
   test('transpose with a bad perm', () => {

@@ -193,10 +193,12 @@ function trace(f: AnyFn, args: unknown[], argnums: Argnums): Traced {
   }
 }
 
-function gradsTree(args: unknown[], argnums: number[], grads: Tensor[]): unknown {
+/** Gradients shaped like args[argnums]: one tree for a single argnum, a tuple for a list (as in JAX). */
+function gradsTree(args: unknown[], argnums: Argnums, grads: Tensor[]): unknown {
   let i = 0;
-  const per = argnums.map((n) => mapLeaves(args[n], () => grads[i++]));
-  return argnums.length === 1 ? per[0] : per;
+  const nums = typeof argnums === 'number' ? [argnums] : argnums;
+  const per = nums.map((n) => mapLeaves(args[n], () => grads[i++]));
+  return typeof argnums === 'number' ? per[0] : per;
 }
 
 export interface ValueAndGradOptions {
@@ -237,7 +239,7 @@ export function valueAndGrad<F extends AnyFn>(f: F, opts: ValueAndGradOptions = 
     value = release(value, t.level);
     grads = grads.map((g) => release(g, t!.level));
     aux = mapLeaves(aux, (a) => release(a, t!.level));
-    const g = gradsTree(args, t.argnums, grads);
+    const g = gradsTree(args, argnums, grads);
     return [opts.hasAux ? [value, aux] : value, g];
   };
 }

@@ -61,6 +61,9 @@ export function tensor(values: ArrayLike<number> | number | number[][] | number[
       inferred.push(v.length);
       v = v[0];
     }
+    const ragged = (u: unknown, d: number): boolean =>
+      d === inferred.length ? Array.isArray(u) : !Array.isArray(u) || u.length !== inferred[d] || u.some((w) => ragged(w, d + 1));
+    if (ragged(values, 0)) throw new Error(`tensor: ragged nested arrays (the first entries give shape ${fmt(inferred)})`);
     flat = (values as unknown[]).flat(Infinity) as number[];
   } else {
     flat = values as ArrayLike<number>;
@@ -418,7 +421,8 @@ export function reshape(x: Tensor, shape: Shape): Tensor {
   const hole = s.indexOf(-1);
   if (hole >= 0) {
     const known = sizeOf(s.filter((_, i) => i !== hole));
-    s[hole] = known === 0 ? 0 : x.size / known;
+    if (known === 0) throw new Error(`reshape: -1 is ambiguous when the other dimensions of ${fmt(shape)} have no elements`);
+    s[hole] = x.size / known;
   }
   if (!Number.isInteger(s[hole] ?? 0) || sizeOf(s) !== x.size || s.some((d) => d < 0 || !Number.isInteger(d))) {
     throw new Error(`reshape: cannot reshape ${fmt(x.shape)} (${x.size} elements) to ${fmt(shape)}`);
@@ -466,7 +470,10 @@ export function transpose(x: Tensor, perm?: number[]): Tensor {
 }
 
 /** Swap the last two axes. */
-export const mT = (x: Tensor): Tensor => transpose(x, [...Array(x.rank - 2).keys(), x.rank - 1, x.rank - 2]);
+export const mT = (x: Tensor): Tensor => {
+  if (x.rank < 2) throw new Error(`mT: needs rank >= 2, got ${fmt(x.shape)}`);
+  return transpose(x, [...Array(x.rank - 2).keys(), x.rank - 1, x.rank - 2]);
+};
 
 export function broadcastTo(x: Tensor, shape: Shape): Tensor {
   const s = broadcastShapes('broadcastTo', x.shape, shape);

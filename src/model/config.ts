@@ -26,6 +26,8 @@ const configSchema = z
     preNorm: z.boolean().default(true),
     postNorm: z.boolean().default(true),
     qkNorm: z.boolean().default(true),
+    /** No attention sub-layers at all: only MLPs (the toy setting of SPEC §6.7). */
+    attentionFree: z.boolean().default(false),
     initStd: z.number().positive().default(0.02),
     /** Test-time training (e2e and naive). */
     suffixLen: z.number().int().nonnegative().optional(),

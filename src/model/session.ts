@@ -147,7 +147,7 @@ export class Session {
     const c = this.config;
     const next = tidy(() => {
       const targets = tensor([...s.pendingTokens.slice(1), nextToken], [1, s.pendingTokens.length], 'int32');
-      const r = miniBatchStep(c, this.params, s.fast, s.chunkCaches as KvCache[], s.pendingX!, targets, range(s.chunkStart, s.pendingTokens.length), this.lr);
+      const r = miniBatchStep(c, this.params, s.fast, s.chunkCaches, s.pendingX!, targets, range(s.chunkStart, s.pendingTokens.length), this.lr);
       return { fast: r.fast, caches: r.caches };
     });
     const ss = suffixStart(c);

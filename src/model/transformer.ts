@@ -19,9 +19,10 @@ export interface AttentionWeights {
 }
 
 export interface BlockParams {
-  attnNorm: Tensor;
-  attnPostNorm: Tensor;
-  attn: AttentionWeights;
+  /** Absent in attention-free models. */
+  attnNorm?: Tensor;
+  attnPostNorm?: Tensor;
+  attn?: AttentionWeights;
   mlpNorm: Tensor;
   mlpPostNorm: Tensor;
   /** The safe MLP: trained by the outer loop only. */
@@ -63,16 +64,18 @@ export function initParams(c: ModelConfig, key: Key = randomKey(0), dtype: Tenso
   const fast: MlpWeights[] = [];
   for (let l = 0; l < c.nLayers; l++) {
     const b: BlockParams = {
-      attnNorm: ones([D], dtype),
-      attnPostNorm: ones([D], dtype),
-      attn: {
-        wq: w(`blocks.${l}.attn.wq`, [D, D]),
-        wk: w(`blocks.${l}.attn.wk`, [D, D]),
-        wv: w(`blocks.${l}.attn.wv`, [D, D]),
-        wo: w(`blocks.${l}.attn.wo`, [D, D]),
-        qNorm: ones([hd], dtype),
-        kNorm: ones([hd], dtype),
-      },
+      ...(c.attentionFree ? {} : {
+        attnNorm: ones([D], dtype),
+        attnPostNorm: ones([D], dtype),
+        attn: {
+          wq: w(`blocks.${l}.attn.wq`, [D, D]),
+          wk: w(`blocks.${l}.attn.wk`, [D, D]),
+          wv: w(`blocks.${l}.attn.wv`, [D, D]),
+          wo: w(`blocks.${l}.attn.wo`, [D, D]),
+          qNorm: ones([hd], dtype),
+          kNorm: ones([hd], dtype),
+        },
+      }),
       mlpNorm: ones([D], dtype),
       mlpPostNorm: ones([D], dtype),
       mlp: mlp(`blocks.${l}.mlp`),
@@ -144,16 +147,19 @@ function trimCache(cache: KvCache, window: number | undefined): KvCache {
  */
 export function block(
   c: ModelConfig, layer: number, p: BlockParams, x: Tensor, positions: number[], cache: KvCache | null, fast?: MlpWeights,
-): { x: Tensor; cache: KvCache } {
-  const kind = layerKinds(c)[layer];
-  const a = attention(c, kind, p.attn, pre(c, x, p.attnNorm), positions, cache);
-  x = add(x, post(c, a.out, p.attnPostNorm));
+): { x: Tensor; cache: KvCache | null } {
+  let kv: KvCache | null = null;
+  if (p.attn) {
+    const a = attention(c, layerKinds(c)[layer], p.attn, pre(c, x, p.attnNorm!), positions, cache);
+    x = add(x, post(c, a.out, p.attnPostNorm!));
+    kv = a.cache;
+  }
   if (fast) {
     if (!p.primeNorm || !p.primePostNorm) throw new Error(`block ${layer}: fast weights given to a block without a prime MLP`);
     x = add(x, post(c, swiglu(pre(c, x, p.primeNorm), fast), p.primePostNorm));
   }
   x = add(x, post(c, swiglu(pre(c, x, p.mlpNorm), p.mlp), p.mlpPostNorm));
-  return { x, cache: a.cache };
+  return { x, cache: kv };
 }
 
 /** Index of the first suffix (prime-MLP) block. */
@@ -166,9 +172,9 @@ export const suffixStart = (c: ModelConfig): number => c.nLayers - c.suffixLen;
 export function runBlocks(
   c: ModelConfig, params: Params, from: number, to: number, x: Tensor, positions: number[],
   caches: (KvCache | null)[], fast: FastWeights,
-): { x: Tensor; caches: KvCache[] } {
+): { x: Tensor; caches: (KvCache | null)[] } {
   const s = suffixStart(c);
-  const out: KvCache[] = [];
+  const out: (KvCache | null)[] = [];
   for (let l = from; l < to; l++) {
     const r = block(c, l, params.blocks[l], x, positions, caches[l - from] ?? null, l >= s ? fast[l - s] : undefined);
     x = r.x;

@@ -60,7 +60,7 @@ interface StepOut {
   loss: Tensor;
   nll: Tensor;
   fast: FastWeights;
-  caches: KvCache[];
+  caches: (KvCache | null)[];
 }
 
 /**
@@ -69,11 +69,11 @@ interface StepOut {
  * recompute it in the backward pass.
  */
 export function miniBatchStep(
-  c: ModelConfig, params: Params, fast: FastWeights, caches: KvCache[], x: Tensor, targets: Tensor,
+  c: ModelConfig, params: Params, fast: FastWeights, caches: (KvCache | null)[], x: Tensor, targets: Tensor,
   positions: number[], lr: number, mask?: Tensor, update = true,
 ): StepOut {
   const s = suffixStart(c);
-  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: KvCache[] }] => {
+  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: (KvCache | null)[] }] => {
     const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
     const nll = tokenNll(logits(c, params, r.x), targets);
     const perSeq = perSequenceLoss(nll, mask);
@@ -118,10 +118,10 @@ export function innerLoop(
   const update = opts.update ?? true;
   // Checkpointed per mini-batch: the backward pass recomputes one mini-batch at a time, so memory
   // grows with b, not with T.
-  const step = checkpoint((p: Params, w: FastWeights, kv: KvCache[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
+  const step = checkpoint((p: Params, w: FastWeights, kv: (KvCache | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
     miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, update));
   let fast = perSequence(params.fast, B);
-  let caches: KvCache[] = [];
+  let caches: (KvCache | null)[] = [];
   const losses: Tensor[] = [];
   const nlls: Tensor[] = [];
   for (const [lo, hi] of chunks) {

@@ -1,0 +1,14 @@
+/**
+ * `npm run bench`: every benchmark in bench/, one after another. Each prints its table and writes
+ * bench/results/<name>.json. Speed goals live here, never in the test suite.
+ */
+const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unknown }>> = {
+  'cpu-matmul': () => import('./cpu-matmul.js'),
+};
+
+const only = process.argv.slice(2);
+for (const [name, load] of Object.entries(benches)) {
+  if (only.length && !only.includes(name)) continue;
+  console.log(`\n=== bench: ${name} ===`);
+  await (await load()).main();
+}
