@@ -152,16 +152,17 @@ test('wasm path with 1 and 2 threads', () => {
       assert.equal(gemmInfo().threads, threads);
       for (const { name, Ctor, tol } of DTYPES) {
         const label = `wasm ${name} ${threads} threads`;
-        // Split along n, split along m (n is one tile wide), and split across batch entries.
+        // Big enough to be split (>= 2^22 multiply-adds): along n, along m (n is one tile wide), and
+        // across batch entries.
         runCase(Ctor, tol, { m: 256, n: 256, k: 256, transA: false, transB: true }, 11, label);
-        runCase(Ctor, tol, { m: 67, n: 129, k: 93, transA: true, transB: false }, 12, label);
-        runCase(Ctor, tol, { m: 200, n: 9, k: 400, transA: false, transB: false }, 13, label);
-        runCase(Ctor, tol, { m: 100, n: 7, k: 300, transA: true, transB: true }, 14, label);
-        runCase(Ctor, tol, { m: 48, n: 64, k: 80, transA: false, transB: false, batch: 7,
-          aOffsets: [0, 0, 48 * 80, 0, 48 * 80, 0, 0], bOffsets: [0, 64 * 80, 0, 64 * 80, 0, 0, 0] }, 15, label);
+        runCase(Ctor, tol, { m: 167, n: 229, k: 193, transA: true, transB: false }, 12, label);
+        runCase(Ctor, tol, { m: 1000, n: 9, k: 500, transA: false, transB: false }, 13, label);
+        runCase(Ctor, tol, { m: 601, n: 7, k: 1000, transA: true, transB: true }, 14, label);
+        runCase(Ctor, tol, { m: 96, n: 128, k: 64, transA: false, transB: false, batch: 7,
+          aOffsets: [0, 0, 96 * 64, 0, 96 * 64, 0, 0], bOffsets: [0, 128 * 64, 0, 128 * 64, 0, 0, 0] }, 15, label);
       }
       // Repeated calls reuse the pool and the staged memory.
-      for (let r = 0; r < 20; r++) runCase(Float32Array, 1e-5, { m: 96, n: 96, k: 96, transA: false, transB: false }, 100 + r, 'repeat');
+      for (let r = 0; r < 10; r++) runCase(Float32Array, 1e-5, { m: 170, n: 170, k: 170, transA: false, transB: false }, 100 + r, 'repeat');
     }
   } finally {
     setGemmThreads(defaultThreads);

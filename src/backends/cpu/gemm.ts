@@ -40,8 +40,11 @@ export type GemmPath = 'blas' | 'wasm' | 'js';
  * ~0.3 us into OpenBLAS, ~1.5 us into wasm with staging; JS runs ~1.4 multiply-adds per ns at 8^3).
  */
 const SMALL_PRODUCT: Record<GemmPath, number> = { blas: 256, wasm: 1536, js: Infinity };
-/** Below this many multiply-adds in a whole call, waking worker threads costs more than it saves. */
-const MIN_PARALLEL_WORK = 1 << 19;
+/**
+ * Below this many multiply-adds in a whole call, waking worker threads costs more than it saves
+ * (measured on 2 cores: 128^3 is no faster on 2 threads, 192^3 is 1.5-1.8x).
+ */
+const MIN_PARALLEL_WORK = 1 << 22;
 const MAX_DEFAULT_THREADS = 16;
 
 let requestedPath: GemmPath | 'auto' = 'auto';
@@ -201,12 +204,6 @@ const MAX_TASKS = (1 << TAG_SHIFT) - 1;
 const TASK_WORDS = 12; // f64 flag, m, n, k, a, rsa, csa, b, rsb, csb, c, ldc
 /** How long an idle worker polls for the next job before it blocks. */
 const WORKER_SPIN_MS = 0.2;
-/**
- * Small products get several tasks per thread so the main thread can take over the share of a worker
- * that wakes late; big ones one per thread, since every extra piece re-packs A.
- */
-const FINE_SPLIT_BELOW = 1 << 22;
-const FINE_SPLIT_TASKS = 4;
 
 /**
  * Claims and runs tasks of job `gen` until none are left. The same source runs on the main thread and
@@ -297,8 +294,7 @@ class WasmGemm {
     // thread a tile column.
     const nTiles = Math.ceil(n / nr);
     const mTiles = Math.ceil(m / mr);
-    const tasksPerThread = m * n * k < FINE_SPLIT_BELOW ? FINE_SPLIT_TASKS : 1;
-    const piecesWanted = parallel ? Math.ceil((participants * tasksPerThread) / batch) : 1;
+    const piecesWanted = parallel ? Math.ceil(participants / batch) : 1;
     const splitN = nTiles >= piecesWanted || nTiles >= mTiles;
     const pieces = Math.max(1, Math.min(piecesWanted, splitN ? nTiles : mTiles, MAX_TASKS));
 
