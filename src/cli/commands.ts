@@ -71,7 +71,7 @@ function interruptFlag(): { stopped: () => boolean; release: () => void } {
   return { stopped: () => hits > 0, release: () => process.off('SIGINT', handler) };
 }
 
-export function trainCommand(raw: Record<string, unknown>, resume: boolean): { runDir: string; stoppedEarly: boolean } {
+export async function trainCommand(raw: Record<string, unknown>, resume: boolean): Promise<{ runDir: string; stoppedEarly: boolean }> {
   let input = { ...raw };
   if (typeof raw.config === 'string') {
     if (!existsSync(raw.config)) throw new Error(`--config: ${raw.config} not found`);
@@ -89,7 +89,7 @@ export function trainCommand(raw: Record<string, unknown>, resume: boolean): { r
   const progress = progressReporter(`${o.name} (${o.variant})`, o.steps);
   const intr = interruptFlag();
   try {
-    const r = train(o, {
+    const r = await train(o, {
       source: { next: (b) => source.next(b), state: () => source.state(), restore: (s) => source.restore(s as never) },
       valBatches: valBatches(shards, o.seqLen, o.batch, o.evalBatches, o.seed),
       tokenizer: shards.tokenizer.name,
@@ -191,8 +191,8 @@ export function generate(o: GenerateOptions): void {
   if (o.memory) session.loadMemory(o.memory);
   const prompt = o.promptFile ? encode(readPrompt(o.promptFile)) : [];
   if (prompt.length > o.maxPromptTokens) throw new Error(`the prompt has ${prompt.length} tokens, more than --max-prompt-tokens ${o.maxPromptTokens}`);
+  if (!o.promptFile && !o.memory) throw new Error('nothing to continue from: give --prompt-file or --memory');
   const start = session.tokensRead === 0 ? [bos, ...prompt] : prompt;
-  if (start.length === 0) throw new Error('nothing to continue from: give --prompt-file or --memory');
   const nll = session.prefill(start).filter((x) => !Number.isNaN(x));
   if (nll.length) log(`prompt: ${start.length} tokens, mean NLL ${(nll.reduce((a, b) => a + b, 0) / nll.length).toFixed(3)} nats/token`);
   // Decode token by token and print whole characters as they complete.

@@ -125,7 +125,7 @@ export function buildCli(): Command {
       const { trainCommand } = await import('./commands.js');
       const { resume, set, ...rest } = o;
       const modelOverrides = set ? parseOverrides(set) : undefined;
-      const r = trainCommand({ ...rest, ...(modelOverrides ? { modelOverrides } : {}) }, !!resume);
+      const r = await trainCommand({ ...rest, ...(modelOverrides ? { modelOverrides } : {}) }, !!resume);
       if (r.stoppedEarly) process.exitCode = 130;
     });
 

@@ -81,7 +81,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     const name = `${variant}`;
     const runDir = join(runsDir, name);
     const exists = existsSync(join(runDir, 'config.json'));
-    trainCommand({
+    await trainCommand({
       name, variant, model: DEMO.model, data: dataDir, seqLen: DEMO.seqLen, batch: DEMO.batch, steps, lr: DEMO.lr,
       modelOverrides: DEMO.overrides, runsDir, seed: o.seed, checkpointEvery: Math.max(1, Math.floor(steps / 4)),
     }, exists);

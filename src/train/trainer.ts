@@ -147,10 +147,10 @@ export function evalLoss(c: ModelConfig, params: Params, batches: Batch[], B: nu
  * Trains (or resumes) a run. `source` yields training batches; `valBatches` are fixed validation
  * batches. Returns the final params (kept; the caller disposes them).
  */
-export function train(
+export async function train(
   o: TrainOptions, data: { source: BatchSource; valBatches: Batch[]; tokenizer: string; vocabSize: number },
   opts: { resume?: boolean } & TrainHooks = {},
-): { params: Params; config: ModelConfig; stoppedEarly: boolean; lastStep: number } {
+): Promise<{ params: Params; config: ModelConfig; stoppedEarly: boolean; lastStep: number }> {
   const files = runFiles(o.runsDir, o.name);
   const c = modelConfigFor(o, data.vocabSize);
   const runConfig: RunConfig = { train: o, tokenizer: data.tokenizer, vocabSize: data.vocabSize, model: c };
@@ -211,6 +211,8 @@ export function train(
     if (o.evalEvery > 0 && (step % o.evalEvery === 0 || step === o.steps)) rec.valLoss = evalLoss(c, params, data.valBatches.slice(0, o.evalBatches), B, T);
     appendFileSync(files.log, `${JSON.stringify(rec)}\n`);
     opts.onStep?.(rec, o.steps);
+    // Let the event loop run (signal handlers such as Ctrl-C, progress output) between steps.
+    await new Promise((r) => setImmediate(r));
     const stop = opts.shouldStop?.() ?? false;
     if (step % o.checkpointEvery === 0 || step === o.steps || stop) save(step);
     if (stop && step < o.steps) {
