@@ -4,6 +4,7 @@
  */
 const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unknown }>> = {
   'cpu-matmul': () => import('./cpu-matmul.js'),
+  'cpu-attention': () => import('./cpu-attention.js'),
 };
 
 const only = process.argv.slice(2);

@@ -5,11 +5,11 @@
  * The reference ran in float32. Most gradients agree with ours to ~1e-5, but on the attention-logit
  * path (wq, wk, q/k norms and what feeds them) float32 itself is only good to ~1e-3: the softmax
  * gradient of the first query rows is exactly zero and float32 leaves rounding noise there. So each
- * gradient must agree within max(1e-4, 3 × the float32 noise of that same gradient), where the noise
- * is measured here by running our model in float32 and float64 (not a constant picked to pass), and
- * our float32 run — the same precision as the reference — must match the reference's whole gradient
- * vector to 5e-4. That the float64 gradient is the exact derivative of the (matching) loss is checked
- * against finite differences in test/model.test.ts.
+ * float64 gradient must agree within max(1e-4, 3 × the float32 noise of that same gradient) (4× for
+ * our float32 run, which adds its own), where the noise is measured here by running our model in
+ * float32 and float64 (not a constant picked to pass), and the whole float64 gradient vector within
+ * 2× the whole vector's float32 noise. That the float64 gradient is the exact derivative of the
+ * (matching) loss is checked against finite differences in test/model.test.ts.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -60,6 +60,7 @@ describe('agreement with the reference implementation', { skip: !golden && 'no .
       }
       const names = referenceNames(c);
       assert.equal(r64.grads.size, names.size, 'every parameter has a gradient');
+      const all64: number[] = [];
       const all32: number[] = [];
       const allRef: number[] = [];
       for (const [path, entry] of names) {
@@ -67,17 +68,19 @@ describe('agreement with the reference implementation', { skip: !golden && 'no .
         const g64 = r64.grads.get(path);
         const g32 = r32.grads.get(path);
         assert.ok(g64 && g32, `missing gradient for ${path}`);
+        all64.push(...g64);
         all32.push(...g32);
         allRef.push(...ref);
         const noise = relErr(g32, g64);
-        const bound = Math.max(1e-4, 3 * noise);
-        for (const [label, g] of [['float64', g64], ['float32', g32]] as const) {
+        // float64: the reference's own float32 error; float32: that plus ours.
+        for (const [label, g, bound] of [['float64', g64, Math.max(1e-4, 3 * noise)], ['float32', g32, Math.max(1e-4, 4 * noise)]] as const) {
           const err = relErr(g, ref);
           assert.ok(err < bound, `${path} (${entry.name}) ${label} gradient relative error ${err.toExponential(2)} >= ${bound.toExponential(2)} (float32 noise ${noise.toExponential(2)})`);
         }
       }
-      const whole = relErr(all32, allRef);
-      assert.ok(whole < 5e-4, `float32 gradient vector relative error ${whole.toExponential(2)}`);
+      const noise = relErr(all32, all64);
+      const whole = relErr(all64, allRef);
+      assert.ok(whole < Math.max(1e-4, 2 * noise), `float64 gradient vector relative error ${whole.toExponential(2)} (float32 noise ${noise.toExponential(2)})`);
     });
   }
 });

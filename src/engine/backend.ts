@@ -23,6 +23,23 @@ export interface MatmulJob {
 }
 
 /**
+ * Banded causal attention over `batch` independent [T, D] problems (all contiguous, D fastest).
+ * Query row i sits at absolute position qStart + i, key row j at kStart + j; a query at p sees the
+ * key at s iff s <= p and p - s < window (window = Infinity: plain causal). The engine has checked
+ * that every query sees at least one key.
+ */
+export interface AttentionJob {
+  batch: number;
+  tq: number;
+  tk: number;
+  d: number;
+  qStart: number;
+  kStart: number;
+  window: number;
+  scale: number;
+}
+
+/**
  * Kernels only: shapes are already checked and broadcast by the engine, and every gradient is
  * written in ops above this line. Outputs are new contiguous buffers unless a method says otherwise.
  * Strided inputs use element strides (0 = broadcast).
@@ -55,4 +72,13 @@ export interface Backend {
   /** Returns base + scatter of updates ([outer, count, inner]) into rows `indices` of [outer, n, inner]. */
   scatterAdd(base: BackendData, indices: BackendData, updates: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
   cast(x: BackendData, size: number, from: DType, to: DType): BackendData;
+  /**
+   * softmax(q kᵀ · scale, masked to the band) v, visiting only the band. Also returns the per-row
+   * logsumexp of the scaled scores ([batch, tq]), which the backward uses to recompute probabilities.
+   */
+  attentionForward(q: BackendData, k: BackendData, v: BackendData, job: AttentionJob, dtype: DType): { out: BackendData; lse: BackendData };
+  /** Cotangents of q, k, v given the forward's out and lse and the output cotangent dout. */
+  attentionBackward(
+    q: BackendData, k: BackendData, v: BackendData, out: BackendData, lse: BackendData, dout: BackendData, job: AttentionJob, dtype: DType,
+  ): { dq: BackendData; dk: BackendData; dv: BackendData };
 }

@@ -6,10 +6,11 @@ registerBackend('cpu', () => new CpuBackend());
 
 export * from './ops.js';
 export * from './autodiff.js';
+export * from './attention.js';
 export * from './random.js';
 export { Tensor, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
-export type { Backend, MatmulJob } from './backend.js';
+export type { AttentionJob, Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';
 export type { Shape } from './shape.js';
 export { type Tree, leaves, mapLeaves, unflatten, zipMap } from './pytree.js';

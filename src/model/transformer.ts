@@ -6,7 +6,7 @@
 import {
   type Key, type Tensor, add, concat, foldIn, gather, matmul, ones, randomKey, reshape, slice, truncatedNormal,
 } from '../engine/index.js';
-import { type MlpWeights, attend, attentionBias, mergeHeads, rmsNorm, rope, splitHeads, swiglu } from '../nn/layers.js';
+import { type MlpWeights, attend, mergeHeads, rmsNorm, rope, splitHeads, swiglu } from '../nn/layers.js';
 import { type AttentionKind, type ModelConfig, hasPrime, headDim, layerKinds } from './config.js';
 
 export interface AttentionWeights {
@@ -124,9 +124,10 @@ function attention(
   const kAll = cache ? concat([cache.k, k], 2) : k;
   const vAll = cache ? concat([cache.v, v], 2) : v;
   const start = cache ? cache.start : positions[0];
-  const kPositions = Array.from({ length: kAll.shape[2] }, (_, i) => start + i);
   const window = kind === 'swa' ? c.window : undefined;
-  const out = matmul(mergeHeads(attend(q, kAll, vAll, attentionBias(positions, kPositions, window, h.dtype))), w.wo);
+  // The op takes positions as starts: queries, like cached keys, must be consecutive.
+  if (positions.some((p, i) => p !== positions[0] + i)) throw new Error(`attention: positions must be consecutive, got ${positions.slice(0, 8).join(',')}…`);
+  const out = matmul(mergeHeads(attend(q, kAll, vAll, { qStart: positions[0], kStart: start, window })), w.wo);
   return { out, cache: trimCache({ k: kAll, v: vAll, start }, window) };
 }
 

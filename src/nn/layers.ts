@@ -3,8 +3,8 @@
  * like the reference implementation.
  */
 import {
-  type Tensor, add, concat, div, expandDims, tensor, logsumexp, matmul, mean, mul, reshape, rsqrt, silu, slice, softmax, square,
-  stack, sub, takeAlongAxis, transpose,
+  type AttentionOptions, type Tensor, add, compositeAttention, concat, div, expandDims, tensor, logsumexp, matmul, mean,
+  mul, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, transpose,
 } from '../engine/index.js';
 
 /** RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w. */
@@ -53,25 +53,26 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
 }
 
 /**
- * Which keys each query may see, as data: an additive bias [Tq, Tk] of 0 (visible) or -1e9.
- * Query at absolute position q sees key position p iff p <= q and (window undefined or q - p < window).
+ * Multi-head causal attention: q [B,H,Tq,D], k and v [B,H,Tk,D] → [B,H,Tq,D], query i at position
+ * qStart + i, key j at kStart + j, optionally limited to a sliding window. The fused op (unless
+ * `setAttentionPath('composite')`); its definition is `attendComposite`.
  */
-export function attentionBias(qPositions: readonly number[], kPositions: readonly number[], window: number | undefined, dtype: Tensor['dtype']): Tensor {
-  const bias = new Float64Array(qPositions.length * kPositions.length);
-  qPositions.forEach((q, i) => {
-    kPositions.forEach((p, j) => {
-      const visible = p <= q && (window === undefined || q - p < window);
-      bias[i * kPositions.length + j] = visible ? 0 : -1e9;
-    });
-  });
-  return tensor(bias, [qPositions.length, kPositions.length], dtype);
+export function attend(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  return attentionPath === 'fused' ? scaledDotAttention(q, k, v, opts) : compositeAttention(q, k, v, opts);
 }
 
-/** Multi-head attention: q [B,H,Tq,D], k and v [B,H,Tk,D], bias [Tq,Tk] → [B,H,Tq,D]. */
-export function attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor): Tensor {
-  const D = q.shape[q.rank - 1];
-  const scores = add(div(matmul(q, k, { transB: true }), Math.sqrt(D)), bias);
-  return matmul(softmax(scores, -1), v);
+/**
+ * Which implementation `attend` uses: the fused op (default) or the composite, to measure one
+ * against the other in a whole model (benchmarks, `TTT_ATTENTION=composite`). Same values either way.
+ */
+let attentionPath: 'fused' | 'composite' = process.env.TTT_ATTENTION === 'composite' ? 'composite' : 'fused';
+export function setAttentionPath(path: 'fused' | 'composite'): void {
+  attentionPath = path;
+}
+
+/** The same attention through dense [Tq, Tk] scores and a bias (the definition the fused op is tested against). */
+export function attendComposite(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  return compositeAttention(q, k, v, opts);
 }
 
 /** [B,T,H·D] → [B,H,T,D] and back. */

@@ -3,9 +3,10 @@
  * every unary, binary, compare and select kernel), and matrix products through ./gemm.ts
  * (OpenBLAS when present, else WebAssembly SIMD).
  */
-import type { Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, hostArray } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
+import { attentionBackward, attentionForward } from './attention.js';
 import { gemm, gemmInfo } from './gemm.js';
 
 type Arr = HostArray;
@@ -292,6 +293,14 @@ export class CpuBackend implements Backend {
     else out.set(x as ArrayLike<number>);
     void from;
     return out;
+  }
+  attentionForward(q: unknown, k: unknown, v: unknown, job: AttentionJob, dtype: DType): { out: Arr; lse: Arr } {
+    return attentionForward(q, k, v, job, dtype);
+  }
+  attentionBackward(
+    q: unknown, k: unknown, v: unknown, out: unknown, lse: unknown, dout: unknown, job: AttentionJob, dtype: DType,
+  ): { dq: Arr; dk: Arr; dv: Arr } {
+    return attentionBackward(q, k, v, out, lse, dout, job, dtype);
   }
 }
 

@@ -1,0 +1,117 @@
+/**
+ * Causal (optionally sliding-window) scaled dot-product attention: a fused op whose backend kernels
+ * visit only the visible band of keys, and the composite definition it must agree with. The
+ * composite is the truth (DESIGN.md): it defines the semantics, the tests compare against it, and
+ * the op's backward falls back to it whenever that backward will itself be differentiated.
+ */
+import { vjp } from './autodiff.js';
+import type { AttentionJob } from './backend.js';
+import { isFloat } from './dtype.js';
+import { add, div, matmul, softmax, tensor } from './ops.js';
+import { fromData, isTracked, record } from './runtime.js';
+import { fmt, sizeOf } from './shape.js';
+import type { Tensor } from './tensor.js';
+
+export interface AttentionOptions {
+  /** Absolute position of query row 0 (row i is at qStart + i). */
+  qStart: number;
+  /** Absolute position of key row 0. */
+  kStart: number;
+  /** Sliding window: a query sees keys less than `window` positions back. Undefined: plain causal. */
+  window?: number;
+}
+
+/** Whether a query at absolute position `qPos` sees the key at `kPos`. */
+export function isVisible(qPos: number, kPos: number, window: number | undefined): boolean {
+  return kPos <= qPos && (window === undefined || qPos - kPos < window);
+}
+
+/**
+ * Validates shapes and positions and describes the problem for the kernels. Throws when some query
+ * would see no key: a softmax over nothing has no meaning, and the composite would silently spread
+ * the weight over invisible keys instead.
+ */
+function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): AttentionJob {
+  const { qStart, kStart, window } = opts;
+  for (const t of [q, k, v]) {
+    if (t.backend !== q.backend) throw new Error(`${op}: q, k and v live on different backends`);
+    if (t.dtype !== q.dtype) throw new Error(`${op}: dtype mismatch (q ${q.dtype}, k ${k.dtype}, v ${v.dtype})`);
+  }
+  if (!isFloat(q.dtype)) throw new Error(`${op}: needs floating-point tensors, got ${q.dtype}`);
+  if (q.rank < 2) throw new Error(`${op}: q needs rank >= 2 ([..., Tq, D]), got ${fmt(q.shape)}`);
+  const lead = q.shape.slice(0, -2);
+  const [tq, d] = q.shape.slice(-2);
+  const tk = k.shape[k.rank - 2];
+  if (k.rank !== q.rank || k.shape.some((s, i) => (i === k.rank - 2 ? false : s !== q.shape[i])) || fmt(v.shape) !== fmt(k.shape)) {
+    throw new Error(`${op}: expected q [..., Tq, D] and k, v [..., Tk, D] with the same leading axes, got q ${fmt(q.shape)}, k ${fmt(k.shape)}, v ${fmt(v.shape)}`);
+  }
+  if (!Number.isInteger(qStart) || !Number.isInteger(kStart)) throw new Error(`${op}: qStart and kStart must be integers, got ${qStart} and ${kStart}`);
+  if (window !== undefined && !(Number.isInteger(window) && window >= 1)) throw new Error(`${op}: window must be a positive integer, got ${window}`);
+  if (tq > 0) {
+    // Visibility only shrinks at the ends: the first query is the one that can precede every key,
+    // the last the one whose window can have slid past every key.
+    const first = qStart;
+    const last = qStart + tq - 1;
+    if (tk === 0 || first < kStart || (window !== undefined && last - (kStart + tk - 1) >= window)) {
+      throw new Error(
+        `${op}: some query sees no key (queries at positions ${first}..${last}, keys at ${kStart}..${kStart + tk - 1}, ` +
+          `window ${window ?? 'none'}); every query needs at least one visible key`,
+      );
+    }
+  }
+  return { batch: sizeOf(lead), tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
+}
+
+/** The band as data: an additive bias [Tq, Tk] of 0 (visible) or -1e9 (hidden). */
+export function attentionBandBias(tq: number, tk: number, opts: AttentionOptions, dtype: Tensor['dtype']): Tensor {
+  const bias = new Float64Array(tq * tk);
+  for (let i = 0; i < tq; i++) {
+    for (let j = 0; j < tk; j++) bias[i * tk + j] = isVisible(opts.qStart + i, opts.kStart + j, opts.window) ? 0 : -1e9;
+  }
+  return tensor(bias, [tq, tk], dtype);
+}
+
+/**
+ * The definition: softmax(q kᵀ / √D + bias) v over dense [Tq, Tk] scores, from differentiable ops
+ * only (so it can be differentiated to any order).
+ */
+export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  const job = attentionJob('compositeAttention', q, k, v, opts);
+  const scores = add(div(matmul(q, k, { transB: true }), Math.sqrt(job.d)), attentionBandBias(job.tq, job.tk, opts, q.dtype));
+  return matmul(softmax(scores, -1), v);
+}
+
+/**
+ * Causal attention with scale 1/√D, q [..., Tq, D] and k, v [..., Tk, D] → [..., Tq, D]; query i is
+ * at position qStart + i and sees key j (at kStart + j) iff that key is not in its future and, with
+ * a window, fewer than `window` positions back. Same values as `compositeAttention`, but the kernels
+ * only touch the visible band and keep no [Tq, Tk] tensor.
+ */
+export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  const job = attentionJob('scaledDotAttention', q, k, v, opts);
+  const { dtype, backend } = q;
+  const r = backend.attentionForward(q.data, k.data, v.data, job, dtype);
+  const y = fromData(r.out, q.shape, dtype, backend);
+  if (!isTracked(q) && !isTracked(k) && !isTracked(v)) {
+    backend.free(r.lse, dtype, job.batch * job.tq);
+    return y;
+  }
+  const lse = fromData(r.lse, [job.batch, job.tq], dtype, backend);
+  record('scaledDotAttention', [q, k, v], [y], ([g], needs) => {
+    // The fused backward is a kernel, invisible to autodiff. When an outer trace will differentiate
+    // this backward pass (grad of grad, the TTT inner loop), take the cotangents from the composite
+    // definition instead: same values, built from ops that outer trace can record.
+    if (isTracked(q) || isTracked(k) || isTracked(v) || isTracked(y) || isTracked(g!)) {
+      const [, pullback] = vjp((a: Tensor, b: Tensor, c: Tensor) => compositeAttention(a, b, c, opts), q, k, v);
+      const cts = pullback(g!) as Tensor[];
+      return cts.map((c, i) => (needs[i] ? c : null));
+    }
+    const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g!.data, job, dtype);
+    return ([[d.dq, q], [d.dk, k], [d.dv, v]] as const).map(([data, like], i) => {
+      if (needs[i]) return fromData(data, like.shape, dtype, backend);
+      backend.free(data, dtype, like.size);
+      return null;
+    });
+  }, [lse]);
+  return y;
+}

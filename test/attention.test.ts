@@ -1,0 +1,162 @@
+/**
+ * The fused attention op against its composite definition: forward values (float64 and float32),
+ * first-order gradients (against the composite and central differences), and higher orders, where
+ * the op's backward must hand over to the composite so outer traces can differentiate it.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  type AttentionOptions, type DType, type Tensor, compositeAttention, grad, liveTensorCount, mul, scaledDotAttention, sum, tanh,
+  tidy, valueAndGrad,
+} from '../src/index.js';
+import { assertClose, checkGrad, checkHvp, directional, project, rn } from './helpers/check.js';
+
+interface Case {
+  name: string;
+  lead: number[];
+  tq: number;
+  tk: number;
+  d: number;
+  opts: AttentionOptions;
+}
+
+const CASES: Case[] = [
+  { name: 'causal, no window', lead: [2, 3], tq: 7, tk: 7, d: 8, opts: { qStart: 0, kStart: 0 } },
+  { name: 'window 1 (each query sees itself)', lead: [2, 3], tq: 7, tk: 7, d: 8, opts: { qStart: 0, kStart: 0, window: 1 } },
+  { name: 'window smaller than Tq', lead: [2, 2], tq: 9, tk: 9, d: 4, opts: { qStart: 0, kStart: 0, window: 3 } },
+  { name: 'window larger than Tq', lead: [1, 3], tq: 6, tk: 6, d: 8, opts: { qStart: 0, kStart: 0, window: 20 } },
+  { name: 'KV cache (kStart < qStart), window', lead: [2, 2], tq: 5, tk: 9, d: 8, opts: { qStart: 14, kStart: 10, window: 4 } },
+  { name: 'KV cache (kStart < qStart), no window', lead: [2, 2], tq: 5, tk: 9, d: 8, opts: { qStart: 14, kStart: 10 } },
+  { name: 'decode (Tq = 1), window', lead: [3, 2], tq: 1, tk: 8, d: 8, opts: { qStart: 20, kStart: 13, window: 5 } },
+  { name: 'decode (Tq = 1), no window', lead: [3, 2], tq: 1, tk: 8, d: 8, opts: { qStart: 20, kStart: 13 } },
+  { name: 'keys only from the past (no self key)', lead: [2, 1], tq: 3, tk: 6, d: 4, opts: { qStart: 30, kStart: 24, window: 9 } },
+  { name: 'rank 3, head dim 1', lead: [4], tq: 5, tk: 5, d: 1, opts: { qStart: 3, kStart: 3, window: 2 } },
+];
+
+function inputs(c: Case, seed: number, dtype: DType = 'float64'): [Tensor, Tensor, Tensor] {
+  return [rn(seed, [...c.lead, c.tq, c.d], dtype), rn(seed + 1, [...c.lead, c.tk, c.d], dtype), rn(seed + 2, [...c.lead, c.tk, c.d], dtype)];
+}
+
+const fused = (c: Case) => (q: Tensor, k: Tensor, v: Tensor) => scaledDotAttention(q, k, v, c.opts);
+const composite = (c: Case) => (q: Tensor, k: Tensor, v: Tensor) => compositeAttention(q, k, v, c.opts);
+
+describe('scaledDotAttention forward = composite', () => {
+  for (const c of CASES) {
+    test(c.name, () => {
+      const x64 = inputs(c, 1);
+      assertClose(fused(c)(...x64), composite(c)(...x64), { rtol: 1e-12, atol: 1e-12, msg: 'float64' });
+      const x32 = inputs(c, 1, 'float32');
+      const y32 = fused(c)(...x32);
+      assert.equal(y32.dtype, 'float32');
+      assertClose(y32, composite(c)(...x32), { rtol: 1e-5, atol: 1e-5, msg: 'float32' });
+      // float32 kernels accumulate in double: closer to the float64 truth than to float32 rounding
+      assertClose(y32, composite(c)(...x64), { rtol: 1e-5, atol: 1e-5, msg: 'float32 vs float64' });
+    });
+  }
+
+  test('large scores stay finite (per-row max subtraction)', () => {
+    const c = CASES[0];
+    const [q, k, v] = inputs(c, 5);
+    const big = mul(q, 300);
+    const y = fused(c)(big, k, v);
+    assert.ok(y.toArray().every(Number.isFinite));
+    assertClose(y, composite(c)(big, k, v), { rtol: 1e-9, atol: 1e-9 });
+  });
+
+  test('a query that sees no key is an error, as are mismatched shapes', () => {
+    const q = rn(1, [1, 1, 3, 4]);
+    const k = rn(2, [1, 1, 3, 4]);
+    assert.throws(() => scaledDotAttention(q, k, k, { qStart: 0, kStart: 1 }), /some query sees no key/);
+    assert.throws(() => scaledDotAttention(q, k, k, { qStart: 10, kStart: 0, window: 8 }), /some query sees no key/);
+    assert.throws(() => scaledDotAttention(q, rn(3, [1, 1, 0, 4]), rn(3, [1, 1, 0, 4]), { qStart: 0, kStart: 0 }), /some query sees no key/);
+    assert.throws(() => compositeAttention(q, k, k, { qStart: 0, kStart: 1 }), /some query sees no key/);
+    assert.throws(() => scaledDotAttention(q, k, k, { qStart: 0, kStart: 0, window: 0 }), /window must be a positive integer/);
+    assert.throws(() => scaledDotAttention(q, rn(4, [1, 2, 3, 4]), rn(4, [1, 2, 3, 4]), { qStart: 0, kStart: 0 }), /same leading axes/);
+    assert.throws(() => scaledDotAttention(q, k, rn(5, [1, 1, 3, 5]), { qStart: 0, kStart: 0 }), /same leading axes/);
+    assert.throws(() => scaledDotAttention(q, rn(6, [1, 1, 3, 4], 'float32'), k, { qStart: 0, kStart: 0 }), /dtype mismatch/);
+  });
+});
+
+/** f(q, k, v) = sum(tanh(attn(q, k, v)) * R): a non-constant cotangent reaches the op. */
+function loss(op: (q: Tensor, k: Tensor, v: Tensor) => Tensor, x: Tensor[], seed = 77) {
+  return project(op, x, seed, 'tanh');
+}
+
+describe('scaledDotAttention gradients', () => {
+  for (const c of CASES) {
+    test(`${c.name}: fused backward = composite backward`, () => {
+      for (const dtype of ['float64', 'float32'] as const) {
+        const x = inputs(c, 11, dtype);
+        const gf = grad(loss(fused(c), x), [0, 1, 2])(...x) as Tensor[];
+        const gc = grad(loss(composite(c), x), [0, 1, 2])(...x) as Tensor[];
+        const tol = dtype === 'float64' ? 1e-11 : 2e-5;
+        gf.forEach((g, i) => assertClose(g, gc[i], { rtol: tol, atol: tol, msg: `${dtype} d${'qkv'[i]}` }));
+      }
+    });
+  }
+
+  for (const c of [CASES[2], CASES[4], CASES[6]]) {
+    test(`${c.name}: central differences`, () => {
+      const x = inputs(c, 21).map((t) => mul(t, 0.7));
+      checkGrad(loss(fused(c), x), x, { label: c.name });
+    });
+  }
+
+  test('only the requested cotangents are returned', () => {
+    const c = CASES[4];
+    const [q, k, v] = inputs(c, 31);
+    const gv = grad((vv: Tensor) => sum(fused(c)(q, k, vv)))(v);
+    const gvc = grad((vv: Tensor) => sum(composite(c)(q, k, vv)))(v);
+    assertClose(gv, gvc, { rtol: 1e-12, atol: 1e-12 });
+  });
+
+  test('no tensors outlive a tidy gradient step', () => {
+    const c = CASES[0];
+    const x = inputs(c, 41);
+    const f = loss(fused(c), x);
+    const before = liveTensorCount();
+    tidy(() => {
+      valueAndGrad(f, { argnums: [0, 1, 2] })(...x);
+    });
+    assert.equal(liveTensorCount(), before);
+  });
+});
+
+describe('scaledDotAttention higher orders (backward through the composite)', () => {
+  for (const c of [CASES[2], CASES[4], CASES[6], CASES[1]]) {
+    test(`${c.name}: Hessian-vector product = composite's, and = finite differences`, () => {
+      const x = inputs(c, 51).map((t) => mul(t, 0.7));
+      const vs = inputs(c, 61);
+      const hf = grad(directional(loss(fused(c), x), vs), [0, 1, 2])(...x) as Tensor[];
+      const hc = grad(directional(loss(composite(c), x), vs), [0, 1, 2])(...x) as Tensor[];
+      hf.forEach((h, i) => assertClose(h, hc[i], { rtol: 1e-10, atol: 1e-10, msg: `H v, block ${'qkv'[i]}` }));
+      checkHvp(loss(fused(c), x), x, { label: c.name });
+    });
+  }
+
+  test('an outer trace through the cotangent alone (q, k, v constant for it)', () => {
+    const c = CASES[4];
+    const [q, k, v] = inputs(c, 71);
+    const w0 = rn(72, [...c.lead, c.tq, c.d]);
+    // d/dw of <grad_q sum(attn(q,k,v) * w), u>: only the cotangent w is tracked by the outer trace
+    const u = rn(73, [...c.lead, c.tq, c.d]);
+    const outer = (op: (a: Tensor, b: Tensor, cc: Tensor) => Tensor) => (w: Tensor) =>
+      sum(mul(grad((qq: Tensor) => sum(mul(tanh(op(qq, k, v)), w)))(q), u));
+    assertClose(grad(outer(fused(c)))(w0), grad(outer(composite(c)))(w0), { rtol: 1e-10, atol: 1e-10 });
+  });
+
+  test('third order on a tiny case', () => {
+    const c: Case = { name: 'tiny', lead: [1, 2], tq: 3, tk: 4, d: 2, opts: { qStart: 5, kStart: 3, window: 3 } };
+    const x = inputs(c, 81).map((t) => mul(t, 0.8));
+    const v1 = inputs(c, 82);
+    const v2 = inputs(c, 83);
+    const third = (op: (a: Tensor, b: Tensor, cc: Tensor) => Tensor) => {
+      const f = loss(op, x);
+      return grad(directional(directional(f, v1), v2), [0, 1, 2])(...x) as Tensor[];
+    };
+    const tf = third(fused(c));
+    const tc = third(composite(c));
+    tf.forEach((t, i) => assertClose(t, tc[i], { rtol: 1e-9, atol: 1e-10, msg: `third order, block ${'qkv'[i]}` }));
+    assert.ok(tf.some((t) => t.toArray().some((z) => Math.abs(z) > 1e-3)), 'third derivative is not trivially zero');
+  });
+});
