@@ -3,9 +3,12 @@
  */
 import { z } from 'zod';
 
-export const VARIANTS = ['e2e', 'naive', 'swa', 'full', 'hybrid'] as const;
+/** The paper's model and its baselines (SPEC §5). The last four swap the sequence mixer in every layer. */
+export const VARIANTS = ['e2e', 'naive', 'swa', 'full', 'hybrid', 'kvb-linear', 'kvb-mlp', 'mamba2', 'gated-deltanet'] as const;
 export type Variant = (typeof VARIANTS)[number];
 export type AttentionKind = 'full' | 'swa';
+/** A layer's sequence mixer: attention of a kind, or a baseline's mixer (named like its variant). */
+export type MixerKind = AttentionKind | 'kvb-linear' | 'kvb-mlp' | 'mamba2' | 'gated-deltanet';
 
 const configSchema = z
   .object({
@@ -28,6 +31,8 @@ const configSchema = z
     qkNorm: z.boolean().default(true),
     /** No attention sub-layers at all: only MLPs (the toy setting of SPEC §6.7). */
     attentionFree: z.boolean().default(false),
+    /** Options of a baseline's sequence mixer (state size, conv width, inner mini-batch, ...); see src/model/mixers/. */
+    mixer: z.record(z.unknown()).default({}),
     initStd: z.number().positive().default(0.02),
     /** Test-time training (e2e and naive). */
     suffixLen: z.number().int().nonnegative().optional(),
@@ -68,15 +73,19 @@ export function makeConfig(input: ModelConfigInput): ModelConfig {
   return { ...c, suffixLen };
 }
 
-/** Attention kind of each layer. */
-export function layerKinds(c: ModelConfig): AttentionKind[] {
+/** The sequence mixer of each layer. */
+export function layerKinds(c: ModelConfig): MixerKind[] {
   switch (c.variant) {
     case 'full':
       return Array(c.nLayers).fill('full');
     case 'hybrid':
       return c.layerPattern ?? Array.from({ length: c.nLayers }, (_, i) => (i % 4 === 3 ? 'full' : 'swa'));
-    default:
+    case 'e2e':
+    case 'naive':
+    case 'swa':
       return Array(c.nLayers).fill('swa');
+    default:
+      return Array(c.nLayers).fill(c.variant);
   }
 }
 

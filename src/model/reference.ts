@@ -71,14 +71,14 @@ export function referenceNames(c: ModelConfig): Map<string, { name: string; inde
   map.set('embed', { name: '.language_model.model.wte.weight' });
   map.set('finalNorm', { name: '.language_model.model.ln_f.weight' });
   const perBlock: Record<string, string> = {
-    attnNorm: 'seq_norm.weight',
-    attnPostNorm: 'seq_post_norm.weight',
-    'attn.wq': 'seq_modeling_block.wq.weight',
-    'attn.wk': 'seq_modeling_block.wk.weight',
-    'attn.wv': 'seq_modeling_block.wv.weight',
-    'attn.wo': 'seq_modeling_block.wo.weight',
-    'attn.qNorm': 'seq_modeling_block.q_norm.weight',
-    'attn.kNorm': 'seq_modeling_block.k_norm.weight',
+    seqNorm: 'seq_norm.weight',
+    seqPostNorm: 'seq_post_norm.weight',
+    'seq.wq': 'seq_modeling_block.wq.weight',
+    'seq.wk': 'seq_modeling_block.wk.weight',
+    'seq.wv': 'seq_modeling_block.wv.weight',
+    'seq.wo': 'seq_modeling_block.wo.weight',
+    'seq.qNorm': 'seq_modeling_block.q_norm.weight',
+    'seq.kNorm': 'seq_modeling_block.k_norm.weight',
     mlpNorm: 'ffn_norm.weight',
     mlpPostNorm: 'ffn_post_norm.weight',
     'mlp.w1': 'feed_forward.w1.weight',
@@ -121,15 +121,15 @@ export function paramsFromReference(c: ModelConfig, arrays: Record<string, RefAr
     embed: get('embed'),
     finalNorm: get('finalNorm'),
     blocks: Array.from({ length: c.nLayers }, (_, l) => ({
-      attnNorm: get(`blocks.${l}.attnNorm`),
-      attnPostNorm: get(`blocks.${l}.attnPostNorm`),
-      attn: {
-        wq: get(`blocks.${l}.attn.wq`),
-        wk: get(`blocks.${l}.attn.wk`),
-        wv: get(`blocks.${l}.attn.wv`),
-        wo: get(`blocks.${l}.attn.wo`),
-        qNorm: get(`blocks.${l}.attn.qNorm`),
-        kNorm: get(`blocks.${l}.attn.kNorm`),
+      seqNorm: get(`blocks.${l}.seqNorm`),
+      seqPostNorm: get(`blocks.${l}.seqPostNorm`),
+      seq: {
+        wq: get(`blocks.${l}.seq.wq`),
+        wk: get(`blocks.${l}.seq.wk`),
+        wv: get(`blocks.${l}.seq.wv`),
+        wo: get(`blocks.${l}.seq.wo`),
+        qNorm: get(`blocks.${l}.seq.qNorm`),
+        kNorm: get(`blocks.${l}.seq.kNorm`),
       },
       mlpNorm: get(`blocks.${l}.mlpNorm`),
       mlpPostNorm: get(`blocks.${l}.mlpPostNorm`),
@@ -144,7 +144,7 @@ export function paramsFromReference(c: ModelConfig, arrays: Record<string, RefAr
   };
 }
 
-/** Named tensors of a params-shaped tree: 'blocks.0.attn.wq' → tensor. */
+/** Named tensors of a params-shaped tree: 'blocks.0.seq.wq' → tensor. */
 export function namedLeaves(tree: unknown, prefix = ''): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
   const visit = (t: unknown, path: string): void => {

@@ -13,7 +13,8 @@ import {
 import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
 import type { ModelConfig } from './config.js';
 import { miniBatchStep, perSequence } from './ttt-e2e.js';
-import { type FastWeights, type KvCache, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
+import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
+import type { MixerState } from './mixers/index.js';
 import { namedLeaves } from './reference.js';
 
 export interface SamplingOptions {
@@ -28,8 +29,8 @@ export interface SamplingOptions {
 interface State {
   /** Positions read so far. */
   position: number;
-  /** Per-layer KV caches (null before the first token). */
-  caches: (KvCache | null)[];
+  /** Per-layer mixer states: KV caches for attention, recurrent states for the baselines (null before the first token). */
+  caches: (MixerState | null)[];
   /** Current fast weights (batch axis of 1). */
   fast: FastWeights;
   /** First position of the mini-batch not yet learned from. */
@@ -38,7 +39,7 @@ interface State {
   pendingX: Tensor | null;
   pendingTokens: number[];
   /** Suffix caches as they were at chunkStart (the inner step recomputes the mini-batch from them). */
-  chunkCaches: (KvCache | null)[];
+  chunkCaches: (MixerState | null)[];
   /** Log-probabilities of the next token, from the last position read [V]. */
   nextLogProbs: Tensor | null;
 }
@@ -169,7 +170,7 @@ export class Session {
       const logp = logSoftmax(reshape(logits(c, this.params, suffix.x), [tokens.length, c.vocabSize]));
       const pendingX = c.suffixLen > 0 ? (s.pendingX ? concat([s.pendingX, prefix.x], 1) : prefix.x) : null;
       const last = reshape(slice(logp, [tokens.length - 1, 0]), [c.vocabSize]);
-      return { logp, caches: [...prefix.caches, ...suffix.caches], pendingX, last };
+      return { logp, caches: [...prefix.states, ...suffix.states], pendingX, last };
     });
     const lp = r.logp.toTyped();
     const nll = [firstNll, ...tokens.slice(1).map((t, j) => -lp[j * c.vocabSize + t])];
@@ -206,19 +207,17 @@ export class Session {
         for (const k of ['w1', 'w2', 'w3'] as const) put(`fast_delta.${j}.${k}`, sub(w[k], reshape(this.params.fast[j][k], w[k].shape)));
       });
     });
-    const starts: Record<string, number> = {};
-    s.caches.forEach((kv, l) => {
-      if (!kv) return;
-      put(`cache.${l}.k`, kv.k);
-      put(`cache.${l}.v`, kv.v);
-      starts[`cache.${l}`] = kv.start;
+    // Mixer states: tensors as tensors, plain numbers (cache start positions) in the metadata.
+    const numbers: Record<string, number> = {};
+    const putStates = (prefix: string, states: (MixerState | null)[]) => states.forEach((st, l) => {
+      if (!st) return;
+      for (const [k, v] of Object.entries(st)) {
+        if (typeof v === 'number') numbers[`${prefix}.${l}.${k}`] = v;
+        else put(`${prefix}.${l}.${k}`, v);
+      }
     });
-    s.chunkCaches.forEach((kv, j) => {
-      if (!kv) return;
-      put(`chunk_cache.${j}.k`, kv.k);
-      put(`chunk_cache.${j}.v`, kv.v);
-      starts[`chunk_cache.${j}`] = kv.start;
-    });
+    putStates('state', s.caches);
+    putStates('chunk_state', s.chunkCaches);
     if (s.pendingX) put('pending_x', s.pendingX);
     if (s.nextLogProbs) put('next_log_probs', s.nextLogProbs);
     writeSafetensors(path, tensors, {
@@ -227,7 +226,7 @@ export class Session {
       tokens_read: String(s.position),
       chunk_start: String(s.chunkStart),
       pending_tokens: JSON.stringify(s.pendingTokens),
-      cache_starts: JSON.stringify(starts),
+      state_numbers: JSON.stringify(numbers),
     });
   }
 
@@ -244,13 +243,17 @@ export class Session {
       if (!t) throw new Error(`${path}: missing tensor ${name}`);
       return tensor(t.data, t.shape, t.dtype === 'float64' || t.dtype === 'float32' ? dt : t.dtype);
     };
-    const starts = JSON.parse(metadata.cache_starts) as Record<string, number>;
-    const cacheOf = (prefix: string): KvCache | null =>
-      tensors.has(`${prefix}.k`) ? { k: get(`${prefix}.k`), v: get(`${prefix}.v`), start: starts[prefix] } : null;
+    const numbers = JSON.parse(metadata.state_numbers ?? '{}') as Record<string, number>;
+    const stateOf = (prefix: string): MixerState | null => {
+      const st: Record<string, Tensor | number> = {};
+      for (const name of tensors.keys()) if (name.startsWith(`${prefix}.`)) st[name.slice(prefix.length + 1)] = get(name);
+      for (const [name, v] of Object.entries(numbers)) if (name.startsWith(`${prefix}.`)) st[name.slice(prefix.length + 1)] = v;
+      return Object.keys(st).length ? st : null;
+    };
     const c = this.config;
     const next: State = tidy(() => ({
       position: Number(metadata.tokens_read),
-      caches: range(0, c.nLayers).map((l) => cacheOf(`cache.${l}`)),
+      caches: range(0, c.nLayers).map((l) => stateOf(`state.${l}`)),
       fast: this.params.fast.map((w0, j) => {
         const f = (k: 'w1' | 'w2' | 'w3') => add(reshape(w0[k], [1, ...w0[k].shape]), get(`fast_delta.${j}.${k}`));
         return { w1: f('w1'), w2: f('w2'), w3: f('w3') };
@@ -258,7 +261,7 @@ export class Session {
       chunkStart: Number(metadata.chunk_start),
       pendingX: tensors.has('pending_x') ? get('pending_x') : null,
       pendingTokens: JSON.parse(metadata.pending_tokens) as number[],
-      chunkCaches: range(0, c.suffixLen).map((j) => cacheOf(`chunk_cache.${j}`)),
+      chunkCaches: range(0, c.suffixLen).map((j) => stateOf(`chunk_state.${j}`)),
       nextLogProbs: tensors.has('next_log_probs') ? get('next_log_probs') : null,
     }));
     this.commit(next);

@@ -13,8 +13,9 @@ import {
 import type { MlpWeights } from '../nn/layers.js';
 import { tokenNll } from '../nn/layers.js';
 import { type ModelConfig } from './config.js';
+import type { MixerState } from './mixers/index.js';
 import {
-  type FastWeights, type KvCache, type Params, embed, logits, range, runBlocks, suffixStart,
+  type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart,
 } from './transformer.js';
 
 export interface InnerLoopOptions {
@@ -60,7 +61,7 @@ interface StepOut {
   loss: Tensor;
   nll: Tensor;
   fast: FastWeights;
-  caches: (KvCache | null)[];
+  caches: (MixerState | null)[];
 }
 
 /**
@@ -69,16 +70,16 @@ interface StepOut {
  * recompute it in the backward pass.
  */
 export function miniBatchStep(
-  c: ModelConfig, params: Params, fast: FastWeights, caches: (KvCache | null)[], x: Tensor, targets: Tensor,
+  c: ModelConfig, params: Params, fast: FastWeights, caches: (MixerState | null)[], x: Tensor, targets: Tensor,
   positions: number[], lr: number, mask?: Tensor, update = true,
 ): StepOut {
   const s = suffixStart(c);
-  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: (KvCache | null)[] }] => {
+  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: (MixerState | null)[] }] => {
     const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
     const nll = tokenNll(logits(c, params, r.x), targets);
     const perSeq = perSequenceLoss(nll, mask);
     // Summing over sequences keeps each sequence's gradient its own (W has a batch axis).
-    return [sum(perSeq), { nll, perSeq, caches: r.caches }];
+    return [sum(perSeq), { nll, perSeq, caches: r.states }];
   };
   if (!update || lr === 0) {
     const [, aux] = lossOf(fast);
@@ -118,10 +119,10 @@ export function innerLoop(
   const update = opts.update ?? true;
   // Checkpointed per mini-batch: the backward pass recomputes one mini-batch at a time, so memory
   // grows with b, not with T.
-  const step = checkpoint((p: Params, w: FastWeights, kv: (KvCache | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
+  const step = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
     miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, update));
   let fast = perSequence(params.fast, B);
-  let caches: (KvCache | null)[] = [];
+  let caches: (MixerState | null)[] = [];
   const losses: Tensor[] = [];
   const nlls: Tensor[] = [];
   for (const [lo, hi] of chunks) {

@@ -1,0 +1,5 @@
+/** Every sequence mixer, registered on import. */
+import './attention.js';
+
+export { type Mixer, type MixerInit, type MixerState, getMixer, registerMixer } from './registry.js';
+export type { KvCache } from './attention.js';
