@@ -115,6 +115,8 @@ describe('causality', () => {
     swa: cfg('swa', { nLayers: 3 }),
     full: cfg('full', { nLayers: 2 }),
     hybrid: cfg('hybrid', { nLayers: 4 }),
+    'kvb-linear': cfg('kvb-linear', { mixer: { miniBatch: 4 } }),
+    'kvb-mlp': cfg('kvb-mlp', { mixer: { miniBatch: 4 } }),
   };
   for (const v of Object.keys(configs) as Variant[]) {
     test(`${v}: NLL at positions <= t ignores tokens and targets after t`, () => {

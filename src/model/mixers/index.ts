@@ -1,5 +1,6 @@
 /** Every sequence mixer, registered on import. */
 import './attention.js';
+import './ttt-kvb.js';
 
 export { type Mixer, type MixerInit, type MixerState, getMixer, registerMixer } from './registry.js';
 export type { KvCache } from './attention.js';
