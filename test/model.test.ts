@@ -115,6 +115,7 @@ describe('causality', () => {
     swa: cfg('swa', { nLayers: 3 }),
     full: cfg('full', { nLayers: 2 }),
     hybrid: cfg('hybrid', { nLayers: 4 }),
+    mamba2: cfg('mamba2', { nLayers: 2, mixer: { headDim: 8, stateSize: 8 } }),
     'kvb-linear': cfg('kvb-linear', { mixer: { miniBatch: 4 } }),
     'kvb-mlp': cfg('kvb-mlp', { mixer: { miniBatch: 4 } }),
   };
