@@ -14,10 +14,10 @@ const dataDir = join(dir, 'data');
 prepareData({ source: 'synthetic', out: dataDir, tokenizer: 'byte', valFraction: 0.1, testFraction: 0.1, seed: 1, synthetic: { seed: 1, numDocs: 12, length: 300 } });
 const shards = loadShards(dataDir);
 
-async function run(name: string, steps: number, variant: 'e2e' | 'swa', resume = false, stopAfter?: number) {
+async function run(name: string, steps: number, variant: 'e2e' | 'swa', resume = false, stopAfter?: number, extra: Record<string, unknown> = {}) {
   const o = parseTrainOptions({
     name, variant, model: 'tiny', data: dataDir, seqLen: 32, batch: 2, steps, runsDir: join(dir, 'runs'),
-    checkpointEvery: 100, evalEvery: 2, modelOverrides: { window: 16, miniBatch: 8 },
+    checkpointEvery: 100, evalEvery: 2, modelOverrides: { window: 16, miniBatch: 8 }, ...extra,
   });
   const sampler = makeSampler(shards, 'train', { seqLen: 32, seed: 0 });
   const val = makeSampler(shards, 'val', { seqLen: 32, seed: 0 });
@@ -54,6 +54,17 @@ describe('training', () => {
     assert.ok(log[log.length - 1].loss < log[0].loss - 0.3, `loss ${log[0].loss} → ${log[log.length - 1].loss}`);
     const loaded = loadRun(join(dir, 'runs', 'learns'));
     assert.deepEqual([...namedLeaves(loaded.params)].map(([k, t]) => [k, Array.from(t.toTyped())]), r.values);
+  });
+
+  test('gradient accumulation: 2 micro-batches of 1 sequence = 1 batch of 2', async () => {
+    const whole = await run('accum-whole', 3, 'e2e', false, undefined, { batch: 2, gradAccum: 1 });
+    const accum = await run('accum-micro', 3, 'e2e', false, undefined, { batch: 1, gradAccum: 2 });
+    let worst = 0;
+    whole.values.forEach(([, v], i) => v.forEach((x, j) => (worst = Math.max(worst, Math.abs(x - accum.values[i][1][j])))));
+    assert.ok(worst < 1e-5, `params differ by ${worst}`);
+    const other = await run('accum-other', 3, 'e2e', false, undefined, { batch: 1, gradAccum: 1 });
+    const differs = whole.values.some(([, v], i) => v.some((x, j) => Math.abs(x - other.values[i][1][j]) > 1e-4));
+    assert.ok(differs, 'one micro-batch alone trains differently (the comparison can fail)');
   });
 
   test('clear errors: existing run without --resume, changed options on resume, corrupt checkpoint', async () => {

@@ -129,10 +129,11 @@ function objective(c: ModelConfig, p: Params, b: Batch, B: number, T: number, il
 }
 
 /** Mean masked token NLL at test time (the inner loop runs for TTT models). */
-export function evalLoss(c: ModelConfig, params: Params, batches: Batch[], B: number, T: number): number {
+export function evalLoss(c: ModelConfig, params: Params, batches: Batch[], T: number): number {
   let num = 0;
   let den = 0;
   for (const b of batches) {
+    const B = b.tokens.length / T;
     tidy(() => {
       const mask = tensor(b.mask, [B, T], params.embed.dtype);
       const nll = innerLoop(c, params, tensor(b.tokens, [B, T], 'int32'), tensor(b.targets, [B, T], 'int32'), { mask }).tokenNll;
@@ -208,7 +209,7 @@ export async function train(
     const rec: LogRecord = {
       step, loss, lr, gradNorm, tokensPerSec: (B * T * o.gradAccum) / ((performance.now() - stepStart) / 1000), elapsedSec: elapsed,
     };
-    if (o.evalEvery > 0 && (step % o.evalEvery === 0 || step === o.steps)) rec.valLoss = evalLoss(c, params, data.valBatches.slice(0, o.evalBatches), B, T);
+    if (o.evalEvery > 0 && (step % o.evalEvery === 0 || step === o.steps)) rec.valLoss = evalLoss(c, params, data.valBatches.slice(0, o.evalBatches), T);
     appendFileSync(files.log, `${JSON.stringify(rec)}\n`);
     opts.onStep?.(rec, o.steps);
     // Let the event loop run (signal handlers such as Ctrl-C, progress output) between steps.
