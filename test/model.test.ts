@@ -116,6 +116,7 @@ describe('causality', () => {
     full: cfg('full', { nLayers: 2 }),
     hybrid: cfg('hybrid', { nLayers: 4 }),
     mamba2: cfg('mamba2', { nLayers: 2, mixer: { headDim: 8, stateSize: 8 } }),
+    'gated-deltanet': cfg('gated-deltanet', { nLayers: 2, mixer: { chunkSize: 4 } }),
     'kvb-linear': cfg('kvb-linear', { mixer: { miniBatch: 4 } }),
     'kvb-mlp': cfg('kvb-mlp', { mixer: { miniBatch: 4 } }),
   };

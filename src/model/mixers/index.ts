@@ -1,5 +1,6 @@
 /** Every sequence mixer, registered on import. */
 import './attention.js';
+import './gated-deltanet.js';
 import './ttt-kvb.js';
 import './mamba2.js';
 
