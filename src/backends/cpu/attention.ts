@@ -8,6 +8,7 @@
 import type { AttentionJob } from '../../engine/backend.js';
 import { type DType, hostArray } from '../../engine/dtype.js';
 import { gemm } from './gemm.js';
+import { pool } from './pool.js';
 
 type FloatArray = Float32Array | Float64Array;
 
@@ -96,8 +97,9 @@ export function attentionForward(qd: unknown, kd: unknown, vd: unknown, job: Att
   const k = kd as FloatArray;
   const v = vd as FloatArray;
   const { batch, tq, tk, d } = job;
-  const out = hostArray(dtype, batch * tq * d) as FloatArray;
-  const lse = hostArray(dtype, batch * tq) as FloatArray;
+  // Outputs come from the backend's pool (every element is written below); scratch is ours.
+  const out = pool.alloc(dtype, batch * tq * d, false) as FloatArray;
+  const lse = pool.alloc(dtype, batch * tq, false) as FloatArray;
   const maxNk = Math.min(tk, BLOCK + job.window - 1);
   const p = hostArray(dtype, batch * BLOCK * maxNk) as FloatArray;
   const o = hostArray(dtype, batch * BLOCK * d) as FloatArray;
@@ -126,9 +128,9 @@ export function attentionBackward(
   const lse = lsed as FloatArray;
   const dO = dod as FloatArray;
   const { batch, tq, tk, d, scale } = job;
-  const dq = hostArray(dtype, batch * tq * d) as FloatArray;
-  const dk = hostArray(dtype, batch * tk * d) as FloatArray;
-  const dv = hostArray(dtype, batch * tk * d) as FloatArray;
+  const dq = pool.alloc(dtype, batch * tq * d, false) as FloatArray; // outputs: every element is written below
+  const dk = pool.alloc(dtype, batch * tk * d, false) as FloatArray;
+  const dv = pool.alloc(dtype, batch * tk * d, false) as FloatArray;
   const dkAcc = new Float64Array(batch * tk * d);
   const dvAcc = new Float64Array(batch * tk * d);
   const delta = new Float64Array(batch * tq);

@@ -1,15 +1,23 @@
 /**
- * The CPU backend: typed-array storage, elementwise loops generated once per op (one generator for
- * every unary, binary, compare and select kernel), and matrix products through ./gemm.ts
- * (OpenBLAS when present, else WebAssembly SIMD).
+ * The CPU backend: typed-array storage recycled through a pool (./pool.ts), elementwise loops
+ * generated once per op and array types (./elementwise.ts: one generator for every unary, binary,
+ * compare and select kernel), and matrix products through ./gemm.ts (OpenBLAS when present, else
+ * WebAssembly SIMD).
  */
 import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
-import { type DType, type HostArray, hostArray } from '../../engine/dtype.js';
+import type { DType, HostArray } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
+import { TYPE_TAG, makeFlatKernel, makeStridedKernel } from './elementwise.js';
 import { gemm, gemmInfo } from './gemm.js';
+import { pool } from './pool.js';
 
 type Arr = HostArray;
+
+/** Row accumulator of reduce(), grown as needed and reused. */
+let reduceAcc = new Float64Array(256);
+
+const TYPED = { float32: Float32Array, bfloat16: Float32Array, float64: Float64Array, int32: Int32Array, bool: Uint8Array } as const;
 
 const UNARY_EXPR: Record<UnaryOp, string> = {
   neg: '-x',
@@ -46,43 +54,6 @@ const COMPARE_EXPR: Record<CompareOp, string> = {
   ge: 'x >= y ? 1 : 0',
 };
 
-/**
- * Builds a kernel `(out, shape, strides[], ...inputs)` that walks a coalesced N-d index space
- * (innermost axis in a tight loop) and stores `expr` of the inputs x, y, z.
- */
-type StridedKernel = (out: Arr, shape: number[], strides: number[][], ...inputs: Arr[]) => void;
-function stridedKernel(arity: number, expr: string): StridedKernel {
-  const names = ['x', 'y', 'z'].slice(0, arity);
-  const src = `
-    const r = shape.length;
-    if (r === 0) { ${names.map((v, i) => `const ${v} = in${i}[0];`).join(' ')} out[0] = ${expr}; return; }
-    const n = shape[r - 1];
-    ${names.map((_, i) => `const s${i} = strides[${i}][r - 1];`).join(' ')}
-    const idx = new Array(r - 1).fill(0);
-    let rows = 1; for (let d = 0; d < r - 1; d++) rows *= shape[d];
-    let o = 0;
-    ${names.map((_, i) => `let b${i} = 0;`).join(' ')}
-    for (let row = 0; row < rows; row++) {
-      ${names.map((_, i) => `let p${i} = b${i};`).join(' ')}
-      for (let j = 0; j < n; j++) {
-        ${names.map((v, i) => `const ${v} = in${i}[p${i}]; p${i} += s${i};`).join(' ')}
-        out[o++] = ${expr};
-      }
-      for (let d = r - 2; d >= 0; d--) {
-        ${names.map((_, i) => `b${i} += strides[${i}][d];`).join(' ')}
-        if (++idx[d] < shape[d]) break;
-        ${names.map((_, i) => `b${i} -= strides[${i}][d] * shape[d];`).join(' ')}
-        idx[d] = 0;
-      }
-    }`;
-  const inner = new Function('out', 'shape', 'strides', ...names.map((_, i) => `in${i}`), src) as StridedKernel;
-  return inner;
-}
-
-function flatKernel(expr: string): (out: Arr, x: Arr) => void {
-  return new Function('out', 'a', `for (let i = 0, n = out.length; i < n; i++) { const x = a[i]; out[i] = ${expr}; }`) as (out: Arr, x: Arr) => void;
-}
-
 const cache = new Map<string, unknown>();
 function cached<T>(key: string, make: () => T): T {
   let k = cache.get(key) as T | undefined;
@@ -93,10 +64,16 @@ function cached<T>(key: string, make: () => T): T {
   return k;
 }
 
-/** Runs a strided kernel over inputs broadcast to `shape` (strides already computed by the engine). */
-function runStrided(key: string, expr: string, out: Arr, shape: number[], inputs: Arr[], strides: number[][]): void {
+/**
+ * Runs the strided kernel of `op` over inputs broadcast to `shape` (strides already computed by the
+ * engine); `types` tags the output and input array types, one kernel per combination.
+ */
+function runStrided(op: string, types: string, expr: string, out: Arr, shape: number[], inputs: Arr[], strides: number[][]): void {
   const c = coalesce(shape, strides);
-  cached(`${key}/${inputs.length}`, () => stridedKernel(inputs.length, expr))(out, c.shape, c.strides, ...inputs);
+  const k = cached(`${op}/${types}`, () => makeStridedKernel(inputs.length, expr, `k_${op}`, types));
+  if (inputs.length === 2) k(out, c.shape, c.strides, inputs[0], inputs[1]);
+  else if (inputs.length === 3) k(out, c.shape, c.strides, inputs[0], inputs[1], inputs[2]);
+  else k(out, c.shape, c.strides, inputs[0]);
 }
 
 function gemmJobFor(a: Arr, b: Arr, c: Arr, job: MatmulJob) {
@@ -107,50 +84,55 @@ export class CpuBackend implements Backend {
   readonly name = 'cpu';
 
   info(): Record<string, unknown> {
-    return { name: this.name, matmul: gemmInfo() };
+    return { name: this.name, matmul: gemmInfo(), pool: pool.stats() };
   }
   upload(values: HostArray, dtype: DType): Arr {
-    const out = hostArray(dtype, values.length);
+    const out = pool.alloc(dtype, values.length, false);
     out.set(values as ArrayLike<number>);
     return out;
   }
   download(data: unknown, dtype: DType, size: number): HostArray {
-    const out = hostArray(dtype, size);
+    // The caller owns the copy (it never comes back through free()); fresh, not from the pool.
+    const out = new (TYPED[dtype])(size);
     out.set(data as ArrayLike<number>);
     return out;
   }
-  free(): void {
-    // typed arrays belong to the garbage collector
+  free(data: unknown, dtype: DType, size: number): void {
+    pool.release(data, dtype, size);
   }
   fill(size: number, dtype: DType, value: number): Arr {
-    const out = hostArray(dtype, size);
+    const out = pool.alloc(dtype, size, value === 0);
     if (value !== 0) out.fill(value);
     return out;
   }
   unary(op: UnaryOp, x: unknown, size: number, dtype: DType): Arr {
-    const out = hostArray(dtype, size);
-    cached(`u/${op}`, () => flatKernel(UNARY_EXPR[op]))(out, x as Arr);
+    const out = pool.alloc(dtype, size, false);
+    const t = TYPE_TAG[dtype];
+    cached(`u/${op}/${t}`, () => makeFlatKernel(UNARY_EXPR[op], `k_${op}`, t))(out, x as Arr);
     return out;
   }
   binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {
-    const out = hostArray(dtype, sizeOf(shape));
+    const out = pool.alloc(dtype, sizeOf(shape), false);
     const intExpr = dtype === 'int32' ? INT_BINARY_EXPR[op] : undefined;
-    runStrided(`b/${op}/${intExpr ? 'i' : 'f'}`, intExpr ?? BINARY_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
+    const t = TYPE_TAG[dtype];
+    runStrided(`b_${op}${intExpr ? '_i' : ''}`, `${t}_${t}_${t}`, intExpr ?? BINARY_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
     return out;
   }
-  compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[]): Arr {
-    const out = new Uint8Array(sizeOf(shape));
-    runStrided(`c/${op}`, COMPARE_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
+  compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {
+    const out = pool.alloc('bool', sizeOf(shape), false);
+    const t = TYPE_TAG[dtype];
+    runStrided(`c_${op}`, `u8_${t}_${t}`, COMPARE_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
     return out;
   }
   where(c: unknown, sc: number[], a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {
-    const out = hostArray(dtype, sizeOf(shape));
-    runStrided('where', 'x ? y : z', out, shape, [c as Arr, a as Arr, b as Arr], [sc, sa, sb]);
+    const out = pool.alloc(dtype, sizeOf(shape), false);
+    const t = TYPE_TAG[dtype];
+    runStrided('where', `${t}_u8_${t}_${t}`, 'x ? y : z', out, shape, [c as Arr, a as Arr, b as Arr], [sc, sa, sb]);
     return out;
   }
   reduce(op: ReduceOp, xd: unknown, outer: number, n: number, inner: number, dtype: DType): Arr {
     const x = xd as Arr;
-    const out = hostArray(dtype, outer * inner);
+    const out = pool.alloc(dtype, outer * inner, false);
     const init = op === 'sum' ? 0 : op === 'max' ? -Infinity : Infinity;
     for (let o = 0; o < outer; o++) {
       const base = o * n * inner;
@@ -163,7 +145,8 @@ export class CpuBackend implements Backend {
         out[o] = acc;
         continue;
       }
-      const acc = new Float64Array(inner).fill(init);
+      if (reduceAcc.length < inner) reduceAcc = new Float64Array(inner);
+      const acc = reduceAcc.subarray(0, inner).fill(init);
       for (let r = 0; r < n; r++) {
         const row = base + r * inner;
         if (op === 'sum') for (let i = 0; i < inner; i++) acc[i] += x[row + i];
@@ -176,7 +159,7 @@ export class CpuBackend implements Backend {
   }
   softmax(xd: unknown, outer: number, n: number, dtype: DType): Arr {
     const x = xd as Arr;
-    const out = hostArray(dtype, outer * n);
+    const out = pool.alloc(dtype, outer * n, false);
     for (let o = 0; o < outer; o++) {
       const base = o * n;
       let m = -Infinity;
@@ -195,7 +178,7 @@ export class CpuBackend implements Backend {
   }
   logsumexp(xd: unknown, outer: number, n: number, dtype: DType): Arr {
     const x = xd as Arr;
-    const out = hostArray(dtype, outer);
+    const out = pool.alloc(dtype, outer, false);
     for (let o = 0; o < outer; o++) {
       const base = o * n;
       let m = -Infinity;
@@ -212,7 +195,7 @@ export class CpuBackend implements Backend {
   }
   cumsum(xd: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): Arr {
     const x = xd as Arr;
-    const out = hostArray(dtype, outer * n * inner);
+    const out = pool.alloc(dtype, outer * n * inner, false);
     const acc = new Float64Array(inner);
     for (let o = 0; o < outer; o++) {
       acc.fill(0);
@@ -225,7 +208,7 @@ export class CpuBackend implements Backend {
     return out;
   }
   matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): Arr {
-    const c = hostArray(dtype, job.batch * job.m * job.n);
+    const c = pool.alloc(dtype, job.batch * job.m * job.n, false); // gemm overwrites all of c
     gemm(gemmJobFor(a as Arr, b as Arr, c, job));
     return c;
   }
@@ -246,8 +229,15 @@ export class CpuBackend implements Backend {
     let bs = srcOffset;
     let bd = dstOffset;
     for (let row = 0; row < rows; row++) {
-      if (s0 === 1 && d0 === 1) d.set(s.subarray(bs, bs + n) as never, bd);
-      else for (let j = 0, ps = bs, pd = bd; j < n; j++, ps += s0, pd += d0) d[pd] = s[ps];
+      if (s0 === 1 && d0 === 1) {
+        // A subarray view per row costs more than a short loop.
+        if (n >= 64) d.set(s.subarray(bs, bs + n) as never, bd);
+        else for (let j = 0; j < n; j++) d[bd + j] = s[bs + j];
+      } else if (s0 === 0 && d0 === 1) {
+        d.fill(s[bs], bd, bd + n); // a broadcast row: one value (same dtype, so the same bits)
+      } else {
+        for (let j = 0, ps = bs, pd = bd; j < n; j++, ps += s0, pd += d0) d[pd] = s[ps];
+      }
       for (let k = r - 2; k >= 0; k--) {
         bs += c.strides[0][k];
         bd += c.strides[1][k];
@@ -262,7 +252,7 @@ export class CpuBackend implements Backend {
     const x = xd as Arr;
     const idx = idxd as Int32Array;
     checkRange('gather', idx, n);
-    const out = hostArray(dtype, outer * count * inner);
+    const out = pool.alloc(dtype, outer * count * inner, false);
     for (let o = 0; o < outer; o++) {
       for (let j = 0; j < count; j++) {
         const from = (o * n + idx[j]) * inner;
@@ -287,7 +277,7 @@ export class CpuBackend implements Backend {
   }
   cast(xd: unknown, size: number, from: DType, to: DType): Arr {
     const x = xd as Arr;
-    const out = hostArray(to, size);
+    const out = pool.alloc(to, size, false);
     if (to === 'bool') for (let i = 0; i < size; i++) out[i] = x[i] !== 0 ? 1 : 0;
     else if (to === 'int32') for (let i = 0; i < size; i++) out[i] = Math.trunc(x[i]);
     else out.set(x as ArrayLike<number>);
