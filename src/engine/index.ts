@@ -1,8 +1,11 @@
 import './methods.js';
 import { CpuBackend } from '../backends/cpu/backend.js';
+import { CudaBackend } from '../backends/cuda/backend.js';
 import { registerBackend } from './runtime.js';
 
 registerBackend('cpu', () => new CpuBackend());
+// Lazy: koffi and the CUDA libraries load only when 'cuda' is chosen (setBackend / TTT_DEVICE).
+registerBackend('cuda', () => new CudaBackend());
 
 export * from './ops.js';
 export * from './autodiff.js';

@@ -1,0 +1,556 @@
+/**
+ * The CUDA backend: device memory from a caching allocator, kernels generated as CUDA C and
+ * compiled by NVRTC (./kernels, ./compiler.ts), GEMMs through cuBLAS. Everything is queued on the
+ * legacy default stream, so ops never wait for the device: `download` (reading a tensor back) is
+ * the sync point, and that is also where a device-side index error is reported.
+ *
+ * dtypes: float32, float64 (cuBLAS D-GEMM, double kernels), int32 and bool. bfloat16 is not
+ * supported yet and says so.
+ */
+import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import { type DType, type HostArray, hostArray } from '../../engine/dtype.js';
+import { coalesce, sizeOf } from '../../engine/shape.js';
+import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
+import { KernelCompiler, cacheDir } from './compiler.js';
+import {
+  ArgPacker, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError, type DevicePtr,
+  type Driver, type Handle, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
+} from './ffi.js';
+import {
+  ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
+  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, castName, checkDType, compareName, copyName,
+  moduleSource, reduceColsName, reduceRowsName, unaryName,
+} from './kernels/index.js';
+
+const NULL_STREAM = null;
+
+interface LoadedModule {
+  module: Handle;
+  fns: Map<string, Handle>;
+}
+
+function buf(data: unknown): DeviceBuffer {
+  if (!(data instanceof DeviceBuffer)) throw new Error('cuda backend: a tensor of another backend was passed to a cuda kernel');
+  if (data.freed) throw new Error('cuda backend: internal: use of freed device memory');
+  return data;
+}
+
+const INT_UNARY = new Set<UnaryOp>(['neg', 'abs', 'square', 'sign']);
+
+export class CudaBackend implements Backend {
+  readonly name = 'cuda';
+  private drv: Driver;
+  private cu: (name: string, status: unknown) => void;
+  private blas: Cublas;
+  private blasHandle: Handle;
+  private compiler: KernelCompiler;
+  private allocator: CachingAllocator;
+  private args = new ArgPacker();
+  private modules = new Map<string, LoadedModule>();
+  private status: DeviceBuffer;
+  private statusPending = false;
+  private sms: number;
+  private deviceName: string;
+  private arch: string;
+  private driverVersion: number;
+  private paths: Record<string, string>;
+  private launches = 0;
+  /** Scalars cuBLAS reads through host pointers. */
+  private one32 = new Float32Array([1]);
+  private zero32 = new Float32Array([0]);
+  private one64 = new Float64Array([1]);
+  private zero64 = new Float64Array([0]);
+
+  constructor(ordinal = Number(process.env.TTT_CUDA_DEVICE ?? 0)) {
+    const drv = loadDriver();
+    this.drv = drv;
+    this.cu = makeChecks(drv).cu;
+    const cu = this.cu;
+    const init = drv.cuInit(0) as number;
+    if (init !== 0) {
+      try {
+        cu('cuInit', init);
+      } catch (e) {
+        throw new Error(`${(e as Error).message} (driver library: ${drv.path}; is a GPU visible to this process?)`);
+      }
+    }
+    const count: [number | null] = [null];
+    cu('cuDeviceGetCount', drv.cuDeviceGetCount(count));
+    if (!count[0]) throw new Error(`cuda backend: the CUDA driver (${drv.path}) found no GPU`);
+    if (ordinal < 0 || ordinal >= count[0]) throw new Error(`cuda backend: device ${ordinal} requested, ${count[0]} present`);
+    const dev: [number | null] = [null];
+    cu('cuDeviceGet', drv.cuDeviceGet(dev, ordinal));
+    const ctx: [unknown] = [null];
+    cu('cuDevicePrimaryCtxRetain', drv.cuDevicePrimaryCtxRetain(ctx, dev[0]));
+    cu('cuCtxSetCurrent', drv.cuCtxSetCurrent(ctx[0]));
+    const attr = (a: number): number => {
+      const v: [number | null] = [null];
+      cu('cuDeviceGetAttribute', drv.cuDeviceGetAttribute(v, a, dev[0]));
+      return v[0]!;
+    };
+    this.sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+    this.arch = `${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)}${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)}`;
+    const nameBuf = Buffer.alloc(256);
+    cu('cuDeviceGetName', drv.cuDeviceGetName(nameBuf, 256, dev[0]));
+    this.deviceName = nameBuf.toString('utf8').replace(/\0.*$/s, '');
+    const ver: [number | null] = [null];
+    cu('cuDriverGetVersion', drv.cuDriverGetVersion(ver));
+    this.driverVersion = ver[0]!;
+
+    const nv = loadNvrtc();
+    this.compiler = new KernelCompiler(nv, this.arch);
+    this.blas = loadCublas();
+    const h: [unknown] = [null];
+    checkCublas('cublasCreate', this.blas.cublasCreate(h));
+    this.blasHandle = h[0];
+    checkCublas('cublasSetStream', this.blas.cublasSetStream(this.blasHandle, NULL_STREAM));
+    checkCublas('cublasSetMathMode', this.blas.cublasSetMathMode(this.blasHandle, 0)); // CUBLAS_DEFAULT_MATH: true fp32, no TF32
+    this.paths = { driver: drv.path, nvrtc: nv.path, cublas: this.blas.path };
+
+    this.allocator = new CachingAllocator({
+      alloc: (bytes) => {
+        const p: [number | null] = [null];
+        cu('cuMemAlloc', drv.cuMemAlloc(p, bytes));
+        return Number(p[0]);
+      },
+      free: (ptr) => cu('cuMemFree', drv.cuMemFree(ptr)),
+      isOutOfMemory: (e) => e instanceof CudaError && e.code === CUDA_ERROR_OUT_OF_MEMORY,
+    });
+    this.status = this.allocator.alloc(16);
+    cu('cuMemsetD8Async', drv.cuMemsetD8Async(this.status.ptr, 0, 16, NULL_STREAM));
+  }
+
+  // ---- plumbing -------------------------------------------------------------------------------
+
+  info(): Record<string, unknown> {
+    return {
+      name: this.name,
+      device: this.deviceName,
+      arch: `sm_${this.arch}`,
+      multiprocessors: this.sms,
+      driverVersion: this.driverVersion,
+      nvrtcVersion: this.compiler.version,
+      libraries: this.paths,
+      kernelCache: cacheDir(),
+      kernels: { ...this.compiler.stats, modules: this.modules.size, launches: this.launches },
+      memory: this.memoryStats(),
+    };
+  }
+
+  /** Allocator statistics in bytes (in use, cached, peak). */
+  memoryStats(): AllocatorStats {
+    return this.allocator.stats();
+  }
+  /** Returns cached blocks to the driver. */
+  emptyCache(): void {
+    this.synchronize();
+    this.allocator.emptyCache();
+  }
+  resetPeakMemory(): void {
+    this.allocator.resetPeak();
+  }
+  /** Waits for every queued kernel, and reports a device-side index error if one happened. */
+  synchronize(): void {
+    this.cu('cuCtxSynchronize', this.drv.cuCtxSynchronize());
+    this.checkStatus();
+  }
+
+  /**
+   * Compiles (or loads from the disk cache) and loads every kernel module now, instead of on first
+   * use; returns each module's outcome, so one call shows every compile error.
+   */
+  compileAll(): Record<string, string> {
+    const out: Record<string, string> = {};
+    for (const { key } of allModuleSources()) {
+      const [kind, dtype] = key.split('/') as [ModuleKind, CudaDType | undefined];
+      const t0 = performance.now();
+      try {
+        this.loadModule(kind, dtype ?? 'float32');
+        out[key] = `ok ${(performance.now() - t0).toFixed(0)} ms`;
+      } catch (e) {
+        out[key] = `FAILED: ${(e as Error).message}`;
+      }
+    }
+    return out;
+  }
+
+  private loadModule(kind: ModuleKind, dtype: CudaDType): LoadedModule {
+    const key = kind === 'movement' ? kind : `${kind}/${dtype}`;
+    let m = this.modules.get(key);
+    if (!m) {
+      const cubin = this.compiler.compile(moduleSource(kind, dtype), key);
+      const mod: [unknown] = [null];
+      this.cu(`cuModuleLoadData(${key})`, this.drv.cuModuleLoadData(mod, cubin));
+      m = { module: mod[0], fns: new Map() };
+      this.modules.set(key, m);
+    }
+    return m;
+  }
+
+  private alloc(dtype: CudaDType, size: number): DeviceBuffer {
+    return this.allocator.alloc(size * BYTES[dtype]);
+  }
+
+  private fn(kind: ModuleKind, dtype: CudaDType, name: string): Handle {
+    const m = this.loadModule(kind, dtype);
+    let f = m.fns.get(name);
+    if (!f) {
+      const out: [unknown] = [null];
+      this.cu(`cuModuleGetFunction(${name})`, this.drv.cuModuleGetFunction(out, m.module, name));
+      f = out[0];
+      m.fns.set(name, f);
+    }
+    return f;
+  }
+
+  private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {
+    this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null));
+    this.launches++;
+  }
+
+  /** Grid size of a grid-stride loop over n items. */
+  private blocksFor(n: number, threads = THREADS): number {
+    return Math.max(1, Math.min(Math.ceil(n / threads), this.sms * 32));
+  }
+  /** Grid size of a one-block-per-row kernel. */
+  private rowBlocks(rows: number): number {
+    return Math.max(1, Math.min(rows, 65535 * 16));
+  }
+
+  /** The index struct of strided kernels: coalesced shape and up to three stride lists. */
+  private ix(shape: number[], strides: number[][]): number[] {
+    const c = coalesce(shape, strides);
+    if (c.shape.length > MAX_RANK) throw new Error(`cuda backend: strided kernel over rank ${c.shape.length} > ${MAX_RANK} after coalescing`);
+    const r = c.shape.length;
+    const pad = (xs: number[], fill: number) => [...xs, ...new Array<number>(MAX_RANK - xs.length).fill(fill)];
+    const st = [0, 1, 2].map((i) => pad(c.strides[i] ?? [], 0));
+    return [r, ...pad(c.shape, 1), ...st[0], ...st[1], ...st[2]];
+  }
+
+  private checkStatus(): void {
+    if (!this.statusPending) return;
+    this.statusPending = false;
+    const s = new Int32Array(4);
+    this.cu('cuMemcpyDtoH(status)', this.drv.cuMemcpyDtoH(s, this.status.ptr, 16));
+    if (s[0] !== 0) {
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(this.status.ptr, 0, 16, NULL_STREAM));
+      const op = s[0] === 1 ? 'gather' : 'scatterAdd';
+      throw new Error(`${op}: index ${s[1]} out of range [0, ${s[2]}) (cuda: found by the kernel, reported at the next sync point)`);
+    }
+  }
+
+  // ---- memory -----------------------------------------------------------------------------------
+
+  upload(values: HostArray, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const n = values.length;
+    const out = this.alloc(dt, n);
+    if (n === 0) return out;
+    let host = values;
+    const want = hostArray(dt, 0).constructor;
+    if (host.constructor !== want) {
+      host = hostArray(dt, n);
+      host.set(values as ArrayLike<number>);
+    }
+    this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(out.ptr, host, n * BYTES[dt], NULL_STREAM));
+    if (dt === 'int32') {
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (let i = 0; i < n; i++) {
+        const v = host[i];
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+      out.range = [lo, hi];
+    }
+    return out;
+  }
+
+  download(data: unknown, dtype: DType, size: number): HostArray {
+    const dt = checkDType(dtype);
+    const out = hostArray(dt, size);
+    if (size > 0) this.cu('cuMemcpyDtoH', this.drv.cuMemcpyDtoH(out, buf(data).ptr, size * BYTES[dt]));
+    this.checkStatus();
+    return out;
+  }
+
+  free(data: unknown): void {
+    this.allocator.free(buf(data));
+  }
+
+  fill(size: number, dtype: DType, value: number): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const out = this.alloc(dt, size);
+    if (size === 0) return out;
+    if (dt === 'bool' || (value === 0 && !Object.is(value, -0))) {
+      const byte = dt === 'bool' ? (value !== 0 ? 1 : 0) : 0;
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(out.ptr, byte, size * BYTES[dt], NULL_STREAM));
+    } else if (dt === 'float32' || dt === 'int32') {
+      const bits = new Uint32Array(dt === 'float32' ? new Float32Array([value]).buffer : new Int32Array([value]).buffer)[0];
+      this.cu('cuMemsetD32Async', this.drv.cuMemsetD32Async(out.ptr, bits, size, NULL_STREAM));
+    } else {
+      const a = this.args.reset().ptr(out.ptr).f64(value).i64(size);
+      this.launch(this.fn('indexing', dt, FILL), this.blocksFor(size), THREADS, 0, a, FILL);
+    }
+    return out;
+  }
+
+  // ---- elementwise --------------------------------------------------------------------------------
+
+  unary(op: UnaryOp, x: unknown, size: number, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    if (dt !== 'float32' && dt !== 'float64' && !INT_UNARY.has(op)) throw new Error(`cuda backend: ${op} is not defined for ${dt}`);
+    const out = this.alloc(dt, size);
+    if (size === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
+    this.launch(this.fn('elementwise', dt, unaryName(op)), this.blocksFor(size), THREADS, 0, a, unaryName(op));
+    return out;
+  }
+
+  binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const n = sizeOf(shape);
+    const out = this.alloc(dt, n);
+    if (n === 0) return out;
+    const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(this.ix(shape, [sa, sb])).i64(n);
+    this.launch(this.fn('elementwise', dt, binaryName(op)), this.blocksFor(n), THREADS, 0, args, binaryName(op));
+    return out;
+  }
+
+  compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const n = sizeOf(shape);
+    const out = this.alloc('bool', n);
+    if (n === 0) return out;
+    const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(this.ix(shape, [sa, sb])).i64(n);
+    this.launch(this.fn('elementwise', dt, compareName(op)), this.blocksFor(n), THREADS, 0, args, compareName(op));
+    return out;
+  }
+
+  where(c: unknown, sc: number[], a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const n = sizeOf(shape);
+    const out = this.alloc(dt, n);
+    if (n === 0) return out;
+    const args = this.args.reset().ptr(out.ptr).ptr(buf(c).ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(this.ix(shape, [sc, sa, sb])).i64(n);
+    this.launch(this.fn('elementwise', dt, WHERE), this.blocksFor(n), THREADS, 0, args, WHERE);
+    return out;
+  }
+
+  // ---- reductions ---------------------------------------------------------------------------------
+
+  reduce(op: ReduceOp, x: unknown, outer: number, n: number, inner: number, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const total = outer * inner;
+    const out = this.alloc(dt, total);
+    if (total === 0) return out;
+    if (inner === 1) {
+      const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
+      this.launch(this.fn('reduce', dt, reduceRowsName(op)), this.rowBlocks(outer), THREADS, 0, a, reduceRowsName(op));
+    } else {
+      const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner);
+      this.launch(this.fn('reduce', dt, reduceColsName(op)), this.blocksFor(total), THREADS, 0, a, reduceColsName(op));
+    }
+    return out;
+  }
+
+  private rowKernel(name: string, x: unknown, outer: number, n: number, outSize: number, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: ${name} needs a float dtype, got ${dt}`);
+    const out = this.alloc(dt, outSize);
+    if (outSize === 0 || n === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
+    this.launch(this.fn('reduce', dt, name), this.rowBlocks(outer), THREADS, 0, a, name);
+    return out;
+  }
+
+  softmax(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
+    return this.rowKernel(SOFTMAX, x, outer, n, outer * n, dtype);
+  }
+
+  logsumexp(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
+    return this.rowKernel(LOGSUMEXP, x, outer, n, outer, dtype);
+  }
+
+  cumsum(x: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    const size = outer * n * inner;
+    const out = this.alloc(dt, size);
+    if (size === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
+    this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
+    return out;
+  }
+
+  // ---- matmul -------------------------------------------------------------------------------------
+
+  /**
+   * Row-major C = op(A) op(B) as column-major Cᵀ = op(B)ᵀ op(A)ᵀ: cuBLAS gets B first, and
+   * transposes stay flags. Evenly spaced batch offsets (broadcast = stride 0) go to the strided
+   * batched call; any other offsets to the pointer-array batched call.
+   */
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: matmul needs float32 or float64, got ${dt}`);
+    const { batch, m, n, k, transA, transB, aOffsets, bOffsets } = job;
+    const E = BYTES[dt];
+    const c = this.alloc(dt, batch * m * n);
+    if (batch * m * n === 0) return c;
+    if (k === 0) {
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * E, NULL_STREAM));
+      return c;
+    }
+    const A = buf(a).ptr;
+    const B = buf(b).ptr;
+    const lda = transA ? m : k;
+    const ldb = transB ? k : n;
+    const opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const [one, zero] = dt === 'float32' ? [this.one32, this.zero32] : [this.one64, this.zero64];
+    const sA = evenStride(aOffsets);
+    const sB = evenStride(bOffsets);
+    if (sA !== null && sB !== null) {
+      const f = dt === 'float32' ? this.blas.cublasSgemmStridedBatched : this.blas.cublasDgemmStridedBatched;
+      checkCublas(
+        'cublas?gemmStridedBatched',
+        f(this.blasHandle, opB, opA, n, m, k, one, B + bOffsets[0] * E, ldb, sB, A + aOffsets[0] * E, lda, sA, zero, c.ptr, n, m * n, batch),
+      );
+      return c;
+    }
+    // Arbitrary per-batch offsets: device arrays of pointers, queued like any other copy.
+    const ptrs = new BigUint64Array(3 * batch);
+    for (let i = 0; i < batch; i++) {
+      ptrs[i] = BigInt(B + bOffsets[i] * E);
+      ptrs[batch + i] = BigInt(A + aOffsets[i] * E);
+      ptrs[2 * batch + i] = BigInt(c.ptr + i * m * n * E);
+    }
+    const dev = this.allocator.alloc(ptrs.byteLength);
+    this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(dev.ptr, ptrs, ptrs.byteLength, NULL_STREAM));
+    const f = dt === 'float32' ? this.blas.cublasSgemmBatched : this.blas.cublasDgemmBatched;
+    checkCublas('cublas?gemmBatched', f(this.blasHandle, opB, opA, n, m, k, one, dev.ptr, ldb, dev.ptr + batch * 8, lda, zero, dev.ptr + 2 * batch * 8, n, batch));
+    this.allocator.free(dev); // stream-ordered: later reuse runs after this GEMM
+    return c;
+  }
+
+  // ---- data movement ------------------------------------------------------------------------------
+
+  copy(src: unknown, srcOffset: number, ss: number[], dst: unknown, dstOffset: number, ds: number[], shape: number[], dtype: DType): void {
+    const dt = checkDType(dtype);
+    const n = sizeOf(shape);
+    if (n === 0) return;
+    const E = BYTES[dt];
+    buf(dst).range = null; // written on the device: no longer known on the host
+    const a = this.args.reset().ptr(buf(dst).ptr).i64(dstOffset).ptr(buf(src).ptr).i64(srcOffset).i64s(this.ix(shape, [ss, ds])).i64(n);
+    this.launch(this.fn('movement', dt, copyName(E)), this.blocksFor(n), THREADS, 0, a, copyName(E));
+  }
+
+  /** Indices uploaded from the host are checked here, at once and without a device sync. */
+  private checkHostRange(op: string, indices: unknown, n: number, count: number): void {
+    const r = buf(indices).range;
+    if (!r || count === 0) return;
+    if (r[0] < 0) throw new Error(`${op}: index ${r[0]} out of range [0, ${n})`);
+    if (r[1] >= n) throw new Error(`${op}: index ${r[1]} out of range [0, ${n})`);
+  }
+
+  gather(x: unknown, indices: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    this.checkHostRange('gather', indices, n, count);
+    const total = outer * count * inner;
+    const out = this.alloc(dt, total);
+    if (total === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).ptr(buf(indices).ptr).ptr(this.status.ptr).i64(outer).i64(n).i64(inner).i64(count);
+    this.launch(this.fn('indexing', dt, GATHER), this.blocksFor(total), THREADS, 0, a, GATHER);
+    this.statusPending = true;
+    return out;
+  }
+
+  scatterAdd(base: unknown, indices: unknown, updates: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): DeviceBuffer {
+    const dt = checkDType(dtype);
+    this.checkHostRange('scatterAdd', indices, n, count);
+    const size = outer * n * inner;
+    const out = this.alloc(dt, size);
+    if (size === 0) return out;
+    this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(base).ptr, size * BYTES[dt], NULL_STREAM));
+    const total = outer * count * inner;
+    if (total === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(indices).ptr).ptr(buf(updates).ptr).ptr(this.status.ptr).i64(outer).i64(n).i64(inner).i64(count);
+    this.launch(this.fn('indexing', dt, SCATTER_ADD), this.blocksFor(outer * inner), THREADS, 0, a, SCATTER_ADD);
+    this.statusPending = true;
+    return out;
+  }
+
+  cast(x: unknown, size: number, from: DType, to: DType): DeviceBuffer {
+    const f = checkDType(from);
+    const t = checkDType(to);
+    const out = this.alloc(t, size);
+    if (size === 0) return out;
+    if (f === t) {
+      this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(x).ptr, size * BYTES[t], NULL_STREAM));
+      return out;
+    }
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
+    this.launch(this.fn('movement', f, castName(f, t)), this.blocksFor(size), THREADS, 0, a, castName(f, t));
+    return out;
+  }
+
+  // ---- attention ----------------------------------------------------------------------------------
+
+  private attentionArgs(job: AttentionJob): number[] {
+    // window = Infinity: a band wider than any position difference
+    const window = Number.isFinite(job.window) ? job.window : 2 ** 60;
+    return [job.tq, job.tk, job.d, job.qStart, job.kStart, window];
+  }
+
+  private attentionDType(dtype: DType, job: AttentionJob): CudaDType {
+    const dt = checkDType(dtype);
+    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: attention needs float32 or float64, got ${dt}`);
+    if (job.d > ATT_MAX_D) throw new Error(`cuda backend: attention head dimension ${job.d} > ${ATT_MAX_D} is not supported yet`);
+    return dt;
+  }
+
+  attentionForward(q: unknown, k: unknown, v: unknown, job: AttentionJob, dtype: DType): { out: DeviceBuffer; lse: DeviceBuffer } {
+    const dt = this.attentionDType(dtype, job);
+    const rows = job.batch * job.tq;
+    const out = this.alloc(dt, rows * job.d);
+    const lse = this.alloc(dt, rows);
+    if (rows === 0 || job.tk === 0) return { out, lse };
+    const [tq, tk, d, qs, ks, w] = this.attentionArgs(job);
+    const a = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(out.ptr).ptr(lse.ptr);
+    a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
+    this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
+    return { out, lse };
+  }
+
+  attentionBackward(
+    q: unknown, k: unknown, v: unknown, o: unknown, lse: unknown, dout: unknown, job: AttentionJob, dtype: DType,
+  ): { dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
+    const dt = this.attentionDType(dtype, job);
+    const { batch, d } = job;
+    const qRows = batch * job.tq;
+    const kRows = batch * job.tk;
+    const dq = this.alloc(dt, qRows * d);
+    const dk = this.alloc(dt, kRows * d);
+    const dv = this.alloc(dt, kRows * d);
+    if (qRows === 0 || kRows === 0) return { dq, dk, dv };
+    const delta = this.alloc(dt, qRows);
+    const [tq, tk, dd, qs, ks, w] = this.attentionArgs(job);
+    const shared = attentionShared(dt, d);
+    const a1 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(o).ptr).ptr(buf(lse).ptr).ptr(buf(dout).ptr);
+    a1.ptr(dq.ptr).ptr(delta.ptr).i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+    this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, shared, a1, ATT_BWD_DQ);
+    const a2 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(lse).ptr).ptr(buf(dout).ptr).ptr(delta.ptr);
+    a2.ptr(dk.ptr).ptr(dv.ptr).i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+    this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, shared, a2, ATT_BWD_DKV);
+    this.allocator.free(delta);
+    return { dq, dk, dv };
+  }
+}
+
+/** The common step of evenly spaced offsets (0 for one entry or a broadcast), or null. */
+function evenStride(offsets: Int32Array): number | null {
+  if (offsets.length <= 1) return 0;
+  const s = offsets[1] - offsets[0];
+  for (let i = 2; i < offsets.length; i++) if (offsets[i] - offsets[i - 1] !== s) return null;
+  return s;
+}

@@ -1,0 +1,268 @@
+/**
+ * koffi bindings of the three native libraries the CUDA backend uses: the driver API (memory,
+ * modules, launches), NVRTC (compiling kernel source to CUBIN) and cuBLAS (GEMM). Every call that
+ * returns a status goes through a checker that turns a failure into an Error naming the call.
+ */
+import { type Lib, LIBRARIES, koffi, openLibrary } from './library.js';
+
+/** A device address (CUdeviceptr) as a JS number: below 2^53 on every driver we know. */
+export type DevicePtr = number;
+/** An opaque handle (CUfunction, CUmodule, cublasHandle_t, ...) as koffi returns it. */
+export type Handle = unknown;
+
+type Fn = (...args: unknown[]) => unknown;
+
+export const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
+export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
+export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
+export const CUDA_ERROR_OUT_OF_MEMORY = 2;
+export const CUBLAS_OP_N = 0;
+export const CUBLAS_OP_T = 1;
+
+export class CudaError extends Error {
+  constructor(
+    message: string,
+    readonly code: number,
+  ) {
+    super(message);
+  }
+}
+
+export interface Driver {
+  path: string;
+  cuInit: Fn;
+  cuDriverGetVersion: Fn;
+  cuDeviceGetCount: Fn;
+  cuDeviceGet: Fn;
+  cuDeviceGetName: Fn;
+  cuDeviceGetAttribute: Fn;
+  cuDevicePrimaryCtxRetain: Fn;
+  cuCtxSetCurrent: Fn;
+  cuMemAlloc: Fn;
+  cuMemFree: Fn;
+  cuMemGetInfo: Fn;
+  cuMemcpyHtoD: Fn;
+  cuMemcpyHtoDAsync: Fn;
+  cuMemcpyDtoH: Fn;
+  cuMemcpyDtoDAsync: Fn;
+  cuMemsetD8Async: Fn;
+  cuMemsetD32Async: Fn;
+  cuModuleLoadData: Fn;
+  cuModuleGetFunction: Fn;
+  cuLaunchKernel: Fn;
+  cuStreamSynchronize: Fn;
+  cuCtxSynchronize: Fn;
+  cuGetErrorName: Fn;
+  cuGetErrorString: Fn;
+}
+
+export interface Nvrtc {
+  path: string;
+  nvrtcVersion: Fn;
+  nvrtcCreateProgram: Fn;
+  nvrtcCompileProgram: Fn;
+  nvrtcGetCUBINSize: Fn;
+  nvrtcGetCUBIN: Fn;
+  nvrtcGetProgramLogSize: Fn;
+  nvrtcGetProgramLog: Fn;
+  nvrtcDestroyProgram: Fn;
+  nvrtcGetErrorString: Fn;
+}
+
+export interface Cublas {
+  path: string;
+  cublasCreate: Fn;
+  cublasDestroy: Fn;
+  cublasSetStream: Fn;
+  cublasSetMathMode: Fn;
+  cublasGetVersion: Fn;
+  cublasSgemmStridedBatched: Fn;
+  cublasDgemmStridedBatched: Fn;
+  cublasSgemmBatched: Fn;
+  cublasDgemmBatched: Fn;
+}
+
+function bind(lib: Lib, decls: Record<string, string>): Record<string, Fn> {
+  const out: Record<string, Fn> = {};
+  for (const [key, decl] of Object.entries(decls)) out[key] = lib.func(decl) as unknown as Fn;
+  return out;
+}
+
+export function loadDriver(): Driver {
+  const { lib, path } = openLibrary(LIBRARIES.driver);
+  const f = bind(lib, {
+    cuInit: 'int cuInit(unsigned int flags)',
+    cuDriverGetVersion: 'int cuDriverGetVersion(_Out_ int *v)',
+    cuDeviceGetCount: 'int cuDeviceGetCount(_Out_ int *n)',
+    cuDeviceGet: 'int cuDeviceGet(_Out_ int *dev, int ordinal)',
+    cuDeviceGetName: 'int cuDeviceGetName(void *name, int len, int dev)',
+    cuDeviceGetAttribute: 'int cuDeviceGetAttribute(_Out_ int *v, int attrib, int dev)',
+    cuDevicePrimaryCtxRetain: 'int cuDevicePrimaryCtxRetain(_Out_ void **ctx, int dev)',
+    cuCtxSetCurrent: 'int cuCtxSetCurrent(void *ctx)',
+    cuMemAlloc: 'int cuMemAlloc_v2(_Out_ uint64_t *dptr, size_t bytes)',
+    cuMemFree: 'int cuMemFree_v2(uint64_t dptr)',
+    cuMemGetInfo: 'int cuMemGetInfo_v2(_Out_ size_t *free, _Out_ size_t *total)',
+    cuMemcpyHtoD: 'int cuMemcpyHtoD_v2(uint64_t dst, const void *src, size_t bytes)',
+    cuMemcpyHtoDAsync: 'int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t bytes, void *stream)',
+    cuMemcpyDtoH: 'int cuMemcpyDtoH_v2(void *dst, uint64_t src, size_t bytes)',
+    cuMemcpyDtoDAsync: 'int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void *stream)',
+    cuMemsetD8Async: 'int cuMemsetD8Async(uint64_t dst, uint8_t value, size_t n, void *stream)',
+    cuMemsetD32Async: 'int cuMemsetD32Async(uint64_t dst, uint32_t value, size_t n, void *stream)',
+    cuModuleLoadData: 'int cuModuleLoadData(_Out_ void **module, const void *image)',
+    cuModuleGetFunction: 'int cuModuleGetFunction(_Out_ void **fn, void *module, const char *name)',
+    cuLaunchKernel:
+      'int cuLaunchKernel(void *f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem, void *stream, void *params, void *extra)',
+    cuStreamSynchronize: 'int cuStreamSynchronize(void *stream)',
+    cuCtxSynchronize: 'int cuCtxSynchronize()',
+    cuGetErrorName: 'int cuGetErrorName(int err, _Out_ const char **s)',
+    cuGetErrorString: 'int cuGetErrorString(int err, _Out_ const char **s)',
+  });
+  return { path, ...f } as unknown as Driver;
+}
+
+export function loadNvrtc(): Nvrtc {
+  const { lib, path } = openLibrary(LIBRARIES.nvrtc);
+  const f = bind(lib, {
+    nvrtcVersion: 'int nvrtcVersion(_Out_ int *major, _Out_ int *minor)',
+    nvrtcCreateProgram:
+      'int nvrtcCreateProgram(_Out_ void **prog, const char *src, const char *name, int numHeaders, const char **headers, const char **includeNames)',
+    nvrtcCompileProgram: 'int nvrtcCompileProgram(void *prog, int numOptions, const char **options)',
+    nvrtcGetCUBINSize: 'int nvrtcGetCUBINSize(void *prog, _Out_ size_t *size)',
+    nvrtcGetCUBIN: 'int nvrtcGetCUBIN(void *prog, void *cubin)',
+    nvrtcGetProgramLogSize: 'int nvrtcGetProgramLogSize(void *prog, _Out_ size_t *size)',
+    nvrtcGetProgramLog: 'int nvrtcGetProgramLog(void *prog, void *log)',
+    nvrtcDestroyProgram: 'int nvrtcDestroyProgram(_Inout_ void **prog)',
+    nvrtcGetErrorString: 'const char *nvrtcGetErrorString(int result)',
+  });
+  return { path, ...f } as unknown as Nvrtc;
+}
+
+export function loadCublas(): Cublas {
+  const { lib, path } = openLibrary(LIBRARIES.cublas);
+  // Device pointers travel as uint64_t (the same register as a pointer on every 64-bit ABI).
+  const gemmArgs = (t: string) =>
+    `void *h, int ta, int tb, int m, int n, int k, const ${t} *alpha, uint64_t A, int lda, int64_t sA, uint64_t B, int ldb, int64_t sB, const ${t} *beta, uint64_t C, int ldc, int64_t sC, int batch`;
+  const ptrArgs = (t: string) =>
+    `void *h, int ta, int tb, int m, int n, int k, const ${t} *alpha, uint64_t A, int lda, uint64_t B, int ldb, const ${t} *beta, uint64_t C, int ldc, int batch`;
+  const f = bind(lib, {
+    cublasCreate: 'int cublasCreate_v2(_Out_ void **h)',
+    cublasDestroy: 'int cublasDestroy_v2(void *h)',
+    cublasSetStream: 'int cublasSetStream_v2(void *h, void *stream)',
+    cublasSetMathMode: 'int cublasSetMathMode(void *h, int mode)',
+    cublasGetVersion: 'int cublasGetVersion_v2(void *h, _Out_ int *v)',
+    cublasSgemmStridedBatched: `int cublasSgemmStridedBatched(${gemmArgs('float')})`,
+    cublasDgemmStridedBatched: `int cublasDgemmStridedBatched(${gemmArgs('double')})`,
+    cublasSgemmBatched: `int cublasSgemmBatched(${ptrArgs('float')})`,
+    cublasDgemmBatched: `int cublasDgemmBatched(${ptrArgs('double')})`,
+  });
+  return { path, ...f } as unknown as Cublas;
+}
+
+/** Checkers: one line per failing call, with the library's own name for the status. */
+export function makeChecks(drv: Driver) {
+  const cu = (name: string, status: unknown): void => {
+    const code = status as number;
+    if (code === 0) return;
+    const n: [string | null] = [null];
+    const s: [string | null] = [null];
+    drv.cuGetErrorName(code, n);
+    drv.cuGetErrorString(code, s);
+    throw new CudaError(`cuda backend: ${name} failed: ${n[0] ?? 'CUDA_ERROR'} (${code}): ${s[0] ?? 'unknown error'}`, code);
+  };
+  return { cu };
+}
+
+export function checkNvrtc(nv: Nvrtc, name: string, status: unknown): void {
+  const code = status as number;
+  if (code !== 0) throw new CudaError(`cuda backend: ${name} failed: ${String(nv.nvrtcGetErrorString(code))} (${code})`, code);
+}
+
+const CUBLAS_STATUS: Record<number, string> = {
+  1: 'CUBLAS_STATUS_NOT_INITIALIZED',
+  3: 'CUBLAS_STATUS_ALLOC_FAILED',
+  7: 'CUBLAS_STATUS_INVALID_VALUE',
+  8: 'CUBLAS_STATUS_ARCH_MISMATCH',
+  11: 'CUBLAS_STATUS_MAPPING_ERROR',
+  13: 'CUBLAS_STATUS_EXECUTION_FAILED',
+  14: 'CUBLAS_STATUS_INTERNAL_ERROR',
+  15: 'CUBLAS_STATUS_NOT_SUPPORTED',
+  16: 'CUBLAS_STATUS_LICENSE_ERROR',
+};
+export function checkCublas(name: string, status: unknown): void {
+  const code = status as number;
+  if (code !== 0) throw new CudaError(`cuda backend: ${name} failed: ${CUBLAS_STATUS[code] ?? 'cuBLAS error'} (${code})`, code);
+}
+
+/**
+ * Kernel arguments: one native buffer for the values (each in its own 8-byte aligned slot, or a
+ * larger aligned slot for a struct) and one for the pointer array cuLaunchKernel reads. Reused by
+ * every launch: the driver copies the arguments when the launch is queued.
+ */
+export class ArgPacker {
+  private cap = 0;
+  private values: unknown = null;
+  private ptrs: unknown = null;
+  private base = 0n;
+  private view!: DataView;
+  private ptrView!: BigUint64Array;
+  private off = 0;
+  private count = 0;
+
+  constructor() {
+    this.grow(16384);
+  }
+  private grow(bytes: number): void {
+    const k = koffi();
+    if (this.values) k.free(this.values);
+    if (this.ptrs) k.free(this.ptrs);
+    this.cap = bytes;
+    this.values = k.alloc('uint8_t', bytes);
+    this.ptrs = k.alloc('uint64_t', 256);
+    this.base = BigInt(k.address(this.values));
+    this.view = new DataView(k.view(this.values, bytes));
+    this.ptrView = new BigUint64Array(k.view(this.ptrs, 256 * 8));
+  }
+  reset(): this {
+    this.off = 0;
+    this.count = 0;
+    return this;
+  }
+  private slot(bytes: number, align: number): number {
+    this.off = Math.ceil(this.off / align) * align;
+    const at = this.off;
+    if (at + bytes > this.cap || this.count >= 256) throw new Error('cuda backend: too many kernel arguments');
+    this.ptrView[this.count++] = this.base + BigInt(at);
+    this.off += bytes;
+    return at;
+  }
+  ptr(p: DevicePtr): this {
+    this.view.setBigUint64(this.slot(8, 8), BigInt(p), true);
+    return this;
+  }
+  i32(v: number): this {
+    this.view.setInt32(this.slot(4, 4), v, true);
+    return this;
+  }
+  i64(v: number): this {
+    this.view.setBigInt64(this.slot(8, 8), BigInt(v), true);
+    return this;
+  }
+  f32(v: number): this {
+    this.view.setFloat32(this.slot(4, 4), v, true);
+    return this;
+  }
+  f64(v: number): this {
+    this.view.setFloat64(this.slot(8, 8), v, true);
+    return this;
+  }
+  /** A struct of 64-bit integers (the layout of the kernels' index structs). */
+  i64s(vs: number[]): this {
+    const at = this.slot(vs.length * 8, 8);
+    for (let i = 0; i < vs.length; i++) this.view.setBigInt64(at + i * 8, BigInt(vs[i]), true);
+    return this;
+  }
+  /** The `void **kernelParams` pointer. */
+  params(): unknown {
+    return this.ptrs;
+  }
+}

@@ -1,0 +1,90 @@
+/**
+ * One generator for every elementwise kernel: unary maps (flat), binary maps, comparisons and
+ * select (strided, broadcast through stride-0 axes). Each op is an expression in x, y (and c);
+ * the generator wraps it in the load / index / store loop of its arity and dtype.
+ */
+import type { BinaryOp, CompareOp, UnaryOp } from '../../../engine/backend.js';
+import { CTYPE, type CudaDType, MATH, STORE } from './common.js';
+
+/** Expressions over x (and y) in the math type M. */
+export const UNARY: Record<UnaryOp, string> = {
+  neg: '-x',
+  exp: 'exp(x)',
+  log: 'log(x)',
+  sqrt: 'sqrt(x)',
+  rsqrt: 'M(1) / sqrt(x)',
+  tanh: 'tanh(x)',
+  sigmoid: 'M(1) / (M(1) + exp(-x))',
+  silu: 'x / (M(1) + exp(-x))',
+  square: 'x * x',
+  abs: 'fabs(x)',
+  cos: 'cos(x)',
+  sin: 'sin(x)',
+  sign: '(x > M(0) ? M(1) : (x < M(0) ? M(-1) : x))',
+  reciprocal: 'M(1) / x',
+};
+export const BINARY: Record<BinaryOp, string> = {
+  add: 'x + y',
+  sub: 'x - y',
+  mul: 'x * y',
+  div: 'x / y',
+  pow: 'pow(x, y)',
+  // NaN-propagating, like Math.max / Math.min
+  maximum: '(x != x ? x : (y != y ? y : (x > y ? x : y)))',
+  minimum: '(x != x ? x : (y != y ? y : (x < y ? x : y)))',
+};
+export const COMPARE: Record<CompareOp, string> = {
+  eq: 'x == y',
+  ne: 'x != y',
+  lt: 'x < y',
+  le: 'x <= y',
+  gt: 'x > y',
+  ge: 'x >= y',
+};
+
+export const unaryName = (op: UnaryOp) => `unary_${op}`;
+export const binaryName = (op: BinaryOp) => `binary_${op}`;
+export const compareName = (op: CompareOp) => `compare_${op}`;
+export const WHERE = 'where_select';
+
+/** Every elementwise kernel of one dtype, as one source. */
+export function elementwiseSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const M = MATH[dtype];
+  const store = STORE[dtype];
+  const isFloat = dtype === 'float32' || dtype === 'float64';
+  const parts: string[] = [`typedef ${M} M;`];
+  for (const [op, expr] of Object.entries(UNARY) as [UnaryOp, string][]) {
+    if (!isFloat && !['neg', 'abs', 'square', 'sign'].includes(op)) continue;
+    parts.push(`extern "C" __global__ void ${unaryName(op)}(${T}* out, const ${T}* a, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) { M x = (M)a[i]; out[i] = ${store(expr)}; }
+}`);
+  }
+  for (const [op, expr] of Object.entries(BINARY) as [BinaryOp, string][]) {
+    // Math.imul: wrapping 32-bit product
+    const body = dtype === 'int32' && op === 'mul' ? '(int)((unsigned)a[o0] * (unsigned)b[o1])' : `${store(expr)}`;
+    parts.push(`extern "C" __global__ void ${binaryName(op)}(${T}* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
+    M x = (M)a[o0]; M y = (M)b[o1];
+    out[i] = ${body};
+  }
+}`);
+  }
+  for (const [op, expr] of Object.entries(COMPARE) as [CompareOp, string][]) {
+    parts.push(`extern "C" __global__ void ${compareName(op)}(unsigned char* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
+    M x = (M)a[o0]; M y = (M)b[o1];
+    out[i] = (${expr}) ? 1 : 0;
+  }
+}`);
+  }
+  parts.push(`extern "C" __global__ void ${WHERE}(${T}* out, const unsigned char* c, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
+    out[i] = c[o0] ? a[o1] : b[o2];
+  }
+}`);
+  return parts.join('\n');
+}

@@ -1,0 +1,79 @@
+/**
+ * Data movement: strided copy (by element size, so one kernel serves every dtype of that size),
+ * fill, gather and scatter-add along the middle axis of [outer, n, inner], and dtype casts.
+ * Index range errors cannot throw on the device: indices uploaded from the host are checked on the
+ * host (their range is known at upload); for indices computed on the device the kernel records the
+ * first bad index in a small status buffer that the backend reads at its next sync point (download)
+ * and turns into an Error.
+ */
+import { CTYPE, CUDA_DTYPES, type CudaDType, MATH, STORE } from './common.js';
+
+export const copyName = (bytes: number) => `copy_strided_${bytes}`;
+export const FILL = 'fill_value';
+export const GATHER = 'gather_mid';
+export const SCATTER_ADD = 'scatter_add_mid';
+export const castName = (from: CudaDType, to: CudaDType) => `cast_${from}_${to}`;
+
+const UINT: Record<number, string> = { 1: 'unsigned char', 4: 'unsigned int', 8: 'unsigned long long' };
+
+/** Copy kernels for 1-, 4- and 8-byte elements, and every cast. */
+export function movementSource(): string {
+  const parts: string[] = [];
+  for (const b of [1, 4, 8]) {
+    parts.push(`extern "C" __global__ void ${copyName(b)}(${UINT[b]}* dst, i64 dOff, const ${UINT[b]}* src, i64 sOff, Ix ix, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    i64 os, od, unused; offsets(ix, i, os, od, unused);
+    dst[dOff + od] = src[sOff + os];
+  }
+}`);
+  }
+  for (const from of CUDA_DTYPES) {
+    for (const to of CUDA_DTYPES) {
+      if (from === to) continue;
+      const F = CTYPE[from];
+      const T = CTYPE[to];
+      const expr = to === 'bool' ? '((double)x != 0.0 || x != x) ? 1 : 0' : to === 'int32' ? 'to_i32(trunc((double)x))' : `(${T})x`;
+      parts.push(`extern "C" __global__ void ${castName(from, to)}(${T}* out, const ${F}* a, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) { ${F} x = a[i]; out[i] = ${expr}; }
+}`);
+    }
+  }
+  return parts.join('\n');
+}
+
+/** fill, gather and scatter-add of one dtype. */
+export function indexingSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const parts: string[] = [];
+  parts.push(`extern "C" __global__ void ${FILL}(${T}* out, double v, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) out[i] = (${T})v;
+}`);
+  // status: [code, bad index, n]; the first failing thread wins
+  parts.push(`__device__ void report(int* status, int code, int idx, i64 n) {
+  if (atomicCAS(status, 0, code) == 0) { status[1] = idx; status[2] = (int)n; }
+}`);
+  parts.push(`extern "C" __global__ void ${GATHER}(${T}* out, const ${T}* x, const int* idx, int* status, i64 outer, i64 n, i64 inner, i64 count) {
+  i64 total = outer * count * inner;
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    i64 i = t % inner; i64 j = (t / inner) % count; i64 o = t / (inner * count);
+    int r = idx[j];
+    if (r < 0 || r >= n) { report(status, 1, r, n); out[t] = (${T})0; continue; }
+    out[t] = x[(o * n + r) * inner + i];
+  }
+}`);
+  // Deterministic, in the CPU's order: one thread per (outer, inner) column adds the updates in
+  // index order, so results are bit-identical run to run (no atomics).
+  parts.push(`extern "C" __global__ void ${SCATTER_ADD}(${T}* out, const int* idx, const ${T}* upd, int* status, i64 outer, i64 n, i64 inner, i64 count) {
+  i64 total = outer * inner;
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    i64 i = t % inner; i64 o = t / inner;
+    for (i64 j = 0; j < count; j++) {
+      int r = idx[j];
+      if (r < 0 || r >= n) { report(status, 2, r, n); continue; }
+      ${T}* p = out + (o * n + r) * inner + i;
+      *p = ${STORE[dtype](`(${MATH[dtype]})*p + (${MATH[dtype]})upd[(o * count + j) * inner + i]`)};
+    }
+  }
+}`);
+  return parts.join('\n');
+}

@@ -1,0 +1,101 @@
+/**
+ * Reductions over the middle axis of [outer, n, inner] (sum / max / min), softmax and logsumexp over
+ * the last axis of [outer, n], and the inclusive cumulative sum. Sums accumulate in double, as the
+ * CPU backend's do; max and min propagate NaN like the CPU loops.
+ */
+import type { ReduceOp } from '../../../engine/backend.js';
+import { CTYPE, type CudaDType, STORE, blockReduce } from './common.js';
+
+const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D' };
+/** combine(a = accumulator, b = new value) */
+const COMBINE: Record<ReduceOp, string> = {
+  sum: 'a + b',
+  max: '((b > a || b != b) ? b : a)',
+  min: '((b < a || b != b) ? b : a)',
+};
+
+export const reduceRowsName = (op: ReduceOp) => `reduce_rows_${op}`;
+export const reduceColsName = (op: ReduceOp) => `reduce_cols_${op}`;
+export const SOFTMAX = 'softmax_rows';
+export const LOGSUMEXP = 'logsumexp_rows';
+export const CUMSUM = 'cumsum_mid';
+
+export function reduceSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const store = STORE[dtype];
+  const parts: string[] = [];
+  for (const op of ['sum', 'max', 'min'] as ReduceOp[]) {
+    parts.push(blockReduce(`block_${op}`, 'double', COMBINE[op]));
+    // inner == 1: one block per row
+    parts.push(`extern "C" __global__ void ${reduceRowsName(op)}(${T}* out, const ${T}* x, i64 outer, i64 n) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const ${T}* row = x + o * n;
+    double acc = ${INIT[op]};
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = (double)row[i]; acc = ${COMBINE[op]}; }
+    acc = block_${op}(acc, red);
+    if (threadIdx.x == 0) out[o] = ${store('acc')};
+  }
+}`);
+    // inner > 1: one thread per output, walking n (reads coalesced across inner)
+    parts.push(`extern "C" __global__ void ${reduceColsName(op)}(${T}* out, const ${T}* x, i64 outer, i64 n, i64 inner) {
+  i64 total = outer * inner;
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    i64 o = t / inner, i = t % inner;
+    const ${T}* p = x + o * n * inner + i;
+    double acc = ${INIT[op]};
+    for (i64 r = 0; r < n; r++) { double a = acc; double b = (double)p[r * inner]; acc = ${COMBINE[op]}; }
+    out[t] = ${store('acc')};
+  }
+}`);
+  }
+  if (dtype === 'float32' || dtype === 'float64') {
+    // max that skips NaN (the CPU's "if (x > m) m = x"), then sums of exp in double
+    parts.push(blockReduce('block_fmax', 'double', 'fmax(a, b)'));
+    parts.push(blockReduce('block_dsum', 'double', 'a + b'));
+    parts.push(`extern "C" __global__ void ${SOFTMAX}(${T}* out, const ${T}* x, i64 outer, i64 n) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const ${T}* row = x + o * n;
+    ${T}* orow = out + o * n;
+    double m = NEG_INF_D;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, (double)row[i]);
+    m = block_fmax(m, red);
+    if (m == NEG_INF_D) m = 0.0;
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)row[i] - m);
+    s = block_dsum(s, red);
+    double inv = 1.0 / s;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = (${T})((double)(${T})exp((double)row[i] - m) * inv);
+  }
+}`);
+    parts.push(`extern "C" __global__ void ${LOGSUMEXP}(${T}* out, const ${T}* x, i64 outer, i64 n) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const ${T}* row = x + o * n;
+    double m = NEG_INF_D;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, (double)row[i]);
+    m = block_fmax(m, red);
+    if (m == NEG_INF_D || m == POS_INF_D) { if (threadIdx.x == 0) out[o] = (${T})m; continue; }
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)row[i] - m);
+    s = block_dsum(s, red);
+    if (threadIdx.x == 0) out[o] = (${T})(m + log(s));
+  }
+}`);
+  }
+  parts.push(`extern "C" __global__ void ${CUMSUM}(${T}* out, const ${T}* x, i64 outer, i64 n, i64 inner, int reverse) {
+  i64 total = outer * inner;
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    i64 o = t / inner, i = t % inner;
+    i64 base = o * n * inner + i;
+    double acc = 0.0;
+    for (i64 s = 0; s < n; s++) {
+      i64 r = reverse ? n - 1 - s : s;
+      acc += (double)x[base + r * inner];
+      out[base + r * inner] = ${store('acc')};
+    }
+  }
+}`);
+  return parts.join('\n');
+}

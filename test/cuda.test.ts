@@ -1,0 +1,463 @@
+/**
+ * The CUDA backend against the CPU backend: every kernel of the Backend interface on random inputs
+ * (float32 within ~1e-5 relative, int32 and bool exactly), first- and second-order gradients
+ * through the engine, a TTT-E2E outer loss and meta-gradient on a tiny config, and the caching
+ * allocator (a repeated training step keeps device memory flat). Without a GPU (or without koffi
+ * or the CUDA libraries) the GPU part reports a skip with the reason; the library search error and
+ * the allocator's bookkeeping are checked everywhere.
+ *
+ * `npm run test:cuda` runs this file alone (on the GPU machine: `node --test dist/test/cuda.test.js`).
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as T from '../src/index.js';
+import type { Backend, DType, Tensor } from '../src/index.js';
+import { CachingAllocator, bucketOf } from '../src/backends/cuda/allocator.js';
+import type { CudaBackend } from '../src/backends/cuda/backend.js';
+import { CudaError } from '../src/backends/cuda/ffi.js';
+import { openLibrary } from '../src/backends/cuda/library.js';
+import { makeConfig } from '../src/model/config.js';
+import { type Params, initParams } from '../src/model/transformer.js';
+import { e2eOuterLoss, lmLoss } from '../src/model/ttt-e2e.js';
+
+// ---- which backends ------------------------------------------------------------------------------
+
+let cuda: CudaBackend | null = null;
+let skipReason = '';
+try {
+  cuda = T.setBackend('cuda') as CudaBackend;
+} catch (e) {
+  const msg = (e as Error).message.replace(/\s+/g, ' ');
+  skipReason = `no usable CUDA device: ${msg.length > 240 ? `${msg.slice(0, 240)}…` : msg}`;
+} finally {
+  T.setBackend('cpu');
+}
+if (!cuda) console.log(`# cuda.test.ts: GPU checks skipped (${skipReason})`);
+const gpu = cuda ? {} : { skip: skipReason };
+
+// ---- helpers -------------------------------------------------------------------------------------
+
+interface HostResult {
+  shape: readonly number[];
+  dtype: DType;
+  values: number[];
+}
+
+function toHost(r: unknown): HostResult[] {
+  if (r instanceof T.Tensor) return [{ shape: r.shape, dtype: r.dtype, values: r.toArray() }];
+  if (Array.isArray(r)) return r.flatMap(toHost);
+  if (r && typeof r === 'object') return Object.values(r).flatMap(toHost);
+  if (typeof r === 'number') return [{ shape: [], dtype: 'float64', values: [r] }];
+  throw new Error(`toHost: unexpected ${typeof r}`);
+}
+
+/** Runs `fn` on each backend (inputs must be made inside from host data) and returns both results. */
+function onBoth(fn: () => unknown): { cpu: HostResult[]; gpu: HostResult[] } {
+  const run = (name: string): HostResult[] => {
+    T.setBackend(name);
+    try {
+      return T.tidy(() => toHost(fn()));
+    } finally {
+      T.setBackend('cpu');
+    }
+  };
+  return { cpu: run('cpu'), gpu: run('cuda') };
+}
+
+interface Tol {
+  rtol?: number;
+  /** Absolute tolerance as a fraction of the largest |value| of the CPU result. */
+  scaled?: number;
+}
+
+function assertSame(label: string, r: { cpu: HostResult[]; gpu: HostResult[] }, tol: Tol = {}): void {
+  assert.equal(r.gpu.length, r.cpu.length, `${label}: number of outputs`);
+  r.cpu.forEach((c, k) => {
+    const g = r.gpu[k];
+    const name = r.cpu.length > 1 ? `${label}[out ${k}]` : label;
+    assert.deepEqual([...g.shape], [...c.shape], `${name}: shape`);
+    assert.equal(g.dtype, c.dtype, `${name}: dtype`);
+    const exact = c.dtype === 'int32' || c.dtype === 'bool';
+    const rtol = exact ? 0 : tol.rtol ?? (c.dtype === 'float64' ? 1e-12 : 1e-5);
+    let scale = 0;
+    for (const v of c.values) if (Number.isFinite(v)) scale = Math.max(scale, Math.abs(v));
+    const atol = exact ? 0 : (tol.scaled ?? (c.dtype === 'float64' ? 1e-12 : 1e-6)) * scale;
+    for (let i = 0; i < c.values.length; i++) {
+      const a = c.values[i];
+      const b = g.values[i];
+      if (Number.isNaN(a) || Number.isNaN(b)) {
+        assert.ok(Number.isNaN(a) && Number.isNaN(b), `${name}[${i}]: cpu ${a} vs cuda ${b}`);
+        continue;
+      }
+      if (a === b) continue;
+      assert.ok(Math.abs(a - b) <= atol + rtol * Math.max(Math.abs(a), Math.abs(b)), `${name}[${i}]: cpu ${a} vs cuda ${b} (shape ${c.shape})`);
+    }
+  });
+}
+
+function check(label: string, fn: () => unknown, tol?: Tol): void {
+  assertSame(label, onBoth(fn), tol);
+}
+
+/** Seeded host values (mulberry32), in [lo, hi). */
+function rand(seed: number, n: number, lo = -2, hi = 2): number[] {
+  let s = seed >>> 0;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
+  }
+  return out;
+}
+const size = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+const R = (seed: number, shape: number[], lo = -2, hi = 2, dtype: DType = 'float32') => T.tensor(rand(seed, size(shape), lo, hi), shape, dtype);
+const I = (seed: number, shape: number[], lo: number, hi: number) => T.tensor(rand(seed, size(shape), lo, hi).map(Math.floor), shape, 'int32');
+/** Values on a coarse grid, so comparisons have ties. */
+const Q = (seed: number, shape: number[], dtype: DType = 'float32') => T.tensor(rand(seed, size(shape), -3, 3).map(Math.round), shape, dtype);
+
+// ---- checks that need no GPU ---------------------------------------------------------------------
+
+describe('cuda backend: library search and allocator (no GPU needed)', () => {
+  test('a missing library gives one clear error naming what was looked for and where', () => {
+    const prev = process.env.CUDA_LIB_DIR;
+    process.env.CUDA_LIB_DIR = '/nonexistent/cuda/lib';
+    try {
+      assert.throws(
+        () => openLibrary({ what: 'a test library', names: ['libttt-e2e-missing.so.1'], toolkit: true }),
+        (e: Error) =>
+          // without koffi, the error names koffi instead
+          /koffi/.test(e.message) ||
+          (/could not load a test library/.test(e.message) && /libttt-e2e-missing\.so\.1/.test(e.message) && /\/nonexistent\/cuda\/lib/.test(e.message) && /CUDA_LIB_DIR/.test(e.message)),
+      );
+    } finally {
+      if (prev === undefined) delete process.env.CUDA_LIB_DIR;
+      else process.env.CUDA_LIB_DIR = prev;
+    }
+  });
+
+  test('caching allocator: buckets, reuse, stats, retry after out-of-memory', () => {
+    let next = 4096;
+    let live = 0;
+    let capacity = 10_000;
+    const raw = {
+      alloc: (bytes: number) => {
+        if (live + bytes > capacity) throw new CudaError('out of memory', 2);
+        live += bytes;
+        const p = next;
+        next += bytes;
+        return p;
+      },
+      free: () => {
+        live = 0; // the fake only ever frees everything at once (emptyCache)
+      },
+      isOutOfMemory: (e: unknown) => e instanceof CudaError && e.code === 2,
+    };
+    const a = new CachingAllocator(raw);
+    assert.equal(bucketOf(1), 512);
+    assert.equal(bucketOf(513), 1024);
+    assert.equal(bucketOf(3 << 20), 4 << 20);
+    const x = a.alloc(100);
+    const y = a.alloc(600);
+    assert.deepEqual([a.stats().inUse, a.stats().blocks, a.stats().driverAllocs], [512 + 1024, 2, 2]);
+    a.free(x);
+    assert.equal(a.stats().cached, 512);
+    const z = a.alloc(400); // same bucket: reused, no driver call
+    assert.equal(z.ptr, x.ptr);
+    assert.equal(a.stats().driverAllocs, 2);
+    assert.equal(a.stats().peak, 1536);
+    assert.throws(() => a.free(x), /freed twice/);
+    a.free(y);
+    a.free(z);
+    assert.equal(a.stats().inUse, 0);
+    capacity = 2000;
+    live = 1536;
+    const big = a.alloc(1500); // does not fit next to the cache: cache emptied, then allocated
+    assert.equal(a.stats().cached, 0);
+    assert.equal(a.stats().driverFrees, 2);
+    assert.equal(big.bytes, 1536);
+    assert.equal(a.alloc(0).ptr, 0);
+  });
+});
+
+// ---- every kernel, cuda vs cpu -------------------------------------------------------------------
+
+describe('cuda vs cpu: kernels', gpu, () => {
+  test('info and dtype errors', () => {
+    const info = cuda!.info();
+    console.log(`# cuda device: ${JSON.stringify({ device: info.device, arch: info.arch, driver: info.driverVersion, nvrtc: info.nvrtcVersion, libraries: info.libraries })}`);
+    T.setBackend('cuda');
+    try {
+      assert.throws(() => T.zeros([2], 'bfloat16'), /bfloat16 is not supported/);
+    } finally {
+      T.setBackend('cpu');
+    }
+  });
+
+  test('unary ops (float32, float64) incl. special values', () => {
+    const ops = ['neg', 'exp', 'log', 'sqrt', 'rsqrt', 'tanh', 'sigmoid', 'silu', 'square', 'abs', 'cos', 'sin', 'sign', 'reciprocal'] as const;
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      for (const op of ops) {
+        const positive = ['log', 'sqrt', 'rsqrt'].includes(op);
+        check(`${op} ${dtype}`, () => (T as unknown as Record<string, (x: Tensor) => Tensor>)[op](R(1, [7, 33], positive ? 0.01 : -4, 4, dtype)));
+        check(`${op} ${dtype} specials`, () => (T as unknown as Record<string, (x: Tensor) => Tensor>)[op](T.tensor([0, -0, Infinity, -Infinity, NaN, 1e-30, -1e30, 88.5, -88.5], [9], dtype)));
+      }
+    }
+  });
+
+  test('int32 unary and binary ops (exact, JS wrapping)', () => {
+    for (const op of ['neg', 'abs', 'square', 'sign'] as const) check(`${op} int32`, () => T[op](I(2, [50], -1000, 1000)));
+    const big = () => T.tensor([2147483647, -2147483648, 123456789, -7, 0, 65536], [6], 'int32');
+    // (div and pow are float-only in the engine)
+    for (const op of ['add', 'sub', 'mul', 'maximum', 'minimum'] as const) {
+      check(`${op} int32`, () => T[op](I(3, [4, 5], -50, 50), I(4, [5], 1, 9)));
+      check(`${op} int32 wrap`, () => T[op](big(), T.tensor([2, 3, -4, 5, 7, 65536], [6], 'int32')));
+    }
+  });
+
+  test('binary ops with broadcasting (float32, float64)', () => {
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      // (div and pow are float-only in the engine)
+    for (const op of ['add', 'sub', 'mul', 'maximum', 'minimum'] as const) {
+        check(`${op} ${dtype} [3,1,5]x[4,5]`, () => T[op](R(10, [3, 1, 5], -2, 2, dtype), R(11, [4, 5], -2, 2, dtype)));
+        check(`${op} ${dtype} scalar`, () => T[op](R(12, [6, 7], -2, 2, dtype), 0.75));
+        check(`${op} ${dtype} transposed`, () => T[op](T.transpose(R(13, [5, 6], -2, 2, dtype)), R(14, [6, 1], -2, 2, dtype)));
+      }
+      check(`pow ${dtype}`, () => T.pow(R(15, [4, 9], 0.1, 3, dtype), R(16, [9], -2, 2, dtype)));
+      check(`max/min NaN ${dtype}`, () => [T.maximum(T.tensor([NaN, 1, 2], [3], dtype), T.tensor([0, NaN, 1], [3], dtype)), T.minimum(T.tensor([NaN, 1, 2], [3], dtype), T.tensor([0, NaN, 1], [3], dtype))]);
+    }
+    check('rank-7 broadcast', () => T.add(R(17, [2, 1, 3, 1, 2, 1, 3]), R(18, [1, 2, 1, 2, 1, 3, 1])));
+  });
+
+  test('comparisons and where (float32, int32, bool)', () => {
+    const cmp = ['equal', 'notEqual', 'less', 'lessEqual', 'greater', 'greaterEqual'] as const;
+    for (const op of cmp) {
+      check(`${op} float32`, () => T[op](Q(20, [4, 6]), Q(21, [6])));
+      check(`${op} int32`, () => T[op](I(22, [4, 6], -3, 3), I(23, [4, 1], -3, 3)));
+      check(`${op} bool`, () => T[op](T.cast(Q(24, [8]), 'bool'), T.cast(Q(25, [8]), 'bool')));
+    }
+    check('where float32', () => T.where(T.greater(Q(26, [3, 1, 4]), 0), R(27, [5, 4]), R(28, [3, 5, 1])));
+    check('where int32', () => T.where(T.less(Q(29, [6]), 0), I(30, [6], -9, 9), I(31, [1], -9, 9)));
+  });
+
+  test('reductions (sum, max, min, mean) over every axis pattern', () => {
+    const shape = [4, 5, 6];
+    const axes: (number | number[] | undefined)[] = [undefined, 0, 1, 2, [0, 1], [1, 2], [0, 2]];
+    for (const dtype of ['float32', 'float64', 'int32'] as DType[]) {
+      const x = () => (dtype === 'int32' ? I(40, shape, -100, 100) : R(40, shape, -2, 2, dtype));
+      for (const ax of axes) {
+        for (const op of ['sum', 'max', 'min'] as const) check(`${op}(${JSON.stringify(ax)}) ${dtype}`, () => T[op](x(), ax, ax === 1));
+      }
+    }
+    check('mean', () => T.mean(R(41, [3, 7, 5]), [0, 2]));
+    check('sum of 100k (long row)', () => T.sum(R(42, [100_000])), { rtol: 1e-6 });
+    check('sum over a long middle axis', () => T.sum(R(43, [3, 5000, 4]), 1));
+    check('max with NaN', () => [T.max(T.tensor([1, NaN, 3, 2], [2, 2]), 1), T.min(T.tensor([1, NaN, 3, 2], [2, 2]), 0)]);
+    check('sum of empty', () => T.sum(T.zeros([0, 3]), 0));
+  });
+
+  test('softmax, logsumexp, logSoftmax, cumsum', () => {
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      check(`softmax last ${dtype}`, () => T.softmax(R(50, [6, 37], -8, 8, dtype)));
+      check(`softmax axis 0 ${dtype}`, () => T.softmax(R(51, [9, 4, 3], -8, 8, dtype), 0));
+      check(`softmax long row ${dtype}`, () => T.softmax(R(52, [2, 3000], -8, 8, dtype)));
+      check(`logsumexp ${dtype}`, () => [T.logsumexp(R(53, [5, 40], -30, 30, dtype)), T.logsumexp(R(54, [5, 4, 3], -3, 3, dtype), [0, 2])]);
+      check(`logSoftmax ${dtype}`, () => T.logSoftmax(R(55, [4, 11], -5, 5, dtype)));
+      check(`logsumexp ±inf ${dtype}`, () => T.logsumexp(T.tensor([-Infinity, -Infinity, 1, Infinity, 0, 0], [3, 2], dtype)));
+      for (const axis of [0, 1, 2]) {
+        check(`cumsum axis ${axis} ${dtype}`, () => T.cumsum(R(56, [4, 5, 6], -2, 2, dtype), axis));
+        check(`cumsum reverse axis ${axis} ${dtype}`, () => T.cumsum(R(57, [4, 5, 6], -2, 2, dtype), axis, true));
+      }
+    }
+    check('cumsum int32', () => T.cumsum(I(58, [3, 40], -50, 50), 1));
+  });
+
+  test('matmul: transposes, batches, broadcast batches, float64', () => {
+    const cases: [string, number[], number[], T.MatmulOptions][] = [
+      ['plain', [5, 7], [7, 3], {}],
+      ['transA', [7, 5], [7, 3], { transA: true }],
+      ['transB', [5, 7], [3, 7], { transB: true }],
+      ['both', [7, 5], [3, 7], { transA: true, transB: true }],
+      ['batched', [2, 3, 4, 5], [2, 3, 5, 6], {}],
+      ['one side unbatched (stride 0)', [4, 5], [3, 5, 6], {}],
+      ['broadcast batches (pointer arrays)', [2, 1, 4, 5], [3, 5, 6], {}],
+      ['broadcast batches transposed', [2, 1, 5, 4], [1, 3, 6, 5], { transA: true, transB: true }],
+      ['k = 0', [3, 0], [0, 4], {}],
+      ['large', [130, 257], [257, 65], {}],
+    ];
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      for (const [name, as, bs, opts] of cases) check(`matmul ${name} ${dtype}`, () => T.matmul(R(60, as, -1, 1, dtype), R(61, bs, -1, 1, dtype), opts), { scaled: dtype === 'float32' ? 2e-6 : 1e-12 });
+    }
+  });
+
+  test('strided copies: transpose, slice, pad, concat, stack, broadcastTo', () => {
+    for (const dtype of ['float32', 'float64', 'int32', 'bool'] as DType[]) {
+      const x = () => T.cast(R(70, [3, 4, 5], -3, 3), dtype);
+      check(`transpose ${dtype}`, () => T.transpose(x(), [2, 0, 1]));
+      check(`slice ${dtype}`, () => T.slice(x(), [1, 0, 2], [3, 3, 5]));
+      check(`pad ${dtype}`, () => T.pad(x(), [[1, 0], [0, 2], [1, 1]], dtype === 'bool' ? 1 : 7));
+      check(`concat ${dtype}`, () => T.concat([x(), x()], 1));
+      check(`stack ${dtype}`, () => T.stack([x(), x(), x()], 2));
+      check(`broadcastTo ${dtype}`, () => T.broadcastTo(T.cast(R(71, [4, 1], -3, 3), dtype), [2, 4, 3]));
+    }
+  });
+
+  test('gather, scatterAdd, takeAlongAxis; out-of-range indices throw', () => {
+    for (const dtype of ['float32', 'float64', 'int32'] as DType[]) {
+      const x = () => T.cast(R(80, [5, 7, 3], -3, 3), dtype);
+      check(`gather axis 1 ${dtype}`, () => T.gather(x(), I(81, [2, 4], 0, 7), 1));
+      check(`gather axis 0 ${dtype}`, () => T.gather(x(), I(82, [6], 0, 5), 0));
+      // repeated indices: the updates add up
+      check(`scatterAdd ${dtype}`, () => T.scatterAdd(x(), T.tensor([1, 1, 6, 0, 1], [5], 'int32'), T.cast(R(83, [5, 5, 3], -3, 3), dtype), 1));
+    }
+    check('gather bool', () => T.gather(T.cast(Q(84, [6, 2]), 'bool'), I(85, [4], 0, 6), 0));
+    check('takeAlongAxis', () => T.takeAlongAxis(R(86, [4, 9]), I(87, [4, 3], 0, 9), 1));
+    // deterministic, in the CPU's order: bit-identical
+    check('embedding-sized scatterAdd', () => T.scatterAdd(T.zeros([50, 16]), I(88, [300], 0, 50), R(89, [300, 16]), 0), { rtol: 0, scaled: 0 });
+    T.setBackend('cuda');
+    try {
+      assert.throws(() => T.tidy(() => T.gather(R(90, [4, 2]), T.tensor([1, 4], [2], 'int32'), 0).toArray()), /gather: index 4 out of range \[0, 4\)/);
+      assert.throws(() => T.tidy(() => T.scatterAdd(R(91, [4, 2]), T.tensor([-1], [1], 'int32'), R(92, [1, 2]), 0).toArray()), /scatterAdd: index -1 out of range/);
+      // indices computed on the device: the kernel finds the bad one, reported at the next sync point
+      assert.throws(() => T.tidy(() => T.gather(R(93, [4, 2]), T.add(T.tensor([0, 2], [2], 'int32'), 3), 0).toArray()), /gather: index 5 out of range \[0, 4\).*found by the kernel/);
+      // the error was reported once: the backend works on
+      assert.equal(T.tidy(() => T.sum(T.ones([3])).item()), 3);
+    } finally {
+      T.setBackend('cpu');
+    }
+  });
+
+  test('casts between float32, float64, int32 and bool; fill', () => {
+    const dts: DType[] = ['float32', 'float64', 'int32', 'bool'];
+    const specials = [0, -0, 1.5, -1.5, 2.5, -2.7, 3e9, -3e9, NaN, Infinity, -Infinity, 255.9, 256, 1e-40];
+    for (const from of dts) {
+      for (const to of dts) {
+        check(`cast ${from}->${to}`, () => T.cast(T.cast(T.tensor(specials, [specials.length], 'float64'), from), to));
+      }
+    }
+    for (const dtype of dts) {
+      // bool takes 0 / 1 (the CPU would store other values modulo 256; cuda stores value != 0)
+      for (const v of dtype === 'bool' ? [0, 1] : [0, -0, 1, -2.5, 7, NaN]) check(`full ${dtype} ${v}`, () => T.full([3, 5], v, dtype));
+    }
+    check('zero-size ops', () => [T.add(T.zeros([0, 3]), T.ones([3])), T.matmul(T.zeros([0, 4]), T.ones([4, 2])), T.exp(T.zeros([2, 0]))]);
+  });
+
+  test('fused banded attention forward and backward', () => {
+    const settings: [string, number[], number[], T.AttentionOptions][] = [
+      ['causal', [2, 3, 10, 8], [2, 3, 10, 8], { qStart: 0, kStart: 0 }],
+      ['window 4', [2, 2, 17, 16], [2, 2, 17, 16], { qStart: 0, kStart: 0, window: 4 }],
+      ['offset queries (cache)', [1, 2, 5, 8], [1, 2, 12, 8], { qStart: 7, kStart: 0, window: 6 }],
+      ['long band, d 64', [1, 2, 300, 64], [1, 2, 300, 64], { qStart: 0, kStart: 0, window: 200 }],
+      ['d 200', [1, 1, 9, 200], [1, 1, 9, 200], { qStart: 0, kStart: 0 }],
+    ];
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      for (const [name, qs, ks, opts] of settings) {
+        const inputs = () => [R(100, qs, -1, 1, dtype), R(101, ks, -1, 1, dtype), R(102, ks, -1, 1, dtype)] as const;
+        check(`attention fwd ${name} ${dtype}`, () => {
+          const [q, k, v] = inputs();
+          return T.scaledDotAttention(q, k, v, opts);
+        }, { scaled: dtype === 'float32' ? 2e-6 : 1e-12 });
+        check(`attention bwd ${name} ${dtype}`, () => {
+          const [q, k, v] = inputs();
+          const w = R(103, qs, -1, 1, dtype);
+          return T.grad((a: Tensor, b: Tensor, c: Tensor) => T.sum(T.mul(T.scaledDotAttention(a, b, c, opts), w)), [0, 1, 2])(q, k, v);
+        }, { scaled: dtype === 'float32' ? 5e-6 : 1e-12 });
+        // on cuda alone: the fused kernels against the composite definition
+        T.setBackend('cuda');
+        try {
+          const err = T.tidy(() => {
+            const [q, k, v] = inputs();
+            return T.max(T.abs(T.sub(T.scaledDotAttention(q, k, v, opts), T.compositeAttention(q, k, v, opts)))).item();
+          });
+          assert.ok(err <= (dtype === 'float32' ? 2e-6 : 1e-12), `attention fused vs composite on cuda ${name} ${dtype}: max error ${err}`);
+        } finally {
+          T.setBackend('cpu');
+        }
+      }
+    }
+  });
+});
+
+// ---- autodiff and the model ----------------------------------------------------------------------
+
+describe('cuda vs cpu: gradients and TTT-E2E', gpu, () => {
+  const f = (x: Tensor, w: Tensor) => {
+    const h = T.silu(T.matmul(x, w));
+    const p = T.softmax(T.mul(h, 1.5), -1);
+    return T.add(T.sum(T.mul(p, T.tanh(h))), T.mean(T.square(T.logsumexp(h, 0))));
+  };
+
+  test('first-order gradients', () => {
+    check('grad f', () => T.grad(f, [0, 1])(R(110, [6, 5], -1, 1), R(111, [5, 7], -1, 1)), { scaled: 1e-5 });
+    check('grad through gather / concat / cumsum / where', () => {
+      const g = (e: Tensor) => {
+        const x = T.gather(e, T.tensor([3, 1, 3, 0], [4], 'int32'), 0);
+        const y = T.concat([x, T.cumsum(x, 0)], 1);
+        return T.sum(T.where(T.greater(y, 0), T.square(y), T.mul(y, -0.5)));
+      };
+      return T.grad(g)(R(112, [5, 6], -1, 1));
+    }, { scaled: 1e-5 });
+  });
+
+  test('second-order gradients (grad of grad)', () => {
+    check('grad of |grad f|^2', () => {
+      const gx = (x: Tensor, w: Tensor) => T.sum(T.square(T.grad(f, 0)(x, w)));
+      return T.grad(gx, [0, 1])(R(113, [4, 5], -1, 1), R(114, [5, 3], -1, 1));
+    }, { scaled: 2e-5 });
+  });
+
+  const tiny = { variant: 'e2e' as const, vocabSize: 16, dModel: 8, nLayers: 2, nHeads: 2, ffnDim: 8, window: 4, miniBatch: 2, innerLr: 1 };
+
+  test('TTT-E2E outer loss and meta-gradient on a tiny config', () => {
+    const c = makeConfig(tiny);
+    check('e2e outer loss + meta-gradient', () => {
+      const params: Params = T.mapLeaves(initParams(c, T.randomKey(7), 'float32'), (t) => (t.rank >= 2 ? T.mul(t, 5) : t));
+      const tokens = T.tensor([1, 5, 2, 9, 3, 3, 12, 7], [1, 8], 'int32');
+      const targets = T.tensor([5, 2, 9, 3, 3, 12, 7, 4], [1, 8], 'int32');
+      const [loss, g] = T.valueAndGrad((p: Params) => e2eOuterLoss(c, p, tokens, targets))(params);
+      return [loss, T.leaves(g)];
+    }, { rtol: 1e-4, scaled: 1e-4 });
+  });
+
+  test('allocator: a repeated training step keeps device memory flat', () => {
+    const be = cuda!;
+    T.setBackend('cuda');
+    try {
+      const c = makeConfig({ ...tiny, variant: 'swa', nLayers: 2 });
+      let params: Params = initParams(c, T.randomKey(3), 'float32');
+      T.mapLeaves(params, (t) => T.keep(t));
+      const tokens = T.keep(T.tensor([1, 5, 2, 9, 3, 3, 12, 7], [1, 8], 'int32'));
+      const targets = T.keep(T.tensor([5, 2, 9, 3, 3, 12, 7, 4], [1, 8], 'int32'));
+      const step = () => {
+        const next = T.tidy(() => {
+          const [, g] = T.valueAndGrad((p: Params) => lmLoss(c, p, tokens, targets))(params);
+          return T.zipMap([params, g as Params], ([p, d]) => T.sub(p, T.mul(d, 0.1)));
+        });
+        T.mapLeaves(next, (t) => T.keep(t));
+        T.dispose(params);
+        params = next;
+      };
+      const seen: { inUse: number; driverAllocs: number; live: number }[] = [];
+      for (let i = 0; i < 6; i++) {
+        step();
+        const s = be.memoryStats();
+        seen.push({ inUse: s.inUse, driverAllocs: s.driverAllocs, live: T.liveTensorCount() });
+      }
+      console.log(`# allocator per step: ${JSON.stringify(seen)}; stats ${JSON.stringify(be.memoryStats())}`);
+      for (let i = 2; i < seen.length; i++) {
+        assert.equal(seen[i].inUse, seen[1].inUse, `device bytes in use grew at step ${i}: ${JSON.stringify(seen)}`);
+        assert.equal(seen[i].live, seen[1].live, `live tensors grew at step ${i}`);
+        assert.equal(seen[i].driverAllocs, seen[1].driverAllocs, `the cache did not serve step ${i}: ${JSON.stringify(seen)}`);
+      }
+      T.dispose(params);
+      T.dispose([tokens, targets]);
+    } finally {
+      T.setBackend('cpu');
+    }
+  });
+});
+
+// keep the Backend type import used for readers of this file
+export type { Backend };
