@@ -56,6 +56,15 @@ describe('ttt CLI', () => {
     assert.equal(fromMem.out, g.out);
   });
 
+  for (const variant of ['kvb-linear', 'kvb-mlp', 'mamba2', 'gated-deltanet']) {
+    test(`the ${variant} baseline trains and evaluates through the CLI`, () => {
+      ok(ttt('train', '--name', `b-${variant}`, '--model', 'tiny', '--variant', variant, '--data', D, '--steps', '2', '--seq-len', '32', '--batch', '2', '--runs-dir', R));
+      const e = ttt('eval', '--run', join(R, `b-${variant}`), '--data', D, '--context', '32', '--docs', '2', '--buckets', '2');
+      ok(e);
+      assert.match(e.out, new RegExp(variant));
+    });
+  }
+
   test('errors a user can hit get one line and a non-zero exit', () => {
     fails(ttt('train', '--name', 'x', '--model', 'tiny', '--variant', 'e2e', '--data', join(dir, 'nope'), '--steps', '2', '--seq-len', '8', '--batch', '1', '--runs-dir', R), /data directory not found/);
     fails(ttt(...trainArgs('t1', 5)), /already exists/);

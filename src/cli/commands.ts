@@ -85,7 +85,7 @@ export async function trainCommand(raw: Record<string, unknown>, resume: boolean
   }
   const o = parseTrainOptions(Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined)));
   const shards = loadShards(o.data);
-  const source = makeSampler(shards, 'train', { seqLen: o.seqLen, seed: o.seed });
+  const source = makeSampler(shards, 'train', { seqLen: o.seqLen, seed: o.seed, starts: o.starts });
   const progress = progressReporter(`${o.name} (${o.variant})`, o.steps);
   const intr = interruptFlag();
   try {

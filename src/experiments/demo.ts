@@ -16,6 +16,8 @@ import { modelConfigFor, parseTrainOptions } from '../train/trainer.js';
 
 export interface DemoOptions {
   minutes: number;
+  /** 'synthetic' (built in code), or real text installed on this machine: 'kjv' or 'web' (docs/data.md). */
+  corpus?: string;
   steps?: number;
   variants: string;
   out: string;
@@ -64,11 +66,14 @@ export async function runDemo(o: DemoOptions): Promise<void> {
   const variants = o.variants.split(',').map((v) => v.trim());
   for (const v of variants) if (!(VARIANTS as readonly string[]).includes(v)) throw new Error(`--variants: unknown variant '${v}' (known: ${VARIANTS.join(', ')})`);
   if (o.fresh && existsSync(o.out)) rmSync(o.out, { recursive: true, force: true });
+  const corpus = o.corpus ?? 'synthetic';
   const dataDir = join(o.out, 'data');
   if (!existsSync(join(dataDir, 'manifest.json'))) {
-    log(`building the synthetic long-document corpus in ${dataDir}`);
-    prepareData({ source: 'synthetic', out: dataDir, tokenizer: 'byte', valFraction: 0.05, testFraction: 0.1, seed: o.seed, synthetic: { seed: o.seed, numDocs: DEMO.docs, length: DEMO.docLength } });
+    log(`building the ${corpus} corpus in ${dataDir}`);
+    prepareData({ source: corpus, out: dataDir, tokenizer: 'byte', valFraction: 0.05, testFraction: 0.1, seed: o.seed, synthetic: { seed: o.seed, numDocs: DEMO.docs, length: DEMO.docLength } });
   }
+  // Books are few and long: start training sequences inside them too, not only at their first tokens.
+  const starts = corpus === 'synthetic' ? 'documents' : 'chunks';
   let steps = o.steps;
   if (!steps) {
     const per = variants.map((v) => secondsPerStep(v as Variant, dataDir));
@@ -83,7 +88,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     const exists = existsSync(join(runDir, 'config.json'));
     await trainCommand({
       name, variant, model: DEMO.model, data: dataDir, seqLen: DEMO.seqLen, batch: DEMO.batch, steps, lr: DEMO.lr,
-      modelOverrides: DEMO.overrides, runsDir, seed: o.seed, checkpointEvery: Math.max(1, Math.floor(steps / 4)),
+      modelOverrides: DEMO.overrides, runsDir, seed: o.seed, checkpointEvery: Math.max(1, Math.floor(steps / 4)), starts,
     }, exists);
     runDirs.push(runDir);
   }

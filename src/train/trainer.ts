@@ -55,6 +55,8 @@ export const trainSchema = z
     evalBatches: z.number().int().positive().default(2),
     checkpointEvery: z.number().int().positive().default(25),
     seed: z.number().int().default(0),
+    /** Where training sequences start: document starts only, or also every seqLen tokens inside long documents (books). */
+    starts: z.enum(['documents', 'chunks']).default('documents'),
     runsDir: z.string().default('runs'),
   })
   .strict();
