@@ -4,7 +4,7 @@
 //   node --import tsx bench/cpu-attention.ts    -> table on stdout, bench/results/cpu-attention.json
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   type AttentionOptions, type Tensor, compositeAttention, foldIn, getBackend, mul, randint, randn, randomKey, scaledDotAttention, sum, tidy,
@@ -14,6 +14,7 @@ import { preset } from '../src/model/config.js';
 import { initParams, type Params } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
 import { setAttentionPath } from '../src/nn/layers.js';
+import { resultsPath } from './results-path.js';
 
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -152,7 +153,7 @@ export async function main(): Promise<{ ops: OpRow[]; models: ModelRow[] }> {
     ops,
     models,
   };
-  const out = join(dirname(fileURLToPath(import.meta.url)), 'results', 'cpu-attention.json');
+  const out = resultsPath('cpu-attention.json');
   mkdirSync(dirname(out), { recursive: true });
   writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
   console.log(`wrote ${out}`);

@@ -4,9 +4,10 @@
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gemm, gemmInfo, setGemmPath, setGemmThreads, type GemmJob, type GemmPath } from '../src/backends/cpu/gemm.js';
+import { resultsPath } from './results-path.js';
 
 /** [m, k, n]: C[m,n] = A[m,k] @ B[k,n]. */
 type Shape = [number, number, number];
@@ -175,7 +176,7 @@ export async function main(): Promise<{ rows: Row[] }> {
     rows,
     targets,
   };
-  const out = join(dirname(fileURLToPath(import.meta.url)), 'results', 'cpu-matmul.json');
+  const out = resultsPath('cpu-matmul.json');
   mkdirSync(dirname(out), { recursive: true });
   writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
   console.log(`wrote ${out}`);

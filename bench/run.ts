@@ -5,7 +5,7 @@
 const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unknown }>> = {
   'cpu-matmul': () => import('./cpu-matmul.js'),
   'cpu-attention': () => import('./cpu-attention.js'),
-  'cpu-variants': () => import('./cpu-variants.js'),
+  variants: () => import('./variants.js'),
 };
 
 const only = process.argv.slice(2);

@@ -1,17 +1,17 @@
 /**
- * Training-step speed of every variant on the CPU, beside SWA of the same size (issue #7 asks the
- * baselines to train at a speed comparable to SWA). One `valueAndGrad(outerLoss)` step of the `mini`
- * preset at B 4, T 512, window 64, mini-batch 32; median of several steps after a warm-up.
- * Writes bench/results/cpu-variants.json.
+ * Training-step speed of every variant beside SWA of the same size (issue #7 asks the baselines to
+ * train at a speed comparable to SWA), on the backend in use (`TTT_DEVICE=cuda` for the GPU). One
+ * `valueAndGrad(outerLoss)` step of the `mini` preset at B 4, T 512, window 64, mini-batch 32; median of
+ * several steps after a warm-up. Writes bench/results/variants-<backend>.json.
  */
 import { writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dispose, getBackend, randint, randomKey, tidy, valueAndGrad } from '../src/index.js';
 import { type Variant, VARIANTS, preset } from '../src/model/config.js';
 import { getMixer } from '../src/model/mixers/index.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
+import { resultsPath } from './results-path.js';
 
 const B = 4;
 const T = 512;
@@ -48,10 +48,10 @@ export async function main(): Promise<unknown> {
   const rows = available.map((variant) => ({ variant, ms: stepMs(variant) }));
   const swa = rows.find((r) => r.variant === 'swa')!.ms;
   const table = rows.map((r) => ({ ...r, tokensPerSec: (B * T) / (r.ms / 1000), vsSwa: r.ms / swa }));
-  console.log(`training step, preset mini, B ${B}, T ${T}, window 64, mini-batch 32 (median of ${REPS})`);
+  console.log(`training step on ${getBackend().name}, preset mini, B ${B}, T ${T}, window 64, mini-batch 32 (median of ${REPS})`);
   console.log('variant          ms/step   tokens/s   time vs SWA');
   for (const r of table) console.log(`${r.variant.padEnd(15)} ${r.ms.toFixed(0).padStart(8)} ${r.tokensPerSec.toFixed(0).padStart(10)} ${r.vsSwa.toFixed(2).padStart(12)}x`);
-  const out = join(dirname(fileURLToPath(import.meta.url)), 'results', 'cpu-variants.json');
+  const out = resultsPath(`variants-${getBackend().name}.json`);
   writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), B, T, reps: REPS, rows: table }, null, 1));
   console.log(`wrote ${out}`);
   return table;
