@@ -14,8 +14,8 @@ import { getMixer, type MixerState } from '../src/model/mixers/index.js';
 import { gatedDeltaChunked, gatedDeltaNetOptions, gatedDeltaStep } from '../src/model/mixers/gated-deltanet.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { innerLoop, outerLoss } from '../src/model/ttt-e2e.js';
-import { Session } from '../src/model/session.js';
 import { adamwInit, adamwUpdate } from '../src/train/adamw.js';
+import { checkReadingEquivalence } from './helpers/session-check.js';
 
 const mixer = getMixer('gated-deltanet');
 
@@ -214,25 +214,7 @@ describe('gated-deltanet mixer', () => {
     const c = cfg({ nLayers: 2, mixer: { chunkSize: 4 } });
     const params: Params = T.mapLeaves(initParams(c, T.randomKey(1), 'float64'), (t) => (t.rank >= 2 ? T.keep(T.mul(t, 12)) : T.keep(t)));
     const doc = T.tidy(() => T.randint(T.randomKey(5), [23], 0, c.vocabSize).toArray());
-    const ref = T.tidy(() => innerLoop(c, params, T.tensor(doc.slice(0, -1), [1, 22], 'int32'), T.tensor(doc.slice(1), [1, 22], 'int32')).tokenNll.toArray());
-    const whole = new Session(c, params);
-    const nll = whole.prefill(doc);
-    assert.ok(Number.isNaN(nll[0]));
-    assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
-    for (const cuts of [[1, 7, 8, 13], [3, 4, 5, 6, 16], [11]]) {
-      const s = new Session(c, params);
-      const pieces: number[] = [];
-      let at = 0;
-      for (const cut of [...cuts, doc.length]) {
-        pieces.push(...s.prefill(doc.slice(at, cut)));
-        at = cut;
-      }
-      assert.ok(maxDiff(pieces.slice(1), nll.slice(1)) < 1e-9, `split at ${cuts}`);
-      assert.ok(maxDiff(s.nextLogProbs(), whole.nextLogProbs()) < 1e-9);
-    }
-    const s1 = new Session(c, params);
-    const single = doc.flatMap((t) => s1.prefill([t]));
-    assert.ok(maxDiff(single.slice(1), nll.slice(1)) < 1e-9, 'token-by-token read');
+    const s1 = checkReadingEquivalence(c, params, doc);
     // decoding keeps the live tensor count bounded
     const counts: number[] = [];
     for (let i = 0; i < 4; i++) {

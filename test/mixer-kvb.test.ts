@@ -11,10 +11,10 @@ import type { Tensor } from '../src/index.js';
 import { type ModelConfig, type ModelConfigInput, makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { innerLoop, lmLoss } from '../src/model/ttt-e2e.js';
-import { Session } from '../src/model/session.js';
 import { type MixerState, getMixer } from '../src/model/mixers/index.js';
 import { type InnerLayer, type KvbKind, type ScanInputs, kvbScan } from '../src/model/mixers/ttt-kvb.js';
 import { AdamW } from '../src/train/adamw.js';
+import { checkReadingEquivalence } from './helpers/session-check.js';
 
 const KINDS: KvbKind[] = ['linear', 'mlp'];
 const EPS = 1e-6;
@@ -198,25 +198,7 @@ describe('kvb: whole models', () => {
       const c = cfg(kind);
       const params = scaled(c);
       const doc = randomTokens(23, c.vocabSize, 5);
-      const ref = T.tidy(() => innerLoop(c, params, T.tensor(doc.slice(0, -1), [1, 22], 'int32'), T.tensor(doc.slice(1), [1, 22], 'int32')).tokenNll.toArray());
-      const whole = new Session(c, params);
-      const nll = whole.prefill(doc);
-      assert.ok(Number.isNaN(nll[0]));
-      assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
-      for (const cuts of [[1, 7, 8, 13], [3, 5, 6, 17]]) {
-        const s = new Session(c, params);
-        const pieces: number[] = [];
-        let at = 0;
-        for (const cut of [...cuts, doc.length]) {
-          pieces.push(...s.prefill(doc.slice(at, cut)));
-          at = cut;
-        }
-        assert.ok(maxDiff(pieces.slice(1), nll.slice(1)) < 1e-9, `split at ${cuts}`);
-        assert.ok(maxDiff(s.nextLogProbs(), whole.nextLogProbs()) < 1e-9);
-      }
-      const s1 = new Session(c, params);
-      const single = doc.flatMap((t) => s1.prefill([t]));
-      assert.ok(maxDiff(single.slice(1), nll.slice(1)) < 1e-9, 'token-by-token read');
+      checkReadingEquivalence(c, params, doc, [[1, 7, 8, 13], [3, 5, 6, 17]]);
     });
 
     test(`${kind}: gradients w.r.t. the mixer's parameters match central differences`, () => {

@@ -14,8 +14,8 @@ import { type MixerState, getMixer } from '../src/model/mixers/index.js';
 import { type Mamba2State, mamba2Options, softplus } from '../src/model/mixers/mamba2.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { innerLoop, lmLoss } from '../src/model/ttt-e2e.js';
-import { Session } from '../src/model/session.js';
 import { AdamW } from '../src/train/adamw.js';
+import { checkReadingEquivalence } from './helpers/session-check.js';
 
 // ---- helpers ---------------------------------------------------------------------------------
 
@@ -269,25 +269,7 @@ describe('mamba2 model', () => {
 
   test('Session: one prefill = the inner loop; pieces and token-by-token reads = one read', () => {
     const doc = randTokens(23, 5);
-    const ref = nllOf(doc.slice(0, -1), doc.slice(1));
-    const whole = new Session(c, params);
-    const nll = whole.prefill(doc);
-    assert.ok(Number.isNaN(nll[0]));
-    assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
-    for (const cuts of [[1, 7, 8, 13], [3, 4, 5, 6, 16], [11]]) {
-      const s = new Session(c, params);
-      const pieces: number[] = [];
-      let at = 0;
-      for (const cut of [...cuts, doc.length]) {
-        pieces.push(...s.prefill(doc.slice(at, cut)));
-        at = cut;
-      }
-      assert.ok(maxDiff(pieces.slice(1), nll.slice(1)) < 1e-9, `split at ${cuts}`);
-      assert.ok(maxDiff(s.nextLogProbs(), whole.nextLogProbs()) < 1e-9);
-    }
-    const s1 = new Session(c, params);
-    const single = doc.flatMap((t) => s1.prefill([t]));
-    assert.ok(maxDiff(single.slice(1), nll.slice(1)) < 1e-9, 'token-by-token read');
+    const s1 = checkReadingEquivalence(c, params, doc);
     // decoding continues from the state
     const before = T.liveTensorCount();
     s1.decode(3);

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import * as T from '../src/index.js';
 import { type Variant, makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
-import { innerLoop } from '../src/model/ttt-e2e.js';
+import { checkReadingEquivalence } from './helpers/session-check.js';
 import { Session, sample } from '../src/model/session.js';
 
 const VARIANTS: Variant[] = ['e2e', 'naive', 'swa', 'full', 'hybrid'];
@@ -24,26 +24,7 @@ describe('Session', () => {
       const c = cfg(variant);
       const params = scaled(c);
       const doc = randomTokens(23, c.vocabSize, 5); // not a multiple of the mini-batch
-      const ref = innerLoop(c, params, T.tensor(doc.slice(0, -1), [1, 22], 'int32'), T.tensor(doc.slice(1), [1, 22], 'int32')).tokenNll.toArray();
-      const whole = new Session(c, params);
-      const nll = whole.prefill(doc);
-      assert.ok(Number.isNaN(nll[0]));
-      assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
-      for (const cuts of [[1, 7, 8, 13], [3, 4, 5, 6, 16], [11]]) {
-        const s = new Session(c, params);
-        const pieces: number[] = [];
-        let at = 0;
-        for (const cut of [...cuts, doc.length]) {
-          pieces.push(...s.prefill(doc.slice(at, cut)));
-          at = cut;
-        }
-        assert.ok(maxDiff(pieces.slice(1), nll.slice(1)) < 1e-9, `split at ${cuts}`);
-        assert.ok(maxDiff(s.nextLogProbs(), whole.nextLogProbs()) < 1e-9);
-      }
-      // token by token = incremental decoding with caches
-      const s1 = new Session(c, params);
-      const single = doc.flatMap((t) => s1.prefill([t]));
-      assert.ok(maxDiff(single.slice(1), nll.slice(1)) < 1e-9, 'token-by-token read');
+      checkReadingEquivalence(c, params, doc);
     });
   }
 
