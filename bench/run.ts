@@ -5,6 +5,7 @@
 const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unknown }>> = {
   'cpu-matmul': () => import('./cpu-matmul.js'),
   'cpu-attention': () => import('./cpu-attention.js'),
+  'cpu-elementwise': () => import('./cpu-elementwise.js'),
   variants: () => import('./variants.js'),
 };
 

@@ -3,10 +3,13 @@
 //   gemm.wasm          baseline: WebAssembly SIMD128 + threads (runs on Node >= 16)
 //   gemm-relaxed.wasm  same, with relaxed_madd (fused multiply-add); picked at run time where the
 //                      engine validates it (Node >= 22, or Node 20 with --experimental-wasm-relaxed-simd)
+//   elementwise.wasm   float32 exp / sigmoid / silu, softmax / logsumexp rows and the attention probability
+//                      blocks, WebAssembly SIMD128 (src/backends/cpu/wasm-elementwise.ts)
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import wabtInit from 'wabt';
+import { generateElementwiseWat } from '../src/backends/cpu/wasm/elementwise-wat.mjs';
 import { generateWat } from '../src/backends/cpu/wasm/gemm-wat.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -16,9 +19,13 @@ export async function buildWasm({ config, outDir: dir = outDir, quiet = false } 
   const wabt = await wabtInit();
   mkdirSync(dir, { recursive: true });
   const outputs = [];
-  for (const [name, relaxed] of [['gemm.wasm', false], ['gemm-relaxed.wasm', true]]) {
-    const wat = generateWat({ relaxed, config });
-    const features = { simd: true, threads: true, relaxed_simd: relaxed };
+  const modules = [
+    ['gemm.wasm', () => generateWat({ relaxed: false, config }), { simd: true, threads: true, relaxed_simd: false }],
+    ['gemm-relaxed.wasm', () => generateWat({ relaxed: true, config }), { simd: true, threads: true, relaxed_simd: true }],
+    ['elementwise.wasm', () => generateElementwiseWat(), { simd: true }],
+  ];
+  for (const [name, makeWat, features] of modules) {
+    const wat = makeWat();
     const mod = wabt.parseWat(name.replace('.wasm', '.wat'), wat, features);
     try {
       mod.validate(features);

@@ -9,6 +9,7 @@ import type { AttentionJob } from '../../engine/backend.js';
 import { type DType, hostArray } from '../../engine/dtype.js';
 import { gemm } from './gemm.js';
 import { pool } from './pool.js';
+import { wasmBandProbabilitiesF32 } from './wasm-elementwise.js';
 
 type FloatArray = Float32Array | Float64Array;
 
@@ -63,6 +64,24 @@ const stepOffsets = (batch: number, step: number): Int32Array => Int32Array.from
 function probabilities(s: FloatArray, job: AttentionJob, blk: Block, lse: FloatArray, computeLse: boolean): void {
   const { batch, tq, scale } = job;
   const { i0, m, lo, nk } = blk;
+  if (s instanceof Float32Array && lse instanceof Float32Array) {
+    // float32: the exp part in WebAssembly SIMD (./wasm-elementwise.ts) when built, then the zeros.
+    const band = new Int32Array(2 * m);
+    for (let r = 0; r < m; r++) {
+      band[2 * r] = bandLo(job, i0 + r) - lo;
+      band[2 * r + 1] = bandHi(job, i0 + r) - lo;
+    }
+    if (wasmBandProbabilitiesF32(s, batch, m, nk, band, scale, lse, tq, i0, computeLse)) {
+      for (let b = 0; b < batch; b++) {
+        for (let r = 0; r < m; r++) {
+          const row = (b * m + r) * nk;
+          s.fill(0, row, row + band[2 * r]);
+          s.fill(0, row + band[2 * r + 1] + 1, row + nk);
+        }
+      }
+      return;
+    }
+  }
   for (let b = 0; b < batch; b++) {
     for (let r = 0; r < m; r++) {
       const i = i0 + r;

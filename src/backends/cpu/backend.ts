@@ -2,7 +2,8 @@
  * The CPU backend: typed-array storage recycled through a pool (./pool.ts), elementwise loops
  * generated once per op and array types (./elementwise.ts: one generator for every unary, binary,
  * compare and select kernel), and matrix products through ./gemm.ts (OpenBLAS when present, else
- * WebAssembly SIMD).
+ * WebAssembly SIMD). Float32 exp / sigmoid / silu and softmax / logsumexp rows go through
+ * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
 import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
 import type { DType, HostArray } from '../../engine/dtype.js';
@@ -11,6 +12,7 @@ import { attentionBackward, attentionForward } from './attention.js';
 import { TYPE_TAG, makeFlatKernel, makeStridedKernel } from './elementwise.js';
 import { gemm, gemmInfo } from './gemm.js';
 import { pool } from './pool.js';
+import { type WasmUnaryOp, wasmElementwiseInfo, wasmLogsumexpF32, wasmSoftmaxF32, wasmUnaryF32 } from './wasm-elementwise.js';
 
 type Arr = HostArray;
 
@@ -54,6 +56,8 @@ const COMPARE_EXPR: Record<CompareOp, string> = {
   ge: 'x >= y ? 1 : 0',
 };
 
+const WASM_UNARY: ReadonlySet<UnaryOp> = new Set<UnaryOp>(['exp', 'sigmoid', 'silu']);
+
 const cache = new Map<string, unknown>();
 function cached<T>(key: string, make: () => T): T {
   let k = cache.get(key) as T | undefined;
@@ -84,7 +88,7 @@ export class CpuBackend implements Backend {
   readonly name = 'cpu';
 
   info(): Record<string, unknown> {
-    return { name: this.name, matmul: gemmInfo(), pool: pool.stats() };
+    return { name: this.name, matmul: gemmInfo(), wasmElementwise: wasmElementwiseInfo(), pool: pool.stats() };
   }
   upload(values: HostArray, dtype: DType): Arr {
     const out = pool.alloc(dtype, values.length, false);
@@ -107,6 +111,7 @@ export class CpuBackend implements Backend {
   }
   unary(op: UnaryOp, x: unknown, size: number, dtype: DType): Arr {
     const out = pool.alloc(dtype, size, false);
+    if (dtype === 'float32' && WASM_UNARY.has(op) && wasmUnaryF32(op as WasmUnaryOp, x as Float32Array, out as Float32Array, size)) return out;
     const t = TYPE_TAG[dtype];
     cached(`u/${op}/${t}`, () => makeFlatKernel(UNARY_EXPR[op], `k_${op}`, t))(out, x as Arr);
     return out;
@@ -160,6 +165,7 @@ export class CpuBackend implements Backend {
   softmax(xd: unknown, outer: number, n: number, dtype: DType): Arr {
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer * n, false);
+    if (dtype === 'float32' && wasmSoftmaxF32(x as Float32Array, out as Float32Array, outer, n)) return out;
     for (let o = 0; o < outer; o++) {
       const base = o * n;
       let m = -Infinity;
@@ -179,6 +185,7 @@ export class CpuBackend implements Backend {
   logsumexp(xd: unknown, outer: number, n: number, dtype: DType): Arr {
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer, false);
+    if (dtype === 'float32' && wasmLogsumexpF32(x as Float32Array, out as Float32Array, outer, n)) return out;
     for (let o = 0; o < outer; o++) {
       const base = o * n;
       let m = -Infinity;
