@@ -1,12 +1,10 @@
 /** bench/results/<file> of the repository, whether a bench runs from bench/ (tsx) or dist/bench/ (built). */
-import { existsSync, mkdirSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { repoRoot } from '../src/util/repo-root.js';
 
 export function resultsPath(file: string): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json')) && dirname(dir) !== dir) dir = dirname(dir);
-  const out = join(dir, 'bench', 'results');
+  const out = join(repoRoot() ?? '.', 'bench', 'results');
   mkdirSync(out, { recursive: true });
   return join(out, file);
 }

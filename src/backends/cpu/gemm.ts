@@ -8,11 +8,11 @@
 //         into wasm or BLAS costs more than the arithmetic there
 import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import v8 from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { blasGemm, loadBlas } from './blas.js';
+import { repoRoot } from '../../util/repo-root.js';
 
 export type FloatArray = Float32Array | Float64Array;
 
@@ -434,21 +434,12 @@ function relaxedSimdSupported(bytes: BufferSource): boolean {
   return WebAssembly.validate(bytes);
 }
 
-function findRepoRoot(): string | null {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    if (existsSync(join(dir, 'package.json'))) return dir;
-    const parent = dirname(dir);
-    if (parent === dir) return null;
-    dir = parent;
-  }
-}
 
 function getWasm(): WasmGemm | null {
   if (wasm !== undefined) return wasm;
   wasm = null;
   try {
-    const root = findRepoRoot();
+    const root = repoRoot();
     if (!root) throw new Error('package.json not found above gemm.ts');
     const dir = join(root, 'build', 'wasm');
     const load = (file: string) => {

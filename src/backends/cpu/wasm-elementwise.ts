@@ -12,8 +12,8 @@
  * TTT_WASM_ELEMENTWISE=0), and the caller runs its JS loop.
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { repoRoot } from '../../util/repo-root.js';
 
 export type WasmUnaryOp = 'exp' | 'sigmoid' | 'silu';
 
@@ -42,21 +42,12 @@ let f32 = new Float32Array(0);
 let f64 = new Float64Array(0);
 let i32 = new Int32Array(0);
 
-function findRepoRoot(): string | null {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    if (existsSync(join(dir, 'package.json'))) return dir;
-    const parent = dirname(dir);
-    if (parent === dir) return null;
-    dir = parent;
-  }
-}
 
 function load(): typeof mod {
   if (mod !== undefined) return mod;
   mod = null;
   try {
-    const root = findRepoRoot();
+    const root = repoRoot();
     if (!root) throw new Error('package.json not found above wasm-elementwise.ts');
     const file = join(root, 'build', 'wasm', 'elementwise.wasm');
     if (!existsSync(file)) throw new Error(`${file} is missing (run \`npm run build\`)`);
