@@ -202,7 +202,7 @@ const CASES: Array<[string, number[], number[][]]> = [
 
 function broadcastStrides(from: number[], to: number[]): number[] {
   const st = stridesOf(from);
-  return to.map((d, i) => {
+  return to.map((_, i) => {
     const j = i - (to.length - from.length);
     return j < 0 || from[j] === 1 ? 0 : st[j];
   });

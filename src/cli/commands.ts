@@ -122,10 +122,8 @@ export function evaluateRun(runDir: string, dataDir: string, contexts: number[],
   const shards = loadShards(dataDir);
   if (shards.tokenizer.name !== run.tokenizer) throw new Error(`${dataDir} uses tokenizer ${shards.tokenizer.name} but ${runDir} was trained with ${run.tokenizer}`);
   const split = opts.split ?? 'test';
-  const longest = Math.max(...contexts);
   const docs = [...evalDocuments(shards.splits[split], shards.tokenizer.bos, { maxDocuments: opts.maxDocs })].filter((d) => d.inputs.length >= Math.min(...contexts));
   if (docs.length === 0) throw new Error(`no ${split} document in ${dataDir} has ${Math.min(...contexts)} tokens`);
-  void longest;
   const results = evaluateContexts(run.model, params, docs, contexts, { buckets: opts.buckets, onProgress: (m) => log(`eval ${runDir}: ${m}`) });
   dispose(params);
   return { run: runDir, variant: run.model.variant, data: dataDir, split, results };

@@ -5,7 +5,7 @@
  * recording, so the gradient it returns is itself differentiable by them: grad of grad works to
  * any depth, and nothing about "requires grad" outlives the call that created it.
  */
-import { type Tree, leaves, mapLeaves } from './pytree.js';
+import { leaves, mapLeaves } from './pytree.js';
 import { alias, isTracked, record, setTraceDepth, traceDepth } from './runtime.js';
 import { Tensor, closeScope, openScope } from './tensor.js';
 import { add, onesLike, zerosLike } from './ops.js';

@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  type Key, Tensor, concat, dispose, foldIn, keep, leaves, logSoftmax, randomKey, reshape, slice, sub, tensor, tidy,
+  type Key, Tensor, concat, foldIn, keep, leaves, logSoftmax, randomKey, reshape, slice, sub, tensor, tidy,
   threefry2x32, add,
 } from '../engine/index.js';
 import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
@@ -318,4 +318,3 @@ export function sample(logProbs: number[], opts: SamplingOptions, key: Key): num
   return kept[kept.length - 1];
 }
 
-export { dispose };

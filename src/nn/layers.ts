@@ -28,7 +28,6 @@ export function swiglu(x: Tensor, p: MlpWeights): Tensor {
  */
 export function rope(x: Tensor, positions: readonly number[], theta: number): Tensor {
   const D = x.shape[x.rank - 1];
-  const H = x.shape[x.rank - 2];
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
   const half = D / 2;
@@ -48,7 +47,6 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
   const odd = reshape(slice(pairs, [...Array(x.rank).fill(0), 1], [...pairs.shape.slice(0, -1), 2]), [...x.shape.slice(0, -1), half]);
   const rotEven = sub(mul(even, cos), mul(odd, sin));
   const rotOdd = add(mul(even, sin), mul(odd, cos));
-  void H;
   return reshape(stack([rotEven, rotOdd], -1), x.shape);
 }
 

@@ -282,13 +282,12 @@ export class CpuBackend implements Backend {
     }
     return out;
   }
-  cast(xd: unknown, size: number, from: DType, to: DType): Arr {
+  cast(xd: unknown, size: number, _from: DType, to: DType): Arr {
     const x = xd as Arr;
     const out = pool.alloc(to, size, false);
     if (to === 'bool') for (let i = 0; i < size; i++) out[i] = x[i] !== 0 ? 1 : 0;
     else if (to === 'int32') for (let i = 0; i < size; i++) out[i] = Math.trunc(x[i]);
     else out.set(x as ArrayLike<number>);
-    void from;
     return out;
   }
   attentionForward(q: unknown, k: unknown, v: unknown, job: AttentionJob, dtype: DType): { out: Arr; lse: Arr } {

@@ -14,7 +14,7 @@ import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator
 import { KernelCompiler, cacheDir } from './compiler.js';
 import {
   ArgPacker, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError, type DevicePtr,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError,
   type Driver, type Handle, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {

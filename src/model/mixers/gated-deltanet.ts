@@ -134,13 +134,6 @@ export interface GatedDeltaState extends MixerState {
 
 // ---- helpers -----------------------------------------------------------------------------------
 
-/** x[..., i, ...] along `axis` with that axis dropped. */
-function take(x: Tensor, axis: number, i: number): Tensor {
-  const begin = x.shape.map((_, a) => (a === axis ? i : 0));
-  const end = x.shape.map((d, a) => (a === axis ? i + 1 : d));
-  return reshape(slice(x, begin, end), x.shape.filter((_, a) => a !== axis));
-}
-
 /** softplus(x) = log(1 + eˣ), linear above 20 (no overflow, no NaN in the backward pass). */
 export function softplus(x: Tensor): Tensor {
   return where(greater(x, 20), x, log(add(exp(minimum(x, 20)), 1)));
