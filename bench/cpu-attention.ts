@@ -2,9 +2,7 @@
 // forward+backward, and one outer training step of the mini models with either path in the model.
 // Not a test: it reports, it does not assert.
 //   node --import tsx bench/cpu-attention.ts    -> table on stdout, bench/results/cpu-attention.json
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
-import { dirname } from 'node:path';
+import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import {
   type AttentionOptions, type Tensor, compositeAttention, foldIn, getBackend, mul, randint, randn, randomKey, scaledDotAttention, sum, tidy,
@@ -14,33 +12,9 @@ import { preset } from '../src/model/config.js';
 import { initParams, type Params } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
 import { setAttentionPath } from '../src/nn/layers.js';
-import { resultsPath } from './results-path.js';
+import { machine, resultsPath, timeAlternating } from './common.js';
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
-/**
- * Median seconds of each fn, alternating them run by run (after one warm-up each) so that load
- * from elsewhere on the machine falls on both alike; at least `minReps` rounds and `minSeconds`.
- */
-function timeAlternating(fns: Array<() => void>, minReps: number, minSeconds: number, maxReps = 30): { s: number[]; reps: number } {
-  for (const fn of fns) fn();
-  const ts: number[][] = fns.map(() => []);
-  const start = performance.now();
-  let reps = 0;
-  while (reps < maxReps) {
-    fns.forEach((fn, i) => {
-      const t0 = performance.now();
-      fn();
-      ts[i].push((performance.now() - t0) / 1e3);
-    });
-    reps++;
-    if (reps >= minReps && (performance.now() - start) / 1e3 >= minSeconds) break;
-  }
-  return { s: ts.map(median), reps };
-}
 
 interface OpRow {
   shape: string;
@@ -120,15 +94,6 @@ function table(header: string[], rows: string[][]): void {
   for (const r of rows) console.log(fmt(r));
 }
 
-function machine() {
-  let cpuModel = 'unknown';
-  try {
-    cpuModel = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpuModel;
-  } catch {
-    // not Linux
-  }
-  return { cpuModel, cores: availableParallelism(), node: process.version, platform: `${process.platform}-${process.arch}`, date: new Date().toISOString() };
-}
 
 export async function main(): Promise<{ ops: OpRow[]; models: ModelRow[] }> {
   const ops = OP_SHAPES.map(benchOp);
@@ -154,7 +119,6 @@ export async function main(): Promise<{ ops: OpRow[]; models: ModelRow[] }> {
     models,
   };
   const out = resultsPath('cpu-attention.json');
-  mkdirSync(dirname(out), { recursive: true });
   writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
   console.log(`wrote ${out}`);
   return { ops, models };

@@ -14,28 +14,9 @@ import { randint, randomKey, tidy, valueAndGrad } from '../src/index.js';
 import { preset } from '../src/model/config.js';
 import { initParams } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
-import { resultsPath } from './results-path.js';
+import { resultsPath, timeAlternating } from './common.js';
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
-/** Median seconds per call of each fn, alternating them (after a warm-up) so machine load falls on both alike. */
-function timeAlternating(fns: Array<() => void>, minReps: number, minSeconds: number, maxReps = 200): number[] {
-  for (const fn of fns) fn();
-  const ts: number[][] = fns.map(() => []);
-  const start = performance.now();
-  for (let reps = 0; reps < maxReps; reps++) {
-    fns.forEach((fn, i) => {
-      const t0 = performance.now();
-      fn();
-      ts[i].push((performance.now() - t0) / 1e3);
-    });
-    if (reps + 1 >= minReps && (performance.now() - start) / 1e3 >= minSeconds) break;
-  }
-  return ts.map(median);
-}
 
 type Kernel = 'exp' | 'sigmoid' | 'silu' | 'softmax' | 'logsumexp';
 interface KernelRow { kernel: Kernel; size: number; jsNsPerElem: number; wasmNsPerElem: number; speedup: number }
@@ -63,7 +44,7 @@ function kernelRows(quick: boolean): KernelRow[] {
         setWasmElementwise(on);
         for (let r = 0; r < inner; r++) call();
       };
-      const [js, wasm] = timeAlternating([repeat(false), repeat(true)], 7, quick ? 0.3 : 1);
+      const [js, wasm] = timeAlternating([repeat(false), repeat(true)], 7, quick ? 0.3 : 1, 200).s;
       const n = kernel === 'softmax' || kernel === 'logsumexp' ? Math.floor(size / rowLen) * rowLen : size;
       const jsNs = (js / inner / n) * 1e9;
       const wasmNs = (wasm / inner / n) * 1e9;
@@ -91,7 +72,7 @@ function attentionRows(quick: boolean): AttentionRow[] {
       pool.release(f.out, 'float32', f.out.length);
       pool.release(f.lse, 'float32', f.lse.length);
     };
-    const [js, wasm] = timeAlternating([run(false), run(true)], 5, quick ? 0.5 : 2);
+    const [js, wasm] = timeAlternating([run(false), run(true)], 5, quick ? 0.5 : 2, 200).s;
     rows.push({ pass, jsMs: js * 1e3, wasmMs: wasm * 1e3, speedup: js / wasm });
   }
   setWasmElementwise(true);
@@ -112,7 +93,7 @@ function stepRows(quick: boolean): StepRow[] {
         l.item();
       });
     };
-    const [js, wasm] = timeAlternating([step(false), step(true)], quick ? 2 : 8, 0, quick ? 2 : 8);
+    const [js, wasm] = timeAlternating([step(false), step(true)], quick ? 2 : 8, 0, quick ? 2 : 8).s;
     rows.push({ variant, jsMs: js * 1e3, wasmMs: wasm * 1e3, speedup: js / wasm });
   }
   setWasmElementwise(true);

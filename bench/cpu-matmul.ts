@@ -2,12 +2,11 @@
 // measured in the same run. Not a test: it reports, it does not assert.
 //   node --import tsx bench/cpu-matmul.ts        -> table on stdout, bench/results/cpu-matmul.json
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gemm, gemmInfo, setGemmPath, setGemmThreads, type GemmJob, type GemmPath } from '../src/backends/cpu/gemm.js';
-import { resultsPath } from './results-path.js';
+import { machine, median, resultsPath } from './common.js';
 
 /** [m, k, n]: C[m,n] = A[m,k] @ B[k,n]. */
 type Shape = [number, number, number];
@@ -36,10 +35,6 @@ export interface Row {
   ratioToNumpy?: number;
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 function timeGemm([m, k, n]: Shape, maxSeconds: number): { gflops: number; reps: number } {
   const a = Float32Array.from({ length: m * k }, () => Math.random() - 0.5);
@@ -105,15 +100,6 @@ function runNumpy(shapes: Shape[], threads: 1 | 'all'): { results: Array<{ gflop
   return JSON.parse(r.stdout);
 }
 
-function machine() {
-  let cpuModel = 'unknown';
-  try {
-    cpuModel = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpuModel;
-  } catch {
-    // not Linux
-  }
-  return { cpuModel, cores: availableParallelism(), node: process.version, platform: `${process.platform}-${process.arch}`, date: new Date().toISOString() };
-}
 
 /** Environment overrides for OpenBLAS that would make the comparison unfair in either direction. */
 const OPENBLAS_OVERRIDES = ['OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE'];
@@ -177,7 +163,6 @@ export async function main(): Promise<{ rows: Row[] }> {
     targets,
   };
   const out = resultsPath('cpu-matmul.json');
-  mkdirSync(dirname(out), { recursive: true });
   writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
   console.log(`wrote ${out}`);
   return { rows };

@@ -11,7 +11,7 @@ import { type Variant, VARIANTS, preset } from '../src/model/config.js';
 import { getMixer } from '../src/model/mixers/index.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
-import { resultsPath } from './results-path.js';
+import { resultsPath } from './common.js';
 
 const B = 4;
 const T = 512;

@@ -1,0 +1,48 @@
+/** What every benchmark shares: where results go, timing, and the machine they were measured on. */
+import { mkdirSync, readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../src/util/repo-root.js';
+
+/** bench/results/<file> of the repository, whether a bench runs from bench/ (tsx) or dist/bench/ (built). */
+export function resultsPath(file: string): string {
+  const out = join(repoRoot() ?? '.', 'bench', 'results');
+  mkdirSync(out, { recursive: true });
+  return join(out, file);
+}
+
+export const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+/**
+ * Median seconds of each fn, alternating them run by run (after one warm-up each) so that load
+ * from elsewhere on the machine falls on all alike; at least `minReps` rounds and `minSeconds`.
+ */
+export function timeAlternating(fns: Array<() => void>, minReps: number, minSeconds: number, maxReps = 30): { s: number[]; reps: number } {
+  for (const fn of fns) fn();
+  const ts: number[][] = fns.map(() => []);
+  const start = performance.now();
+  let reps = 0;
+  while (reps < maxReps) {
+    fns.forEach((fn, i) => {
+      const t0 = performance.now();
+      fn();
+      ts[i].push((performance.now() - t0) / 1e3);
+    });
+    reps++;
+    if (reps >= minReps && (performance.now() - start) / 1e3 >= minSeconds) break;
+  }
+  return { s: ts.map(median), reps };
+}
+
+export function machine() {
+  let cpuModel = 'unknown';
+  try {
+    cpuModel = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpuModel;
+  } catch {
+    // not Linux
+  }
+  return { cpuModel, cores: availableParallelism(), node: process.version, platform: `${process.platform}-${process.arch}`, date: new Date().toISOString() };
+}
