@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cpu-attention': () => import('./cpu-attention.js'),
   'cpu-elementwise': () => import('./cpu-elementwise.js'),
   variants: () => import('./variants.js'),
+  'cuda-gemm': () => import('./cuda-gemm.js'),
 };
 
 const only = process.argv.slice(2);
