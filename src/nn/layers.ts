@@ -3,13 +3,23 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type Tensor, add, compositeAttention, concat, div, expandDims, tensor, logsumexp, matmul, mean,
-  mul, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, transpose,
+  type AttentionOptions, type Tensor, add, compositeAttention, concat, div, exp, expandDims, greater, log, logsumexp, matmul,
+  mean, mul, neg, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
 /** RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w. */
 export function rmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
   return mul(mul(x, rsqrt(add(mean(square(x), -1, true), eps))), w);
+}
+
+/**
+ * softplus(x) = log(1 + eˣ), stable for large |x|: relu(x) + log(1 + e^(−|x|)), with relu and |x|
+ * as `where`s on x > 0 so that both exponentials stay <= 1 and the gradient is σ(x) everywhere (0.5
+ * at 0, where max/abs subgradients would give 1).
+ */
+export function softplus(x: Tensor): Tensor {
+  const pos = greater(x, 0);
+  return add(where(pos, x, 0), log(add(exp(where(pos, neg(x), x)), 1)));
 }
 
 /** SwiGLU MLP: W2 · (silu(W1 x) ⊙ W3 x). */

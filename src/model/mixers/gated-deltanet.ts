@@ -57,10 +57,10 @@
  */
 import { z } from 'zod';
 import {
-  type Tensor, add, concat, cumsum, exp, expandDims, greater, log, matmul, minimum, mul, neg, pad, reshape, rsqrt,
-  sigmoid, silu, slice, sub, sum, tensor, transpose, uniformHost, where, foldIn, zeros,
+  type Tensor, add, concat, cumsum, exp, expandDims, matmul, minimum, mul, neg, pad, reshape, rsqrt,
+  sigmoid, silu, slice, sub, sum, tensor, transpose, uniformHost, foldIn, zeros,
 } from '../../engine/index.js';
-import { rmsNorm } from '../../nn/layers.js';
+import { rmsNorm, softplus } from '../../nn/layers.js';
 import type { ModelConfig } from '../config.js';
 import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
@@ -133,11 +133,6 @@ export interface GatedDeltaState extends MixerState {
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
-
-/** softplus(x) = log(1 + eˣ), linear above 20 (no overflow, no NaN in the backward pass). */
-export function softplus(x: Tensor): Tensor {
-  return where(greater(x, 20), x, log(add(exp(minimum(x, 20)), 1)));
-}
 
 /** x / sqrt(Σx² + eps) over the last axis. */
 function l2Normalize(x: Tensor, eps: number): Tensor {

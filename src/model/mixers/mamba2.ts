@@ -44,10 +44,10 @@
  */
 import { z as zod } from 'zod';
 import {
-  type Tensor, add, arange, concat, cumsum, exp, expandDims, full, greater, greaterEqual, log, matmul, mul,
+  type Tensor, add, arange, concat, cumsum, exp, expandDims, full, greater, greaterEqual, matmul, mul,
   neg, pad, reshape, silu, slice, sub, tensor, transpose, uniformHost, foldIn, where,
 } from '../../engine/index.js';
-import { rmsNorm } from '../../nn/layers.js';
+import { rmsNorm, softplus } from '../../nn/layers.js';
 import type { ModelConfig } from '../config.js';
 import { type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
@@ -100,15 +100,6 @@ export interface Mamba2State extends MixerState {
   conv: Tensor;
 }
 
-/**
- * softplus(x) = log(1 + eˣ), stable for large |x|: relu(x) + log(1 + e^(−|x|)), with relu and |x|
- * as `where`s on x > 0 so that both exponentials stay <= 1 and the gradient is σ(x) everywhere (0.5
- * at 0, where max/abs subgradients would give 1).
- */
-export function softplus(x: Tensor): Tensor {
-  const pos = greater(x, 0);
-  return add(where(pos, x, 0), log(add(exp(where(pos, neg(x), x)), 1)));
-}
 
 /**
  * exp(segsum(a)) for a [..., Q]: L[..., i, j] = exp(a_{j+1} + … + a_i) for j ≤ i, 0 above the
