@@ -62,7 +62,7 @@ import {
 } from '../../engine/index.js';
 import { rmsNorm, softplus } from '../../nn/layers.js';
 import type { ModelConfig } from '../config.js';
-import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
+import { type Mixer, type MixerState, checkConsecutive, parseMixerOptions, registerMixer } from './registry.js';
 
 // ---- options ---------------------------------------------------------------------------------
 
@@ -97,13 +97,7 @@ export function gatedDeltaNetOptions(c: ModelConfig): GatedDeltaNetOptions {
   let byConfig = optionsCache.get(c.mixer);
   const hit = byConfig?.get(c);
   if (hit) return hit;
-  const parsed = optionsSchema.safeParse(c.mixer);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const field = issue.path.length ? `mixer.${issue.path.join('.')}` : `mixer`;
-    throw new Error(`model config: field '${field}': ${issue.message} (gated-deltanet)`);
-  }
-  const o = parsed.data;
+  const o = parseMixerOptions('gated-deltanet', optionsSchema, c);
   const heads = o.heads ?? c.nHeads;
   const dk = o.headDim ?? c.dModel / heads;
   if (!Number.isInteger(dk)) throw new Error(`model config: field 'mixer.heads': ${heads} heads do not divide dModel ${c.dModel} (gated-deltanet; set mixer.headDim)`);

@@ -49,7 +49,7 @@ import {
 } from '../../engine/index.js';
 import { rmsNorm, softplus } from '../../nn/layers.js';
 import type { ModelConfig } from '../config.js';
-import { type MixerState, checkConsecutive, registerMixer } from './registry.js';
+import { type MixerState, checkConsecutive, parseMixerOptions, registerMixer } from './registry.js';
 
 const optionsSchema = zod
   .object({
@@ -79,12 +79,8 @@ const parsed = new WeakMap<ModelConfig, Mamba2Options>();
 export function mamba2Options(c: ModelConfig): Mamba2Options {
   const hit = parsed.get(c);
   if (hit) return hit;
-  const r = optionsSchema.safeParse(c.mixer);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    throw new Error(`model config: field 'mixer.${issue.path.join('.') || '(root)'}': ${issue.message}`);
-  }
-  const o = { ...r.data, chunk: r.data.chunk ?? c.miniBatch };
+  const data = parseMixerOptions('mamba2', optionsSchema, c);
+  const o = { ...data, chunk: data.chunk ?? c.miniBatch };
   const E = o.expand * c.dModel;
   if (E % o.headDim !== 0) throw new Error(`model config: field 'mixer.headDim': ${o.headDim} does not divide d_inner ${E} (expand ${o.expand} × dModel ${c.dModel})`);
   if (o.dtMin > o.dtMax) throw new Error(`model config: field 'mixer.dtMin': ${o.dtMin} exceeds dtMax ${o.dtMax}`);

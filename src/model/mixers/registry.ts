@@ -9,6 +9,7 @@
  * sequence at once (training), mini-batches (the TTT-E2E inner loop, prefill) and one token at a
  * time (decoding) all go through the same `forward`.
  */
+import type { ZodTypeAny, output } from 'zod';
 import type { Key, Tensor } from '../../engine/index.js';
 import type { ModelConfig } from '../config.js';
 
@@ -46,4 +47,17 @@ export function getMixer(kind: string): Mixer {
 /** Throws unless positions are consecutive (mixers take a chunk's start, not arbitrary positions). */
 export function checkConsecutive(what: string, positions: readonly number[]): void {
   if (positions.some((p, i) => p !== positions[0] + i)) throw new Error(`${what}: positions must be consecutive, got ${positions.slice(0, 8).join(',')}…`);
+}
+
+/**
+ * A mixer's options (`c.mixer`) validated by its schema, defaults filled in. Errors name the field like
+ * makeConfig's ("model config: field 'mixer.chunkSize': ..."); an unknown key is reported on 'mixer'
+ * with zod's message, which names the key.
+ */
+export function parseMixerOptions<S extends ZodTypeAny>(kind: string, schema: S, c: ModelConfig): output<S> {
+  const r = schema.safeParse(c.mixer);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0];
+  const field = issue.path.length ? `mixer.${issue.path.join('.')}` : 'mixer';
+  throw new Error(`model config: field '${field}': ${issue.message} (${kind})`);
 }

@@ -56,7 +56,7 @@ import {
 } from '../../engine/index.js';
 import { mergeHeads, rope } from '../../nn/layers.js';
 import { type ModelConfig, headDim } from '../config.js';
-import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
+import { type Mixer, type MixerState, checkConsecutive, parseMixerOptions, registerMixer } from './registry.js';
 
 export type KvbKind = 'linear' | 'mlp';
 
@@ -91,13 +91,8 @@ export function kvbOptions(c: ModelConfig, kind: KvbKind): KvbOptions {
   let byKind = optionCache.get(c.mixer);
   const hit = byKind?.get(kind);
   if (hit) return hit;
-  const parsed = optionsSchema.safeParse(c.mixer);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const field = issue.path.length ? issue.path.join('.') : (issue as { keys?: string[] }).keys?.join(', ') ?? '(root)';
-    throw new Error(`model config: field 'mixer.${field}': ${issue.message}`);
-  }
-  const o: KvbOptions = { ...parsed.data, baseLr: parsed.data.baseLr ?? (kind === 'linear' ? 1 : 0.1) };
+  const data = parseMixerOptions(`kvb-${kind}`, optionsSchema, c);
+  const o: KvbOptions = { ...data, baseLr: data.baseLr ?? (kind === 'linear' ? 1 : 0.1) };
   if (!byKind) optionCache.set(c.mixer, (byKind = new Map()));
   byKind.set(kind, o);
   return o;
