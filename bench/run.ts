@@ -8,6 +8,8 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cpu-elementwise': () => import('./cpu-elementwise.js'),
   variants: () => import('./variants.js'),
   'cuda-gemm': () => import('./cuda-gemm.js'),
+  'cuda-overhead': () => import('./cuda-overhead.js'),
+  'cuda-train': () => import('./cuda-train.js'),
 };
 
 const only = process.argv.slice(2);

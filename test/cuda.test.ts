@@ -70,13 +70,13 @@ interface Tol {
   scaled?: number;
 }
 
-function assertSame(label: string, r: { cpu: HostResult[]; gpu: HostResult[] }, tol: Tol = {}): void {
+function assertSame(label: string, r: { cpu: HostResult[]; gpu: HostResult[] }, tol: Tol & { anyDType?: boolean } = {}): void {
   assert.equal(r.gpu.length, r.cpu.length, `${label}: number of outputs`);
   r.cpu.forEach((c, k) => {
     const g = r.gpu[k];
     const name = r.cpu.length > 1 ? `${label}[out ${k}]` : label;
     assert.deepEqual([...g.shape], [...c.shape], `${name}: shape`);
-    assert.equal(g.dtype, c.dtype, `${name}: dtype`);
+    if (!tol.anyDType) assert.equal(g.dtype, c.dtype, `${name}: dtype`);
     const exact = c.dtype === 'int32' || c.dtype === 'bool';
     const rtol = exact ? 0 : tol.rtol ?? (c.dtype === 'float64' ? 1e-12 : 1e-5);
     let scale = 0;
@@ -190,7 +190,8 @@ describe('cuda vs cpu: kernels', gpu, () => {
     console.log(`# cuda device: ${JSON.stringify({ device: info.device, arch: info.arch, driver: info.driverVersion, nvrtc: info.nvrtcVersion, libraries: info.libraries })}`);
     T.setBackend('cuda');
     try {
-      assert.throws(() => T.zeros([2], 'bfloat16'), /bfloat16 is not supported/);
+      assert.deepEqual(T.zeros([2], 'bfloat16').toArray(), [0, 0]);
+      assert.throws(() => T.softmax(T.tensor([1, 2], [2], 'int32')), /softmax needs a float dtype/);
     } finally {
       T.setBackend('cpu');
     }
@@ -456,6 +457,129 @@ describe('cuda vs cpu: gradients and TTT-E2E', gpu, () => {
     } finally {
       T.setBackend('cpu');
     }
+  });
+});
+
+// ---- bfloat16 -----------------------------------------------------------------------------------
+
+/**
+ * bf16 on cuda against float32 on the CPU from the same bf16-rounded inputs: `fn(dtype)` builds its
+ * inputs with B16 in that dtype. Differences come from bf16 rounding of results (2^-9 relative per
+ * rounding) and of intermediates, so tolerances are ~1e-2.
+ */
+function checkBf16(label: string, fn: (dt: DType) => unknown, tol: Tol = {}): void {
+  const run = (name: string, dt: DType): HostResult[] => {
+    T.setBackend(name);
+    try {
+      return T.tidy(() => toHost(fn(dt)));
+    } finally {
+      T.setBackend('cpu');
+    }
+  };
+  assertSame(label, { cpu: run('cpu', 'float32'), gpu: run('cuda', 'bfloat16') }, { rtol: 8e-3, scaled: 8e-3, ...tol, anyDType: true });
+}
+const B16 = (seed: number, shape: number[], lo: number, hi: number, dt: DType) => T.tensor(T.roundToBfloat16(rand(seed, size(shape), lo, hi)), shape, dt);
+
+describe('cuda bfloat16 vs cpu float32', gpu, () => {
+  const onCuda = <R>(fn: () => R): R => {
+    T.setBackend('cuda');
+    try {
+      return fn();
+    } finally {
+      T.setBackend('cpu');
+    }
+  };
+
+  test('upload, download and casts round to nearest even exactly as the host does', () => {
+    const specials = [0, -0, 1, -1, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -9, 3.4e38, -3.4e38, 1e-40, -1e-42, 2 ** -133, Infinity, -Infinity, NaN, 65504.5, 0.1, -0.3];
+    const values = [...specials, ...rand(90, 500, -1e4, 1e4), ...rand(91, 500, -1e-3, 1e-3)];
+    const want = [...T.roundToBfloat16(values)];
+    onCuda(() => {
+      const same = (got: number[], what: string) => got.forEach((v, i) => assert.ok(Object.is(v, want[i]) || (Number.isNaN(v) && Number.isNaN(want[i])), `${what}[${i}]: ${values[i]} -> ${v}, want ${want[i]}`));
+      same(T.tensor(values, [values.length], 'bfloat16').toArray(), 'upload');
+      same(T.cast(T.tensor(values, [values.length], 'float32'), 'bfloat16').toArray(), 'cast float32->bfloat16');
+      same(T.cast(T.cast(T.tensor(values, [values.length], 'bfloat16'), 'float32'), 'bfloat16').toArray(), 'bf16->f32->bf16');
+      assert.deepEqual(T.cast(T.tensor([1.7, -2.5, 0, 3], [4], 'bfloat16'), 'int32').toArray(), [1, -2, 0, 3]);
+      assert.deepEqual(T.cast(T.tensor([0, 2, -0], [3], 'bfloat16'), 'bool').toArray(), [0, 1, 0]);
+      assert.deepEqual(T.full([3], 0.1, 'bfloat16').toArray(), [...T.roundToBfloat16([0.1, 0.1, 0.1])]);
+    });
+  });
+
+  test('elementwise, broadcasts, comparisons and where', () => {
+    const ops = ['neg', 'exp', 'log', 'sqrt', 'rsqrt', 'tanh', 'sigmoid', 'silu', 'square', 'abs', 'cos', 'sin', 'reciprocal'] as const;
+    for (const op of ops) {
+      const positive = ['log', 'sqrt', 'rsqrt'].includes(op);
+      checkBf16(`${op} bf16`, (dt) => (T as unknown as Record<string, (x: Tensor) => Tensor>)[op](B16(1, [7, 33], positive ? 0.01 : -4, 4, dt)));
+    }
+    for (const op of ['add', 'sub', 'mul', 'div', 'maximum', 'minimum'] as const) {
+      checkBf16(`${op} bf16 [3,1,5]x[4,5]`, (dt) => T[op](B16(10, [3, 1, 5], 0.5, 2, dt), B16(11, [4, 5], 0.5, 2, dt)));
+      checkBf16(`${op} bf16 transposed`, (dt) => T[op](T.transpose(B16(13, [5, 6], 0.5, 2, dt)), B16(14, [6, 1], 0.5, 2, dt)));
+    }
+    checkBf16('compare + where bf16', (dt) => {
+      const a = B16(20, [4, 6], -2, 2, dt);
+      const b = B16(21, [6], -2, 2, dt);
+      return [T.cast(T.greater(a, b), 'float32'), T.where(T.less(a, b), a, T.mul(b, 2))];
+    });
+  });
+
+  test('reductions, softmax, logsumexp, cumsum', () => {
+    for (const ax of [undefined, 0, 1, 2, [0, 2]] as (number | number[] | undefined)[]) {
+      for (const op of ['sum', 'max', 'min', 'mean'] as const) checkBf16(`${op}(${JSON.stringify(ax)}) bf16`, (dt) => T[op](B16(40, [4, 50, 6], -2, 2, dt), ax));
+    }
+    checkBf16('softmax bf16', (dt) => [T.softmax(B16(50, [6, 37], -8, 8, dt)), T.softmax(B16(51, [2, 3000], -8, 8, dt))]);
+    checkBf16('logsumexp / logSoftmax bf16', (dt) => [T.logsumexp(B16(53, [5, 40], -30, 30, dt)), T.logSoftmax(B16(55, [4, 11], -5, 5, dt))]);
+    checkBf16('cumsum bf16', (dt) => [T.cumsum(B16(56, [4, 20, 6], -2, 2, dt), 1), T.cumsum(B16(57, [4, 5, 6], -2, 2, dt), 2, true)], { scaled: 1.5e-2 });
+  });
+
+  test('matmul on tensor cores: transposes, strided and pointer-array batches', () => {
+    const cases: [string, number[], number[], T.MatmulOptions][] = [
+      ['plain', [5, 7], [7, 3], {}],
+      ['both transposed', [7, 5], [3, 7], { transA: true, transB: true }],
+      ['batched', [2, 3, 4, 5], [2, 3, 5, 6], {}],
+      ['broadcast batches (pointer arrays)', [2, 1, 4, 5], [3, 5, 6], {}],
+      ['large', [130, 257], [257, 65], {}],
+    ];
+    for (const [name, as, bs, opts] of cases) checkBf16(`matmul ${name} bf16`, (dt) => T.matmul(B16(60, as, -1, 1, dt), B16(61, bs, -1, 1, dt), opts));
+  });
+
+  test('copies, gather and scatter-add (its gradient)', () => {
+    checkBf16('transpose / slice / concat bf16', (dt) => {
+      const x = B16(70, [3, 4, 5], -3, 3, dt);
+      return [T.transpose(x, [2, 0, 1]), T.slice(x, [1, 0, 2], [3, 3, 5]), T.concat([x, x], 1)];
+    });
+    checkBf16('gather + scatterAdd bf16', (dt) => {
+      const idx = T.tensor([3, 1, 3, 0, 3], [5], 'int32');
+      return T.grad((e: Tensor) => T.sum(T.mul(T.gather(e, idx, 0), B16(81, [5, 6], -1, 1, dt))))(B16(80, [5, 6], -1, 1, dt));
+    });
+  });
+
+  test('mixed precision: bf16 compute from float32 master weights, gradients reach the masters in float32', () => {
+    const f = (dt: DType) => (x: Tensor, w: Tensor) => {
+      const h = T.silu(T.matmul(T.cast(x, dt), T.cast(w, dt)));
+      const p = T.softmax(T.mul(h, 1.5), -1);
+      return T.cast(T.sum(T.mul(p, T.tanh(h))), 'float32');
+    };
+    const x = () => T.tensor(T.roundToBfloat16(rand(110, 30, -1, 1)), [6, 5]);
+    const w = () => T.tensor(T.roundToBfloat16(rand(111, 35, -1, 1)), [5, 7]);
+    checkBf16('loss and grads', (dt) => {
+      const [loss, g] = T.valueAndGrad(f(dt), { argnums: [0, 1] })(x(), w());
+      for (const t of g as Tensor[]) assert.equal(t.dtype, 'float32');
+      return [loss, g];
+    }, { rtol: 3e-2, scaled: 3e-2 });
+  });
+
+  test('a bf16-compute TTT-E2E outer loss and meta-gradient stay near float32, with float32 gradients', () => {
+    const base = { variant: 'e2e' as const, vocabSize: 32, dModel: 32, nLayers: 4, nHeads: 2, ffnDim: 32, window: 8, miniBatch: 4, innerLr: 1 };
+    checkBf16('e2e bf16 compute', (dt) => {
+      const c = makeConfig({ ...base, computeDType: dt === 'bfloat16' ? 'bfloat16' : undefined });
+      const params: Params = T.mapLeaves(initParams(c, T.randomKey(7), 'float32'), (t) => (t.rank >= 2 ? T.mul(t, 5) : t));
+      const tokens = T.tensor(rand(120, 16, 0, 32).map(Math.floor), [1, 16], 'int32');
+      const targets = T.tensor(rand(121, 16, 0, 32).map(Math.floor), [1, 16], 'int32');
+      const [loss, g] = T.valueAndGrad((p: Params) => e2eOuterLoss(c, p, tokens, targets))(params);
+      for (const t of T.leaves(g)) assert.equal(t.dtype, 'float32');
+      assert.equal((loss as Tensor).dtype, 'float32');
+      return [loss, T.leaves(g)];
+    }, { rtol: 5e-2, scaled: 5e-2 });
   });
 });
 

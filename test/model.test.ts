@@ -67,6 +67,9 @@ describe('config', () => {
     assert.throws(() => makeConfig({ ...base, variant: 'full', suffixLen: 1 }), (e: Error) => /'suffixLen'/.test(e.message));
     assert.throws(() => makeConfig({ ...base, variant: 'e2e', suffixLen: 3 }), (e: Error) => /'suffixLen'/.test(e.message));
     assert.throws(() => makeConfig({ ...base, variant: 'hybrid', layerPattern: ['full'] }), (e: Error) => /'layerPattern'/.test(e.message));
+    assert.throws(() => makeConfig({ ...base, variant: 'mamba2', computeDType: 'bfloat16' }), (e: Error) => /'computeDType'/.test(e.message) && /mamba2/.test(e.message));
+    assert.throws(() => makeConfig({ ...base, variant: 'swa', computeDType: 'float16' as 'bfloat16' }), (e: Error) => /'computeDType'/.test(e.message));
+    assert.equal(makeConfig({ ...base, variant: 'e2e', computeDType: 'bfloat16' }).computeDType, 'bfloat16');
     // window == miniBatch is allowed
     assert.equal(makeConfig({ ...base, variant: 'e2e', window: 4, miniBatch: 4 }).window, 4);
   });
@@ -220,7 +223,7 @@ describe('TTT-E2E degenerate cases', () => {
   test('update: false equals a plain whole-sequence forward and lmLoss', () => {
     const nll = nllOf(c, p, tokens, targets, { update: false });
     const plain = T.tidy(() => {
-      const h = runBlocks(c, p, 0, c.nLayers, embed(p, ids(tokens)), range(0, tokens.length), [], p.fast).x;
+      const h = runBlocks(c, p, 0, c.nLayers, embed(c, p, ids(tokens)), range(0, tokens.length), [], p.fast).x;
       return tokenNll(logits(c, p, h), ids(targets)).toArray();
     });
     assert.ok(maxAbsDiff(nll, plain) <= 1e-12, `per-token NLL differs from the whole-sequence forward by ${maxAbsDiff(nll, plain)}`);
@@ -319,7 +322,7 @@ describe('meta-gradient', () => {
     return T.tidy(() => {
       const s = suffixStart(c);
       const Tn = tokens.shape[1];
-      const prefix = runBlocks(c, params, 0, s, embed(params, tokens), range(0, Tn), [], []).x;
+      const prefix = runBlocks(c, params, 0, s, embed(c, params, tokens), range(0, Tn), [], []).x;
       let fast: FastWeights = perSequence(params.fast, 1);
       let caches: Parameters<typeof miniBatchStep>[3] = [];
       const norms: number[] = [];

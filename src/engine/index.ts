@@ -15,5 +15,6 @@ export { Tensor, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } f
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
 export type { AttentionJob, Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';
+export { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from './dtype.js';
 export type { Shape } from './shape.js';
 export { type Tree, leaves, mapLeaves, unflatten, zipMap } from './pytree.js';

@@ -44,6 +44,12 @@ const configSchema = z
     ilrWarmupSteps: z.number().int().nonnegative().default(0),
     /** Stop the outer gradient through the inner gradients (first-order meta-learning). */
     firstOrder: z.boolean().default(false),
+    /**
+     * Mixed precision (SPEC §1: bf16 compute, fp32 parameters and fast-weight state): activations
+     * in bfloat16, each weight cast where it is used, the loss from float32 logits. Absent: compute
+     * in the parameters' dtype. Attention mixers only (the others say so).
+     */
+    computeDType: z.literal('bfloat16').optional(),
   })
   .strict();
 
@@ -70,7 +76,10 @@ export function makeConfig(input: ModelConfigInput): ModelConfig {
   if (ttt && c.window < c.miniBatch) fail('window', `window ${c.window} must be >= miniBatch ${c.miniBatch} for test-time training`);
   if (c.layerPattern && c.layerPattern.length !== c.nLayers) fail('layerPattern', `has ${c.layerPattern.length} entries for ${c.nLayers} layers`);
   if (c.layerPattern && c.variant !== 'hybrid') fail('layerPattern', `only the hybrid variant takes a layer pattern`);
-  return { ...c, suffixLen };
+  const out = { ...c, suffixLen };
+  const other = layerKinds(out).find((k) => k !== 'full' && k !== 'swa');
+  if (c.computeDType && other) fail('computeDType', `bfloat16 compute is implemented for attention models only, not the ${other} mixer`);
+  return out;
 }
 
 /** The sequence mixer of each layer. */

@@ -164,7 +164,7 @@ export class Session {
     const positions = range(s.position, tokens.length);
     const firstNll = s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
     const r = tidy(() => {
-      const x = embed(this.params, tensor(tokens, [1, tokens.length], 'int32'));
+      const x = embed(c, this.params, tensor(tokens, [1, tokens.length], 'int32'));
       const prefix = runBlocks(c, this.params, 0, ss, x, positions, s.caches.slice(0, ss), []);
       const suffix = runBlocks(c, this.params, ss, c.nLayers, prefix.x, positions, s.caches.slice(ss), s.fast);
       const logp = logSoftmax(reshape(logits(c, this.params, suffix.x), [tokens.length, c.vocabSize]));

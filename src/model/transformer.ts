@@ -4,7 +4,7 @@
  * `suffixLen` blocks of TTT models — the prime MLP between attention and the safe MLP (SPEC §2).
  */
 import { type Key, type Tensor, add, foldIn, full, gather, matmul, ones, randomKey, truncatedNormal } from '../engine/index.js';
-import { type MlpWeights, rmsNorm, swiglu } from '../nn/layers.js';
+import { type MlpWeights, inDType, rmsNorm, swiglu } from '../nn/layers.js';
 import { type ModelConfig, hasPrime, layerKinds } from './config.js';
 import { type MixerState, getMixer } from './mixers/index.js';
 
@@ -70,13 +70,16 @@ export function initParams(c: ModelConfig, key: Key = randomKey(0), dtype: Tenso
   return { embed: w('embed', [c.vocabSize, D]), blocks, finalNorm: ones([D], dtype), fast };
 }
 
-export function embed(params: Params, tokens: Tensor): Tensor {
-  return gather(params.embed, tokens, 0);
+/** Token embeddings, in the compute dtype (mixed precision starts here; see `computeDType`). */
+export function embed(c: ModelConfig, params: Params, tokens: Tensor): Tensor {
+  const x = gather(params.embed, tokens, 0);
+  return c.computeDType ? inDType(x, c.computeDType) : x;
 }
 
-/** Final norm and tied output projection: logits = norm(h) @ Eᵀ. */
+/** Final norm and tied output projection: logits = norm(h) @ Eᵀ, in float32 or wider for the loss. */
 export function logits(c: ModelConfig, params: Params, h: Tensor): Tensor {
-  return matmul(rmsNorm(h, params.finalNorm, c.normEps), params.embed, { transB: true });
+  const z = matmul(rmsNorm(h, params.finalNorm, c.normEps), inDType(params.embed, h.dtype), { transB: true });
+  return z.dtype === 'bfloat16' ? inDType(z, params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : z;
 }
 
 const pre = (c: ModelConfig, x: Tensor, w: Tensor) => (c.preNorm ? rmsNorm(x, w, c.normEps) : x);

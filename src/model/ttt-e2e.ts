@@ -107,7 +107,7 @@ export function innerLoop(
   const [B, T] = tokens.shape;
   const b = c.miniBatch;
   const s = suffixStart(c);
-  const prefix = runBlocks(c, params, 0, s, embed(params, tokens), range(0, T), [], []);
+  const prefix = runBlocks(c, params, 0, s, embed(c, params, tokens), range(0, T), [], []);
   const chunks = range(0, Math.ceil(T / b)).map((i) => [i * b, Math.min(T, (i + 1) * b)] as const);
   const cut = (t: Tensor | undefined, lo: number, hi: number) => t && slice(t, [0, lo], [B, hi]);
   if (c.suffixLen === 0) {
@@ -147,7 +147,7 @@ export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, tar
  */
 export function lmLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, mask?: Tensor): Tensor {
   const T = tokens.shape[1];
-  const h = runBlocks(c, params, 0, c.nLayers, embed(params, tokens), range(0, T), [], params.fast).x;
+  const h = runBlocks(c, params, 0, c.nLayers, embed(c, params, tokens), range(0, T), [], params.fast).x;
   return mean(perSequenceLoss(tokenNll(logits(c, params, h), targets), mask));
 }
 

@@ -3,13 +3,22 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type Tensor, add, compositeAttention, concat, div, exp, expandDims, greater, log, logsumexp, matmul,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, greater, log, logsumexp, matmul,
   mean, mul, neg, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
+/**
+ * `t` in `dtype` (a cast only when it differs). Weights meet activations through this: under mixed
+ * precision the float32 weights are cast to the bf16 compute dtype where they are used, so their
+ * gradients (through the cast) come back in float32.
+ */
+export function inDType(t: Tensor, dtype: DType): Tensor {
+  return t.dtype === dtype ? t : cast(t, dtype);
+}
+
 /** RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w. */
 export function rmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
-  return mul(mul(x, rsqrt(add(mean(square(x), -1, true), eps))), w);
+  return mul(mul(x, rsqrt(add(mean(square(x), -1, true), eps))), inDType(w, x.dtype));
 }
 
 /**
@@ -29,7 +38,8 @@ export interface MlpWeights {
   w3: Tensor;
 }
 export function swiglu(x: Tensor, p: MlpWeights): Tensor {
-  return matmul(mul(silu(matmul(x, p.w1)), matmul(x, p.w3)), p.w2);
+  const w = (t: Tensor) => inDType(t, x.dtype);
+  return matmul(mul(silu(matmul(x, w(p.w1))), matmul(x, w(p.w3))), w(p.w2));
 }
 
 /**

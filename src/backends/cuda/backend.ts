@@ -4,22 +4,23 @@
  * legacy default stream, so ops never wait for the device: `download` (reading a tensor back) is
  * the sync point, and that is also where a device-side index error is reported.
  *
- * dtypes: float32, float64 (cuBLAS D-GEMM, double kernels), int32 and bool. bfloat16 is not
- * supported yet and says so.
+ * dtypes: float32, float64 (cuBLAS D-GEMM, double kernels), int32, bool, and bfloat16 storage
+ * (values widen to float in every kernel and round once on store; GEMMs on tensor cores with fp32
+ * accumulation through cublasGemm*Ex).
  */
 import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
-import { type DType, type HostArray, hostArray } from '../../engine/dtype.js';
-import { coalesce, sizeOf } from '../../engine/shape.js';
+import { type DType, type HostArray, fromBfloat16Bits, hostArray, toBfloat16Bits } from '../../engine/dtype.js';
+import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
 import { KernelCompiler, cacheDir } from './compiler.js';
 import {
-  ArgPacker, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+  ArgPacker, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError,
-  type Driver, type Handle, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
+  type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
   ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, castName, checkDType, compareName, copyName,
+  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, castName, CUDA_FLOATS, compareName, copyName,
   moduleSource, reduceColsName, reduceRowsName, unaryName,
 } from './kernels/index.js';
 
@@ -56,14 +57,22 @@ export class CudaBackend implements Backend {
   private driverVersion: number;
   private paths: Record<string, string>;
   private launches = 0;
+  private ixWords = new Float64Array(1 + 4 * MAX_RANK);
   /** Scalars cuBLAS reads through host pointers. */
   private one32 = new Float32Array([1]);
   private zero32 = new Float32Array([0]);
   private one64 = new Float64Array([1]);
   private zero64 = new Float64Array([0]);
 
-  constructor(ordinal = Number(process.env.TTT_CUDA_DEVICE ?? 0)) {
-    const drv = loadDriver();
+  /**
+   * `libraries` replaces the native libraries (tests and the host-overhead bench pass stand-ins
+   * that do nothing, to measure and check the backend's own host-side work without a GPU).
+   */
+  constructor(
+    ordinal = Number(process.env.TTT_CUDA_DEVICE ?? 0),
+    libraries?: { driver: Driver; nvrtc: Nvrtc; cublas: Cublas },
+  ) {
+    const drv = libraries?.driver ?? loadDriver();
     this.drv = drv;
     this.cu = makeChecks(drv).cu;
     const cu = this.cu;
@@ -98,9 +107,9 @@ export class CudaBackend implements Backend {
     cu('cuDriverGetVersion', drv.cuDriverGetVersion(ver));
     this.driverVersion = ver[0]!;
 
-    const nv = loadNvrtc();
+    const nv = libraries?.nvrtc ?? loadNvrtc();
     this.compiler = new KernelCompiler(nv, this.arch);
-    this.blas = loadCublas();
+    this.blas = libraries?.cublas ?? loadCublas();
     const h: [unknown] = [null];
     checkCublas('cublasCreate', this.blas.cublasCreate(h));
     this.blasHandle = h[0];
@@ -218,14 +227,33 @@ export class CudaBackend implements Backend {
     return Math.max(1, Math.min(rows, 65535 * 16));
   }
 
-  /** The index struct of strided kernels: coalesced shape and up to three stride lists. */
-  private ix(shape: number[], strides: number[][]): number[] {
-    const c = coalesce(shape, strides);
-    if (c.shape.length > MAX_RANK) throw new Error(`cuda backend: strided kernel over rank ${c.shape.length} > ${MAX_RANK} after coalescing`);
-    const r = c.shape.length;
-    const pad = (xs: number[], fill: number) => [...xs, ...new Array<number>(MAX_RANK - xs.length).fill(fill)];
-    const st = [0, 1, 2].map((i) => pad(c.strides[i] ?? [], 0));
-    return [r, ...pad(c.shape, 1), ...st[0], ...st[1], ...st[2]];
+  /**
+   * The index struct of strided kernels (rank, coalesced shape, three stride lists), written into
+   * one reused array: this runs for every binary op, so it allocates nothing.
+   */
+  private ix(shape: number[], strides: number[][]): Float64Array {
+    const out = this.ixWords;
+    out.fill(0);
+    const lists = strides.length;
+    let r = 0;
+    for (let i = 0; i < shape.length; i++) {
+      const n = shape[i];
+      if (n === 1) continue;
+      let merge = r > 0;
+      for (let j = 0; merge && j < lists; j++) merge = out[1 + MAX_RANK * (j + 1) + r - 1] === strides[j][i] * n;
+      if (merge) {
+        out[r] *= n;
+        for (let j = 0; j < lists; j++) out[1 + MAX_RANK * (j + 1) + r - 1] = strides[j][i];
+      } else {
+        if (r === MAX_RANK) throw new Error(`cuda backend: strided kernel over rank > ${MAX_RANK} after coalescing (shape ${shape.join('x')})`);
+        out[1 + r] = n;
+        for (let j = 0; j < lists; j++) out[1 + MAX_RANK * (j + 1) + r] = strides[j][i];
+        r++;
+      }
+    }
+    for (let i = r; i < MAX_RANK; i++) out[1 + i] = 1;
+    out[0] = r;
+    return out;
   }
 
   private checkStatus(): void {
@@ -243,13 +271,13 @@ export class CudaBackend implements Backend {
   // ---- memory -----------------------------------------------------------------------------------
 
   upload(values: HostArray, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const n = values.length;
     const out = this.alloc(dt, n);
     if (n === 0) return out;
-    let host = values;
-    const want = hostArray(dt, 0).constructor;
-    if (host.constructor !== want) {
+    let host: HostArray | Uint16Array = values;
+    if (dt === 'bfloat16') host = toBfloat16Bits(values);
+    else if (host.constructor !== hostArray(dt, 0).constructor) {
       host = hostArray(dt, n);
       host.set(values as ArrayLike<number>);
     }
@@ -268,7 +296,13 @@ export class CudaBackend implements Backend {
   }
 
   download(data: unknown, dtype: DType, size: number): HostArray {
-    const dt = checkDType(dtype);
+    const dt = dtype;
+    if (dt === 'bfloat16') {
+      const bits = new Uint16Array(size);
+      if (size > 0) this.cu('cuMemcpyDtoH', this.drv.cuMemcpyDtoH(bits, buf(data).ptr, size * 2));
+      this.checkStatus();
+      return fromBfloat16Bits(bits);
+    }
     const out = hostArray(dt, size);
     if (size > 0) this.cu('cuMemcpyDtoH', this.drv.cuMemcpyDtoH(out, buf(data).ptr, size * BYTES[dt]));
     this.checkStatus();
@@ -280,7 +314,7 @@ export class CudaBackend implements Backend {
   }
 
   fill(size: number, dtype: DType, value: number): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const out = this.alloc(dt, size);
     if (size === 0) return out;
     if (dt === 'bool' || (value === 0 && !Object.is(value, -0))) {
@@ -299,8 +333,8 @@ export class CudaBackend implements Backend {
   // ---- elementwise --------------------------------------------------------------------------------
 
   unary(op: UnaryOp, x: unknown, size: number, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
-    if (dt !== 'float32' && dt !== 'float64' && !INT_UNARY.has(op)) throw new Error(`cuda backend: ${op} is not defined for ${dt}`);
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt) && !INT_UNARY.has(op)) throw new Error(`cuda backend: ${op} is not defined for ${dt}`);
     const out = this.alloc(dt, size);
     if (size === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
@@ -309,7 +343,7 @@ export class CudaBackend implements Backend {
   }
 
   binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const n = sizeOf(shape);
     const out = this.alloc(dt, n);
     if (n === 0) return out;
@@ -319,7 +353,7 @@ export class CudaBackend implements Backend {
   }
 
   compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const n = sizeOf(shape);
     const out = this.alloc('bool', n);
     if (n === 0) return out;
@@ -329,7 +363,7 @@ export class CudaBackend implements Backend {
   }
 
   where(c: unknown, sc: number[], a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const n = sizeOf(shape);
     const out = this.alloc(dt, n);
     if (n === 0) return out;
@@ -341,7 +375,7 @@ export class CudaBackend implements Backend {
   // ---- reductions ---------------------------------------------------------------------------------
 
   reduce(op: ReduceOp, x: unknown, outer: number, n: number, inner: number, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const total = outer * inner;
     const out = this.alloc(dt, total);
     if (total === 0) return out;
@@ -356,8 +390,8 @@ export class CudaBackend implements Backend {
   }
 
   private rowKernel(name: string, x: unknown, outer: number, n: number, outSize: number, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
-    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: ${name} needs a float dtype, got ${dt}`);
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: ${name} needs a float dtype, got ${dt}`);
     const out = this.alloc(dt, outSize);
     if (outSize === 0 || n === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
@@ -374,7 +408,7 @@ export class CudaBackend implements Backend {
   }
 
   cumsum(x: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const size = outer * n * inner;
     const out = this.alloc(dt, size);
     if (size === 0) return out;
@@ -391,8 +425,8 @@ export class CudaBackend implements Backend {
    * batched call; any other offsets to the pointer-array batched call.
    */
   matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
-    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: matmul needs float32 or float64, got ${dt}`);
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: matmul needs a float dtype, got ${dt}`);
     const { batch, m, n, k, transA, transB, aOffsets, bOffsets } = job;
     const E = BYTES[dt];
     const c = this.alloc(dt, batch * m * n);
@@ -407,28 +441,41 @@ export class CudaBackend implements Backend {
     const ldb = transB ? k : n;
     const opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
     const opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const [one, zero] = dt === 'float32' ? [this.one32, this.zero32] : [this.one64, this.zero64];
+    // bf16 scales by float (CUBLAS_COMPUTE_32F), float32 by float, float64 by double
+    const [one, zero] = dt === 'float64' ? [this.one64, this.zero64] : [this.one32, this.zero32];
     const sA = evenStride(aOffsets);
     const sB = evenStride(bOffsets);
+    const bl = this.blas;
+    const h = this.blasHandle;
     if (sA !== null && sB !== null) {
-      const f = dt === 'float32' ? this.blas.cublasSgemmStridedBatched : this.blas.cublasDgemmStridedBatched;
-      checkCublas(
-        'cublas?gemmStridedBatched',
-        f(this.blasHandle, opB, opA, n, m, k, one, B + bOffsets[0] * E, ldb, sB, A + aOffsets[0] * E, lda, sA, zero, c.ptr, n, m * n, batch),
-      );
+      const A0 = A + aOffsets[0] * E;
+      const B0 = B + bOffsets[0] * E;
+      const status =
+        dt === 'bfloat16'
+          ? bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CUDA_R_16BF, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+          : (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, zero, c.ptr, n, m * n, batch);
+      checkCublas(`gemm strided batched (${dt})`, status);
       return c;
     }
     // Arbitrary per-batch offsets: device arrays of pointers, queued like any other copy.
-    const ptrs = new BigUint64Array(3 * batch);
+    const words = new Uint32Array(6 * batch);
+    const put = (slot: number, address: number) => {
+      words[2 * slot] = address % 2 ** 32;
+      words[2 * slot + 1] = Math.floor(address / 2 ** 32);
+    };
     for (let i = 0; i < batch; i++) {
-      ptrs[i] = BigInt(B + bOffsets[i] * E);
-      ptrs[batch + i] = BigInt(A + aOffsets[i] * E);
-      ptrs[2 * batch + i] = BigInt(c.ptr + i * m * n * E);
+      put(i, B + bOffsets[i] * E);
+      put(batch + i, A + aOffsets[i] * E);
+      put(2 * batch + i, c.ptr + i * m * n * E);
     }
-    const dev = this.allocator.alloc(ptrs.byteLength);
-    this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(dev.ptr, ptrs, ptrs.byteLength, NULL_STREAM));
-    const f = dt === 'float32' ? this.blas.cublasSgemmBatched : this.blas.cublasDgemmBatched;
-    checkCublas('cublas?gemmBatched', f(this.blasHandle, opB, opA, n, m, k, one, dev.ptr, ldb, dev.ptr + batch * 8, lda, zero, dev.ptr + 2 * batch * 8, n, batch));
+    const dev = this.allocator.alloc(words.byteLength);
+    this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(dev.ptr, words, words.byteLength, NULL_STREAM));
+    const [Bs, As, Cs] = [dev.ptr, dev.ptr + batch * 8, dev.ptr + 2 * batch * 8];
+    const status =
+      dt === 'bfloat16'
+        ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CUDA_R_16BF, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, zero, Cs, n, batch);
+    checkCublas(`gemm batched (${dt})`, status);
     this.allocator.free(dev); // stream-ordered: later reuse runs after this GEMM
     return c;
   }
@@ -436,7 +483,7 @@ export class CudaBackend implements Backend {
   // ---- data movement ------------------------------------------------------------------------------
 
   copy(src: unknown, srcOffset: number, ss: number[], dst: unknown, dstOffset: number, ds: number[], shape: number[], dtype: DType): void {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     const n = sizeOf(shape);
     if (n === 0) return;
     const E = BYTES[dt];
@@ -454,7 +501,7 @@ export class CudaBackend implements Backend {
   }
 
   gather(x: unknown, indices: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     this.checkHostRange('gather', indices, n, count);
     const total = outer * count * inner;
     const out = this.alloc(dt, total);
@@ -466,7 +513,7 @@ export class CudaBackend implements Backend {
   }
 
   scatterAdd(base: unknown, indices: unknown, updates: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): DeviceBuffer {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     this.checkHostRange('scatterAdd', indices, n, count);
     const size = outer * n * inner;
     const out = this.alloc(dt, size);
@@ -481,8 +528,8 @@ export class CudaBackend implements Backend {
   }
 
   cast(x: unknown, size: number, from: DType, to: DType): DeviceBuffer {
-    const f = checkDType(from);
-    const t = checkDType(to);
+    const f = from;
+    const t = to;
     const out = this.alloc(t, size);
     if (size === 0) return out;
     if (f === t) {
@@ -503,7 +550,7 @@ export class CudaBackend implements Backend {
   }
 
   private attentionDType(dtype: DType, job: AttentionJob): CudaDType {
-    const dt = checkDType(dtype);
+    const dt = dtype;
     if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: attention needs float32 or float64, got ${dt}`);
     if (job.d > ATT_MAX_D) throw new Error(`cuda backend: attention head dimension ${job.d} > ${ATT_MAX_D} is not supported yet`);
     return dt;

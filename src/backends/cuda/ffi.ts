@@ -18,6 +18,10 @@ export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 export const CUDA_ERROR_OUT_OF_MEMORY = 2;
 export const CUBLAS_OP_N = 0;
 export const CUBLAS_OP_T = 1;
+/** cudaDataType_t of bfloat16 (CUDA_R_16BF), cublasComputeType_t CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT. */
+export const CUDA_R_16BF = 14;
+export const CUBLAS_COMPUTE_32F = 68;
+export const CUBLAS_GEMM_DEFAULT = -1;
 
 export class CudaError extends Error {
   constructor(
@@ -80,6 +84,8 @@ export interface Cublas {
   cublasDgemmStridedBatched: Fn;
   cublasSgemmBatched: Fn;
   cublasDgemmBatched: Fn;
+  cublasGemmStridedBatchedEx: Fn;
+  cublasGemmBatchedEx: Fn;
 }
 
 function bind(lib: Lib, decls: Record<string, string>): Record<string, Fn> {
@@ -154,6 +160,11 @@ export function loadCublas(): Cublas {
     cublasDgemmStridedBatched: `int cublasDgemmStridedBatched(${gemmArgs('double')})`,
     cublasSgemmBatched: `int cublasSgemmBatched(${ptrArgs('float')})`,
     cublasDgemmBatched: `int cublasDgemmBatched(${ptrArgs('double')})`,
+    // bf16 in/out with fp32 accumulation (tensor cores): data types and compute type are arguments
+    cublasGemmStridedBatchedEx:
+      'int cublasGemmStridedBatchedEx(void *h, int ta, int tb, int m, int n, int k, const float *alpha, uint64_t A, int Atype, int lda, int64_t sA, uint64_t B, int Btype, int ldb, int64_t sB, const float *beta, uint64_t C, int Ctype, int ldc, int64_t sC, int batch, int computeType, int algo)',
+    cublasGemmBatchedEx:
+      'int cublasGemmBatchedEx(void *h, int ta, int tb, int m, int n, int k, const float *alpha, uint64_t A, int Atype, int lda, uint64_t B, int Btype, int ldb, const float *beta, uint64_t C, int Ctype, int ldc, int batch, int computeType, int algo)',
   });
   return { path, ...f } as unknown as Cublas;
 }
@@ -198,13 +209,17 @@ export function checkCublas(name: string, status: unknown): void {
  * larger aligned slot for a struct) and one for the pointer array cuLaunchKernel reads. Reused by
  * every launch: the driver copies the arguments when the launch is queued.
  */
+/** Most arguments one launch may have. */
+const MAX_ARGS = 256;
+
 export class ArgPacker {
   private cap = 0;
   private values: unknown = null;
   private ptrs: unknown = null;
-  private base = 0n;
+  private base = 0;
   private view!: DataView;
-  private ptrView!: BigUint64Array;
+  /** 32-bit halves of the pointer array (numbers, not BigInts: they cost an allocation each). */
+  private ptrWords!: Uint32Array;
   private off = 0;
   private count = 0;
 
@@ -217,10 +232,10 @@ export class ArgPacker {
     if (this.ptrs) k.free(this.ptrs);
     this.cap = bytes;
     this.values = k.alloc('uint8_t', bytes);
-    this.ptrs = k.alloc('uint64_t', 256);
-    this.base = BigInt(k.address(this.values));
+    this.ptrs = k.alloc('uint64_t', MAX_ARGS);
+    this.base = Number(k.address(this.values));
     this.view = new DataView(k.view(this.values, bytes));
-    this.ptrView = new BigUint64Array(k.view(this.ptrs, 256 * 8));
+    this.ptrWords = new Uint32Array(k.view(this.ptrs, MAX_ARGS * 8));
   }
   reset(): this {
     this.off = 0;
@@ -228,15 +243,23 @@ export class ArgPacker {
     return this;
   }
   private slot(bytes: number, align: number): number {
-    this.off = Math.ceil(this.off / align) * align;
-    const at = this.off;
-    if (at + bytes > this.cap || this.count >= 256) throw new Error('cuda backend: too many kernel arguments');
-    this.ptrView[this.count++] = this.base + BigInt(at);
-    this.off += bytes;
+    const at = Math.ceil(this.off / align) * align;
+    if (at + bytes > this.cap || this.count >= MAX_ARGS) throw new Error('cuda backend: too many kernel arguments');
+    const address = this.base + at;
+    this.ptrWords[2 * this.count] = address % 2 ** 32;
+    this.ptrWords[2 * this.count + 1] = Math.floor(address / 2 ** 32);
+    this.count++;
+    this.off = at + bytes;
     return at;
   }
+  /** A 64-bit integer from a JS number (exact up to 2^53, two's complement for negatives). */
+  private put64(at: number, v: number): void {
+    const lo = v % 2 ** 32;
+    this.view.setUint32(at, lo < 0 ? lo + 2 ** 32 : lo, true);
+    this.view.setInt32(at + 4, Math.floor(v / 2 ** 32), true);
+  }
   ptr(p: DevicePtr): this {
-    this.view.setBigUint64(this.slot(8, 8), BigInt(p), true);
+    this.put64(this.slot(8, 8), p);
     return this;
   }
   i32(v: number): this {
@@ -244,7 +267,7 @@ export class ArgPacker {
     return this;
   }
   i64(v: number): this {
-    this.view.setBigInt64(this.slot(8, 8), BigInt(v), true);
+    this.put64(this.slot(8, 8), v);
     return this;
   }
   f32(v: number): this {
@@ -256,10 +279,21 @@ export class ArgPacker {
     return this;
   }
   /** A struct of 64-bit integers (the layout of the kernels' index structs). */
-  i64s(vs: number[]): this {
+  i64s(vs: ArrayLike<number>): this {
     const at = this.slot(vs.length * 8, 8);
-    for (let i = 0; i < vs.length; i++) this.view.setBigInt64(at + i * 8, BigInt(vs[i]), true);
+    for (let i = 0; i < vs.length; i++) this.put64(at + i * 8, vs[i]);
     return this;
+  }
+  /** The bytes written so far (tests compare them with a BigInt encoding). */
+  bytes(): Uint8Array {
+    return new Uint8Array(this.view.buffer, this.view.byteOffset, this.off).slice();
+  }
+  /** The address of argument i as the driver will read it. */
+  argAddress(i: number): number {
+    return this.ptrWords[2 * i] + this.ptrWords[2 * i + 1] * 2 ** 32;
+  }
+  baseAddress(): number {
+    return this.base;
   }
   /** The `void **kernelParams` pointer. */
   params(): unknown {

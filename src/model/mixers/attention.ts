@@ -3,7 +3,7 @@
  * a KV cache: every earlier position for full attention, the last k-1 for a window of k.
  */
 import { type Tensor, concat, matmul, reshape, slice } from '../../engine/index.js';
-import { attend, mergeHeads, rmsNorm, rope, splitHeads } from '../../nn/layers.js';
+import { attend, inDType, mergeHeads, rmsNorm, rope, splitHeads } from '../../nn/layers.js';
 import { type ModelConfig, headDim } from '../config.js';
 import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
@@ -39,9 +39,10 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
       const cache = state as KvCache | null;
       const [B, T] = h.shape;
       const heads = (x: Tensor) => reshape(x, [B, T, c.nHeads, headDim(c)]);
-      let q = heads(matmul(h, w.wq));
-      let k = heads(matmul(h, w.wk));
-      const v = splitHeads(matmul(h, w.wv), c.nHeads);
+      const lin = (x: Tensor, weight: Tensor) => matmul(x, inDType(weight, x.dtype));
+      let q = heads(lin(h, w.wq));
+      let k = heads(lin(h, w.wk));
+      const v = splitHeads(lin(h, w.wv), c.nHeads);
       if (c.qkNorm) {
         q = rmsNorm(q, w.qNorm, c.normEps);
         k = rmsNorm(k, w.kNorm, c.normEps);
@@ -53,7 +54,7 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
       const start = cache ? cache.start : positions[0];
       const window = windowOf(c);
       checkConsecutive('attention', positions);
-      const out = matmul(mergeHeads(attend(q, kAll, vAll, { qStart: positions[0], kStart: start, window })), w.wo);
+      const out = lin(mergeHeads(attend(q, kAll, vAll, { qStart: positions[0], kStart: start, window })), w.wo);
       return { out, state: trimCache({ k: kAll, v: vAll, start }, window) };
     },
   };

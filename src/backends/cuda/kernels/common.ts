@@ -10,26 +10,32 @@ export const MAX_RANK = 8;
 /** Threads per block of the elementwise and row kernels. */
 export const THREADS = 256;
 
-export type CudaDType = 'float32' | 'float64' | 'int32' | 'bool';
-export const CUDA_DTYPES: readonly CudaDType[] = ['float32', 'float64', 'int32', 'bool'];
-
-export function checkDType(dtype: DType): CudaDType {
-  if (dtype === 'float32' || dtype === 'float64' || dtype === 'int32' || dtype === 'bool') return dtype;
-  throw new Error(`cuda backend: dtype ${dtype} is not supported yet (float32, float64, int32 and bool are)`);
-}
+/** Every engine dtype has a cuda storage. */
+export type CudaDType = DType;
+export const CUDA_DTYPES: readonly CudaDType[] = ['float32', 'float64', 'int32', 'bool', 'bfloat16'];
+/** Floating dtypes: the ones with transcendental ops, softmax, GEMM and attention. */
+export const CUDA_FLOATS: ReadonlySet<CudaDType> = new Set(['float32', 'float64', 'bfloat16']);
 
 /** C storage type. */
-export const CTYPE: Record<CudaDType, string> = { float32: 'float', float64: 'double', int32: 'int', bool: 'unsigned char' };
-/** Type arithmetic is done in: floats in their own type, integers and bools in double (as JS does). */
-export const MATH: Record<CudaDType, string> = { float32: 'float', float64: 'double', int32: 'double', bool: 'double' };
+export const CTYPE: Record<CudaDType, string> = { float32: 'float', float64: 'double', int32: 'int', bool: 'unsigned char', bfloat16: 'bf16' };
+/**
+ * Type arithmetic is done in: float64 and float32 in their own type, bfloat16 in float (bf16 is a
+ * storage format: values widen on load and round once on store), integers and bools in double (as JS does).
+ */
+export const MATH: Record<CudaDType, string> = { float32: 'float', float64: 'double', int32: 'double', bool: 'double', bfloat16: 'float' };
+/** A stored value widened to the C type `to`. */
+export function load(dtype: CudaDType, expr: string, to: string = MATH[dtype]): string {
+  return dtype === 'bfloat16' ? `(${to})bf2f(${expr})` : `(${to})(${expr})`;
+}
 /** Conversion of a MATH value back to storage, with JS's ToInt32 / ToUint8 wrapping for ints. */
 export const STORE: Record<CudaDType, (v: string) => string> = {
   float32: (v) => `(float)(${v})`,
   float64: (v) => `(double)(${v})`,
   int32: (v) => `to_i32((double)(${v}))`,
   bool: (v) => `to_u8((double)(${v}))`,
+  bfloat16: (v) => `f2bf((float)(${v}))`,
 };
-export const BYTES: Record<CudaDType, number> = { float32: 4, float64: 8, int32: 4, bool: 1 };
+export const BYTES: Record<CudaDType, number> = { float32: 4, float64: 8, int32: 4, bool: 1, bfloat16: 2 };
 
 export const PRELUDE = String.raw`
 typedef long long i64;
@@ -53,6 +59,15 @@ __device__ __forceinline__ unsigned char to_u8(double v) {
   double m = fmod(v, 256.0);
   if (m < 0) m += 256.0;
   return (unsigned char)m;
+}
+/** bfloat16 storage: the high 16 bits of a float32; conversions round to nearest even, NaN stays NaN. */
+typedef unsigned short bf16;
+__device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ bf16 f2bf(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16)(u >> 16);
 }
 __device__ __forceinline__ i64 gtid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ i64 gstride() { return (i64)gridDim.x * blockDim.x; }

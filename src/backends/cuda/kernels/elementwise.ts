@@ -4,7 +4,7 @@
  * the generator wraps it in the load / index / store loop of its arity and dtype.
  */
 import type { BinaryOp, CompareOp, UnaryOp } from '../../../engine/backend.js';
-import { CTYPE, type CudaDType, MATH, STORE } from './common.js';
+import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, load } from './common.js';
 
 /** Expressions over x (and y) in the math type M. */
 export const UNARY: Record<UnaryOp, string> = {
@@ -52,12 +52,12 @@ export function elementwiseSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const M = MATH[dtype];
   const store = STORE[dtype];
-  const isFloat = dtype === 'float32' || dtype === 'float64';
+  const isFloat = CUDA_FLOATS.has(dtype);
   const parts: string[] = [`typedef ${M} M;`];
   for (const [op, expr] of Object.entries(UNARY) as [UnaryOp, string][]) {
     if (!isFloat && !['neg', 'abs', 'square', 'sign'].includes(op)) continue;
     parts.push(`extern "C" __global__ void ${unaryName(op)}(${T}* out, const ${T}* a, i64 n) {
-  for (i64 i = gtid(); i < n; i += gstride()) { M x = (M)a[i]; out[i] = ${store(expr)}; }
+  for (i64 i = gtid(); i < n; i += gstride()) { M x = ${load(dtype, 'a[i]')}; out[i] = ${store(expr)}; }
 }`);
   }
   for (const [op, expr] of Object.entries(BINARY) as [BinaryOp, string][]) {
@@ -66,7 +66,7 @@ export function elementwiseSource(dtype: CudaDType): string {
     parts.push(`extern "C" __global__ void ${binaryName(op)}(${T}* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
-    M x = (M)a[o0]; M y = (M)b[o1];
+    M x = ${load(dtype, 'a[o0]')}; M y = ${load(dtype, 'b[o1]')};
     out[i] = ${body};
   }
 }`);
@@ -75,7 +75,7 @@ export function elementwiseSource(dtype: CudaDType): string {
     parts.push(`extern "C" __global__ void ${compareName(op)}(unsigned char* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
-    M x = (M)a[o0]; M y = (M)b[o1];
+    M x = ${load(dtype, 'a[o0]')}; M y = ${load(dtype, 'b[o1]')};
     out[i] = (${expr}) ? 1 : 0;
   }
 }`);

@@ -6,7 +6,7 @@
  * first bad index in a small status buffer that the backend reads at its next sync point (download)
  * and turns into an Error.
  */
-import { CTYPE, CUDA_DTYPES, type CudaDType, MATH, STORE } from './common.js';
+import { CTYPE, CUDA_DTYPES, type CudaDType, STORE, load } from './common.js';
 
 export const copyName = (bytes: number) => `copy_strided_${bytes}`;
 export const FILL = 'fill_value';
@@ -14,12 +14,17 @@ export const GATHER = 'gather_mid';
 export const SCATTER_ADD = 'scatter_add_mid';
 export const castName = (from: CudaDType, to: CudaDType) => `cast_${from}_${to}`;
 
-const UINT: Record<number, string> = { 1: 'unsigned char', 4: 'unsigned int', 8: 'unsigned long long' };
+const UINT: Record<number, string> = { 1: 'unsigned char', 2: 'unsigned short', 4: 'unsigned int', 8: 'unsigned long long' };
+/** Element sizes of the copy kernels (one per storage width). */
+export const COPY_WIDTHS = [1, 2, 4, 8] as const;
 
-/** Copy kernels for 1-, 4- and 8-byte elements, and every cast. */
+/**
+ * Copy kernels for each element width, and every cast. A cast widens to double and converts from
+ * there (float64 -> bfloat16 therefore rounds twice, through float32; fp32 -> bf16 rounds once).
+ */
 export function movementSource(): string {
   const parts: string[] = [];
-  for (const b of [1, 4, 8]) {
+  for (const b of COPY_WIDTHS) {
     parts.push(`extern "C" __global__ void ${copyName(b)}(${UINT[b]}* dst, i64 dOff, const ${UINT[b]}* src, i64 sOff, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 os, od, unused; offsets(ix, i, os, od, unused);
@@ -32,9 +37,9 @@ export function movementSource(): string {
       if (from === to) continue;
       const F = CTYPE[from];
       const T = CTYPE[to];
-      const expr = to === 'bool' ? '((double)x != 0.0 || x != x) ? 1 : 0' : to === 'int32' ? 'to_i32(trunc((double)x))' : `(${T})x`;
+      const expr = to === 'bool' ? '(x != 0.0 || x != x) ? 1 : 0' : to === 'int32' ? 'to_i32(trunc(x))' : STORE[to]('x');
       parts.push(`extern "C" __global__ void ${castName(from, to)}(${T}* out, const ${F}* a, i64 n) {
-  for (i64 i = gtid(); i < n; i += gstride()) { ${F} x = a[i]; out[i] = ${expr}; }
+  for (i64 i = gtid(); i < n; i += gstride()) { double x = ${load(from, 'a[i]', 'double')}; out[i] = ${expr}; }
 }`);
     }
   }
@@ -46,7 +51,7 @@ export function indexingSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const parts: string[] = [];
   parts.push(`extern "C" __global__ void ${FILL}(${T}* out, double v, i64 n) {
-  for (i64 i = gtid(); i < n; i += gstride()) out[i] = (${T})v;
+  for (i64 i = gtid(); i < n; i += gstride()) out[i] = ${STORE[dtype]('v')};
 }`);
   // status: [code, bad index, n]; the first failing thread wins
   parts.push(`__device__ void report(int* status, int code, int idx, i64 n) {
@@ -71,7 +76,7 @@ export function indexingSource(dtype: CudaDType): string {
       int r = idx[j];
       if (r < 0 || r >= n) { report(status, 2, r, n); continue; }
       ${T}* p = out + (o * n + r) * inner + i;
-      *p = ${STORE[dtype](`(${MATH[dtype]})*p + (${MATH[dtype]})upd[(o * count + j) * inner + i]`)};
+      *p = ${STORE[dtype](`${load(dtype, '*p')} + ${load(dtype, 'upd[(o * count + j) * inner + i]')}`)};
     }
   }
 }`);

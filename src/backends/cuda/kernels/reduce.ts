@@ -4,7 +4,7 @@
  * CPU backend's do; max and min propagate NaN like the CPU loops.
  */
 import type { ReduceOp } from '../../../engine/backend.js';
-import { CTYPE, type CudaDType, STORE, blockReduce } from './common.js';
+import { CTYPE, CUDA_FLOATS, type CudaDType, STORE, blockReduce, load } from './common.js';
 
 const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D' };
 /** combine(a = accumulator, b = new value) */
@@ -23,6 +23,7 @@ export const CUMSUM = 'cumsum_mid';
 export function reduceSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const store = STORE[dtype];
+  const ld = (e: string) => load(dtype, e, 'double');
   const parts: string[] = [];
   for (const op of ['sum', 'max', 'min'] as ReduceOp[]) {
     parts.push(blockReduce(`block_${op}`, 'double', COMBINE[op]));
@@ -32,7 +33,7 @@ export function reduceSource(dtype: CudaDType): string {
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
     const ${T}* row = x + o * n;
     double acc = ${INIT[op]};
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = (double)row[i]; acc = ${COMBINE[op]}; }
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
     acc = block_${op}(acc, red);
     if (threadIdx.x == 0) out[o] = ${store('acc')};
   }
@@ -44,12 +45,12 @@ export function reduceSource(dtype: CudaDType): string {
     i64 o = t / inner, i = t % inner;
     const ${T}* p = x + o * n * inner + i;
     double acc = ${INIT[op]};
-    for (i64 r = 0; r < n; r++) { double a = acc; double b = (double)p[r * inner]; acc = ${COMBINE[op]}; }
+    for (i64 r = 0; r < n; r++) { double a = acc; double b = ${ld('p[r * inner]')}; acc = ${COMBINE[op]}; }
     out[t] = ${store('acc')};
   }
 }`);
   }
-  if (dtype === 'float32' || dtype === 'float64') {
+  if (CUDA_FLOATS.has(dtype)) {
     // max that skips NaN (the CPU's "if (x > m) m = x"), then sums of exp in double
     parts.push(blockReduce('block_fmax', 'double', 'fmax(a, b)'));
     parts.push(blockReduce('block_dsum', 'double', 'a + b'));
@@ -59,14 +60,14 @@ export function reduceSource(dtype: CudaDType): string {
     const ${T}* row = x + o * n;
     ${T}* orow = out + o * n;
     double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, (double)row[i]);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
     m = block_fmax(m, red);
     if (m == NEG_INF_D) m = 0.0;
     double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)row[i] - m);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${ld('row[i]')} - m);
     s = block_dsum(s, red);
     double inv = 1.0 / s;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = (${T})((double)(${T})exp((double)row[i] - m) * inv);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${ld('row[i]')} - m)`))} * inv`)};
   }
 }`);
     parts.push(`extern "C" __global__ void ${LOGSUMEXP}(${T}* out, const ${T}* x, i64 outer, i64 n) {
@@ -74,13 +75,13 @@ export function reduceSource(dtype: CudaDType): string {
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
     const ${T}* row = x + o * n;
     double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, (double)row[i]);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
     m = block_fmax(m, red);
-    if (m == NEG_INF_D || m == POS_INF_D) { if (threadIdx.x == 0) out[o] = (${T})m; continue; }
+    if (m == NEG_INF_D || m == POS_INF_D) { if (threadIdx.x == 0) out[o] = ${store('m')}; continue; }
     double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)row[i] - m);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${ld('row[i]')} - m);
     s = block_dsum(s, red);
-    if (threadIdx.x == 0) out[o] = (${T})(m + log(s));
+    if (threadIdx.x == 0) out[o] = ${store('m + log(s)')};
   }
 }`);
   }
@@ -92,7 +93,7 @@ export function reduceSource(dtype: CudaDType): string {
     double acc = 0.0;
     for (i64 s = 0; s < n; s++) {
       i64 r = reverse ? n - 1 - s : s;
-      acc += (double)x[base + r * inner];
+      acc += ${ld('x[base + r * inner]')};
       out[base + r * inner] = ${store('acc')};
     }
   }

@@ -1,0 +1,92 @@
+/**
+ * The cuda backend's host-side logic, on any machine: the backend runs over stand-in native
+ * libraries (src/backends/cuda/stand-in.ts) that accept every call. Checks the kernel-argument
+ * packing (numbers written as 64-bit words without BigInt) against a BigInt encoding, the index
+ * struct of strided kernels against the engine's `coalesce`, and that a launch passes what it packed.
+ * Needs koffi (an optional dependency) for the argument buffers; without it the file skips.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { coalesce } from '../src/engine/shape.js';
+
+let koffiMissing = '';
+try {
+  await import('koffi');
+} catch {
+  koffiMissing = 'koffi is not installed';
+}
+const opts = koffiMissing ? { skip: koffiMissing } : {};
+process.env.TTT_CACHE_DIR ??= '/tmp/ttt-e2e-stand-in-cache';
+
+async function standInBackend() {
+  const { CudaBackend } = await import('../src/backends/cuda/backend.js');
+  const { standInLibraries } = await import('../src/backends/cuda/stand-in.js');
+  const libs = standInLibraries();
+  return { backend: new CudaBackend(0, libs), calls: libs.calls };
+}
+
+describe('cuda backend host side (stand-in libraries)', () => {
+  test('ArgPacker writes 64-bit words equal to a BigInt encoding, at the addresses it hands the driver', opts, async () => {
+    const { ArgPacker } = await import('../src/backends/cuda/ffi.js');
+    const p = new ArgPacker();
+    const values = [0, 1, -1, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 12345, -(2 ** 35) - 7, 2 ** 53 - 1, 0x7f1234567890];
+    p.reset().i32(7);
+    for (const v of values) p.i64(v);
+    p.f64(0.5).ptr(0x7f00deadbe00).i64s([3, -4, 2 ** 33]);
+    const want = new DataView(new ArrayBuffer(8 * (values.length + 6)));
+    want.setInt32(0, 7, true);
+    let at = 8; // the i32 slot, then 8-byte alignment
+    for (const v of values) {
+      want.setBigInt64(at, BigInt(v), true);
+      at += 8;
+    }
+    want.setFloat64(at, 0.5, true);
+    want.setBigUint64(at + 8, 0x7f00deadbe00n, true);
+    want.setBigInt64(at + 16, 3n, true);
+    want.setBigInt64(at + 24, -4n, true);
+    want.setBigInt64(at + 32, 2n ** 33n, true);
+    assert.deepEqual([...p.bytes()], [...new Uint8Array(want.buffer, 0, at + 40)]);
+    // argument i's address: base + its slot
+    const slots = [0, ...values.map((_, i) => 8 + 8 * i), at, at + 8, at + 16];
+    slots.forEach((s, i) => assert.equal(p.argAddress(i), p.baseAddress() + s, `argument ${i}`));
+  });
+
+  test('the index struct equals coalesce() padded to MAX_RANK, for broadcasts and permutations', opts, async () => {
+    const { backend } = await standInBackend();
+    const { MAX_RANK } = await import('../src/backends/cuda/kernels/common.js');
+    const ix = (backend as unknown as { ix(shape: number[], s: number[][]): Float64Array }).ix.bind(backend);
+    const cases: [number[], number[][]][] = [
+      [[], [[], []]],
+      [[5], [[1], [0]]],
+      [[2, 3, 4], [[12, 4, 1], [0, 0, 1]]],
+      [[2, 1, 3, 4], [[12, 12, 4, 1], [12, 12, 4, 1]]],
+      [[4, 3], [[1, 4], [3, 1]]],
+      [[2, 3, 4], [[12, 4, 1], [4, 0, 1], [0, 1, 0]]],
+      [[6, 1, 1, 5], [[5, 5, 5, 1], [0, 0, 0, 1]]],
+    ];
+    for (const [shape, strides] of cases) {
+      const c = coalesce(shape, strides);
+      const want = new Array<number>(1 + 4 * MAX_RANK).fill(0);
+      want[0] = c.shape.length;
+      for (let i = 0; i < MAX_RANK; i++) want[1 + i] = c.shape[i] ?? 1;
+      c.strides.forEach((st, j) => st.forEach((v, i) => (want[1 + MAX_RANK * (j + 1) + i] = v)));
+      assert.deepEqual([...ix(shape, strides)], want, `shape ${shape.join('x')}`);
+    }
+    // nine axes that cannot merge (each stride 1 where merging needs stride × size)
+    assert.throws(() => ix(new Array(9).fill(2), [new Array(9).fill(1)]), /rank > 8/);
+  });
+
+  test('a binary op launches once with its kernel, grid and the packed argument array', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const a = backend.fill(1000, 'float32', 2);
+    const b = backend.fill(1000, 'float32', 3);
+    const before = calls.counts.get('cuLaunchKernel') ?? 0;
+    backend.binary('mul', a, [1], b, [1], [1000], 'float32');
+    assert.equal(calls.counts.get('cuLaunchKernel'), before + 1);
+    const [fn, gx, , , bx, , , shared] = calls.lastLaunch as [{ name: string }, number, number, number, number, number, number, number];
+    assert.equal(fn.name, 'binary_mul');
+    assert.equal(bx, 256);
+    assert.equal(gx, Math.ceil(1000 / 256));
+    assert.equal(shared, 0);
+  });
+});
