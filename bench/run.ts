@@ -10,6 +10,8 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cuda-gemm': () => import('./cuda-gemm.js'),
   'cuda-overhead': () => import('./cuda-overhead.js'),
   'cuda-train': () => import('./cuda-train.js'),
+  'cuda-profile': () => import('./cuda-profile.js'),
+  'cuda-latency': () => import('./cuda-latency.js'),
 };
 
 const only = process.argv.slice(2);

@@ -8,6 +8,7 @@ import { type Variant, makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { checkReadingEquivalence } from './helpers/session-check.js';
 import { Session, sample } from '../src/model/session.js';
+import { innerLoop } from '../src/model/ttt-e2e.js';
 
 const VARIANTS: Variant[] = ['e2e', 'naive', 'swa', 'full', 'hybrid'];
 const cfg = (variant: Variant, extra = {}) =>
@@ -88,6 +89,28 @@ describe('Session', () => {
     const other = new Session(c, scaled(c, 2));
     assert.throws(() => other.loadMemory(path), /different model/);
     assert.throws(() => other.loadMemory(join(dir, 'missing.safetensors')), /cannot read/);
+  });
+
+  test('long prompts read in pieces of MAX_GROUP tokens score like one pass; score: false gives the same next distribution', () => {
+    for (const variant of ['full', 'e2e'] as Variant[]) {
+      const c = cfg(variant, { vocabSize: 11, dModel: 8, nLayers: 2, nHeads: 2, ffnDim: 8, window: 64, miniBatch: 64 });
+      const params = scaled(c, 3);
+      const doc = randomTokens(2100, c.vocabSize, 9); // > MAX_GROUP (2048)
+      const scoredSession = new Session(c, params);
+      const nll = scoredSession.prefill(doc);
+      assert.equal(nll.length, doc.length);
+      // every token's NLL, from the model's own whole-sequence path (the inner loop for e2e)
+      const whole = T.tidy(() => {
+        const ids = T.tensor(doc.slice(0, -1), [1, doc.length - 1], 'int32');
+        const targets = T.tensor(doc.slice(1), [1, doc.length - 1], 'int32');
+        return innerLoop(c, params, ids, targets).tokenNll.toArray();
+      });
+      assert.ok(maxDiff(nll.slice(1), whole) < 1e-9, `${variant}: ${maxDiff(nll.slice(1), whole)}`);
+      const fast = new Session(c, params);
+      assert.deepEqual(fast.prefill(doc, { score: false }), []);
+      assert.ok(maxDiff(fast.nextLogProbs(), scoredSession.nextLogProbs()) < 1e-12);
+      assert.equal(fast.tokensRead, doc.length);
+    }
   });
 
   test('prefill rejects tokens outside the vocabulary', () => {

@@ -56,6 +56,9 @@ export function modelHash(c: ModelConfig, params: Params): string {
   return h.digest('hex').slice(0, 32);
 }
 
+/** Most tokens one forward pass of a prefill reads (bounds activation and logit memory). */
+const MAX_GROUP = 2048;
+
 export class Session {
   private state: State;
   private readonly lr: number;
@@ -88,6 +91,13 @@ export class Session {
     return (this.hashCache ??= modelHash(this.config, this.params));
   }
 
+  /** Frees the session's device memory (caches, fast weights, pending states); it cannot be used afterwards. */
+  dispose(): void {
+    const empty = { ...this.state, caches: [], fast: [], pendingX: null, chunkCaches: [], nextLogProbs: null };
+    releaseState(this.state, empty);
+    this.state = empty;
+  }
+
   /** Forget the document: fast weights back to W_0, caches emptied. */
   reset(): void {
     const old = this.state;
@@ -97,9 +107,13 @@ export class Session {
 
   /**
    * Reads tokens. Returns the NLL of each token given everything before it (NaN for the first token
-   * of the document, which has no context).
+   * of the document, which has no context). With `score: false` only the distribution after the
+   * last token is computed (no logits for the others) and the result is empty: the fast way to read
+   * a long prompt. Long inputs go through in pieces of at most MAX_GROUP tokens (a mini-batch for
+   * TTT models), so memory stays bounded whatever the length.
    */
-  prefill(tokens: readonly number[]): number[] {
+  prefill(tokens: readonly number[], opts: { score?: boolean } = {}): number[] {
+    const score = opts.score ?? true;
     for (const t of tokens) {
       if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
     }
@@ -110,9 +124,9 @@ export class Session {
       const b = this.config.miniBatch;
       if (this.config.suffixLen > 0 && s.position === s.chunkStart + b) this.learn(tokens[i]);
       // Read up to the end of the current mini-batch in one forward pass.
-      const room = this.config.suffixLen > 0 ? this.state.chunkStart + b - this.state.position : tokens.length;
-      const group = tokens.slice(i, i + Math.max(1, room));
-      nll.push(...this.read(group));
+      const room = this.config.suffixLen > 0 ? this.state.chunkStart + b - this.state.position : MAX_GROUP;
+      const group = tokens.slice(i, i + Math.max(1, Math.min(room, MAX_GROUP)));
+      nll.push(...this.read(group, score));
       i += group.length;
     }
     return nll;
@@ -135,7 +149,7 @@ export class Session {
     for (let i = 0; i < n; i++) {
       key = foldIn(key, this.state.position);
       const token = sample(this.nextLogProbs(), sampling, key);
-      this.prefill([token]);
+      this.prefill([token], { score: false });
       out.push(token);
       onToken?.(token);
     }
@@ -156,24 +170,32 @@ export class Session {
     this.commit({ ...s, fast: next.fast, caches, chunkStart: s.position, pendingX: null, pendingTokens: [], chunkCaches: next.caches });
   }
 
-  /** Forward pass of `tokens` (all inside one mini-batch) through every block; returns their NLLs. */
-  private read(tokens: number[]): number[] {
+  /**
+   * Forward pass of `tokens` (all inside one mini-batch) through every block; returns their NLLs
+   * (`score`), or nothing, computing logits for the last position only.
+   */
+  private read(tokens: number[], score = true): number[] {
     const s = this.state;
     const c = this.config;
     const ss = suffixStart(c);
     const positions = range(s.position, tokens.length);
-    const firstNll = s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const firstNll = score && s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const n = tokens.length;
     const r = tidy(() => {
-      const x = embed(c, this.params, tensor(tokens, [1, tokens.length], 'int32'));
+      const x = embed(c, this.params, tensor(tokens, [1, n], 'int32'));
       const prefix = runBlocks(c, this.params, 0, ss, x, positions, s.caches.slice(0, ss), []);
       const suffix = runBlocks(c, this.params, ss, c.nLayers, prefix.x, positions, s.caches.slice(ss), s.fast);
-      const logp = logSoftmax(reshape(logits(c, this.params, suffix.x), [tokens.length, c.vocabSize]));
+      const h = score ? suffix.x : slice(suffix.x, [0, n - 1, 0]);
+      const logp = logSoftmax(reshape(logits(c, this.params, h), [h.shape[1], c.vocabSize]));
       const pendingX = c.suffixLen > 0 ? (s.pendingX ? concat([s.pendingX, prefix.x], 1) : prefix.x) : null;
-      const last = reshape(slice(logp, [tokens.length - 1, 0]), [c.vocabSize]);
+      const last = reshape(slice(logp, [h.shape[1] - 1, 0]), [c.vocabSize]);
       return { logp, caches: [...prefix.states, ...suffix.states], pendingX, last };
     });
-    const lp = r.logp.toTyped();
-    const nll = [firstNll, ...tokens.slice(1).map((t, j) => -lp[j * c.vocabSize + t])];
+    let nll: number[] = [];
+    if (score) {
+      const lp = r.logp.toTyped();
+      nll = [firstNll, ...tokens.slice(1).map((t, j) => -lp[j * c.vocabSize + t])];
+    }
     r.logp.dispose();
     this.commit({
       ...s,
@@ -286,8 +308,13 @@ export function sample(logProbs: number[], opts: SamplingOptions, key: Key): num
   if (temperature < 0) throw new Error(`sampling: temperature must be >= 0, got ${temperature}`);
   if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new Error(`sampling: topK must be a positive integer, got ${topK}`);
   if (topP !== undefined && !(topP > 0 && topP <= 1)) throw new Error(`sampling: topP must be in (0, 1], got ${topP}`);
+  if (temperature === 0) {
+    // argmax in one pass (a sort of a 128K vocabulary costs tens of ms per token); the first wins ties, as the stable sort did
+    let best = 0;
+    for (let i = 1; i < logProbs.length; i++) if (logProbs[i] > logProbs[best]) best = i;
+    return best;
+  }
   const order = logProbs.map((_, i) => i).sort((a, b) => logProbs[b] - logProbs[a]);
-  if (temperature === 0) return order[0];
   let kept = order.slice(0, topK ?? order.length);
   const scaled = kept.map((i) => logProbs[i] / temperature);
   const m = Math.max(...scaled);

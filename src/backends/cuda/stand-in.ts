@@ -92,6 +92,7 @@ export function standInLibraries(): { driver: Driver; nvrtc: Nvrtc; cublas: Cubl
     cublasDgemmStridedBatched: gemm('cublasDgemmStridedBatched'),
     cublasSgemmBatched: gemm('cublasSgemmBatched'),
     cublasDgemmBatched: gemm('cublasDgemmBatched'),
+    cublasGemmEx: gemm('cublasGemmEx'),
     cublasGemmStridedBatchedEx: gemm('cublasGemmStridedBatchedEx'),
     cublasGemmBatchedEx: gemm('cublasGemmBatchedEx'),
   };
