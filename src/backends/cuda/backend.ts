@@ -214,8 +214,36 @@ export class CudaBackend implements Backend {
   }
 
   private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {
+    if (this.profile) return this.timed(what, () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null)));
     this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null));
     this.launches++;
+  }
+
+  /**
+   * Device time per kernel (and per GEMM shape) when `TTT_CUDA_PROFILE` is set: every op is then
+   * synchronised before and after, which is slow, so this is for finding hot spots, not for speed.
+   */
+  private profile: Map<string, { calls: number; ms: number }> | null = process.env.TTT_CUDA_PROFILE ? new Map() : null;
+
+  private timed(what: string, run: () => void): void {
+    if (!this.profile) return run();
+    this.synchronize();
+    const t0 = performance.now();
+    run();
+    this.synchronize();
+    const e = this.profile.get(what) ?? { calls: 0, ms: 0 };
+    e.calls++;
+    e.ms += performance.now() - t0;
+    this.profile.set(what, e);
+    this.launches++;
+  }
+
+  /** The profile since the last reset, largest total first (empty unless TTT_CUDA_PROFILE is set). */
+  profileReport(): { what: string; calls: number; ms: number }[] {
+    return [...(this.profile ?? new Map<string, { calls: number; ms: number }>()).entries()].map(([what, e]) => ({ what, ...e })).sort((a, b) => b.ms - a.ms);
+  }
+  resetProfile(): void {
+    this.profile?.clear();
   }
 
   /** Grid size of a grid-stride loop over n items. */
@@ -450,11 +478,16 @@ export class CudaBackend implements Backend {
     if (sA !== null && sB !== null) {
       const A0 = A + aOffsets[0] * E;
       const B0 = B + bOffsets[0] * E;
-      const status =
-        dt === 'bfloat16'
-          ? bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CUDA_R_16BF, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-          : (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, zero, c.ptr, n, m * n, batch);
-      checkCublas(`gemm strided batched (${dt})`, status);
+      this.timed(`gemm ${dt} ${batch}x[${m}x${k}]@[${k}x${n}]`, () => {
+        // one product: the plain GemmEx (its heuristics pick faster kernels than a batch of one)
+        const status =
+          dt !== 'bfloat16'
+            ? (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, zero, c.ptr, n, m * n, batch)
+            : batch === 1
+              ? bl.cublasGemmEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, A0, CUDA_R_16BF, lda, zero, c.ptr, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+              : bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CUDA_R_16BF, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        checkCublas(`gemm strided batched (${dt})`, status);
+      });
       return c;
     }
     // Arbitrary per-batch offsets: device arrays of pointers, queued like any other copy.
@@ -471,11 +504,13 @@ export class CudaBackend implements Backend {
     const dev = this.allocator.alloc(words.byteLength);
     this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(dev.ptr, words, words.byteLength, NULL_STREAM));
     const [Bs, As, Cs] = [dev.ptr, dev.ptr + batch * 8, dev.ptr + 2 * batch * 8];
-    const status =
-      dt === 'bfloat16'
-        ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CUDA_R_16BF, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-        : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, zero, Cs, n, batch);
-    checkCublas(`gemm batched (${dt})`, status);
+    this.timed(`gemm ${dt} ${batch}x[${m}x${k}]@[${k}x${n}] (pointer arrays)`, () => {
+      const status =
+        dt === 'bfloat16'
+          ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CUDA_R_16BF, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+          : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, zero, Cs, n, batch);
+      checkCublas(`gemm batched (${dt})`, status);
+    });
     this.allocator.free(dev); // stream-ordered: later reuse runs after this GEMM
     return c;
   }

@@ -16,6 +16,8 @@ export const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
 export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 export const CUDA_ERROR_OUT_OF_MEMORY = 2;
+/** CUfunction_attribute: the dynamic shared memory a launch may ask for (above 48 KiB needs it raised). */
+export const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 export const CUBLAS_OP_N = 0;
 export const CUBLAS_OP_T = 1;
 /** cudaDataType_t of bfloat16 (CUDA_R_16BF), cublasComputeType_t CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT. */
@@ -53,6 +55,7 @@ export interface Driver {
   cuMemsetD32Async: Fn;
   cuModuleLoadData: Fn;
   cuModuleGetFunction: Fn;
+  cuFuncSetAttribute: Fn;
   cuLaunchKernel: Fn;
   cuStreamSynchronize: Fn;
   cuCtxSynchronize: Fn;
@@ -84,6 +87,7 @@ export interface Cublas {
   cublasDgemmStridedBatched: Fn;
   cublasSgemmBatched: Fn;
   cublasDgemmBatched: Fn;
+  cublasGemmEx: Fn;
   cublasGemmStridedBatchedEx: Fn;
   cublasGemmBatchedEx: Fn;
 }
@@ -116,6 +120,7 @@ export function loadDriver(): Driver {
     cuMemsetD32Async: 'int cuMemsetD32Async(uint64_t dst, uint32_t value, size_t n, void *stream)',
     cuModuleLoadData: 'int cuModuleLoadData(_Out_ void **module, const void *image)',
     cuModuleGetFunction: 'int cuModuleGetFunction(_Out_ void **fn, void *module, const char *name)',
+    cuFuncSetAttribute: 'int cuFuncSetAttribute(void *fn, int attrib, int value)',
     cuLaunchKernel:
       'int cuLaunchKernel(void *f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem, void *stream, void *params, void *extra)',
     cuStreamSynchronize: 'int cuStreamSynchronize(void *stream)',
@@ -161,6 +166,8 @@ export function loadCublas(): Cublas {
     cublasSgemmBatched: `int cublasSgemmBatched(${ptrArgs('float')})`,
     cublasDgemmBatched: `int cublasDgemmBatched(${ptrArgs('double')})`,
     // bf16 in/out with fp32 accumulation (tensor cores): data types and compute type are arguments
+    cublasGemmEx:
+      'int cublasGemmEx(void *h, int ta, int tb, int m, int n, int k, const float *alpha, uint64_t A, int Atype, int lda, uint64_t B, int Btype, int ldb, const float *beta, uint64_t C, int Ctype, int ldc, int computeType, int algo)',
     cublasGemmStridedBatchedEx:
       'int cublasGemmStridedBatchedEx(void *h, int ta, int tb, int m, int n, int k, const float *alpha, uint64_t A, int Atype, int lda, int64_t sA, uint64_t B, int Btype, int ldb, int64_t sB, const float *beta, uint64_t C, int Ctype, int ldc, int64_t sC, int batch, int computeType, int algo)',
     cublasGemmBatchedEx:
