@@ -1,6 +1,8 @@
-// Float32 transcendental kernels on the CPU: the JS loops (Math.exp) vs the WebAssembly SIMD kernels
-// (src/backends/cpu/wasm-elementwise.ts), ns per element at 1e3..1e6 elements, through the backend
-// (so the wasm figures include the copies in and out of wasm memory); the fused attention op (its
+// Elementwise kernels on the CPU: binary arithmetic (float32 / float64, same shape and broadcasts) and
+// float32 transcendental kernels, the JS loops vs the WebAssembly SIMD kernels
+// (src/backends/cpu/wasm-elementwise.ts), median ns per element (and GB/s for binary ops: 3 arrays
+// moved) at 64..1e6 elements, through the backend on pool storage (in the shared wasm arena, so the
+// wasm kernels run in place); the fused attention op (its
 // probability blocks); then the `mini` outer training step (swa and e2e) with the wasm kernels off and on. Not a test: it reports, it does not assert.
 //   node --import tsx bench/cpu-elementwise.ts    -> table on stdout, bench/results/cpu-elementwise.json
 import { writeFileSync } from 'node:fs';
@@ -9,7 +11,8 @@ import { fileURLToPath } from 'node:url';
 import { attentionBackward, attentionForward } from '../src/backends/cpu/attention.js';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
 import { pool } from '../src/backends/cpu/pool.js';
-import { setWasmElementwise, wasmElementwiseInfo } from '../src/backends/cpu/wasm-elementwise.js';
+import { WASM_MIN, setWasmElementwise, wasmElementwiseInfo } from '../src/backends/cpu/wasm-elementwise.js';
+import type { BinaryOp } from '../src/engine/backend.js';
 import { randint, randomKey, tidy, valueAndGrad } from '../src/index.js';
 import { preset } from '../src/model/config.js';
 import { initParams } from '../src/model/transformer.js';
@@ -19,9 +22,66 @@ import { resultsPath, timeAlternating } from './common.js';
 
 
 type Kernel = 'exp' | 'sigmoid' | 'silu' | 'softmax' | 'logsumexp';
+interface BinaryRow {
+  op: string; dtype: 'float32' | 'float64'; broadcast: string; size: number;
+  jsNsPerElem: number; wasmNsPerElem: number; jsGBs: number; wasmGBs: number; speedup: number;
+}
 interface KernelRow { kernel: Kernel; size: number; jsNsPerElem: number; wasmNsPerElem: number; speedup: number }
 interface AttentionRow { pass: 'forward' | 'forward+backward'; jsMs: number; wasmMs: number; speedup: number }
 interface StepRow { variant: 'swa' | 'e2e'; jsMs: number; wasmMs: number; speedup: number }
+
+/** With the size threshold lifted (WASM_MIN.binary = 0) so the small sizes show where wasm starts to pay. */
+function binaryRows(quick: boolean): BinaryRow[] {
+  const be = new CpuBackend();
+  const threshold = WASM_MIN.binary;
+  WASM_MIN.binary = 0;
+  const rows: BinaryRow[] = [];
+  const sizes = quick ? [256, 1e4, 1e6] : [64, 128, 256, 512, 1024, 4096, 1e4, 1e5, 1e6];
+  const cases: Array<{ op: BinaryOp; dtype: 'float32' | 'float64'; broadcast: string; sizes: number[] }> = [
+    { op: 'add', dtype: 'float32', broadcast: 'same shape', sizes },
+    { op: 'mul', dtype: 'float32', broadcast: 'same shape', sizes: quick ? [1e5] : [1e3, 1e5, 1e6] },
+    { op: 'div', dtype: 'float32', broadcast: 'same shape', sizes: quick ? [1e5] : [1e3, 1e5, 1e6] },
+    { op: 'maximum', dtype: 'float32', broadcast: 'same shape', sizes: quick ? [1e5] : [1e3, 1e5, 1e6] },
+    { op: 'add', dtype: 'float32', broadcast: 'scalar', sizes: quick ? [1e5] : [1e3, 1e5, 1e6] },
+    { op: 'add', dtype: 'float32', broadcast: 'row [n,256]+[256]', sizes: quick ? [1 << 16] : [1 << 10, 1 << 16, 1 << 20] },
+    { op: 'mul', dtype: 'float32', broadcast: 'column [n,256]*[n,1]', sizes: quick ? [1 << 16] : [1 << 10, 1 << 16, 1 << 20] },
+    { op: 'add', dtype: 'float64', broadcast: 'same shape', sizes: quick ? [1e5] : [256, 1e3, 1e5, 1e6] },
+  ];
+  for (const c of cases) {
+    for (const size of c.sizes) {
+      const d = 256;
+      const [sa, sb, shape, bLen] = c.broadcast === 'same shape' ? [[1], [1], [size], size]
+        : c.broadcast === 'scalar' ? [[1], [0], [size], 1]
+        : c.broadcast.startsWith('row') ? [[d, 1], [0, 1], [size / d, d], d]
+        : [[d, 1], [1, 0], [size / d, d], size / d];
+      const fill = (n: number) => {
+        const t = be.fill(n, c.dtype, 0);
+        for (let i = 0; i < n; i++) t[i] = Math.sin(i * 12.9898) * 8 + 9; // positive: no 0/0
+        return t;
+      };
+      const a = fill(size);
+      const b = fill(bLen);
+      const inner = Math.max(1, Math.round(2e6 / size)); // ~2M elements per timed sample
+      const repeat = (on: boolean) => () => {
+        setWasmElementwise(on);
+        for (let r = 0; r < inner; r++) be.free(be.binary(c.op, a, sa, b, sb, shape, c.dtype), c.dtype, size);
+      };
+      const [js, wasm] = timeAlternating([repeat(false), repeat(true)], 9, quick ? 0.2 : 0.6, 300).s;
+      const jsNs = (js / inner / size) * 1e9;
+      const wasmNs = (wasm / inner / size) * 1e9;
+      const bytes = (c.dtype === 'float64' ? 8 : 4) * 3;
+      rows.push({
+        op: c.op, dtype: c.dtype, broadcast: c.broadcast, size, jsNsPerElem: jsNs, wasmNsPerElem: wasmNs,
+        jsGBs: bytes / jsNs, wasmGBs: bytes / wasmNs, speedup: jsNs / wasmNs,
+      });
+      be.free(a, c.dtype, size);
+      be.free(b, c.dtype, bLen);
+    }
+  }
+  setWasmElementwise(true);
+  WASM_MIN.binary = threshold;
+  return rows;
+}
 
 function kernelRows(quick: boolean): KernelRow[] {
   const be = new CpuBackend();
@@ -108,6 +168,12 @@ export async function main(): Promise<unknown> {
     return { info };
   }
   const load0 = loadavg()[0];
+  const binary = binaryRows(quick);
+  console.log('binary op  dtype    broadcast               elements   JS ns/elem  wasm ns/elem   JS GB/s  wasm GB/s  speedup');
+  for (const r of binary) {
+    console.log(`${r.op.padEnd(10)} ${r.dtype.padEnd(8)} ${r.broadcast.padEnd(22)} ${String(r.size).padStart(9)} ${r.jsNsPerElem.toFixed(3).padStart(12)} ${r.wasmNsPerElem.toFixed(3).padStart(13)} ${r.jsGBs.toFixed(1).padStart(9)} ${r.wasmGBs.toFixed(1).padStart(10)} ${r.speedup.toFixed(2).padStart(8)}x`);
+  }
+  console.log('');
   const kernels = kernelRows(quick);
   console.log('kernel      elements    JS ns/elem  wasm ns/elem  speedup');
   for (const r of kernels) {
@@ -131,6 +197,7 @@ export async function main(): Promise<unknown> {
     loadavgAfter: loadavg()[0],
     wasm: info,
     poolAfter: pool.stats(),
+    binary,
     kernels,
     attention,
     steps,

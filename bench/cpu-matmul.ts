@@ -2,10 +2,11 @@
 // measured in the same run. Not a test: it reports, it does not assert.
 //   node --import tsx bench/cpu-matmul.ts        -> table on stdout, bench/results/cpu-matmul.json
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { gemm, gemmInfo, setGemmPath, setGemmThreads, type GemmJob, type GemmPath } from '../src/backends/cpu/gemm.js';
+import { repoRoot } from '../src/util/repo-root.js';
 import { machine, median, resultsPath } from './common.js';
 
 /** [m, k, n]: C[m,n] = A[m,k] @ B[k,n]. */
@@ -53,6 +54,42 @@ function timeGemm([m, k, n]: Shape, maxSeconds: number): { gflops: number; reps:
     if (times.length >= 3 && elapsed >= maxSeconds) break;
   }
   return { gflops: (2 * m * n * k) / median(times) / 1e9, reps: times.length };
+}
+
+export interface WasmPeak {
+  /** Best of the chain counts: what a 128-bit wasm kernel could reach here at most. */
+  gflops: number;
+  /** 'relaxed_madd' (fused) where the engine runs relaxed SIMD, else 'mul+add'. */
+  op: 'relaxed_madd' | 'mul+add';
+  byAccumulators: Record<string, number>;
+}
+
+/**
+ * Practical single-thread peak of 128-bit wasm f32x4 multiply-add on this machine: register-only loops
+ * with 8-14 independent chains (build/wasm/fma-peak*.wasm, from src/backends/cpu/wasm/gemm-wat.mjs),
+ * median of 7 runs of ~0.1 s each. Uses the same instruction the gemm path uses (gemmInfo's wasmKernel,
+ * which also turns relaxed SIMD on where Node needs the flag).
+ */
+function measureWasmPeak(): WasmPeak | { error: string } {
+  const relaxed = gemmInfo().wasmKernel === 'relaxed-simd';
+  const file = `${repoRoot() ?? '.'}/build/wasm/${relaxed ? 'fma-peak-relaxed.wasm' : 'fma-peak.wasm'}`;
+  if (!existsSync(file)) return { error: `${file} missing (run \`npm run build\`)` };
+  const ex = new WebAssembly.Instance(new WebAssembly.Module(readFileSync(file))).exports as Record<string, (n: number) => number>;
+  const byAccumulators: Record<string, number> = {};
+  for (const name of Object.keys(ex).filter((k) => k.startsWith('peak_'))) {
+    const acc = Number(name.slice(5));
+    const flopsPerIter = acc * 8; // 4 lanes x (multiply + add)
+    const iters = Math.round(5e9 / 60 / flopsPerIter); // ~0.1 s at 50 GFLOP/s
+    ex[name](iters); // tier-up
+    const ts: number[] = [];
+    for (let r = 0; r < 7; r++) {
+      const t0 = performance.now();
+      ex[name](iters);
+      ts.push((performance.now() - t0) / 1e3);
+    }
+    byAccumulators[acc] = (iters * flopsPerIter) / median(ts) / 1e9;
+  }
+  return { gflops: Math.max(...Object.values(byAccumulators)), op: relaxed ? 'relaxed_madd' : 'mul+add', byAccumulators };
 }
 
 const NUMPY_SCRIPT = `
@@ -118,6 +155,7 @@ export async function main(): Promise<{ rows: Row[] }> {
   const shapes = SHAPES.map((s) => s.shape);
   const rows: Row[] = [];
 
+  const peak = measureWasmPeak();
   const numpy: Record<number, ReturnType<typeof runNumpy>> = {};
   for (const t of threadCounts) numpy[t] = runNumpy(shapes, t === 1 ? 1 : 'all');
 
@@ -148,6 +186,16 @@ export async function main(): Promise<{ rows: Row[] }> {
 
   printTable(rows);
   const targets = summarizeTargets(rows);
+  if ('error' in peak) {
+    targets.push(`wasm f32x4 peak not measured: ${peak.error}`);
+  } else {
+    const counts = Object.entries(peak.byAccumulators).map(([a, g]) => `${a}: ${g.toFixed(1)}`).join(', ');
+    targets.push(`wasm f32x4 ${peak.op} peak, 1 thread, no memory traffic: ${peak.gflops.toFixed(1)} GFLOP/s (by chains ${counts})`);
+    for (const shape of ['512^3', '1024^3']) {
+      const r = rows.find((x) => x.path === 'wasm' && x.threads === 1 && x.shape === shape);
+      if (r) targets.push(`wasm 1-thread ${shape}: ${r.gflops.toFixed(1)} GFLOP/s = ${(100 * r.gflops / peak.gflops).toFixed(0)}% of that peak`);
+    }
+  }
   for (const line of targets) console.log(line);
 
   const numpyInfo = Object.values(numpy).find((r) => !('error' in r)) as { info: unknown } | undefined;
@@ -156,6 +204,8 @@ export async function main(): Promise<{ rows: Row[] }> {
     gemm: { ...info, available: info.available },
     numpy: numpyInfo?.info ?? { error: Object.values(numpy).map((r) => ('error' in r ? r.error : '')).join('; ') },
     removedEnv,
+    wasmPeakGflops: 'error' in peak ? null : peak.gflops,
+    wasmPeak: peak,
     method: `fp32, row-major, no transposes; median of ${MIN_REPS}-${MAX_REPS} reps (>= ${MIN_SECONDS}s) after 2 warm-up calls; ` +
       'numpy runs in a child python3 with OPENBLAS_NUM_THREADS=OMP_NUM_THREADS=1 for 1 thread and unset for all cores; ' +
       `${OPENBLAS_OVERRIDES.join(' and ')} are unset for numpy and for our BLAS path (removedEnv lists what this run had)`,

@@ -4,13 +4,15 @@
 //   gemm-relaxed.wasm  same, with relaxed_madd (fused multiply-add); picked at run time where the
 //                      engine validates it (Node >= 22, or Node 20 with --experimental-wasm-relaxed-simd)
 //   elementwise.wasm   float32 exp / sigmoid / silu, softmax / logsumexp rows and the attention probability
-//                      blocks, WebAssembly SIMD128 (src/backends/cpu/wasm-elementwise.ts)
+//                      blocks, float32 / float64 binary arithmetic; WebAssembly SIMD128 on the shared
+//                      arena memory (src/backends/cpu/wasm-elementwise.ts, arena.ts)
+//   fma-peak(-relaxed).wasm  register-only f32x4 multiply-add loops: the peak bench/cpu-matmul.ts compares against
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import wabtInit from 'wabt';
 import { generateElementwiseWat } from '../src/backends/cpu/wasm/elementwise-wat.mjs';
-import { generateWat } from '../src/backends/cpu/wasm/gemm-wat.mjs';
+import { generatePeakWat, generateWat } from '../src/backends/cpu/wasm/gemm-wat.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const outDir = join(root, 'build', 'wasm');
@@ -22,7 +24,9 @@ export async function buildWasm({ config, outDir: dir = outDir, quiet = false } 
   const modules = [
     ['gemm.wasm', () => generateWat({ relaxed: false, config }), { simd: true, threads: true, relaxed_simd: false }],
     ['gemm-relaxed.wasm', () => generateWat({ relaxed: true, config }), { simd: true, threads: true, relaxed_simd: true }],
-    ['elementwise.wasm', () => generateElementwiseWat(), { simd: true }],
+    ['fma-peak.wasm', () => generatePeakWat({ relaxed: false }), { simd: true }],
+    ['fma-peak-relaxed.wasm', () => generatePeakWat({ relaxed: true }), { simd: true, relaxed_simd: true }],
+    ['elementwise.wasm', () => generateElementwiseWat(), { simd: true, threads: true }],
   ];
   for (const [name, makeWat, features] of modules) {
     const wat = makeWat();

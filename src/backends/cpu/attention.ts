@@ -6,7 +6,7 @@
  * band, so every gemm call covers the whole batch at once.
  */
 import type { AttentionJob } from '../../engine/backend.js';
-import { type DType, hostArray } from '../../engine/dtype.js';
+import type { DType } from '../../engine/dtype.js';
 import { gemm } from './gemm.js';
 import { pool } from './pool.js';
 import { wasmBandProbabilitiesF32 } from './wasm-elementwise.js';
@@ -116,12 +116,14 @@ export function attentionForward(qd: unknown, kd: unknown, vd: unknown, job: Att
   const k = kd as FloatArray;
   const v = vd as FloatArray;
   const { batch, tq, tk, d } = job;
-  // Outputs come from the backend's pool (every element is written below); scratch is ours.
+  // Outputs come from the backend's pool (every element is written below); so does scratch (given
+  // back at the end), which puts it in the wasm arena where the gemm and probability kernels use it
+  // in place.
   const out = pool.alloc(dtype, batch * tq * d, false) as FloatArray;
   const lse = pool.alloc(dtype, batch * tq, false) as FloatArray;
   const maxNk = Math.min(tk, BLOCK + job.window - 1);
-  const p = hostArray(dtype, batch * BLOCK * maxNk) as FloatArray;
-  const o = hostArray(dtype, batch * BLOCK * d) as FloatArray;
+  const p = pool.alloc(dtype, batch * BLOCK * maxNk, false) as FloatArray;
+  const o = pool.alloc(dtype, batch * BLOCK * d, false) as FloatArray;
   for (const blk of blocks(job)) {
     const { i0, m, nk, qOff, kOff } = blk;
     gemm({ batch, m, n: nk, k: d, transA: false, transB: true, a: q, aOffsets: qOff, b: k, bOffsets: kOff, c: p });
@@ -129,6 +131,8 @@ export function attentionForward(qd: unknown, kd: unknown, vd: unknown, job: Att
     gemm({ batch, m, n: d, k: nk, transA: false, transB: false, a: p, aOffsets: stepOffsets(batch, m * nk), b: v, bOffsets: kOff, c: o });
     for (let b = 0; b < batch; b++) out.set(o.subarray(b * m * d, (b + 1) * m * d) as never, (b * tq + i0) * d);
   }
+  pool.release(p, dtype, p.length);
+  pool.release(o, dtype, o.length);
   return { out, lse };
 }
 
@@ -159,9 +163,9 @@ export function attentionBackward(
     delta[r] = s;
   }
   const maxNk = Math.min(tk, BLOCK + job.window - 1);
-  const p = hostArray(dtype, batch * BLOCK * maxNk) as FloatArray;
-  const ds = hostArray(dtype, batch * BLOCK * maxNk) as FloatArray;
-  const tmp = hostArray(dtype, batch * Math.max(BLOCK, maxNk) * d) as FloatArray;
+  const p = pool.alloc(dtype, batch * BLOCK * maxNk, false) as FloatArray;
+  const ds = pool.alloc(dtype, batch * BLOCK * maxNk, false) as FloatArray;
+  const tmp = pool.alloc(dtype, batch * Math.max(BLOCK, maxNk) * d, false) as FloatArray;
   for (const blk of blocks(job)) {
     const { i0, m, lo, nk, qOff, kOff } = blk;
     const pOff = stepOffsets(batch, m * nk);
@@ -194,6 +198,7 @@ export function attentionBackward(
       for (let x = 0; x < m * d; x++) dq[to + x] = tmp[from + x] * scale;
     }
   }
+  for (const a of [p, ds, tmp]) pool.release(a, dtype, a.length);
   dk.set(dkAcc);
   dv.set(dvAcc);
   return { dq, dk, dv };

@@ -12,9 +12,12 @@ import { attentionBackward, attentionForward } from './attention.js';
 import { TYPE_TAG, makeFlatKernel, makeStridedKernel } from './elementwise.js';
 import { gemm, gemmInfo } from './gemm.js';
 import { pool } from './pool.js';
-import { type WasmUnaryOp, wasmElementwiseInfo, wasmLogsumexpF32, wasmSoftmaxF32, wasmUnaryF32 } from './wasm-elementwise.js';
+import {
+  type WasmBinaryOp, type WasmUnaryOp, wasmBinary, wasmElementwiseInfo, wasmLogsumexpF32, wasmSoftmaxF32, wasmUnaryF32,
+} from './wasm-elementwise.js';
 
 type Arr = HostArray;
+type FloatArr = Float32Array | Float64Array;
 
 /** Row accumulator of reduce(), grown as needed and reused. */
 let reduceAcc = new Float64Array(256);
@@ -57,6 +60,7 @@ const COMPARE_EXPR: Record<CompareOp, string> = {
 };
 
 const WASM_UNARY: ReadonlySet<UnaryOp> = new Set<UnaryOp>(['exp', 'sigmoid', 'silu']);
+const WASM_BINARY: ReadonlySet<BinaryOp> = new Set<BinaryOp>(['add', 'sub', 'mul', 'div', 'maximum', 'minimum']);
 
 const cache = new Map<string, unknown>();
 function cached<T>(key: string, make: () => T): T {
@@ -73,7 +77,10 @@ function cached<T>(key: string, make: () => T): T {
  * engine); `types` tags the output and input array types, one kernel per combination.
  */
 function runStrided(op: string, types: string, expr: string, out: Arr, shape: number[], inputs: Arr[], strides: number[][]): void {
-  const c = coalesce(shape, strides);
+  runCoalesced(op, types, expr, out, coalesce(shape, strides), inputs);
+}
+
+function runCoalesced(op: string, types: string, expr: string, out: Arr, c: { shape: number[]; strides: number[][] }, inputs: Arr[]): void {
   const k = cached(`${op}/${types}`, () => makeStridedKernel(inputs.length, expr, `k_${op}`, types));
   if (inputs.length === 2) k(out, c.shape, c.strides, inputs[0], inputs[1]);
   else if (inputs.length === 3) k(out, c.shape, c.strides, inputs[0], inputs[1], inputs[2]);
@@ -120,7 +127,12 @@ export class CpuBackend implements Backend {
     const out = pool.alloc(dtype, sizeOf(shape), false);
     const intExpr = dtype === 'int32' ? INT_BINARY_EXPR[op] : undefined;
     const t = TYPE_TAG[dtype];
-    runStrided(`b_${op}${intExpr ? '_i' : ''}`, `${t}_${t}_${t}`, intExpr ?? BINARY_EXPR[op], out, shape, [a as Arr, b as Arr], [sa, sb]);
+    const c = coalesce(shape, [sa, sb]);
+    const float = dtype === 'float32' || dtype === 'float64';
+    if (float && WASM_BINARY.has(op) && wasmBinary(op as WasmBinaryOp, dtype === 'float64', a as FloatArr, b as FloatArr, out as FloatArr, c.shape, c.strides)) {
+      return out;
+    }
+    runCoalesced(`b_${op}${intExpr ? '_i' : ''}`, `${t}_${t}_${t}`, intExpr ?? BINARY_EXPR[op], out, c, [a as Arr, b as Arr]);
     return out;
   }
   compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): Arr {

@@ -3,7 +3,8 @@
 // Three interchangeable paths, all synchronous:
 //   blas  OpenBLAS (or another CBLAS) through koffi, when installed            -> ./blas.ts
 //   wasm  our WebAssembly SIMD kernels (./wasm/gemm-wat.mjs, built into build/wasm/), optionally split
-//         across worker threads that share the wasm memory
+//         across worker threads; they run on the backend's shared arena memory (./arena.ts), so
+//         operands from the pool are used in place and only foreign arrays are staged
 //   js    plain loops; always available, and used for tiny products on every path because a call
 //         into wasm or BLAS costs more than the arithmetic there
 import { existsSync, readFileSync } from 'node:fs';
@@ -11,6 +12,7 @@ import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import v8 from 'node:v8';
 import { Worker } from 'node:worker_threads';
+import { arena } from './arena.js';
 import { blasGemm, loadBlas } from './blas.js';
 import { repoRoot } from '../../util/repo-root.js';
 
@@ -198,6 +200,7 @@ const CTRL_DONE = 2; // tasks finished in this job
 const CTRL_TOTAL = 3; // tasks in this job
 const CTRL_PARTICIPANTS = 4; // thread ids below this may take tasks (each owns a workspace)
 const CTRL_ERROR = 5;
+const CTRL_WS = 6; // byte address of the workspaces (thread i's at + i * wsBytes); moves when more threads join
 const CTRL_WORDS = 8;
 const TAG_SHIFT = 11;
 const MAX_TASKS = (1 << TAG_SHIFT) - 1;
@@ -212,7 +215,7 @@ const WORKER_SPIN_MS = 0.2;
  */
 const RUN_TASKS_SRC = `
   const tag = gen & ${(1 << (31 - TAG_SHIFT)) - 1};
-  const ws = wsBase + id * wsBytes;
+  const ws = Atomics.load(ctrl, ${CTRL_WS}) + id * wsBytes;
   for (;;) {
     const cur = Atomics.load(ctrl, ${CTRL_CLAIM});
     if (cur >>> ${TAG_SHIFT} !== tag || id >= Atomics.load(ctrl, ${CTRL_PARTICIPANTS})) return;
@@ -232,7 +235,7 @@ const RUN_TASKS_SRC = `
 
 const WORKER_SRC = `
   const { workerData } = require('node:worker_threads');
-  const { module, memory, ctrlBuf, tasksBuf, id, wsBase, wsBytes } = workerData;
+  const { module, memory, ctrlBuf, tasksBuf, id, wsBytes } = workerData;
   const ex = new WebAssembly.Instance(module, { env: { memory } }).exports;
   const ctrl = new Int32Array(ctrlBuf);
   const tasks = new Int32Array(tasksBuf);
@@ -256,9 +259,6 @@ interface WasmExports {
   mr_f64: WebAssembly.Global; nr_f64: WebAssembly.Global;
 }
 
-const PAGE = 65536;
-const MAX_PAGES = 32768; // must match the module's declared maximum (2 GiB keeps pointers in int32)
-const WS_BASE = PAGE; // keep address 0 unused so a zero pointer is never valid data
 /** Soft cap on A/B/C bytes staged in wasm memory at once; bigger batches are processed in chunks. */
 const CHUNK_BYTES = 256 << 20;
 
@@ -272,13 +272,27 @@ class WasmGemm {
   private readonly workers: Worker[] = [];
   private readonly runTasks: (gen: number, id: number) => void;
   private gen = 0;
+  private wsPtr = 0;
+  private wsThreads = 0;
 
   constructor(private readonly module: WebAssembly.Module, private readonly memory: WebAssembly.Memory) {
     this.ex = new WebAssembly.Instance(module, { env: { memory } }).exports as unknown as WasmExports;
     this.wsBytes = align(this.ex.workspace_bytes(), 64);
     Atomics.store(this.ctrl, CTRL_CLAIM, -1);
-    this.runTasks = new Function('ctrl', 'tasks', 'ex', 'wsBase', 'wsBytes', 'gen', 'id', RUN_TASKS_SRC)
-      .bind(null, this.ctrl, this.tasks, this.ex, WS_BASE, this.wsBytes) as (gen: number, id: number) => void;
+    this.runTasks = new Function('ctrl', 'tasks', 'ex', 'wsBytes', 'gen', 'id', RUN_TASKS_SRC)
+      .bind(null, this.ctrl, this.tasks, this.ex, this.wsBytes) as (gen: number, id: number) => void;
+  }
+
+  /** Workspaces (packed panels) for `threads` threads in the arena; false if it is full. */
+  private ensureWorkspace(threads: number): boolean {
+    if (threads <= this.wsThreads) return true;
+    const p = arena.allocScratch(threads * this.wsBytes);
+    if (p < 0) return false;
+    if (this.wsPtr) arena.release(this.wsPtr); // no job is running: nothing uses the old ones
+    this.wsPtr = p;
+    this.wsThreads = threads;
+    Atomics.store(this.ctrl, CTRL_WS, p);
+    return true;
   }
 
   run(job: GemmJob, threadCount: number): void {
@@ -303,21 +317,23 @@ class WasmGemm {
     const cLen = m * n;
     const [rsa, csa] = transA ? [1, m] : [k, 1];
     const [rsb, csb] = transB ? [1, k] : [n, 1];
-    const dataBase = align(WS_BASE + participants * this.wsBytes, 64);
-    const entryBytes = (aLen + bLen + cLen) * S + 3 * 64;
-    const maxBytes = MAX_PAGES * PAGE - dataBase;
-    if (entryBytes > maxBytes) {
-      jsGemm(job); // a single product larger than a wasm32 memory: correct, if slow
+    if (!this.ensureWorkspace(participants)) {
+      jsGemm(job); // the arena is full: correct, if slow
       return;
     }
+    // Operands that live in the arena (tensor storage from the pool) are used where they are; only
+    // the others are staged into a scratch block (and C copied back out).
+    const aIn = arena.owns(a);
+    const bIn = arena.owns(b);
+    const cIn = arena.owns(c);
+    const entryBytes = ((aIn ? 0 : aLen) + (bIn ? 0 : bLen) + (cIn ? 0 : cLen)) * S + 3 * 64;
     const perChunk = Math.max(1, Math.min(Math.floor(Math.max(CHUNK_BYTES, entryBytes) / entryBytes), Math.floor(MAX_TASKS / pieces)));
 
     for (let start = 0; start < batch; start += perChunk) {
       const end = Math.min(batch, start + perChunk);
-      // Stage operands: C first (one contiguous block, copied out in one go), then A and B, sharing
+      // Staging layout: C first (one contiguous block, copied out in one go), then A and B, sharing
       // the staged copy between batch entries that broadcast the same operand.
-      const cPtr = dataBase;
-      let top = align(cPtr + (end - start) * cLen * S, 64);
+      let top = cIn ? 0 : align((end - start) * cLen * S, 64);
       const stage = (offsets: ArrayLike<number>, len: number, seen: Map<number, number>, i: number) => {
         let p = seen.get(offsets[i]);
         if (p === undefined) {
@@ -332,13 +348,18 @@ class WasmGemm {
       const aPtrs: number[] = [];
       const bPtrs: number[] = [];
       for (let i = start; i < end; i++) {
-        aPtrs.push(stage(job.aOffsets, aLen, aSeen, i));
-        bPtrs.push(stage(job.bOffsets, bLen, bSeen, i));
+        aPtrs.push(aIn ? a.byteOffset + job.aOffsets[i] * S : stage(job.aOffsets, aLen, aSeen, i));
+        bPtrs.push(bIn ? b.byteOffset + job.bOffsets[i] * S : stage(job.bOffsets, bLen, bSeen, i));
       }
-      this.ensureBytes(top);
-      const heap = f64 ? new Float64Array(this.memory.buffer) : new Float32Array(this.memory.buffer);
-      for (const [off, p] of aSeen) heap.set(a.subarray(off, off + aLen), p / S);
-      for (const [off, p] of bSeen) heap.set(b.subarray(off, off + bLen), p / S);
+      const block = top > 0 ? arena.allocScratch(top) : 0;
+      if (block < 0) {
+        jsGemm(job); // more than the arena can stage: correct, if slow
+        return;
+      }
+      const heap = f64 ? arena.heap(Float64Array) : arena.heap(Float32Array);
+      for (const [off, p] of aSeen) heap.set(a.subarray(off, off + aLen), (block + p) / S);
+      for (const [off, p] of bSeen) heap.set(b.subarray(off, off + bLen), (block + p) / S);
+      const cPtr = cIn ? c.byteOffset + start * cLen * S : block;
 
       let t = 0;
       const tasks = this.tasks;
@@ -346,8 +367,8 @@ class WasmGemm {
         tasks.set([f64 ? 1 : 0, mm, nn, k, ap, rsa, csa, bp, rsb, csb, cp, n], t++ * TASK_WORDS);
       };
       for (let i = start; i < end; i++) {
-        const ap = aPtrs[i - start];
-        const bp = bPtrs[i - start];
+        const ap = aIn ? aPtrs[i - start] : block + aPtrs[i - start];
+        const bp = bIn ? bPtrs[i - start] : block + bPtrs[i - start];
         const cp = cPtr + (i - start) * cLen * S;
         const tiles = splitN ? nTiles : mTiles;
         for (let q = 0; q < pieces; q++) {
@@ -364,8 +385,12 @@ class WasmGemm {
           }
         }
       }
-      this.dispatch(t, t > 1 ? participants : 1);
-      c.set(heap.subarray(cPtr / S, cPtr / S + (end - start) * cLen), start * cLen);
+      try {
+        this.dispatch(t, t > 1 ? participants : 1);
+        if (!cIn) c.set(heap.subarray(cPtr / S, cPtr / S + (end - start) * cLen), start * cLen);
+      } finally {
+        if (block > 0) arena.release(block);
+      }
     }
   }
 
@@ -393,11 +418,6 @@ class WasmGemm {
     if (Atomics.load(ctrl, CTRL_ERROR)) throw new Error('gemm: the wasm kernel trapped');
   }
 
-  private ensureBytes(bytes: number): void {
-    const have = this.memory.buffer.byteLength;
-    if (bytes > have) this.memory.grow(Math.ceil((bytes - have) / PAGE));
-  }
-
   private ensureWorkers(count: number): void {
     while (this.workers.length < count) {
       const id = this.workers.length + 1;
@@ -405,7 +425,7 @@ class WasmGemm {
         eval: true,
         workerData: {
           module: this.module, memory: this.memory, ctrlBuf: this.ctrl.buffer, tasksBuf: this.tasks.buffer,
-          id, wsBase: WS_BASE, wsBytes: this.wsBytes,
+          id, wsBytes: this.wsBytes,
         },
       });
       worker.unref();
@@ -451,8 +471,8 @@ function getWasm(): WasmGemm | null {
     let bytes = relaxed && relaxedSimdSupported(relaxed) ? relaxed : plain;
     if (bytes && !WebAssembly.validate(bytes)) bytes = undefined;
     if (!bytes) throw new Error(`no loadable kernel in ${dir} (run \`npm run build\`)`);
-    const memory = new WebAssembly.Memory({ initial: 1, maximum: MAX_PAGES, shared: true });
-    wasm = new WasmGemm(new WebAssembly.Module(bytes), memory);
+    // The arena's memory, so tensors from the pool are multiplied where they are, without staging.
+    wasm = new WasmGemm(new WebAssembly.Module(bytes), arena.memory);
     wasmKernel = bytes === relaxed ? 'relaxed-simd' : 'simd128';
   } catch (e) {
     wasmError = e instanceof Error ? e.message : String(e);

@@ -9,10 +9,17 @@
  * never returns one of its inputs as an output, upload/download copy, and reshaped views share
  * one refcounted Storage that frees only when the last view goes.
  *
- * `TTT_CPU_POOL=0` turns pooling off (every alloc is a fresh array); `TTT_CPU_POOL_MB` sets the cap
- * on the bytes the pool holds (default 512).
+ * Storage of MIN_BYTES and more comes from the shared wasm arena (./arena.ts) when it has room, so
+ * the wasm kernels can work on it in place; the lists here then keep arena views of exact lengths
+ * (a hit costs no new view), and an arena array the pool does not keep (cap reached, list full,
+ * clear()) goes back to the arena's free lists instead of to the garbage collector.
+ *
+ * `TTT_CPU_POOL=0` turns pooling off (every alloc is a fresh, ordinary array: no arena either, as
+ * nothing would give its blocks back); `TTT_CPU_POOL_MB` sets the cap on the bytes the pool holds
+ * (default 512).
  */
 import type { DType, HostArray } from '../../engine/dtype.js';
+import { type ArenaStats, arena } from './arena.js';
 
 /** Arrays below this many bytes live on V8's heap and cost little to make: not worth pooling. */
 const MIN_BYTES = 256;
@@ -48,6 +55,10 @@ export interface PoolStats {
   /** Frees kept in the pool / let go to the garbage collector (cap reached, too small, foreign array). */
   kept: number;
   dropped: number;
+  /** Arrays handed out and not yet released that live in the arena / are ordinary arrays. */
+  liveArena: number;
+  liveHeap: number;
+  arena: ArenaStats;
 }
 
 export class ArrayPool {
@@ -58,6 +69,8 @@ export class ArrayPool {
   private misses = 0;
   private kept = 0;
   private dropped = 0;
+  private liveArena = 0;
+  private liveHeap = 0;
 
   constructor(
     public enabled: boolean,
@@ -74,18 +87,31 @@ export class ArrayPool {
   alloc(dtype: DType, size: number, zero: boolean): HostArray {
     const k = kindOf(dtype);
     const C = KINDS[k];
-    if (this.enabled && size * C.BYTES_PER_ELEMENT >= MIN_BYTES) {
+    const bytes = size * C.BYTES_PER_ELEMENT;
+    if (this.enabled && bytes >= MIN_BYTES) {
       const list = this.lists[k].get(size);
       if (list !== undefined && list.length > 0) {
         const a = list.pop()!;
         this.held -= a.byteLength;
         this.heldArrays--;
         this.hits++;
+        if (arena.owns(a)) this.liveArena++;
+        else this.liveHeap++;
         if (zero) a.fill(0);
         return a;
       }
+      this.misses++;
+      const p = arena.allocTensor(bytes);
+      if (p >= 0) {
+        const a = arena.view(C, p, size);
+        this.liveArena++;
+        if (zero) a.fill(0); // a reused block holds stale values
+        return a;
+      }
+    } else {
+      this.misses++;
     }
-    this.misses++;
+    this.liveHeap++;
     return new C(size);
   }
 
@@ -94,22 +120,28 @@ export class ArrayPool {
     if (!this.enabled) return;
     const k = kindOf(dtype);
     const C = KINDS[k];
-    // Only whole, exactly typed arrays of the expected length: never a view into a larger buffer.
-    if (
-      !(a instanceof C) || a.constructor !== C || a.length !== size || a.byteOffset !== 0 ||
-      a.buffer.byteLength !== a.byteLength || a.byteLength < MIN_BYTES || this.held + a.byteLength > this.capBytes
-    ) {
+    // Only whole, exactly typed arrays of the expected length: never a view into a larger buffer
+    // (for the arena: never anything but the view of a whole live block).
+    if (!(a instanceof C) || a.constructor !== C || a.length !== size) {
       this.dropped++;
       return;
     }
+    const inArena = arena.owns(a);
+    if (inArena ? !arena.isBlock(a) : a.byteOffset !== 0 || a.buffer.byteLength !== a.byteLength) {
+      this.dropped++;
+      return;
+    }
+    if (inArena) this.liveArena--;
+    else this.liveHeap--;
     let list = this.lists[k].get(size);
+    if (a.byteLength < MIN_BYTES || this.held + a.byteLength > this.capBytes || (list !== undefined && list.length >= PER_LIST_CAP)) {
+      this.dropped++;
+      if (inArena) arena.release(a.byteOffset);
+      return;
+    }
     if (list === undefined) {
       list = [];
       this.lists[k].set(size, list);
-    }
-    if (list.length >= PER_LIST_CAP) {
-      this.dropped++;
-      return;
     }
     list.push(a);
     this.held += a.byteLength;
@@ -117,9 +149,12 @@ export class ArrayPool {
     this.kept++;
   }
 
-  /** Lets every pooled array go to the garbage collector. */
+  /** Lets every pooled array go: ordinary ones to the garbage collector, arena blocks to the arena. */
   clear(): void {
-    for (const m of this.lists) m.clear();
+    for (const m of this.lists) {
+      for (const list of m.values()) for (const a of list) if (arena.owns(a)) arena.release(a.byteOffset);
+      m.clear();
+    }
     this.held = 0;
     this.heldArrays = 0;
   }
@@ -128,6 +163,7 @@ export class ArrayPool {
     return {
       enabled: this.enabled, capBytes: this.capBytes, heldBytes: this.held, heldArrays: this.heldArrays,
       hits: this.hits, misses: this.misses, kept: this.kept, dropped: this.dropped,
+      liveArena: this.liveArena, liveHeap: this.liveHeap, arena: arena.stats(),
     };
   }
 }

@@ -1,10 +1,12 @@
-// Generates the WebAssembly text for the CPU float32 transcendental kernels (assembled by
-// scripts/build-wasm.mjs into build/wasm/elementwise.wasm).
+// Generates the WebAssembly text for the CPU elementwise kernels (assembled by scripts/build-wasm.mjs
+// into build/wasm/elementwise.wasm): float32 transcendental kernels (exp, sigmoid, silu, softmax /
+// logsumexp rows, attention probability blocks) and float32 / float64 binary arithmetic.
 //
-// Every kernel works in place on float32 data the JS side has copied into the (imported, private)
-// memory; byte addresses in, lengths in elements. The unary kernels run over ceil(n / 8) · 8 lanes
-// (the JS side leaves room for the padding lanes and ignores them); the row kernels handle each
-// row's n % 4 tail lanes themselves, since rows are packed back to back.
+// The module imports the CPU backend's shared arena memory (src/backends/cpu/arena.ts), so kernels
+// run on tensor storage in place: byte addresses in, lengths in elements. They write exactly the
+// elements they are asked for (tails are finished with single-lane stores or scalar code): the
+// bytes after a tensor belong to another live tensor. They may READ up to one vector past a row's
+// end; the arena keeps slack after its last block so that never leaves the memory.
 //
 // exp, f32x4 (Cephes expf scheme):
 //   x clamped to [-110, 89] (pmin/pmax with x first keep NaN; +Inf -> overflow -> +Inf, -Inf -> 0)
@@ -64,32 +66,61 @@ function expOf(src, lo) {
 /** The same instructions on a second set of locals (for the 2-way unrolled loop). */
 const second = (text) => text.replace(/\$(ek1|ekf|ex|ek|er|ep|e|v)(?![\w])/g, '$$$1_2');
 
+/** Stores lanes 0 .. rem-1 (rem < 4, an i32 expression) of the f32x4 in local `v` at `addr`. */
+const storeTail = (addr, v, rem) => [0, 1, 2]
+  .map((l) => `(if (i32.gt_u ${rem} (i32.const ${l})) (then (v128.store32_lane offset=${4 * l} ${l} ${addr} (local.get ${v}))))`).join('\n');
+
 /**
- * An in-place unary kernel over ceil(n/8) pairs of vectors (two independent exps per iteration, for
- * the out-of-order core to overlap: +~15% measured); `body` maps local $v to the result on the stack.
+ * A unary kernel dst[i] = f(src[i]), i < n (dst may be src): pairs of vectors (two independent exps
+ * per iteration, for the out-of-order core to overlap: +~15% measured), then one vector, then the
+ * n % 4 tail through the 16-byte scratch at $tmp so it takes the same vector code (same values).
+ * `body` maps local $v to the result on the stack.
  */
 function unaryKernel(name, body) {
   return `
-  (func (export "${name}") (param $p i32) (param $n i32)
-    (local $end i32) (local $v v128) (local $e v128) ${EXP_LOCALS} ${second(`(local $v v128) (local $e v128) ${EXP_LOCALS}`)}
-    (local.set $end (i32.add (local.get $p) (i32.shl (i32.and (i32.add (local.get $n) (i32.const 7)) (i32.const -8)) (i32.const 2))))
+  (func (export "${name}") (param $src i32) (param $dst i32) (param $n i32) (param $tmp i32)
+    (local $end i32) (local $rem i32) (local $i i32) (local $v v128) (local $e v128) ${EXP_LOCALS} ${second(`(local $v v128) (local $e v128) ${EXP_LOCALS}`)}
+    (local.set $end (i32.add (local.get $src) (i32.shl (i32.and (local.get $n) (i32.const -8)) (i32.const 2))))
     (block $done
       (loop $top
-        (br_if $done (i32.ge_u (local.get $p) (local.get $end)))
-        (local.set $v (v128.load (local.get $p)))
-        (local.set $v_2 (v128.load offset=16 (local.get $p)))
-        (v128.store (local.get $p) ${body})
-        (v128.store offset=16 (local.get $p) ${second(body)})
-        (local.set $p (i32.add (local.get $p) (i32.const 32)))
+        (br_if $done (i32.ge_u (local.get $src) (local.get $end)))
+        (local.set $v (v128.load (local.get $src)))
+        (local.set $v_2 (v128.load offset=16 (local.get $src)))
+        (v128.store (local.get $dst) ${body})
+        (v128.store offset=16 (local.get $dst) ${second(body)})
+        (local.set $src (i32.add (local.get $src) (i32.const 32)))
+        (local.set $dst (i32.add (local.get $dst) (i32.const 32)))
         (br $top)))
+    (if (i32.and (local.get $n) (i32.const 4)) (then
+      (local.set $v (v128.load (local.get $src)))
+      (v128.store (local.get $dst) ${body})
+      (local.set $src (i32.add (local.get $src) (i32.const 16)))
+      (local.set $dst (i32.add (local.get $dst) (i32.const 16)))))
+    (local.set $rem (i32.and (local.get $n) (i32.const 3)))
+    (if (local.get $rem) (then
+      (v128.store (local.get $tmp) (v128.const i32x4 0 0 0 0))
+      ${forLoopElems('$i', '$rem', '(f32.store (i32.add (local.get $tmp) (i32.shl (local.get $i) (i32.const 2))) (f32.load (i32.add (local.get $src) (i32.shl (local.get $i) (i32.const 2)))))')}
+      (local.set $v (v128.load (local.get $tmp)))
+      (local.set $v ${body})
+      ${storeTail('(local.get $dst)', '$v', '(local.get $rem)')}))
   )`;
+}
+
+/** `for (i = 0; i < n; i++) stmt` over i32 locals. */
+function forLoopElems(i, n, stmt) {
+  return `(local.set ${i} (i32.const 0))
+      (block $fe_end (loop $fe
+        (br_if $fe_end (i32.ge_u (local.get ${i}) (local.get ${n})))
+        ${stmt}
+        (local.set ${i} (i32.add (local.get ${i}) (i32.const 1)))
+        (br $fe)))`;
 }
 
 /**
  * Row kernel: for each of `rows` packed rows of n floats at $p, m = max (pmax / `x > m`: NaN
  * skipped, as in the JS loop; -Inf -> 0 in softmax mode as the JS kernel does), s = Σ exp(x − m)
  * accumulated in f64, with the subtraction carried exactly (two-sum) into the exp. Writes m (f32) to $maxp[row] and s (f64) to $sump[row].
- * With $softmax != 0 the row is overwritten by exp(x − m) · (1/s).
+ * With $softmax != 0, exp(x − m) · (1/s) is written to the same row of $dst (which may be $p).
  */
 function rowKernel() {
   const twoSum = (a, b) => `
@@ -102,10 +133,12 @@ function rowKernel() {
     (local.set $dl (v128.and (local.get $dl) (f32x4.eq (local.get $dl) (local.get $dl))))`;
   // Sum of the lanes of $e that are < $cnt lanes into $acc (f64x2 pair), masking the rest.
   return `
-  (func (export "rows") (param $p i32) (param $rows i32) (param $n i32) (param $maxp i32) (param $sump i32) (param $softmax i32)
-    (local $row i32) (local $q i32) (local $end i32) (local $vend i32) (local $rem i32)
+  (func (export "rows") (param $p i32) (param $dst i32) (param $rows i32) (param $n i32) (param $maxp i32) (param $sump i32) (param $softmax i32)
+    (local $row i32) (local $q i32) (local $end i32) (local $vend i32) (local $rem i32) (local $dd i32)
     (local $m f32) (local $t f32) (local $mv v128) (local $v v128) (local $e v128) (local $d v128) (local $bb v128) (local $dl v128)
     (local $acc v128) (local $s f64) (local $inv v128) (local $mask v128) ${EXP_LOCALS}
+    ;; byte distance from a source element to its destination
+    (local.set $dd (i32.sub (local.get $dst) (local.get $p)))
     (local.set $row (i32.const 0))
     (block $rdone
       (loop $rtop
@@ -143,13 +176,13 @@ function rowKernel() {
           (local.set $e ${expOf('$d', '$dl')})
           (if (i32.lt_u (local.get $q) (local.get $vend))
             (then
-              (if (local.get $softmax) (then (v128.store (local.get $q) (local.get $e)))))
+              (if (local.get $softmax) (then (v128.store (i32.add (local.get $q) (local.get $dd)) (local.get $e)))))
             (else
-              ;; lanes >= rem are zeroed (the stored lanes beyond the row are restored below)
+              ;; lanes >= rem are past the row: zeroed for the sum, never stored
               (local.set $mask (i32x4.lt_s (v128.const i32x4 0 1 2 3) (i32x4.splat (local.get $rem))))
               (local.set $e (v128.and (local.get $e) (local.get $mask)))
               (if (local.get $softmax) (then
-                (v128.store (local.get $q) (v128.bitselect (local.get $e) (local.get $v) (local.get $mask)))))))
+                ${storeTail('(i32.add (local.get $q) (local.get $dd))', '$e', '(local.get $rem)')}))))
           (local.set $acc (f64x2.add (local.get $acc) (f64x2.promote_low_f32x4 (local.get $e))))
           (local.set $acc (f64x2.add (local.get $acc) (f64x2.promote_low_f32x4
             (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $e) (local.get $e)))))
@@ -159,7 +192,9 @@ function rowKernel() {
         (f64.store (i32.add (local.get $sump) (i32.shl (local.get $row) (i32.const 3))) (local.get $s))
         (if (local.get $softmax) (then
           (local.set $inv (f32x4.splat (f32.demote_f64 (f64.div (f64.const 1) (local.get $s)))))
-          (local.set $q (local.get $p))
+          (local.set $q (i32.add (local.get $p) (local.get $dd)))
+          (local.set $vend (i32.add (local.get $vend) (local.get $dd)))
+          (local.set $end (i32.add (local.get $end) (local.get $dd)))
           (block $d4 (loop $l4
             (br_if $d4 (i32.ge_u (local.get $q) (local.get $vend)))
             (v128.store (local.get $q) (f32x4.mul (v128.load (local.get $q)) (local.get $inv)))
@@ -169,7 +204,8 @@ function rowKernel() {
             (br_if $d5 (i32.ge_u (local.get $q) (local.get $end)))
             (f32.store (local.get $q) (f32.mul (f32.load (local.get $q)) (f32x4.extract_lane 0 (local.get $inv))))
             (local.set $q (i32.add (local.get $q) (i32.const 4)))
-            (br $l5)))))
+            (br $l5)))
+          (local.set $end (i32.sub (local.get $end) (local.get $dd)))))
         (local.set $p (local.get $end))
         (local.set $row (i32.add (local.get $row) (i32.const 1)))
         (br $rtop)))
@@ -252,7 +288,7 @@ function bandKernel() {
             (else
               (local.set $mask (i32x4.lt_s (v128.const i32x4 0 1 2 3) (i32x4.splat (local.get $rem))))
               (local.set $e (v128.and (local.get $e) (local.get $mask)))
-              (v128.store (local.get $q) (v128.bitselect (local.get $e) (local.get $v) (local.get $mask)))))
+              ${storeTail('(local.get $q)', '$e', '(local.get $rem)')}))
           (local.set $acc (f64x2.add (local.get $acc) (f64x2.promote_low_f32x4 (local.get $e))))
           (local.set $acc (f64x2.add (local.get $acc) (f64x2.promote_low_f32x4
             (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $e) (local.get $e)))))
@@ -281,9 +317,75 @@ function bandKernel() {
   )`;
 }
 
+/** Binary ops with their f32x4 / f64x2 and scalar instructions (the same IEEE operation, so the same bits). */
+export const BINARY_OPS = ['add', 'sub', 'mul', 'div', 'max', 'min'];
+const BIN_TYPES = {
+  f32: { S: 4, V: 'f32x4', T: 'f32' },
+  f64: { S: 8, V: 'f64x2', T: 'f64' },
+};
+/** Vectors per iteration of the main loop: V8 neither unrolls nor drops the per-iteration stack check. */
+const BIN_UNROLL = 4;
+
+/**
+ * out = a op b over `rows` rows of n elements; row r of a starts $sa bytes after row r − 1's (0:
+ * the same row again), likewise b; out is contiguous. `mode` says which operands run along the row:
+ * 'vv' both, 'vs' a (b is one element per row, splat), 'sv' b. Same-shape, scalar, row-broadcast
+ * ([n, d] op [d]) and column-broadcast ([n, d] op [n, 1]) operands are all one of these.
+ */
+function binaryKernel(op, dt, mode) {
+  const { S, V, T } = BIN_TYPES[dt];
+  const va = mode !== 'sv';
+  const vb = mode !== 'vs';
+  const vec = (off) => `(v128.store offset=${off} (local.get $po) (${V}.${op}
+      ${va ? `(v128.load offset=${off} (local.get $pa))` : '(local.get $xa)'}
+      ${vb ? `(v128.load offset=${off} (local.get $pb))` : '(local.get $xb)'}))`;
+  const sca = `(${T}.store (local.get $po) (${T}.${op}
+      ${va ? `(${T}.load (local.get $pa))` : '(local.get $sa1)'}
+      ${vb ? `(${T}.load (local.get $pb))` : '(local.get $sb1)'}))`;
+  const step = (bytes) => [va && `(local.set $pa (i32.add (local.get $pa) (i32.const ${bytes})))`,
+    vb && `(local.set $pb (i32.add (local.get $pb) (i32.const ${bytes})))`,
+    `(local.set $po (i32.add (local.get $po) (i32.const ${bytes})))`].filter(Boolean).join(' ');
+  const block = BIN_UNROLL * 16;
+  return `
+  (func (export "${op}_${dt}_${mode}") (param $a i32) (param $sa i32) (param $b i32) (param $sb i32) (param $o i32) (param $rows i32) (param $n i32)
+    (local $r i32) (local $pa i32) (local $pb i32) (local $po i32) (local $end i32) (local $vend i32) (local $bend i32)
+    (local $xa v128) (local $xb v128) (local $sa1 ${T}) (local $sb1 ${T})
+    (local.set $po (local.get $o))
+    (local.set $r (i32.const 0))
+    (block $rdone (loop $rtop
+      (br_if $rdone (i32.ge_u (local.get $r) (local.get $rows)))
+      (local.set $pa (local.get $a))
+      (local.set $pb (local.get $b))
+      ${va ? '' : `(local.set $sa1 (${T}.load (local.get $a))) (local.set $xa (${V}.splat (local.get $sa1)))`}
+      ${vb ? '' : `(local.set $sb1 (${T}.load (local.get $b))) (local.set $xb (${V}.splat (local.get $sb1)))`}
+      (local.set $end (i32.add (local.get $po) (i32.mul (local.get $n) (i32.const ${S}))))
+      (local.set $bend (i32.add (local.get $po) (i32.and (i32.mul (local.get $n) (i32.const ${S})) (i32.const ${-block}))))
+      (local.set $vend (i32.add (local.get $po) (i32.and (i32.mul (local.get $n) (i32.const ${S})) (i32.const -16))))
+      (block $d1 (loop $l1
+        (br_if $d1 (i32.ge_u (local.get $po) (local.get $bend)))
+        ${Array.from({ length: BIN_UNROLL }, (_, u) => vec(u * 16)).join('\n        ')}
+        ${step(block)}
+        (br $l1)))
+      (block $d2 (loop $l2
+        (br_if $d2 (i32.ge_u (local.get $po) (local.get $vend)))
+        ${vec(0)}
+        ${step(16)}
+        (br $l2)))
+      (block $d3 (loop $l3
+        (br_if $d3 (i32.ge_u (local.get $po) (local.get $end)))
+        ${sca}
+        ${step(S)}
+        (br $l3)))
+      (local.set $a (i32.add (local.get $a) (local.get $sa)))
+      (local.set $b (i32.add (local.get $b) (local.get $sb)))
+      (local.set $r (i32.add (local.get $r) (i32.const 1)))
+      (br $rtop)))
+  )`;
+}
+
 export function generateElementwiseWat() {
   return `(module
-  (import "env" "memory" (memory 1))
+  (import "env" "memory" (memory 1 32768 shared))
   ${unaryKernel('exp', expOf('$v'))}
   ${unaryKernel('sigmoid', `(block (result v128)
     ;; e = exp(-|x|) never overflows: 1/(1+e) for x >= 0, e/(1+e) below (keeps the tiny tail of x << 0)
@@ -307,6 +409,7 @@ export function generateElementwiseWat() {
       (f32x4.add ${f4('1')} (local.get $e))))`)}
   ${rowKernel()}
   ${bandKernel()}
+  ${BINARY_OPS.flatMap((op) => ['f32', 'f64'].flatMap((dt) => ['vv', 'vs', 'sv'].map((mode) => binaryKernel(op, dt, mode)))).join('\n')}
 )
 `;
 }

@@ -9,13 +9,19 @@
 // elements so the JS side never has to know the element size of the packed layout.
 
 /**
- * Tile and blocking parameters per element type, measured on a Zen 5 core (V8 11.3): 4x16 beat
- * 4x8, 6x8, 8x8, 3x16, 4x12, 5x12 and 6x12 by 0-10% (run-to-run noise is ~5%); halving or doubling
- * KC, MC or NC made no difference beyond that noise.
+ * Tile and blocking parameters per element type, measured on a Zen 5 core (V8 11.3, Node 20).
+ * What decides it is TurboFan's register allocation, not the FMA count: x64 code gets 15 xmm
+ * registers (xmm15 is V8's scratch), an FMA's result lands in a fresh register (its inputs stay live
+ * to the end of the instruction), and the loads of an unrolled k step are issued ahead of their
+ * uses. Every tile with more than 8-9 accumulators, and every tile with the k loop unrolled (U > 1),
+ * spilled accumulators to the stack in the inner loop (seen with --print-wasm-code) and ran at 25-45
+ * GFLOP/s; 4x8 (f32) and 4x4 (f64) with U = 1 keep everything in registers: f32 60 GFLOP/s at 512^3
+ * and 1024^3 (was 41-45 with 4x16, U 2), 3x12 and 2x16 within noise of 4x8; f64 29 (was 14-22).
+ * KC, MC and NC made no difference beyond the ~5% run-to-run noise.
  */
 export const DEFAULT_CONFIG = {
-  f32: { MR: 4, NRV: 4, KC: 256, MC: 64, NC: 2048, U: 2 },
-  f64: { MR: 4, NRV: 4, KC: 256, MC: 64, NC: 1024, U: 2 },
+  f32: { MR: 4, NRV: 2, KC: 256, MC: 64, NC: 2048, U: 1 },
+  f64: { MR: 4, NRV: 2, KC: 256, MC: 64, NC: 1024, U: 1 },
 };
 
 const TYPES = {
@@ -58,6 +64,9 @@ function forLoop(label, v, start, end, step, body) {
       (br $${label})))`;
 }
 
+/** a · b + c: fused (relaxed_madd) in the relaxed build, else a multiply and an add. */
+const madd = (V, relaxed, a, b, c) => (relaxed ? `(${V}.relaxed_madd ${a} ${b} ${c})` : `(${V}.add ${c} (${V}.mul ${a} ${b}))`);
+
 function microKernel(dt, cfg, relaxed) {
   const { S, L, V, T, splat } = TYPES[dt];
   const { MR, NRV, U } = cfg;
@@ -67,7 +76,7 @@ function microKernel(dt, cfg, relaxed) {
   for (let r = 0; r < MR; r++) for (let v = 0; v < NRV; v++) accNames.push(acc(r, v));
   const bNames = Array.from({ length: NRV }, (_, v) => `b${v}`);
 
-  const fma = (a, b, c) => (relaxed ? `(${V}.relaxed_madd ${a} ${b} ${c})` : `(${V}.add ${c} (${V}.mul ${a} ${b}))`);
+  const fma = (a, b, c) => madd(V, relaxed, a, b, c);
   const step = (kOff) => {
     const oA = kOff * MR * S;
     const oB = kOff * NR * S;
@@ -248,5 +257,33 @@ export function generateWat({ relaxed = false, config = DEFAULT_CONFIG } = {}) {
   (import "env" "memory" (memory 1 32768 shared))
   (func (export "workspace_bytes") (result i32) ${i32(workspaceBytes(config))})
   ${parts.join('\n')}
+)`;
+}
+
+/**
+ * A micro-benchmark module (bench/cpu-matmul.ts): `peak_<acc>(iters)` runs `acc` independent f32x4
+ * multiply-add chains per iteration on values held in registers, no memory traffic: the practical
+ * ceiling of any 128-bit wasm kernel here. Each chain is acc = acc · x + y, so no product is loop
+ * invariant (a hoistable x · y would measure adds only); the sum is returned so nothing is dead.
+ * Several chain counts, because too few leave the FMA latency exposed and too many spill.
+ * @param {{ relaxed?: boolean, counts?: number[] }} [opts]
+ */
+export function generatePeakWat({ relaxed = false, counts = [8, 10, 12, 14] } = {}) {
+  const fn = (acc) => {
+    const names = Array.from({ length: acc }, (_, i) => `a${i}`);
+    const init = names.map((n, i) => set(n, `(f32x4.splat (f32.const ${i + 1}))`)).join(' ');
+    const body = names.map((n) => set(n, madd('f32x4', relaxed, get(n), get('x'), get('y')))).join('\n');
+    const sum = names.slice(1).reduce((s, n) => `(f32x4.add ${s} ${get(n)})`, get(names[0]));
+    return `
+  (func (export "peak_${acc}") (param $n i32) (result f32) ${locals(names, 'v128')} (local $x v128) (local $y v128)
+    ${set('x', '(f32x4.splat (f32.const 0.999))')} ${set('y', '(f32x4.splat (f32.const 0.001))')}
+    ${init}
+    (loop $l
+      ${body}
+      ${set('n', '(i32.sub (local.get $n) (i32.const 1))')}
+      (br_if $l (local.get $n)))
+    (f32x4.extract_lane 0 ${sum}))`;
+  };
+  return `(module ${counts.map(fn).join('\n')}
 )`;
 }
