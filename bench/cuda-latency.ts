@@ -46,6 +46,8 @@ export async function main(): Promise<unknown> {
   const contexts = (process.argv[2] ?? '1024,2048,4096,8192,16384,32768,65536,131072').split(',').map(Number);
   const variants = (process.argv[3] ?? 'full,swa,e2e').split(',') as Variant[];
   const rows: Row[] = [];
+  const file = resultsPath(`latency-${getBackend().name}.json`);
+  const save = () => writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), preset: '125m', compute: 'bfloat16', decodeTokens: DECODE, rows }, null, 1));
   console.log(`latency vs context, 125m, batch 1, bf16 compute, ${getBackend().info().device ?? getBackend().name}`);
   console.log('variant  context   prefill s   prefill tok/s   decode ms/token');
   for (const variant of variants) {
@@ -71,6 +73,7 @@ export async function main(): Promise<unknown> {
         const innerSteps = variant === 'e2e' ? Math.floor((before + DECODE) / b) - Math.floor(before / b) : 0;
         const row = { variant, context, prefillS, prefillTokensPerS: context / prefillS, decodeMsPerToken: decodeMs, innerStepsDuringDecode: innerSteps };
         rows.push(row);
+        save(); // after every row, so a run cut short by a time limit keeps what it measured
         console.log(`${variant.padEnd(8)} ${String(context).padStart(7)} ${prefillS.toFixed(3).padStart(11)} ${row.prefillTokensPerS.toFixed(0).padStart(15)} ${decodeMs.toFixed(2).padStart(17)}`);
         if (prefillS > MAX_PREFILL_S) break;
       } catch (e) {
@@ -81,8 +84,7 @@ export async function main(): Promise<unknown> {
       }
     }
   }
-  const file = resultsPath(`latency-${getBackend().name}.json`);
-  writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), preset: '125m', compute: 'bfloat16', decodeTokens: DECODE, rows }, null, 1));
+  save();
   console.log(`wrote ${file}`);
   return rows;
 }

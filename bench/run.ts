@@ -8,6 +8,7 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cpu-elementwise': () => import('./cpu-elementwise.js'),
   variants: () => import('./variants.js'),
   'cuda-gemm': () => import('./cuda-gemm.js'),
+  'cuda-attention': () => import('./cuda-attention.js'),
   'cuda-overhead': () => import('./cuda-overhead.js'),
   'cuda-train': () => import('./cuda-train.js'),
   'cuda-profile': () => import('./cuda-profile.js'),

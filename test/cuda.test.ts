@@ -255,6 +255,16 @@ describe('cuda vs cpu: kernels', gpu, () => {
     check('mean', () => T.mean(R(41, [3, 7, 5]), [0, 2]));
     check('sum of 100k (long row)', () => T.sum(R(42, [100_000])), { rtol: 1e-6 });
     check('sum over a long middle axis', () => T.sum(R(43, [3, 5000, 4]), 1));
+    // the split paths (partials per chunk, combined in order) and the warp-per-row path
+    for (const op of ['sum', 'max', 'min'] as const) {
+      check(`${op} split columns [2,3000,70] axis 1`, () => T[op](R(44, [2, 3000, 70]), 1), { rtol: 1e-6 });
+      check(`${op} split rows [3,50000]`, () => T[op](R(45, [3, 50000]), 1), { rtol: 1e-6 });
+      check(`${op} warp rows [5000,37]`, () => T[op](R(46, [5000, 37]), 1));
+    }
+    check('NaN in a split column and a split row', () => {
+      const nanAt = (shape: number[], at: number) => T.tensor(rand(47, size(shape)).map((v, i) => (i === at ? NaN : v)), shape);
+      return [T.max(nanAt([1, 4000, 40], 2345 * 40 + 7), 1), T.min(nanAt([2, 60000], 70000), 1), T.sum(nanAt([2, 60000], 5), 1)];
+    });
     check('max with NaN', () => [T.max(T.tensor([1, NaN, 3, 2], [2, 2]), 1), T.min(T.tensor([1, NaN, 3, 2], [2, 2]), 0)]);
     check('sum of empty', () => T.sum(T.zeros([0, 3]), 0));
   });
@@ -569,17 +579,29 @@ describe('cuda bfloat16 vs cpu float32', gpu, () => {
   });
 
   test('a bf16-compute TTT-E2E outer loss and meta-gradient stay near float32, with float32 gradients', () => {
+    // Element-wise bounds do not fit bf16 here: small entries of a second-order gradient carry
+    // absolute noise of the bf16 rounding of large intermediates. The loss is checked relatively,
+    // each parameter's gradient norm-wise (||g_bf16 - g_fp32|| / ||g_fp32||), both runs on cuda.
     const base = { variant: 'e2e' as const, vocabSize: 32, dModel: 32, nLayers: 4, nHeads: 2, ffnDim: 32, window: 8, miniBatch: 4, innerLr: 1 };
-    checkBf16('e2e bf16 compute', (dt) => {
-      const c = makeConfig({ ...base, computeDType: dt === 'bfloat16' ? 'bfloat16' : undefined });
+    const run = (bf16: boolean) => onCuda(() => T.tidy(() => {
+      const c = makeConfig({ ...base, computeDType: bf16 ? 'bfloat16' : undefined });
       const params: Params = T.mapLeaves(initParams(c, T.randomKey(7), 'float32'), (t) => (t.rank >= 2 ? T.mul(t, 5) : t));
       const tokens = T.tensor(rand(120, 16, 0, 32).map(Math.floor), [1, 16], 'int32');
       const targets = T.tensor(rand(121, 16, 0, 32).map(Math.floor), [1, 16], 'int32');
       const [loss, g] = T.valueAndGrad((p: Params) => e2eOuterLoss(c, p, tokens, targets))(params);
       for (const t of T.leaves(g)) assert.equal(t.dtype, 'float32');
       assert.equal((loss as Tensor).dtype, 'float32');
-      return [loss, T.leaves(g)];
-    }, { rtol: 5e-2, scaled: 5e-2 });
+      return { loss: (loss as Tensor).item(), grads: T.leaves(g).map((t) => t.toArray()) };
+    }));
+    const lo = run(true);
+    const hi = run(false);
+    assert.ok(Math.abs(lo.loss - hi.loss) <= 1e-2 * Math.abs(hi.loss), `loss bf16 ${lo.loss} vs fp32 ${hi.loss}`);
+    const norm = (xs: number[]) => Math.sqrt(xs.reduce((a, x) => a + x * x, 0));
+    const errs = hi.grads.map((g, i) => norm(g.map((x, j) => x - lo.grads[i][j])) / Math.max(norm(g), 1e-12));
+    console.log(`# bf16 vs fp32 meta-gradient, norm-wise relative error per parameter: max ${Math.max(...errs).toExponential(2)}, median ${[...errs].sort((a, b) => a - b)[errs.length >> 1].toExponential(2)}`);
+    // measured on an H100: median 0.06, largest 0.12 (an early block's MLP, at the end of the longest
+    // chain of bf16 roundings); a wrong cast or a float32 path lost shows as errors near 1
+    errs.forEach((e, i) => assert.ok(e < 0.2, `parameter ${i}: norm-wise error ${e.toExponential(2)}`));
   });
 });
 

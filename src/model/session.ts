@@ -148,7 +148,8 @@ export class Session {
     let key: Key = randomKey(sampling.seed ?? 0);
     for (let i = 0; i < n; i++) {
       key = foldIn(key, this.state.position);
-      const token = sample(this.nextLogProbs(), sampling, key);
+      if (!this.state.nextLogProbs) throw new Error('decode: the session has not read any token yet');
+      const token = sample(this.state.nextLogProbs.toTyped(), sampling, key);
       this.prefill([token], { score: false });
       out.push(token);
       onToken?.(token);
@@ -303,7 +304,7 @@ function releaseState(old: State, next: State): void {
 }
 
 /** Picks a token from log-probabilities: greedy, or temperature with top-k / top-p filtering. */
-export function sample(logProbs: number[], opts: SamplingOptions, key: Key): number {
+export function sample(logProbs: ArrayLike<number>, opts: SamplingOptions, key: Key): number {
   const { temperature = 0, topK, topP } = opts;
   if (temperature < 0) throw new Error(`sampling: temperature must be >= 0, got ${temperature}`);
   if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new Error(`sampling: topK must be a positive integer, got ${topK}`);
@@ -314,7 +315,7 @@ export function sample(logProbs: number[], opts: SamplingOptions, key: Key): num
     for (let i = 1; i < logProbs.length; i++) if (logProbs[i] > logProbs[best]) best = i;
     return best;
   }
-  const order = logProbs.map((_, i) => i).sort((a, b) => logProbs[b] - logProbs[a]);
+  const order = Array.from({ length: logProbs.length }, (_, i) => i).sort((a, b) => logProbs[b] - logProbs[a]);
   let kept = order.slice(0, topK ?? order.length);
   const scaled = kept.map((i) => logProbs[i] / temperature);
   const m = Math.max(...scaled);

@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, greater, log, logsumexp, matmul,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, getBackend, greater, keep, log, logsumexp, matmul,
   mean, mul, neg, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -51,23 +51,69 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
   const half = D / 2;
-  const cosv = new Float64Array(T * half);
-  const sinv = new Float64Array(T * half);
-  positions.forEach((p, t) => {
-    for (let i = 0; i < half; i++) {
-      const angle = p * Math.pow(theta, (-2 * i) / D);
-      cosv[t * half + i] = Math.cos(angle);
-      sinv[t * half + i] = Math.sin(angle);
-    }
-  });
-  const cos = tensor(cosv, [T, 1, half], x.dtype);
-  const sin = tensor(sinv, [T, 1, half], x.dtype);
+  const tables = ropeTables(positions, D, theta, x.dtype);
+  const cos = reshape(tables.cos, [T, 1, half]);
+  const sin = reshape(tables.sin, [T, 1, half]);
   const pairs = reshape(x, [...x.shape.slice(0, -1), half, 2]);
   const even = reshape(slice(pairs, [...Array(x.rank).fill(0), 0], [...pairs.shape.slice(0, -1), 1]), [...x.shape.slice(0, -1), half]);
   const odd = reshape(slice(pairs, [...Array(x.rank).fill(0), 1], [...pairs.shape.slice(0, -1), 2]), [...x.shape.slice(0, -1), half]);
   const rotEven = sub(mul(even, cos), mul(odd, sin));
   const rotOdd = add(mul(even, sin), mul(odd, cos));
   return reshape(stack([rotEven, rotOdd], -1), x.shape);
+}
+
+/**
+ * RoPE's cos/sin tables (flat [T·D/2], angles in float64 on the host), computed once per (first
+ * position, count, D, theta, dtype, backend) for consecutive positions: every layer and step of a
+ * model uses the same few, and computing them (and uploading them to a GPU) each time was most of
+ * a training step's host time. Least recently used tables beyond ROPE_TABLES_MAX are disposed; a
+ * graph that still needs one holds its own alias (rope reshapes the cached tensor), so that is safe.
+ */
+const ROPE_TABLES_MAX = 256;
+const ropeCache = new Map<string, { cos: Tensor; sin: Tensor }>();
+
+function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
+  const T = positions.length;
+  const consecutive = positions.every((p, i) => p === positions[0] + i);
+  const key = `${getBackend().name}/${dtype}/${D}/${theta}/${positions[0]}/${T}`;
+  const hit = consecutive ? ropeCache.get(key) : undefined;
+  if (hit) {
+    ropeCache.delete(key); // most recently used goes last
+    ropeCache.set(key, hit);
+    return hit;
+  }
+  const half = D / 2;
+  const inv = Float64Array.from({ length: half }, (_, i) => Math.pow(theta, (-2 * i) / D));
+  const cosv = new Float64Array(T * half);
+  const sinv = new Float64Array(T * half);
+  positions.forEach((p, t) => {
+    for (let i = 0; i < half; i++) {
+      const angle = p * inv[i];
+      cosv[t * half + i] = Math.cos(angle);
+      sinv[t * half + i] = Math.sin(angle);
+    }
+  });
+  const tables = { cos: tensor(cosv, [T * half], dtype), sin: tensor(sinv, [T * half], dtype) };
+  if (!consecutive) return tables;
+  keep(tables.cos);
+  keep(tables.sin);
+  ropeCache.set(key, tables);
+  if (ropeCache.size > ROPE_TABLES_MAX) {
+    const [oldest, t] = ropeCache.entries().next().value as [string, { cos: Tensor; sin: Tensor }];
+    ropeCache.delete(oldest);
+    t.cos.dispose();
+    t.sin.dispose();
+  }
+  return tables;
+}
+
+/** Frees the cached RoPE tables (tests that count live tensors, or to return device memory). */
+export function clearRopeCache(): void {
+  for (const t of ropeCache.values()) {
+    t.cos.dispose();
+    t.sin.dispose();
+  }
+  ropeCache.clear();
 }
 
 /**

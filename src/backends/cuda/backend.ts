@@ -21,8 +21,14 @@ import {
 import {
   ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, castName, CUDA_FLOATS, compareName, copyName,
-  moduleSource, reduceColsName, reduceRowsName, unaryName,
+  COL_TILE, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
+import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES } from './ffi.js';
+import {
+  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
+  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, FA_MAX_D, FA_THREADS, attentionAccBytes, attentionLseBytes, attentionPlan,
+  decodeSharedBytes, isAttnDType,
+} from './kernels/attention.js';
 
 const NULL_STREAM = null;
 
@@ -407,12 +413,32 @@ export class CudaBackend implements Backend {
     const total = outer * inner;
     const out = this.alloc(dt, total);
     if (total === 0) return out;
-    if (inner === 1) {
+    const busy = 4 * this.sms; // blocks that keep every SM occupied
+    if (inner === 1 && n <= 256) {
+      const rowsPerBlock = THREADS / 32;
+      const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
+      this.launch(this.fn('reduce', dt, reduceRowsWarpName(op)), Math.ceil(outer / rowsPerBlock), THREADS, 0, a, reduceRowsWarpName(op));
+    } else if (inner === 1 && (outer >= busy || n < 8192)) {
       const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
       this.launch(this.fn('reduce', dt, reduceRowsName(op)), this.rowBlocks(outer), THREADS, 0, a, reduceRowsName(op));
-    } else {
+    } else if (inner > 1 && n <= 64) {
       const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner);
       this.launch(this.fn('reduce', dt, reduceColsName(op)), this.blocksFor(total), THREADS, 0, a, reduceColsName(op));
+    } else {
+      // Split along n into chunks so that enough blocks run, then combine the partials in order.
+      const outputBlocks = inner === 1 ? outer : outer * Math.ceil(inner / COL_TILE);
+      const minLen = inner === 1 ? 4096 : 256;
+      const chunks = Math.max(1, Math.min(Math.ceil(n / minLen), Math.ceil(busy / outputBlocks)));
+      const len = Math.ceil(n / chunks);
+      const ws = this.allocator.alloc(chunks * total * 8);
+      const name = inner === 1 ? reduceRowsPartialName(op) : reduceColsPartialName(op);
+      const a = this.args.reset().ptr(ws.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
+      if (inner > 1) a.i64(inner);
+      a.i64(chunks).i64(len);
+      this.launch(this.fn('reduce', dt, name), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, name);
+      const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(total).i64(chunks);
+      this.launch(this.fn('reduce', dt, reduceFinalName(op)), this.blocksFor(total), THREADS, 0, f, reduceFinalName(op));
+      this.allocator.free(ws); // stream-ordered: a later reuse runs after these kernels
     }
     return out;
   }
@@ -578,32 +604,96 @@ export class CudaBackend implements Backend {
 
   // ---- attention ----------------------------------------------------------------------------------
 
+  /**
+   * Which attention kernels run: 'fused' (tiled FlashAttention-2 style, head dims up to 256; the
+   * row kernels still take over where a fused kernel cannot get its shared memory) or 'row' (the
+   * first-version kernels, one block per row). Tests and benches switch it; TTT_CUDA_ATTENTION=row
+   * sets it at start.
+   */
+  attentionKernels: 'fused' | 'row' = process.env.TTT_CUDA_ATTENTION === 'row' ? 'row' : 'fused';
+  /** Per fused kernel: whether the driver granted its dynamic shared memory (asked once). */
+  private attnSharedOk = new Map<string, boolean>();
+
   private attentionArgs(job: AttentionJob): number[] {
     // window = Infinity: a band wider than any position difference
     const window = Number.isFinite(job.window) ? job.window : 2 ** 60;
     return [job.tq, job.tk, job.d, job.qStart, job.kStart, window];
   }
 
-  private attentionDType(dtype: DType, job: AttentionJob): CudaDType {
-    const dt = dtype;
-    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: attention needs float32 or float64, got ${dt}`);
-    if (job.d > ATT_MAX_D) throw new Error(`cuda backend: attention head dimension ${job.d} > ${ATT_MAX_D} is not supported yet`);
-    return dt;
+  private attentionDType(dtype: DType, job: AttentionJob): AttnDType {
+    if (!isAttnDType(dtype)) throw new Error(`cuda backend: attention needs float32, float64 or bfloat16, got ${dtype}`);
+    if (job.d > ATT_MAX_D) {
+      throw new Error(`cuda backend: attention head dimension ${job.d} is not supported (fused kernels up to ${FA_MAX_D}, row kernels up to ${ATT_MAX_D})`);
+    }
+    return dtype;
+  }
+
+  /** The fused kernel for head dim d with its shared memory granted, or null: run the row kernels. */
+  private fusedAttention(dt: AttnDType, kernel: AttnKernel, d: number): { f: Handle; plan: AttnPlan } | null {
+    if (this.attentionKernels === 'row') return null;
+    const plan = attentionPlan(dt, kernel, d);
+    if (!plan) return null;
+    const f = this.fn('attention', dt, plan.name);
+    if (plan.shared > 48 * 1024) {
+      const key = `${dt}/${plan.name}`;
+      let ok = this.attnSharedOk.get(key);
+      if (ok === undefined) {
+        // fails (CUDA_ERROR_INVALID_VALUE, not sticky) on devices with less opt-in shared memory per block
+        ok = this.drv.cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.shared) === 0;
+        this.attnSharedOk.set(key, ok);
+      }
+      if (!ok) return null;
+    }
+    return { f, plan };
+  }
+
+  /** Blocks of a fused kernel: one per (batch entry, tile of `tile` rows out of n). */
+  private attnGrid(batch: number, n: number, tile: number): number {
+    const blocks = batch * Math.ceil(n / tile);
+    if (blocks > 2 ** 31 - 1) throw new Error(`cuda backend: attention grid of ${blocks} blocks is too large`);
+    return blocks;
   }
 
   attentionForward(q: unknown, k: unknown, v: unknown, job: AttentionJob, dtype: DType): { out: DeviceBuffer; lse: DeviceBuffer } {
     const dt = this.attentionDType(dtype, job);
     const rows = job.batch * job.tq;
     const out = this.alloc(dt, rows * job.d);
-    const lse = this.alloc(dt, rows);
+    // lse: the tensors' dtype, except float32 for bfloat16 (attentionLseBytes)
+    const lse = this.allocator.alloc(rows * attentionLseBytes(dt));
     if (rows === 0 || job.tk === 0) return { out, lse };
     const [tq, tk, d, qs, ks, w] = this.attentionArgs(job);
+    const band = Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
+    if (this.attentionKernels === 'fused' && tq <= DECODE_MAX_TQ && band >= DECODE_MIN_KEYS && d <= FA_MAX_D) {
+      // decoding: split the long band across blocks (flash-decoding), then merge the chunks
+      const splits = Math.ceil(band / DECODE_CHUNK);
+      const A = attentionAccBytes(dt);
+      const po = this.allocator.alloc(rows * splits * d * A);
+      const pml = this.allocator.alloc(rows * splits * 2 * A);
+      const a1 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(po.ptr).ptr(pml.ptr);
+      a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits);
+      this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
+      const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
+      this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, 0, a2, ATT_DECODE_COMBINE);
+      this.allocator.free(po); // stream-ordered
+      this.allocator.free(pml);
+      return { out, lse };
+    }
+    const fused = this.fusedAttention(dt, 'fwd', d);
     const a = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(out.ptr).ptr(lse.ptr);
-    a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
-    this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
+    if (fused) {
+      a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), FA_THREADS, fused.plan.shared, a, fused.plan.name);
+    } else {
+      a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
+    }
     return { out, lse };
   }
 
+  /**
+   * delta = rowsum(dO ⊙ O) first, then dK and dV (one block per key tile) and dQ (one block per
+   * query tile), each summed by one thread in a fixed order: no atomics, bit-identical between runs.
+   */
   attentionBackward(
     q: unknown, k: unknown, v: unknown, o: unknown, lse: unknown, dout: unknown, job: AttentionJob, dtype: DType,
   ): { dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
@@ -614,17 +704,37 @@ export class CudaBackend implements Backend {
     const dq = this.alloc(dt, qRows * d);
     const dk = this.alloc(dt, kRows * d);
     const dv = this.alloc(dt, kRows * d);
-    if (qRows === 0 || kRows === 0) return { dq, dk, dv };
-    const delta = this.alloc(dt, qRows);
+    if (kRows * d === 0) return { dq, dk, dv };
+    if (qRows === 0) {
+      // no query sees any key: zero gradients
+      for (const g of [dk, dv]) this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(g.ptr, 0, kRows * d * BYTES[dt], NULL_STREAM));
+      return { dq, dk, dv };
+    }
     const [tq, tk, dd, qs, ks, w] = this.attentionArgs(job);
-    const shared = attentionShared(dt, d);
-    const a1 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(o).ptr).ptr(buf(lse).ptr).ptr(buf(dout).ptr);
-    a1.ptr(dq.ptr).ptr(delta.ptr).i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
-    this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, shared, a1, ATT_BWD_DQ);
-    const a2 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(lse).ptr).ptr(buf(dout).ptr).ptr(delta.ptr);
-    a2.ptr(dk.ptr).ptr(dv.ptr).i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
-    this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, shared, a2, ATT_BWD_DKV);
-    this.allocator.free(delta);
+    const fdkv = this.fusedAttention(dt, 'dkv', d);
+    const fdq = this.fusedAttention(dt, 'dq', d);
+    const delta = this.allocator.alloc(qRows * attentionAccBytes(dt));
+    const a0 = this.args.reset().ptr(buf(o).ptr).ptr(buf(dout).ptr).ptr(delta.ptr).i64(qRows).i64(dd);
+    const deltaBlocks = Math.max(1, Math.min(Math.ceil(qRows / (ATT_DELTA_THREADS / 32)), this.sms * 64));
+    this.launch(this.fn('attention', dt, ATT_DELTA), deltaBlocks, ATT_DELTA_THREADS, 0, a0, ATT_DELTA);
+    const common = (a: ArgPacker) => a.ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(dout).ptr).ptr(buf(lse).ptr).ptr(delta.ptr);
+    const a1 = common(this.args.reset()).ptr(dk.ptr).ptr(dv.ptr);
+    if (fdkv) {
+      a1.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(fdkv.f, this.attnGrid(batch, tk, fdkv.plan.bk), FA_THREADS, fdkv.plan.shared, a1, fdkv.plan.name);
+    } else {
+      a1.i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);
+    }
+    const a2 = common(this.args.reset()).ptr(dq.ptr);
+    if (fdq) {
+      a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), FA_THREADS, fdq.plan.shared, a2, fdq.plan.name);
+    } else {
+      a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, attentionShared(dt, d), a2, ATT_BWD_DQ);
+    }
+    this.allocator.free(delta); // stream-ordered: reuse comes after these kernels
     return { dq, dk, dv };
   }
 }

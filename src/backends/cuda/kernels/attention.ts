@@ -1,41 +1,558 @@
 /**
- * Banded causal attention (the Backend's attentionForward / attentionBackward contract), a first
- * correct version: one block per query row (forward, dQ) or key row (dK, dV); keys or queries go
- * through shared memory in tiles of ATT_THREADS, one dot product per thread, so memory is O(row)
- * and the band is visited, never the dense [tq, tk] matrix. Not yet tensor-core flash attention.
+ * Banded causal attention (the Backend's attentionForward / attentionBackward contract).
+ *
+ * Fused kernels, FlashAttention-2 style, SIMT (fp32 or fp64 FMAs, no tensor cores yet):
+ * - `attn_fwd_*`: one block of 256 threads per (batch entry, tile of BQ query rows). The Q tile
+ *   stays in shared memory; the block walks only the key tiles of BK keys that intersect its band
+ *   (the first tile starts at the band's first key, so a window of w costs about (BQ + w) / BK
+ *   tiles, never tk / BK), with an online softmax (running max and sum per row) and an fp32 (fp64
+ *   for float64) output accumulator in registers. Writes out and the per-row logsumexp.
+ * - backward: `attn_delta` (delta = rowsum(dO ⊙ O), one warp per row), then `attn_dkv_*`, one
+ *   block per (batch entry, tile of BK keys) over the query tiles that see those keys, and
+ *   `attn_dq_*`, one block per query tile over its key tiles. No atomics: every output element is
+ *   summed by one thread in a fixed order, so results are bit-identical between runs.
+ * Thread layout (all three): 16 × 16 threads; thread (ty, tx) owns rows ty·RM .. ty·RM+RM-1 of the
+ * tile's outer side and columns tx + 16·e of the inner side of each score tile; output columns are
+ * tx·OW + 16·OW·g + w. Shared-memory rows are padded by one 16-byte vector (bank spread) and read
+ * with 16-byte loads. Head dims are padded (with zeros in shared memory) to DP in {16, 32, 64, 128,
+ * 256}; tile sizes per (dtype, kernel, DP) are in TILES.
+ *
+ * Fallback: the first-version kernels (one block per query or key row, `attn_row_*`), used for
+ * head dims above 256 (up to ATT_MAX_D) and on devices that cannot give a fused kernel its shared
+ * memory.
+ *
+ * Storage type T: float, double or bf16 (bf2f / f2bf); math type A: float (float32, bfloat16) or
+ * double (float64). lse is stored as L: the tensors' own type, except float for bfloat16 (a bf16
+ * logsumexp would put a ~0.4 % error on every recomputed probability of the backward); delta is
+ * internal, in A.
  */
-import { CTYPE, type CudaDType, blockReduce } from './common.js';
+import { blockReduce } from './common.js';
 
-export const ATT_THREADS = 128;
-/** Head dimension limit: each thread owns ATT_MAXC output columns. */
-export const ATT_MAXC = 8;
-export const ATT_MAX_D = ATT_THREADS * ATT_MAXC;
-export const ATT_FWD = 'attn_fwd';
-export const ATT_BWD_DQ = 'attn_bwd_dq';
-export const ATT_BWD_DKV = 'attn_bwd_dkv';
-
-/** Shared memory bytes of each kernel for head dimension d. */
-export function attentionShared(dtype: CudaDType, d: number): number {
-  const a = dtype === 'float64' ? 8 : 4;
-  return (2 * d + 3 * ATT_THREADS) * a;
+/** The float dtypes attention kernels are generated for. */
+export type AttnDType = 'float32' | 'float64' | 'bfloat16';
+export const ATT_DTYPES: readonly AttnDType[] = ['float32', 'float64', 'bfloat16'];
+export function isAttnDType(dtype: string): dtype is AttnDType {
+  return (ATT_DTYPES as readonly string[]).includes(dtype);
 }
 
-export function attentionSource(dtype: CudaDType): string {
-  if (dtype !== 'float32' && dtype !== 'float64') return '';
-  const T = CTYPE[dtype];
-  const A = T; // accumulator type
-  const band = String.raw`
+const STORAGE: Record<AttnDType, string> = { float32: 'float', float64: 'double', bfloat16: 'bf16' };
+const ACC: Record<AttnDType, string> = { float32: 'float', float64: 'double', bfloat16: 'float' };
+const LSE: Record<AttnDType, string> = { float32: 'float', float64: 'double', bfloat16: 'float' };
+/** Bytes per element of the lse buffer attentionForward returns (float32 for bfloat16 tensors). */
+export function attentionLseBytes(dtype: AttnDType): number {
+  return dtype === 'float64' ? 8 : 4;
+}
+/** Bytes per element of the math type (the internal delta buffer of the backward). */
+export function attentionAccBytes(dtype: AttnDType): number {
+  return dtype === 'float64' ? 8 : 4;
+}
+
+// ---- fused (tiled) kernels -------------------------------------------------------------------------
+
+export type AttnKernel = 'fwd' | 'dq' | 'dkv';
+/** Threads per block of the fused kernels (a 16 × 16 grid). */
+export const FA_THREADS = 256;
+/** Padded head dims the fused kernels are built for; d goes to the smallest DP >= d. */
+export const FA_DIMS = [16, 32, 64, 128, 256] as const;
+export const FA_MAX_D = 256;
+/** Warps (rows) per block of the delta kernel. */
+export const ATT_DELTA = 'attn_delta';
+export const ATT_DELTA_THREADS = 256;
+
+/**
+ * [BQ, BK] (query rows, keys per tile) per kernel and padded head dim. Both multiples of 16. Sized
+ * for at most ~110 KB of shared memory where possible (two blocks per SM on an H100), every entry
+ * under the H100's 227 KB per block; a device with less opt-in shared memory falls back to the
+ * row kernels for the configurations it cannot run (attentionSharedBytes says how much each needs).
+ */
+const TILES: Record<'f32' | 'f64', Record<AttnKernel, Record<number, [number, number]>>> = {
+  f32: {
+    fwd: { 16: [64, 64], 32: [64, 64], 64: [64, 64], 128: [64, 64], 256: [32, 32] },
+    dkv: { 16: [64, 64], 32: [64, 64], 64: [64, 64], 128: [32, 64], 256: [32, 32] },
+    dq: { 16: [64, 64], 32: [64, 64], 64: [64, 64], 128: [64, 32], 256: [32, 32] },
+  },
+  f64: {
+    fwd: { 16: [64, 64], 32: [64, 64], 64: [32, 32], 128: [32, 32], 256: [32, 32] },
+    dkv: { 16: [32, 32], 32: [32, 32], 64: [32, 32], 128: [32, 32], 256: [16, 16] },
+    dq: { 16: [32, 32], 32: [32, 32], 64: [32, 32], 128: [32, 32], 256: [16, 16] },
+  },
+};
+
+export interface AttnPlan {
+  kernel: AttnKernel;
+  name: string;
+  /** Query rows per tile. */
+  bq: number;
+  /** Keys per tile. */
+  bk: number;
+  /** Padded head dim. */
+  dp: number;
+  /** Dynamic shared memory bytes. */
+  shared: number;
+}
+
+function vecWidth(dtype: AttnDType): number {
+  return dtype === 'float64' ? 2 : 4;
+}
+
+/** Dynamic shared memory of one fused kernel configuration (must match the kernels' carving below). */
+export function attentionSharedBytes(dtype: AttnDType, kernel: AttnKernel, bq: number, bk: number, dp: number): number {
+  const a = attentionAccBytes(dtype);
+  const vw = vecWidth(dtype);
+  const ldq = dp + vw;
+  const elems =
+    kernel === 'fwd' ? bq * ldq + bk * ldq + bq * (bk + vw)
+    : kernel === 'dkv' ? 2 * bk * ldq + 2 * bq * ldq + 2 * bk * (bq + vw) + 2 * bq
+    : 2 * bq * ldq + 2 * bk * ldq + bq * (bk + vw) + 2 * bq;
+  return elems * a;
+}
+
+function planFor(dtype: AttnDType, kernel: AttnKernel, dp: number): AttnPlan {
+  const [bq, bk] = TILES[dtype === 'float64' ? 'f64' : 'f32'][kernel][dp];
+  return { kernel, name: `attn_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared: attentionSharedBytes(dtype, kernel, bq, bk, dp) };
+}
+
+/** The fused kernel for head dim d, or null when d is above FA_MAX_D (then the row kernels run). */
+export function attentionPlan(dtype: AttnDType, kernel: AttnKernel, d: number): AttnPlan | null {
+  const dp = FA_DIMS.find((x) => x >= d);
+  return dp === undefined ? null : planFor(dtype, kernel, dp);
+}
+
+/** Every fused configuration compiled into a dtype's module. */
+export function attentionPlans(dtype: AttnDType): AttnPlan[] {
+  return (['fwd', 'dq', 'dkv'] as AttnKernel[]).flatMap((k) => FA_DIMS.map((dp) => planFor(dtype, k, dp)));
+}
+
+// ---- row kernels (fallback) -------------------------------------------------------------------------
+
+export const ATT_THREADS = 128;
+/** Head dimension limit of the row kernels: each thread owns ATT_MAXC output columns. */
+export const ATT_MAXC = 8;
+export const ATT_MAX_D = ATT_THREADS * ATT_MAXC;
+export const ATT_FWD = 'attn_row_fwd';
+export const ATT_BWD_DQ = 'attn_row_dq';
+export const ATT_BWD_DKV = 'attn_row_dkv';
+
+/** Shared memory bytes of each row kernel for head dimension d. */
+export function attentionShared(dtype: AttnDType, d: number): number {
+  return (2 * d + 3 * ATT_THREADS) * attentionAccBytes(dtype);
+}
+
+// ---- source -----------------------------------------------------------------------------------------
+
+function common(dtype: AttnDType): string {
+  const f = dtype !== 'float64';
+  return String.raw`
+typedef ${ACC[dtype]} A;
+typedef ${STORAGE[dtype]} T;
+typedef ${LSE[dtype]} L;
+#define FA_VW ${vecWidth(dtype)}
+#define FA_THREADS ${FA_THREADS}
+#define FA_NEG_INF ${f ? 'NEG_INF_F' : 'NEG_INF_D'}
+/* exp / log of the fused kernels: base 2 for float (exp2f is one MUFU op), natural for double. Scores
+   are multiplied by FA_LOGC (log2 e, or 1) so that fa_exp(s * scale * FA_LOGC - m) = e^(s * scale - m'). */
+#define FA_LOGC ${f ? '1.4426950408889634' : '1.0'}
+#define FA_INV_LOGC ${f ? '0.6931471805599453' : '1.0'}
+__device__ __forceinline__ A att_ld(T x) { return ${dtype === 'bfloat16' ? 'bf2f(x)' : '(A)x'}; }
+__device__ __forceinline__ T att_st(A x) { return ${dtype === 'bfloat16' ? 'f2bf(x)' : '(T)x'}; }
+__device__ __forceinline__ A fa_exp(A x) { return ${f ? 'exp2f(x)' : 'exp(x)'}; }
+__device__ __forceinline__ A fa_log(A x) { return ${f ? 'log2f(x)' : 'log(x)'}; }
+__device__ __forceinline__ A fa_max(A a, A b) { return a > b ? a : b; }
+/* The visible keys of query row i are j in [band_lo(i), band_hi(i)] (may be empty only for rows the engine never sends). */
 __device__ __forceinline__ i64 band_lo(i64 i, i64 qStart, i64 kStart, i64 window) { i64 v = qStart + i - window + 1 - kStart; return v > 0 ? v : 0; }
 __device__ __forceinline__ i64 band_hi(i64 i, i64 qStart, i64 kStart, i64 tk) { i64 v = qStart + i - kStart; return v < tk - 1 ? v : tk - 1; }
-__device__ __forceinline__ ${A} dotp(const ${A}* a, const ${T}* b, i64 d) { ${A} s = 0; for (i64 c = 0; c < d; c++) s += a[c] * (${A})b[c]; return s; }
 `;
-  return [
-    `typedef ${A} A;`,
-    band,
-    blockReduce('att_max', A, 'fmax(a, b)'),
-    blockReduce('att_sum', A, 'a + b'),
-    String.raw`
-extern "C" __global__ void ${ATT_FWD}(const ${T}* q, const ${T}* k, const ${T}* v, ${T}* out, ${T}* lse,
+}
+
+const FUSED = String.raw`
+/* 16-byte (or narrower) shared-memory vector loads. */
+struct __align__(16) fa_v4f { float x, y, z, w; };
+struct __align__(8) fa_v2f { float x, y; };
+struct __align__(16) fa_v2d { double x, y; };
+__device__ __forceinline__ void fa_ldv(const float* p, float (&v)[1]) { v[0] = p[0]; }
+__device__ __forceinline__ void fa_ldv(const float* p, float (&v)[2]) { fa_v2f t = *reinterpret_cast<const fa_v2f*>(p); v[0] = t.x; v[1] = t.y; }
+__device__ __forceinline__ void fa_ldv(const float* p, float (&v)[4]) { fa_v4f t = *reinterpret_cast<const fa_v4f*>(p); v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; }
+__device__ __forceinline__ void fa_ldv(const double* p, double (&v)[1]) { v[0] = p[0]; }
+__device__ __forceinline__ void fa_ldv(const double* p, double (&v)[2]) { fa_v2d t = *reinterpret_cast<const fa_v2d*>(p); v[0] = t.x; v[1] = t.y; }
+
+/* dst[r * LD + c] = src row (r0 + r), column c, for r < ROWS, c < DP; 0 where r0 + r >= rowEnd or c >= d. */
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void fa_load(A* dst, const T* src, i64 r0, i64 rowEnd, i64 d) {
+  for (int x = threadIdx.x; x < ROWS * DP; x += FA_THREADS) {
+    const int r = x / DP, c = x % DP;
+    const i64 row = r0 + r;
+    dst[r * LD + c] = (row < rowEnd && c < d) ? att_ld(src[row * d + c]) : (A)0;
+  }
+}
+
+/* acc[r][e] += dot(X row (xr + r), Y row (yr + 16 e)) over DP columns; rows of stride LD. */
+template <int RM, int CM, int DP, int LD>
+__device__ __forceinline__ void fa_dot(A (&acc)[RM][CM], const A* X, int xr, const A* Y, int yr) {
+#pragma unroll 2
+  for (int c = 0; c < DP; c += FA_VW) {
+    A xv[RM][FA_VW], yv[CM][FA_VW];
+#pragma unroll
+    for (int r = 0; r < RM; r++) fa_ldv(X + (xr + r) * LD + c, xv[r]);
+#pragma unroll
+    for (int e = 0; e < CM; e++) fa_ldv(Y + (yr + 16 * e) * LD + c, yv[e]);
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+#pragma unroll
+      for (int e = 0; e < CM; e++) {
+#pragma unroll
+        for (int u = 0; u < FA_VW; u++) acc[r][e] += xv[r][u] * yv[e][u];
+      }
+    }
+  }
+}
+
+/* acc[r][g * OW + w] += sum over k < KN of P[(pr + r) * LDP + k] * V[k * LDV + tx * OW + 16 * OW * g + w]. */
+template <int RM, int OC, int OW, int KN, int LDP, int LDV>
+__device__ __forceinline__ void fa_pv(A (&acc)[RM][OC], const A* P, int pr, const A* V, int tx) {
+#pragma unroll 2
+  for (int k = 0; k < KN; k += FA_VW) {
+    A pv[RM][FA_VW];
+#pragma unroll
+    for (int r = 0; r < RM; r++) fa_ldv(P + (pr + r) * LDP + k, pv[r]);
+#pragma unroll
+    for (int u = 0; u < FA_VW; u++) {
+#pragma unroll
+      for (int g = 0; g < OC / OW; g++) {
+        A vv[OW];
+        fa_ldv(V + (k + u) * LDV + tx * OW + 16 * OW * g, vv);
+#pragma unroll
+        for (int r = 0; r < RM; r++) {
+#pragma unroll
+          for (int w = 0; w < OW; w++) acc[r][g * OW + w] += pv[r][u] * vv[w];
+        }
+      }
+    }
+  }
+}
+
+/* Sum / max over the 16 lanes of a half warp (the tx of one ty); every lane gets the same bits. */
+__device__ __forceinline__ A fa_sum16(A v) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+__device__ __forceinline__ A fa_max16(A v) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) v = fa_max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+/* Forward: grid = batch * ceil(tq / BQ) blocks, the heaviest (last) query tiles first. */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* out, L* lse,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+  constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
+  constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* Qs = reinterpret_cast<A*>(smem);   // [BQ][LDQ]
+  A* KV = Qs + BQ * LDQ;                // [BK][LDQ]: the key tile, then the value tile
+  A* Ps = KV + BK * LDQ;                // [BQ][LDS]: probabilities of the tile
+  const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
+  const i64 nt = (tq + BQ - 1) / BQ;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const T* qb = q + b * tq * d;
+  const T* kb = k + b * tk * d;
+  const T* vb = v + b * tk * d;
+  const A sc = (A)(scaleD * FA_LOGC);
+  fa_load<BQ, DP, LDQ>(Qs, qb, i0, iend, d);
+  i64 lo[RM], hi[RM];
+  A m[RM], l[RM], o[RM][OC];
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+    const i64 i = i0 + ty * RM + r;
+    lo[r] = 1; hi[r] = 0; // rows past tq see nothing
+    if (i < iend) { lo[r] = band_lo(i, qStart, kStart, window); hi[r] = band_hi(i, qStart, kStart, tk); }
+    m[r] = FA_NEG_INF; l[r] = 0;
+#pragma unroll
+    for (int c = 0; c < OC; c++) o[r][c] = 0;
+  }
+  // The tile's band: from the first row's first key to the last row's last key.
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    __syncthreads(); // the previous tile's reads of KV and Ps are done
+    fa_load<BK, DP, LDQ>(KV, kb, j0, jend, d);
+    __syncthreads();
+    A s[RM][CM];
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+#pragma unroll
+      for (int e = 0; e < CM; e++) s[r][e] = 0;
+    }
+    fa_dot<RM, CM, DP, LDQ>(s, Qs, ty * RM, KV, tx);
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+      A mx = FA_NEG_INF;
+#pragma unroll
+      for (int e = 0; e < CM; e++) {
+        const i64 j = j0 + tx + 16 * e;
+        const A x = (j >= lo[r] && j <= hi[r]) ? s[r][e] * sc : FA_NEG_INF;
+        s[r][e] = x;
+        mx = fa_max(mx, x);
+      }
+      mx = fa_max16(mx);
+      const A mn = fa_max(m[r], mx);
+      const A mu = mn == FA_NEG_INF ? (A)0 : mn; // a row with nothing visible yet: exp(-inf - 0) = 0, never -inf - -inf
+      const A alpha = fa_exp(m[r] - mu);
+      A rs = 0;
+#pragma unroll
+      for (int e = 0; e < CM; e++) {
+        const A p = fa_exp(s[r][e] - mu);
+        s[r][e] = p;
+        rs += p;
+      }
+      rs = fa_sum16(rs);
+      l[r] = l[r] * alpha + rs;
+      m[r] = mn;
+#pragma unroll
+      for (int c = 0; c < OC; c++) o[r][c] *= alpha;
+#pragma unroll
+      for (int e = 0; e < CM; e++) Ps[(ty * RM + r) * LDS + tx + 16 * e] = s[r][e];
+    }
+    __syncthreads(); // Ps written; every read of the key tile done
+    fa_load<BK, DP, LDQ>(KV, vb, j0, jend, d);
+    __syncthreads();
+    fa_pv<RM, OC, OW, BK, LDS, LDQ>(o, Ps, ty * RM, KV, tx);
+  }
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+    const i64 i = i0 + ty * RM + r;
+    if (i < iend) {
+      const A inv = (A)1 / l[r];
+      T* orow = out + (b * tq + i) * d;
+#pragma unroll
+      for (int g = 0; g < OC / OW; g++) {
+#pragma unroll
+        for (int w = 0; w < OW; w++) {
+          const int c = tx * OW + 16 * OW * g + w;
+          if (c < d) orow[c] = att_st(o[r][g * OW + w] * inv);
+        }
+      }
+      if (tx == 0) lse[b * tq + i] = (L)((m[r] + fa_log(l[r])) * (A)FA_INV_LOGC);
+    }
+  }
+}
+
+/* dK, dV: grid = batch * ceil(tk / BK) blocks, one per key tile, over the query tiles that see it. */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+  constexpr int RM = BK / 16, CM = BQ / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
+  constexpr int LDQ = DP + FA_VW, LDP = BQ + FA_VW;
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* Ks = reinterpret_cast<A*>(smem);   // [BK][LDQ]
+  A* Vs = Ks + BK * LDQ;                // [BK][LDQ]
+  A* Qs = Vs + BK * LDQ;                // [BQ][LDQ]
+  A* dOs = Qs + BQ * LDQ;               // [BQ][LDQ]
+  A* Ps = dOs + BQ * LDQ;               // [BK][LDP]: P transposed (key rows, query columns)
+  A* dSs = Ps + BK * LDP;               // [BK][LDP]: dS transposed
+  A* Ls = dSs + BK * LDP;               // [BQ]: lse * FA_LOGC
+  A* Ds = Ls + BQ;                      // [BQ]: delta
+  const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 j0 = ((i64)blockIdx.x / batch) * BK;
+  const i64 jend = j0 + BK < tk ? j0 + BK : tk;
+  const T* qb = q + b * tq * d;
+  const T* db = dout + b * tq * d;
+  fa_load<BK, DP, LDQ>(Ks, k + b * tk * d, j0, jend, d);
+  fa_load<BK, DP, LDQ>(Vs, v + b * tk * d, j0, jend, d);
+  // Queries that see some key of the tile: i with s <= qStart + i < s + window for s in [kStart + j0, kStart + jend - 1].
+  i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
+  i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
+  const A sc = (A)(scaleD * FA_LOGC);
+  A dka[RM][OC], dva[RM][OC];
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+#pragma unroll
+    for (int c = 0; c < OC; c++) { dka[r][c] = 0; dva[r][c] = 0; }
+  }
+  for (i64 i0 = ilo; i0 <= ihi; i0 += BQ) {
+    const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
+    __syncthreads(); // the previous tile's reads of Qs, dOs, Ps, dSs are done
+    fa_load<BQ, DP, LDQ>(Qs, qb, i0, iend, d);
+    fa_load<BQ, DP, LDQ>(dOs, db, i0, iend, d);
+    for (int x = t; x < BQ; x += FA_THREADS) {
+      const i64 i = i0 + x;
+      const bool ok = i < iend;
+      Ls[x] = ok ? (A)lse[b * tq + i] * (A)FA_LOGC : (A)0;
+      Ds[x] = ok ? delta[b * tq + i] : (A)0;
+    }
+    __syncthreads();
+    A s[RM][CM], dp[RM][CM];
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+#pragma unroll
+      for (int e = 0; e < CM; e++) { s[r][e] = 0; dp[r][e] = 0; }
+    }
+    fa_dot<RM, CM, DP, LDQ>(s, Ks, ty * RM, Qs, tx);
+    fa_dot<RM, CM, DP, LDQ>(dp, Vs, ty * RM, dOs, tx);
+#pragma unroll
+    for (int e = 0; e < CM; e++) {
+      const int ci = tx + 16 * e;
+      const i64 i = i0 + ci;
+      i64 qlo = 1, qhi = 0;
+      if (i < iend) { qlo = band_lo(i, qStart, kStart, window); qhi = band_hi(i, qStart, kStart, tk); }
+      const A l2 = Ls[ci], dl = Ds[ci];
+#pragma unroll
+      for (int r = 0; r < RM; r++) {
+        const i64 j = j0 + ty * RM + r;
+        const A p = (j >= qlo && j <= qhi) ? fa_exp(s[r][e] * sc - l2) : (A)0;
+        Ps[(ty * RM + r) * LDP + ci] = p;
+        dSs[(ty * RM + r) * LDP + ci] = p * (dp[r][e] - dl);
+      }
+    }
+    __syncthreads();
+    fa_pv<RM, OC, OW, BQ, LDP, LDQ>(dva, Ps, ty * RM, dOs, tx);
+    fa_pv<RM, OC, OW, BQ, LDP, LDQ>(dka, dSs, ty * RM, Qs, tx);
+  }
+  const A scale = (A)scaleD;
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+    const i64 j = j0 + ty * RM + r;
+    if (j < jend) {
+      T* krow = dk + (b * tk + j) * d;
+      T* vrow = dv + (b * tk + j) * d;
+#pragma unroll
+      for (int g = 0; g < OC / OW; g++) {
+#pragma unroll
+        for (int w = 0; w < OW; w++) {
+          const int c = tx * OW + 16 * OW * g + w;
+          if (c < d) { krow[c] = att_st(dka[r][g * OW + w] * scale); vrow[c] = att_st(dva[r][g * OW + w]); }
+        }
+      }
+    }
+  }
+}
+
+/* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles. */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+  constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
+  constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* Qs = reinterpret_cast<A*>(smem);   // [BQ][LDQ]
+  A* dOs = Qs + BQ * LDQ;               // [BQ][LDQ]
+  A* Ks = dOs + BQ * LDQ;               // [BK][LDQ]
+  A* Vs = Ks + BK * LDQ;                // [BK][LDQ]
+  A* dSs = Vs + BK * LDQ;               // [BQ][LDS]
+  A* Ls = dSs + BQ * LDS;               // [BQ]
+  A* Ds = Ls + BQ;                      // [BQ]
+  const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
+  const i64 nt = (tq + BQ - 1) / BQ;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const T* kb = k + b * tk * d;
+  const T* vb = v + b * tk * d;
+  fa_load<BQ, DP, LDQ>(Qs, q + b * tq * d, i0, iend, d);
+  fa_load<BQ, DP, LDQ>(dOs, dout + b * tq * d, i0, iend, d);
+  for (int x = t; x < BQ; x += FA_THREADS) {
+    const i64 i = i0 + x;
+    const bool ok = i < iend;
+    Ls[x] = ok ? (A)lse[b * tq + i] * (A)FA_LOGC : (A)0;
+    Ds[x] = ok ? delta[b * tq + i] : (A)0;
+  }
+  i64 lo[RM], hi[RM];
+  A dqa[RM][OC];
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+    const i64 i = i0 + ty * RM + r;
+    lo[r] = 1; hi[r] = 0;
+    if (i < iend) { lo[r] = band_lo(i, qStart, kStart, window); hi[r] = band_hi(i, qStart, kStart, tk); }
+#pragma unroll
+    for (int c = 0; c < OC; c++) dqa[r][c] = 0;
+  }
+  const A sc = (A)(scaleD * FA_LOGC);
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    __syncthreads(); // the previous tile's reads of Ks, Vs, dSs are done (and, the first time, Qs, dOs, Ls, Ds are written)
+    fa_load<BK, DP, LDQ>(Ks, kb, j0, jend, d);
+    fa_load<BK, DP, LDQ>(Vs, vb, j0, jend, d);
+    __syncthreads();
+    A s[RM][CM], dp[RM][CM];
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+#pragma unroll
+      for (int e = 0; e < CM; e++) { s[r][e] = 0; dp[r][e] = 0; }
+    }
+    fa_dot<RM, CM, DP, LDQ>(s, Qs, ty * RM, Ks, tx);
+    fa_dot<RM, CM, DP, LDQ>(dp, dOs, ty * RM, Vs, tx);
+#pragma unroll
+    for (int r = 0; r < RM; r++) {
+      const A l2 = Ls[ty * RM + r], dl = Ds[ty * RM + r];
+#pragma unroll
+      for (int e = 0; e < CM; e++) {
+        const i64 j = j0 + tx + 16 * e;
+        const A p = (j >= lo[r] && j <= hi[r]) ? fa_exp(s[r][e] * sc - l2) : (A)0;
+        dSs[(ty * RM + r) * LDS + tx + 16 * e] = p * (dp[r][e] - dl);
+      }
+    }
+    __syncthreads();
+    fa_pv<RM, OC, OW, BK, LDS, LDQ>(dqa, dSs, ty * RM, Ks, tx);
+  }
+  const A scale = (A)scaleD;
+#pragma unroll
+  for (int r = 0; r < RM; r++) {
+    const i64 i = i0 + ty * RM + r;
+    if (i < iend) {
+      T* row = dq + (b * tq + i) * d;
+#pragma unroll
+      for (int g = 0; g < OC / OW; g++) {
+#pragma unroll
+        for (int w = 0; w < OW; w++) {
+          const int c = tx * OW + 16 * OW * g + w;
+          if (c < d) row[c] = att_st(dqa[r][g * OW + w] * scale);
+        }
+      }
+    }
+  }
+}
+
+/* delta[row] = sum_c dout[row][c] * o[row][c], one warp per row (fixed order: deterministic). */
+extern "C" __global__ void ${ATT_DELTA}(const T* o, const T* dout, A* delta, i64 rows, i64 d) {
+  const int lane = threadIdx.x & 31;
+  const i64 warps = (i64)(blockDim.x >> 5);
+  for (i64 row = (i64)blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += (i64)gridDim.x * warps) {
+    A s = 0;
+    for (i64 c = lane; c < d; c += 32) s += att_ld(o[row * d + c]) * att_ld(dout[row * d + c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) delta[row] = s;
+  }
+}
+`;
+
+function fusedEntries(dtype: AttnDType): string {
+  const fwdArgs = 'i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scale';
+  const pass = 'batch, tq, tk, d, qStart, kStart, window, scale';
+  return attentionPlans(dtype)
+    .map((p) => {
+      const tpl = `<${p.bq}, ${p.bk}, ${p.dp}>`;
+      if (p.kernel === 'fwd') {
+        return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}) { fa_fwd${tpl}(q, k, v, out, lse, ${pass}); }`;
+      }
+      if (p.kernel === 'dkv') {
+        return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}) { fa_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}); }`;
+      }
+      return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}) { fa_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}); }`;
+    })
+    .join('\n');
+}
+
+/** The row kernels: one block per query row (forward, dQ) or key row (dK, dV). */
+const ROW = String.raw`
+__device__ __forceinline__ A dotp(const A* a, const T* b, i64 d) { A s = 0; for (i64 c = 0; c < d; c++) s += a[c] * att_ld(b[c]); return s; }
+
+extern "C" __global__ void ${ATT_FWD}(const T* q, const T* k, const T* v, T* out, L* lse,
     i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = (A*)smem; A* ps = qs + 2 * d; A* red = ps + ${ATT_THREADS};
@@ -43,8 +560,8 @@ extern "C" __global__ void ${ATT_FWD}(const ${T}* q, const ${T}* k, const ${T}* 
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const ${T}* kb = k + b * tk * d; const ${T}* vb = v + b * tk * d;
-    for (i64 c = t; c < d; c += blockDim.x) qs[c] = (A)q[row * d + c];
+    const T* kb = k + b * tk * d; const T* vb = v + b * tk * d;
+    for (i64 c = t; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
     __syncthreads();
     i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
     A m = -(A)1e308 * (A)1e308;
@@ -62,35 +579,31 @@ extern "C" __global__ void ${ATT_FWD}(const ${T}* q, const ${T}* k, const ${T}* 
       i64 nt = hi - t0 + 1 < (i64)blockDim.x ? hi - t0 + 1 : (i64)blockDim.x;
       for (int a = 0; a < ${ATT_MAXC}; a++) {
         i64 c = t + (i64)a * blockDim.x;
-        if (c < d) { A s = 0; for (i64 jj = 0; jj < nt; jj++) s += ps[jj] * (A)vb[(t0 + jj) * d + c]; acc[a] += s; }
+        if (c < d) { A s = 0; for (i64 jj = 0; jj < nt; jj++) s += ps[jj] * att_ld(vb[(t0 + jj) * d + c]); acc[a] += s; }
       }
       __syncthreads();
     }
     l = att_sum(l, red);
-    for (int a = 0; a < ${ATT_MAXC}; a++) { i64 c = t + (i64)a * blockDim.x; if (c < d) out[row * d + c] = (${T})(acc[a] / l); }
-    if (t == 0) lse[row] = (${T})(m + log(l));
+    for (int a = 0; a < ${ATT_MAXC}; a++) { i64 c = t + (i64)a * blockDim.x; if (c < d) out[row * d + c] = att_st(acc[a] / l); }
+    if (t == 0) lse[row] = (L)(m + log(l));
     __syncthreads();
   }
 }
 
-/** dQ per query row; also writes delta = rowsum(dO * O) for the dK/dV kernel. */
-extern "C" __global__ void ${ATT_BWD_DQ}(const ${T}* q, const ${T}* k, const ${T}* v, const ${T}* o, const ${T}* lse, const ${T}* dout,
-    ${T}* dq, A* delta, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+/** dQ per query row (delta comes from ${ATT_DELTA}). */
+extern "C" __global__ void ${ATT_BWD_DQ}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
+    T* dq, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
   extern __shared__ __align__(16) unsigned char smem[];
-  A* qs = (A*)smem; A* dos = qs + d; A* ps = dos + d; A* red = ps + ${ATT_THREADS};
+  A* qs = (A*)smem; A* dos = qs + d; A* ps = dos + d;
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const ${T}* kb = k + b * tk * d; const ${T}* vb = v + b * tk * d;
-    A dl = 0;
-    for (i64 c = t; c < d; c += blockDim.x) {
-      qs[c] = (A)q[row * d + c]; dos[c] = (A)dout[row * d + c];
-      dl += dos[c] * (A)o[row * d + c];
-    }
-    dl = att_sum(dl, red);
-    if (t == 0) delta[row] = dl;
-    A ls = (A)lse[row];
+    const T* kb = k + b * tk * d; const T* vb = v + b * tk * d;
+    for (i64 c = t; c < d; c += blockDim.x) { qs[c] = att_ld(q[row * d + c]); dos[c] = att_ld(dout[row * d + c]); }
+    __syncthreads();
+    const A dl = delta[row];
+    const A ls = (A)lse[row];
     i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
     A acc[${ATT_MAXC}];
     for (int a = 0; a < ${ATT_MAXC}; a++) acc[a] = 0;
@@ -106,30 +619,30 @@ extern "C" __global__ void ${ATT_BWD_DQ}(const ${T}* q, const ${T}* k, const ${T
       i64 nt = hi - t0 + 1 < (i64)blockDim.x ? hi - t0 + 1 : (i64)blockDim.x;
       for (int a = 0; a < ${ATT_MAXC}; a++) {
         i64 c = t + (i64)a * blockDim.x;
-        if (c < d) { A s = 0; for (i64 jj = 0; jj < nt; jj++) s += ps[jj] * (A)kb[(t0 + jj) * d + c]; acc[a] += s; }
+        if (c < d) { A s = 0; for (i64 jj = 0; jj < nt; jj++) s += ps[jj] * att_ld(kb[(t0 + jj) * d + c]); acc[a] += s; }
       }
       __syncthreads();
     }
-    for (int a = 0; a < ${ATT_MAXC}; a++) { i64 c = t + (i64)a * blockDim.x; if (c < d) dq[row * d + c] = (${T})(acc[a] * scale); }
+    for (int a = 0; a < ${ATT_MAXC}; a++) { i64 c = t + (i64)a * blockDim.x; if (c < d) dq[row * d + c] = att_st(acc[a] * scale); }
     __syncthreads();
   }
 }
 
 /** dK and dV per key row, over the queries that see that key. */
-extern "C" __global__ void ${ATT_BWD_DKV}(const ${T}* q, const ${T}* k, const ${T}* v, const ${T}* lse, const ${T}* dout, const A* delta,
-    ${T}* dk, ${T}* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
+    T* dk, T* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
   extern __shared__ __align__(16) unsigned char smem[];
-  A* ks = (A*)smem; A* vs = ks + d; A* ps = vs + d; A* dss = ps + ${ATT_THREADS}; 
+  A* ks = (A*)smem; A* vs = ks + d; A* ps = vs + d; A* dss = ps + ${ATT_THREADS};
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tk, j = row % tk;
-    for (i64 c = t; c < d; c += blockDim.x) { ks[c] = (A)k[row * d + c]; vs[c] = (A)v[row * d + c]; }
+    for (i64 c = t; c < d; c += blockDim.x) { ks[c] = att_ld(k[row * d + c]); vs[c] = att_ld(v[row * d + c]); }
     __syncthreads();
     i64 s = kStart + j;
     i64 ilo = s - qStart; if (ilo < 0) ilo = 0;
     i64 ihi = s - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
-    const ${T}* qb = q + b * tq * d; const ${T}* db = dout + b * tq * d;
+    const T* qb = q + b * tq * d; const T* db = dout + b * tq * d;
     A akk[${ATT_MAXC}], avv[${ATT_MAXC}];
     for (int a = 0; a < ${ATT_MAXC}; a++) { akk[a] = 0; avv[a] = 0; }
     for (i64 t0 = ilo; t0 <= ihi; t0 += blockDim.x) {
@@ -146,7 +659,7 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const ${T}* q, const ${T}* k, const ${
         i64 c = t + (i64)a * blockDim.x;
         if (c < d) {
           A sv = 0, sk = 0;
-          for (i64 ii = 0; ii < nt; ii++) { sv += ps[ii] * (A)db[(t0 + ii) * d + c]; sk += dss[ii] * (A)qb[(t0 + ii) * d + c]; }
+          for (i64 ii = 0; ii < nt; ii++) { sv += ps[ii] * att_ld(db[(t0 + ii) * d + c]); sk += dss[ii] * att_ld(qb[(t0 + ii) * d + c]); }
           avv[a] += sv; akk[a] += sk;
         }
       }
@@ -154,11 +667,132 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const ${T}* q, const ${T}* k, const ${
     }
     for (int a = 0; a < ${ATT_MAXC}; a++) {
       i64 c = t + (i64)a * blockDim.x;
-      if (c < d) { dk[row * d + c] = (${T})(akk[a] * scale); dv[row * d + c] = (${T})avv[a]; }
+      if (c < d) { dk[row * d + c] = att_st(akk[a] * scale); dv[row * d + c] = att_st(avv[a]); }
     }
     __syncthreads();
   }
 }
-`,
+`;
+
+// ---- decode (flash-decoding) -----------------------------------------------------------------------
+
+export const ATT_DECODE_PARTIAL = 'attn_decode_partial';
+export const ATT_DECODE_COMBINE = 'attn_decode_combine';
+/** Threads (4 warps, one key per warp at a time) of the partial kernel; keys per split. */
+export const DECODE_THREADS = 128;
+export const DECODE_CHUNK = 256;
+/** The decode path serves at most this many query rows per batch entry, over bands of at least DECODE_MIN_KEYS. */
+export const DECODE_MAX_TQ = 8;
+export const DECODE_MIN_KEYS = 512;
+
+/**
+ * Decoding reads one (or a few) query rows against a long band of keys: the fused kernel would run
+ * one block per batch entry over all of them. Here the band is split into chunks of DECODE_CHUNK
+ * keys, one block per (row, chunk): each warp takes a key at a time (lanes across d, a shuffle
+ * sum), keeps its own online-softmax state, and the block writes the chunk's unnormalised output,
+ * max and sum (base-2 units, like the fused kernels). The combine kernel merges a row's chunks in
+ * order (deterministic) into out and lse.
+ */
+const DECODE = String.raw`
+extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PARTIAL}(const T* q, const T* k, const T* v, A* po, A* pml,
+    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* qs = reinterpret_cast<A*>(smem);   // [d]
+  A* wo = qs + d;                       // [4][d] per-warp outputs
+  A* wm = wo + 4 * d;                   // [4] per-warp max
+  A* wl = wm + 4;                       // [4] per-warp sum
+  const i64 row = (i64)blockIdx.x / splits, sp = (i64)blockIdx.x % splits;
+  const i64 b = row / tq, i = row % tq;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
+  const i64 j0 = lo + sp * ${DECODE_CHUNK}, j1 = j0 + ${DECODE_CHUNK} - 1 < hi ? j0 + ${DECODE_CHUNK} - 1 : hi;
+  for (i64 c = threadIdx.x; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
+  __syncthreads();
+  const A sc = (A)(scaleD * FA_LOGC);
+  A m = FA_NEG_INF, l = 0;
+  A o[8];
+#pragma unroll
+  for (int t = 0; t < 8; t++) o[t] = 0;
+  const T* kb = k + b * tk * d;
+  const T* vb = v + b * tk * d;
+  for (i64 j = j0 + warp; j <= j1; j += 4) {
+    A s = 0;
+    for (i64 c = lane; c < d; c += 32) s += qs[c] * att_ld(kb[j * d + c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= sc;
+    const A mn = fa_max(m, s);
+    const A alpha = fa_exp(m - mn), p = fa_exp(s - mn);
+    l = l * alpha + p;
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+      const i64 c = lane + 32 * t;
+      if (c < d) o[t] = o[t] * alpha + p * att_ld(vb[j * d + c]);
+    }
+    m = mn;
+  }
+#pragma unroll
+  for (int t = 0; t < 8; t++) {
+    const i64 c = lane + 32 * t;
+    if (c < d) wo[warp * d + c] = o[t];
+  }
+  if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+  __syncthreads();
+  A M = wm[0];
+  for (int w = 1; w < 4; w++) M = fa_max(M, wm[w]);
+  const i64 slot = row * splits + sp;
+  if (M == FA_NEG_INF) {
+    // an empty chunk (past the row's band): contributes nothing
+    for (i64 c = threadIdx.x; c < d; c += blockDim.x) po[slot * d + c] = 0;
+    if (threadIdx.x == 0) { pml[2 * slot] = FA_NEG_INF; pml[2 * slot + 1] = 0; }
+    return;
+  }
+  A f[4];
+  A sum = 0;
+  for (int w = 0; w < 4; w++) { f[w] = wm[w] == FA_NEG_INF ? (A)0 : fa_exp(wm[w] - M); sum += wl[w] * f[w]; }
+  for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+    A acc = 0;
+    for (int w = 0; w < 4; w++) acc += wo[w * d + c] * f[w];
+    po[slot * d + c] = acc;
+  }
+  if (threadIdx.x == 0) { pml[2 * slot] = M; pml[2 * slot + 1] = sum; }
+}
+
+extern "C" __global__ void ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
+  for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+    A M = FA_NEG_INF;
+    for (i64 s = 0; s < splits; s++) M = fa_max(M, pml[2 * (row * splits + s)]);
+    A sum = 0;
+    for (i64 s = 0; s < splits; s++) { const A ms = pml[2 * (row * splits + s)]; if (ms != FA_NEG_INF) sum += pml[2 * (row * splits + s) + 1] * fa_exp(ms - M); }
+    const A inv = (A)1 / sum;
+    for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+      A acc = 0;
+      for (i64 s = 0; s < splits; s++) { const A ms = pml[2 * (row * splits + s)]; if (ms != FA_NEG_INF) acc += po[(row * splits + s) * d + c] * fa_exp(ms - M); }
+      out[row * d + c] = att_st(acc * inv);
+    }
+    if (threadIdx.x == 0) lse[row] = (L)((M + fa_log(sum)) * (A)FA_INV_LOGC);
+  }
+}
+`;
+
+/** Dynamic shared memory of the decode partial kernel (q row, four warps' outputs, their max and sum). */
+export function decodeSharedBytes(dtype: AttnDType, d: number): number {
+  return (5 * d + 8) * attentionAccBytes(dtype);
+}
+
+/**
+ * The attention module of one dtype: the fused kernels of every configuration in TILES, the delta
+ * kernel and the row kernels. Empty for dtypes attention is not defined on.
+ */
+export function attentionSource(dtype: string): string {
+  if (!isAttnDType(dtype)) return '';
+  return [
+    common(dtype),
+    blockReduce('att_max', 'A', 'fmax(a, b)'),
+    blockReduce('att_sum', 'A', 'a + b'),
+    FUSED,
+    fusedEntries(dtype),
+    DECODE,
+    ROW,
   ].join('\n');
 }

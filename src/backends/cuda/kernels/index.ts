@@ -1,5 +1,5 @@
 /** The kernel modules of the CUDA backend: each a complete NVRTC source, compiled once per arch. */
-import { attentionSource } from './attention.js';
+import { attentionSource, isAttnDType } from './attention.js';
 import { CUDA_DTYPES, type CudaDType, PRELUDE } from './common.js';
 import { elementwiseSource } from './elementwise.js';
 import { indexingSource, movementSource } from './indexing.js';
@@ -29,7 +29,7 @@ export function allModuleSources(): { key: string; source: string }[] {
   const out = [{ key: 'movement', source: moduleSource('movement') }];
   for (const d of CUDA_DTYPES) {
     for (const k of ['elementwise', 'reduce', 'indexing', 'attention'] as ModuleKind[]) {
-      if (k === 'attention' && d !== 'float32' && d !== 'float64') continue;
+      if (k === 'attention' && !isAttnDType(d)) continue;
       out.push({ key: `${k}/${d}`, source: moduleSource(k, d) });
     }
   }

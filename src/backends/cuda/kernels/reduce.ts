@@ -16,6 +16,18 @@ const COMBINE: Record<ReduceOp, string> = {
 
 export const reduceRowsName = (op: ReduceOp) => `reduce_rows_${op}`;
 export const reduceColsName = (op: ReduceOp) => `reduce_cols_${op}`;
+/** One warp per row, for short rows (a block per row would idle most of its threads). */
+export const reduceRowsWarpName = (op: ReduceOp) => `reduce_rows_warp_${op}`;
+/**
+ * Split reductions, for few outputs over long axes (one block or thread per output would leave the
+ * GPU nearly idle): pass 1 reduces chunks of the axis into double partials ws[chunk * total + t],
+ * pass 2 combines each output's partials in chunk order, so results stay deterministic.
+ */
+export const reduceRowsPartialName = (op: ReduceOp) => `reduce_rows_partial_${op}`;
+export const reduceColsPartialName = (op: ReduceOp) => `reduce_cols_partial_${op}`;
+export const reduceFinalName = (op: ReduceOp) => `reduce_final_${op}`;
+/** Columns per block of the split column reduction (a warp's width); THREADS / COL_TILE row lanes. */
+export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
 export const CUMSUM = 'cumsum_mid';
@@ -36,6 +48,59 @@ export function reduceSource(dtype: CudaDType): string {
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
     acc = block_${op}(acc, red);
     if (threadIdx.x == 0) out[o] = ${store('acc')};
+  }
+}`);
+    parts.push(`extern "C" __global__ void ${reduceRowsWarpName(op)}(${T}* out, const ${T}* x, i64 outer, i64 n) {
+  i64 o = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (o >= outer) return;
+  const ${T}* row = x + o * n;
+  double acc = ${INIT[op]};
+  for (i64 i = lane; i < n; i += 32) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
+  for (int s = 16; s > 0; s >>= 1) { double a = acc; double b = __shfl_down_sync(0xffffffffu, acc, s); acc = ${COMBINE[op]}; }
+  if (lane == 0) out[o] = ${store('acc')};
+}`);
+    // blocks = outer * chunks; block (o, ch) reduces x[o, ch*len .. (ch+1)*len)
+    parts.push(`extern "C" __global__ void ${reduceRowsPartialName(op)}(double* ws, const ${T}* x, i64 outer, i64 n, i64 chunks, i64 len) {
+  __shared__ double red[1024];
+  for (i64 blk = blockIdx.x; blk < outer * chunks; blk += gridDim.x) {
+    i64 o = blk / chunks, ch = blk % chunks;
+    const ${T}* row = x + o * n;
+    i64 lo = ch * len, hi = lo + len < n ? lo + len : n;
+    double acc = ${INIT[op]};
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
+    acc = block_${op}(acc, red);
+    if (threadIdx.x == 0) ws[ch * outer + o] = acc;
+  }
+}`);
+    // blocks = outer * colTiles * chunks; threads = COL_TILE columns x (blockDim / COL_TILE) row lanes
+    parts.push(`extern "C" __global__ void ${reduceColsPartialName(op)}(double* ws, const ${T}* x, i64 outer, i64 n, i64 inner, i64 chunks, i64 len) {
+  __shared__ double part[1024];
+  const int tx = threadIdx.x % ${COL_TILE}, ty = threadIdx.x / ${COL_TILE}, lanes = blockDim.x / ${COL_TILE};
+  i64 tiles = (inner + ${COL_TILE} - 1) / ${COL_TILE};
+  for (i64 blk = blockIdx.x; blk < outer * tiles * chunks; blk += gridDim.x) {
+    i64 ch = blk % chunks, rest = blk / chunks, tile = rest % tiles, o = rest / tiles;
+    i64 c = tile * ${COL_TILE} + tx;
+    i64 lo = ch * len, hi = lo + len < n ? lo + len : n;
+    double acc = ${INIT[op]};
+    if (c < inner) {
+      const ${T}* p = x + o * n * inner + c;
+      for (i64 r = lo + ty; r < hi; r += lanes) { double a = acc; double b = ${ld('p[r * inner]')}; acc = ${COMBINE[op]}; }
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (ty == 0 && c < inner) {
+      for (int l = 1; l < lanes; l++) { double a = acc; double b = part[l * ${COL_TILE} + tx]; acc = ${COMBINE[op]}; }
+      ws[ch * outer * inner + o * inner + c] = acc;
+    }
+    __syncthreads();
+  }
+}`);
+    parts.push(`extern "C" __global__ void ${reduceFinalName(op)}(${T}* out, const double* ws, i64 total, i64 chunks) {
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    double acc = ${INIT[op]};
+    for (i64 ch = 0; ch < chunks; ch++) { double a = acc; double b = ws[ch * total + t]; acc = ${COMBINE[op]}; }
+    out[t] = ${store('acc')};
   }
 }`);
     // inner > 1: one thread per output, walking n (reads coalesced across inner)

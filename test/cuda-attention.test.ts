@@ -1,0 +1,378 @@
+/**
+ * The cuda backend's fused (FlashAttention-2 style) attention kernels: forward values, lse and the
+ * three gradients against the CPU backend in float64 on the same inputs, for sequence lengths that
+ * are not multiples of the tiles, windows of 1, inside a tile, equal to a tile, wider than the
+ * sequence and none, queries after a cache (qStart > 0, decode: one query and many keys), keys
+ * that start later (kStart > 0), head dims 8 to 256 (and 300, the row-kernel fallback), batch > 1;
+ * float32 (1e-5 of the largest magnitude), float64 (1e-12) and bfloat16 (3e-2). Also: two runs are
+ * bit-identical, the fused and row kernels agree, and (without a GPU, over stand-in libraries) the
+ * backend launches the kernels with the grids and shared memory the plans say and falls back to
+ * the row kernels where a fused kernel cannot run.
+ *
+ * Without a GPU (or koffi, or the CUDA libraries) the GPU suites skip with the reason.
+ * On the GPU machine: `node --test dist/test/cuda-attention.test.js`.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as T from '../src/index.js';
+import type { DType, Tensor } from '../src/index.js';
+import type { CudaBackend } from '../src/backends/cuda/backend.js';
+import {
+  ATT_DELTA, ATT_DTYPES, FA_DIMS, FA_MAX_D, attentionLseBytes, attentionPlan, attentionPlans, attentionSource,
+} from '../src/backends/cuda/kernels/attention.js';
+
+// ---- which backends ------------------------------------------------------------------------------
+
+let cuda: CudaBackend | null = null;
+let skipReason = '';
+try {
+  cuda = T.setBackend('cuda') as CudaBackend;
+} catch (e) {
+  const msg = (e as Error).message.replace(/\s+/g, ' ');
+  skipReason = `no usable CUDA device: ${msg.length > 240 ? `${msg.slice(0, 240)}…` : msg}`;
+} finally {
+  T.setBackend('cpu');
+}
+if (!cuda) console.log(`# cuda-attention.test.ts: GPU checks skipped (${skipReason})`);
+const gpu = cuda ? {} : { skip: skipReason };
+
+let koffiMissing = '';
+try {
+  await import('koffi');
+} catch {
+  koffiMissing = 'koffi is not installed';
+}
+const host = koffiMissing ? { skip: koffiMissing } : {};
+
+// ---- cases and helpers ---------------------------------------------------------------------------
+
+/** One attention problem: q [...lead, tq, d], k and v [...lead, tk, d]. */
+export interface AttnCase {
+  name: string;
+  lead: number[];
+  tq: number;
+  tk: number;
+  d: number;
+  opts: T.AttentionOptions;
+}
+
+const c = (name: string, lead: number[], tq: number, tk: number, d: number, qStart: number, kStart: number, window?: number): AttnCase => ({
+  name, lead, tq, tk, d, opts: { qStart, kStart, window },
+});
+
+/** Every query sees a key, every tile edge and band shape the kernels branch on, d 8..256. */
+const CASES: AttnCase[] = [
+  c('causal, T 10, d 8', [2, 3], 10, 10, 8, 0, 0),
+  c('window 4, T 17, d 16', [2, 2], 17, 17, 16, 0, 0, 4),
+  c('window 1 (diagonal only), T 70', [3], 70, 70, 16, 0, 0, 1),
+  c('causal, T 130 (2 tiles + 2 rows), d 64', [2, 2], 130, 130, 64, 0, 0),
+  c('window 37 inside a tile, T 100, d 64', [4], 100, 100, 64, 0, 0, 37),
+  c('window 64 = tile, T 257, d 64', [2], 257, 257, 64, 0, 0, 64),
+  c('window 500 >= T 150, d 100', [2], 150, 150, 100, 0, 0, 500),
+  c('decode: 1 query, 300 keys, d 64', [2, 3], 1, 300, 64, 299, 0),
+  c('decode with window 20, d 100', [3], 1, 150, 100, 149, 0, 20),
+  c('chunk after a cache, window 50, d 128', [2], 40, 120, 128, 80, 0, 50),
+  c('keys start later (kStart 10), window 25, d 128', [2], 50, 70, 128, 30, 10, 25),
+  c('more keys than the band needs, d 16', [1], 33, 200, 16, 167, 0),
+  c('d 48 (padded to 64), window 64', [3], 65, 65, 48, 0, 0, 64),
+  c('d 200 (padded to 256)', [2], 40, 40, 200, 0, 0),
+  c('d 256, window 25, kStart 10', [1], 40, 50, 256, 20, 10, 25),
+  c('d 300 (row kernels)', [1], 20, 20, 300, 0, 0),
+  // the split-key decode path (tq <= 8, a band of >= 512 keys)
+  c('decode path: 1 query, 2000 keys, d 64', [2, 3], 1, 2000, 64, 1999, 0),
+  c('decode path: 3 queries, window 700, d 100', [2], 3, 3000, 100, 2997, 0, 700),
+  c('decode path: 8 queries, band of 513, kStart 7, d 128', [1], 8, 600, 128, 599, 7, 513),
+  c('decode path: 2 queries, 1300 keys, d 256', [1], 2, 1300, 256, 1298, 0),
+];
+/** Longer sequences: many tiles, the band skipping most of them. */
+const LONG: AttnCase[] = [
+  c('T 1024 causal, d 64', [2], 1024, 1024, 64, 0, 0),
+  c('T 2048 window 256, d 64', [2], 2048, 2048, 64, 0, 0, 256),
+  c('T 700 window 129, d 128', [2], 700, 700, 128, 0, 0, 129),
+];
+
+/** Seeded host values (mulberry32), in [lo, hi). */
+function rand(seed: number, n: number, lo = -1, hi = 1): number[] {
+  let s = seed >>> 0;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
+  }
+  return out;
+}
+
+/** Input values exactly representable in `dtype` (so the float64 reference sees the same numbers). */
+function valuesIn(dtype: DType, seed: number, n: number): number[] {
+  const v = rand(seed, n);
+  if (dtype === 'float32') return v.map(Math.fround);
+  if (dtype === 'bfloat16') return [...T.roundToBfloat16(v)];
+  return v;
+}
+
+interface AttnResult {
+  out: number[];
+  dq: number[];
+  dk: number[];
+  dv: number[];
+}
+
+/**
+ * Forward and the three gradients of sum(attention(q, k, v) ⊙ w) on `backend` in `dtype`, inputs
+ * from the case's seeds (held in `inputDType`'s precision, so every dtype sees the same numbers).
+ */
+export function runAttention(backend: 'cpu' | 'cuda', dtype: DType, cs: AttnCase, inputDType: DType = dtype, seed = 1): AttnResult {
+  const n = cs.lead.reduce((a, b) => a * b, 1);
+  const qShape = [...cs.lead, cs.tq, cs.d];
+  const kShape = [...cs.lead, cs.tk, cs.d];
+  T.setBackend(backend);
+  try {
+    return T.tidy(() => {
+      const mk = (s: number, shape: number[], size: number) => T.tensor(valuesIn(inputDType, seed * 7919 + s, size), shape, dtype);
+      const q = mk(1, qShape, n * cs.tq * cs.d);
+      const k = mk(2, kShape, n * cs.tk * cs.d);
+      const v = mk(3, kShape, n * cs.tk * cs.d);
+      const w = mk(4, qShape, n * cs.tq * cs.d);
+      const out = T.scaledDotAttention(q, k, v, cs.opts);
+      const g = T.grad((a: Tensor, b: Tensor, cc: Tensor) => T.sum(T.mul(T.scaledDotAttention(a, b, cc, cs.opts), w)), [0, 1, 2])(q, k, v) as Tensor[];
+      return { out: out.toArray(), dq: g[0].toArray(), dk: g[1].toArray(), dv: g[2].toArray() };
+    });
+  } finally {
+    T.setBackend('cpu');
+  }
+}
+
+/**
+ * max |got − want| / max(max |want|, floor) (Infinity if got has a NaN where want has none). The
+ * floor is the problem's scale: an output whose exact value is 0 (dq with a window of 1, where
+ * each row's only probability is 1) holds nothing but rounding noise, which no relative bound fits.
+ */
+export function relErr(got: number[], want: number[], floor = 0): number {
+  assert.equal(got.length, want.length, 'length');
+  let scale = floor;
+  let err = 0;
+  for (let i = 0; i < want.length; i++) {
+    scale = Math.max(scale, Math.abs(want[i]));
+    if (Number.isNaN(got[i]) && !Number.isNaN(want[i])) return Infinity;
+    err = Math.max(err, Math.abs(got[i] - want[i]));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+const TOL: Record<string, number> = { float32: 1e-5, float64: 1e-12, bfloat16: 3e-2 };
+
+/**
+ * Cuda in `dtype` against the CPU in float64 from the same inputs (rounded to `dtype`), each of out,
+ * dq, dk, dv within `tol` of the largest reference magnitude among the four. bf16 tests call this with 'bfloat16'.
+ */
+export function checkAgainstCpu(cs: AttnCase, dtype: DType, tol = TOL[dtype]): AttnResult {
+  const want = runAttention('cpu', 'float64', cs, dtype);
+  const got = runAttention('cuda', dtype, cs);
+  const keys = ['out', 'dq', 'dk', 'dv'] as const;
+  const floor = Math.max(...keys.map((key) => want[key].reduce((m, x) => Math.max(m, Math.abs(x)), 0)));
+  for (const key of keys) {
+    const e = relErr(got[key], want[key], floor);
+    assert.ok(e <= tol, `${cs.name} ${dtype}: ${key} error ${e.toExponential(2)} > ${tol} (of the largest |value| among out, dq, dk, dv)`);
+  }
+  return got;
+}
+
+function withKernels<R>(kind: 'fused' | 'row', fn: () => R): R {
+  const before = cuda!.attentionKernels;
+  cuda!.attentionKernels = kind;
+  try {
+    return fn();
+  } finally {
+    cuda!.attentionKernels = before;
+  }
+}
+
+// ---- kernel sources and plans (anywhere) ---------------------------------------------------------
+
+describe('cuda attention: kernel sources and tile plans (no GPU needed)', () => {
+  test('every dtype module has each planned kernel, within the H100 shared-memory limit', () => {
+    for (const dt of ATT_DTYPES) {
+      const src = attentionSource(dt);
+      assert.ok(src.includes(`void ${ATT_DELTA}(`), `${dt}: delta kernel`);
+      for (const p of attentionPlans(dt)) {
+        assert.ok(src.includes(` ${p.name}(`), `${dt}: ${p.name}`);
+        assert.equal(p.bq % 16, 0);
+        assert.equal(p.bk % 16, 0);
+        assert.ok(p.shared <= 227 * 1024, `${dt} ${p.name}: ${p.shared} bytes of shared memory`);
+      }
+    }
+    assert.equal(attentionSource('int32'), '');
+    for (const d of [1, 8, 16, 17, 64, 100, 128, 129, 256]) assert.equal(attentionPlan('float32', 'fwd', d)!.dp, FA_DIMS.find((x) => x >= d));
+    assert.equal(attentionPlan('float32', 'fwd', FA_MAX_D + 1), null);
+    assert.equal(attentionLseBytes('bfloat16'), 4);
+  });
+});
+
+// ---- host side over stand-in libraries -----------------------------------------------------------
+
+describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
+  process.env.TTT_CACHE_DIR ??= '/tmp/ttt-e2e-stand-in-cache';
+  type Launch = { name: string; grid: number; threads: number; shared: number };
+  async function standIn(setAttribute = 0) {
+    const { CudaBackend } = await import('../src/backends/cuda/backend.js');
+    const { standInLibraries } = await import('../src/backends/cuda/stand-in.js');
+    const libs = standInLibraries();
+    const launches: Launch[] = [];
+    const drv = libs.driver as unknown as Record<string, (...a: unknown[]) => unknown>;
+    const launch = drv.cuLaunchKernel;
+    drv.cuLaunchKernel = (...a: unknown[]) => {
+      launches.push({ name: (a[0] as { name: string }).name, grid: a[1] as number, threads: a[4] as number, shared: a[7] as number });
+      return launch(...a);
+    };
+    drv.cuFuncSetAttribute = () => setAttribute;
+    return { backend: new CudaBackend(0, libs), launches };
+  }
+  const job = (d: number, tq = 100, tk = 100) => ({ batch: 6, tq, tk, d, qStart: tk - tq, kStart: 0, window: Infinity, scale: 1 / Math.sqrt(d) });
+
+  test('forward and backward launch the planned fused kernels with their grids and shared memory', host, async () => {
+    const { backend, launches } = await standIn();
+    for (const d of [8, 64, 128, 256]) {
+      const j = job(d);
+      const buf = (n: number) => backend.fill(n, 'float32', 0);
+      const [q, k, v] = [buf(600 * d), buf(600 * d), buf(600 * d)];
+      launches.length = 0;
+      const { out, lse } = backend.attentionForward(q, k, v, j, 'float32');
+      const fwd = attentionPlan('float32', 'fwd', d)!;
+      assert.deepEqual(launches, [{ name: fwd.name, grid: 6 * Math.ceil(100 / fwd.bq), threads: 256, shared: fwd.shared }]);
+      launches.length = 0;
+      backend.attentionBackward(q, k, v, out, lse, buf(600 * d), j, 'float32');
+      const dkv = attentionPlan('float32', 'dkv', d)!;
+      const dq = attentionPlan('float32', 'dq', d)!;
+      assert.deepEqual(launches, [
+        { name: ATT_DELTA, grid: Math.ceil(600 / 8), threads: 256, shared: 0 },
+        { name: dkv.name, grid: 6 * Math.ceil(100 / dkv.bk), threads: 256, shared: dkv.shared },
+        { name: dq.name, grid: 6 * Math.ceil(100 / dq.bq), threads: 256, shared: dq.shared },
+      ]);
+    }
+  });
+
+  test('row kernels where the device refuses the shared memory, above d 256, or when asked; errors beyond', host, async () => {
+    const { backend, launches } = await standIn(1); // cuFuncSetAttribute fails: only kernels under 48 KiB stay fused
+    const buf = (n: number) => backend.fill(n, 'float32', 0);
+    const d = 128;
+    const j = job(d);
+    const [q, k, v] = [buf(600 * d), buf(600 * d), buf(600 * d)];
+    const { out, lse } = backend.attentionForward(q, k, v, j, 'float32');
+    backend.attentionBackward(q, k, v, out, lse, buf(600 * d), j, 'float32');
+    const fused = (kind: 'fwd' | 'dq' | 'dkv') => attentionPlan('float32', kind, d)!.shared <= 48 * 1024;
+    const names = launches.map((l) => l.name);
+    assert.equal(names[names.length - 4], fused('fwd') ? attentionPlan('float32', 'fwd', d)!.name : 'attn_row_fwd');
+    assert.deepEqual(names.slice(-3), [ATT_DELTA, fused('dkv') ? attentionPlan('float32', 'dkv', d)!.name : 'attn_row_dkv', fused('dq') ? attentionPlan('float32', 'dq', d)!.name : 'attn_row_dq']);
+    const row = launches.find((l) => l.name === 'attn_row_dkv');
+    if (row) assert.deepEqual([row.grid, row.threads], [600, 128]);
+
+    const ok = await standIn();
+    const big = 300;
+    const jb = job(big, 20, 20);
+    const [bq, bk, bv] = [ok.backend.fill(120 * big, 'float32', 0), ok.backend.fill(120 * big, 'float32', 0), ok.backend.fill(120 * big, 'float32', 0)];
+    ok.backend.attentionForward(bq, bk, bv, jb, 'float32');
+    assert.equal(ok.launches[ok.launches.length - 1].name, 'attn_row_fwd');
+    ok.backend.attentionKernels = 'row';
+    ok.backend.attentionForward(q, k, v, j, 'float32');
+    assert.equal(ok.launches[ok.launches.length - 1].name, 'attn_row_fwd');
+    assert.throws(() => ok.backend.attentionForward(q, k, v, job(1100), 'float32'), /head dimension 1100 is not supported/);
+    assert.throws(() => ok.backend.attentionForward(q, k, v, j, 'int32'), /attention needs float32, float64 or bfloat16, got int32/);
+  });
+});
+
+// ---- on the GPU ----------------------------------------------------------------------------------
+
+describe('cuda fused attention vs cpu', gpu, () => {
+  test('float32: values and gradients, every band shape and head dim', () => {
+    for (const cs of CASES) checkAgainstCpu(cs, 'float32');
+  });
+
+  test('float64: values and gradients within 1e-12', () => {
+    for (const cs of CASES) checkAgainstCpu(cs, 'float64');
+  });
+
+  test('bfloat16 storage (fp32 math): values and gradients within 3e-2; lse stays float32', () => {
+    for (const cs of CASES) checkAgainstCpu(cs, 'bfloat16');
+    // lse is a float32 buffer for bf16 tensors: compare it with the float64 logsumexp of the band
+    const cs = CASES[4];
+    const n = cs.lead.reduce((a, b) => a * b, 1);
+    const vals = (s: number, size: number) => valuesIn('bfloat16', 7919 + s, size);
+    const q = vals(1, n * cs.tq * cs.d);
+    const k = vals(2, n * cs.tk * cs.d);
+    const job = { batch: n, tq: cs.tq, tk: cs.tk, d: cs.d, qStart: cs.opts.qStart, kStart: cs.opts.kStart, window: cs.opts.window ?? Infinity, scale: 1 / Math.sqrt(cs.d) };
+    const b = cuda!;
+    const [qd, kd] = [b.upload(Float32Array.from(q), 'bfloat16'), b.upload(Float32Array.from(k), 'bfloat16')];
+    const r = b.attentionForward(qd, kd, kd, job, 'bfloat16');
+    const lse = b.download(r.lse, 'float32', n * cs.tq);
+    for (const x of [qd, kd, r.out, r.lse]) b.free(x);
+    let worst = 0;
+    for (let bi = 0; bi < n; bi++) {
+      for (let i = 0; i < cs.tq; i++) {
+        const p = job.qStart + i;
+        let m = -Infinity;
+        const s: number[] = [];
+        for (let j = 0; j < cs.tk; j++) {
+          const pos = job.kStart + j;
+          if (pos > p || p - pos >= job.window) continue;
+          let dot = 0;
+          for (let e = 0; e < cs.d; e++) dot += q[(bi * cs.tq + i) * cs.d + e] * k[(bi * cs.tk + j) * cs.d + e];
+          s.push(dot * job.scale);
+          m = Math.max(m, dot * job.scale);
+        }
+        const want = m + Math.log(s.reduce((acc, x) => acc + Math.exp(x - m), 0));
+        worst = Math.max(worst, Math.abs(lse[bi * cs.tq + i] - want) / Math.max(1, Math.abs(want)));
+      }
+    }
+    assert.ok(worst < 2e-6, `bf16 lse (float32 storage) error ${worst}`);
+  });
+
+  test('long sequences: many tiles, band skipping (float32)', () => {
+    for (const cs of LONG) checkAgainstCpu(cs, 'float32');
+  });
+
+  test('deterministic: two runs are bit-identical (float32, bfloat16)', () => {
+    for (const dt of ['float32', 'bfloat16'] as DType[]) {
+      for (const cs of [CASES[3], CASES[9], LONG[1]]) {
+        const a = runAttention('cuda', dt, cs);
+        const b = runAttention('cuda', dt, cs);
+        for (const key of ['out', 'dq', 'dk', 'dv'] as const) {
+          const same = a[key].every((x, i) => Object.is(x, b[key][i]));
+          assert.ok(same, `${cs.name} ${dt}: ${key} differs between two runs`);
+        }
+      }
+    }
+  });
+
+  test('fused and row kernels agree (float32, float64)', () => {
+    for (const dt of ['float32', 'float64'] as DType[]) {
+      for (const cs of [CASES[1], CASES[7], CASES[10], CASES[13]]) {
+        const fused = withKernels('fused', () => runAttention('cuda', dt, cs));
+        const row = withKernels('row', () => runAttention('cuda', dt, cs));
+        for (const key of ['out', 'dq', 'dk', 'dv'] as const) {
+          const e = relErr(fused[key], row[key]);
+          assert.ok(e <= 2 * TOL[dt], `${cs.name} ${dt}: fused vs row ${key} error ${e}`);
+        }
+      }
+    }
+  });
+
+  test('the fused op agrees with the composite definition on cuda', () => {
+    T.setBackend('cuda');
+    try {
+      for (const cs of [CASES[2], CASES[5], CASES[9]]) {
+        const err = T.tidy(() => {
+          const n = cs.lead.reduce((a, b) => a * b, 1);
+          const mk = (s: number, t: number) => T.tensor(valuesIn('float32', s, n * t * cs.d), [...cs.lead, t, cs.d], 'float32');
+          const [q, k, v] = [mk(11, cs.tq), mk(12, cs.tk), mk(13, cs.tk)];
+          return T.max(T.abs(T.sub(T.scaledDotAttention(q, k, v, cs.opts), T.compositeAttention(q, k, v, cs.opts)))).item();
+        });
+        assert.ok(err <= 2e-6, `${cs.name}: fused vs composite max error ${err}`);
+      }
+    } finally {
+      T.setBackend('cpu');
+    }
+  });
+});
