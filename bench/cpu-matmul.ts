@@ -6,6 +6,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { gemm, gemmInfo, setGemmPath, setGemmThreads, type GemmJob, type GemmPath } from '../src/backends/cpu/gemm.js';
+import { pool } from '../src/backends/cpu/pool.js';
 import { repoRoot } from '../src/util/repo-root.js';
 import { machine, median, resultsPath } from './common.js';
 
@@ -37,10 +38,21 @@ export interface Row {
 }
 
 
+/**
+ * Operands come from the CPU backend's array pool, as every CPU tensor's storage does: the pool
+ * places them in the shared wasm arena, so the wasm path runs in place, as it does inside the engine
+ * (plain Float32Arrays would add a staging copy per call that no tensor pays).
+ */
 function timeGemm([m, k, n]: Shape, maxSeconds: number): { gflops: number; reps: number } {
-  const a = Float32Array.from({ length: m * k }, () => Math.random() - 0.5);
-  const b = Float32Array.from({ length: k * n }, () => Math.random() - 0.5);
-  const job: GemmJob = { batch: 1, m, n, k, transA: false, transB: false, a, aOffsets: [0], b, bOffsets: [0], c: new Float32Array(m * n) };
+  const operand = (size: number, random: boolean) => {
+    const x = pool.alloc('float32', size, true) as Float32Array;
+    if (random) for (let i = 0; i < size; i++) x[i] = Math.random() - 0.5;
+    return x;
+  };
+  const a = operand(m * k, true);
+  const b = operand(k * n, true);
+  const c = operand(m * n, false);
+  const job: GemmJob = { batch: 1, m, n, k, transA: false, transB: false, a, aOffsets: [0], b, bOffsets: [0], c };
   gemm(job); // warm-up: tier-up of the wasm code, worker start, memory growth
   gemm(job);
   const times: number[] = [];
@@ -53,6 +65,9 @@ function timeGemm([m, k, n]: Shape, maxSeconds: number): { gflops: number; reps:
     if (times.length >= MIN_REPS && elapsed >= MIN_SECONDS) break;
     if (times.length >= 3 && elapsed >= maxSeconds) break;
   }
+  pool.release(a, 'float32', m * k);
+  pool.release(b, 'float32', k * n);
+  pool.release(c, 'float32', m * n);
   return { gflops: (2 * m * n * k) / median(times) / 1e9, reps: times.length };
 }
 
@@ -206,7 +221,7 @@ export async function main(): Promise<{ rows: Row[] }> {
     removedEnv,
     wasmPeakGflops: 'error' in peak ? null : peak.gflops,
     wasmPeak: peak,
-    method: `fp32, row-major, no transposes; median of ${MIN_REPS}-${MAX_REPS} reps (>= ${MIN_SECONDS}s) after 2 warm-up calls; ` +
+    method: `fp32, row-major, no transposes; operands from the CPU backend's array pool (tensor storage, in the wasm arena); median of ${MIN_REPS}-${MAX_REPS} reps (>= ${MIN_SECONDS}s) after 2 warm-up calls; ` +
       'numpy runs in a child python3 with OPENBLAS_NUM_THREADS=OMP_NUM_THREADS=1 for 1 thread and unset for all cores; ' +
       `${OPENBLAS_OVERRIDES.join(' and ')} are unset for numpy and for our BLAS path (removedEnv lists what this run had)`,
     rows,

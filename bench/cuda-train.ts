@@ -1,7 +1,8 @@
 /**
- * GPU training throughput of the `small` preset (12 layers, d 512, vocabulary 50257, window 1024,
- * mini-batch 256): one full step = value and gradient of the training objective plus an AdamW update,
- * for SWA (next-token loss) and TTT-E2E (the meta-learning outer loss: every inner step, and the
+ * GPU training throughput of the `small` (12 layers, d 512, vocabulary 50257, window 1024, mini-batch
+ * 256) and `125m` (d 768, vocabulary 128256, window 8192, mini-batch 1024) presets: one full step =
+ * value and gradient of the training objective plus an AdamW update, for full attention and SWA
+ * (next-token loss) and TTT-E2E (the meta-learning outer loss: every inner step, and the
  * second-order backward through them), each in float32 and in bf16 compute with float32 parameters
  * (`computeDType: 'bfloat16'`). Reports ms/step, tokens/s, and model FLOP utilisation against the
  * measured bf16 GEMM peak (bench/results/cuda-gemm.json, else measured here).
@@ -11,7 +12,7 @@
  * 12·L·d·w̄ (QKᵀ and PV, forward + backward) with w̄ the mean number of keys a query sees. For TTT-E2E
  * this is the same count as SWA: the inner loop's extra work (the suffix's inner gradients and the
  * second-order backward) is overhead by this definition, so its MFU is "useful" utilisation.
- * Usage: node dist/bench/cuda-train.js [T] [batch]  (defaults T 2048, batch 1)
+ * Usage: node dist/bench/cuda-train.js [T] [batch] [presets]  (defaults T 2048, batch 1, small,125m)
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -61,6 +62,7 @@ function measuredPeak(): { tflops: number; source: string } {
 }
 
 interface Row {
+  preset: string;
   variant: string;
   compute: string;
   T: number;
@@ -73,8 +75,8 @@ interface Row {
   peakMemoryGiB: number;
 }
 
-function measure(variant: 'swa' | 'e2e', bf16: boolean, T: number, batch: number, peak: number, steps = 5): Row {
-  const c = preset('small', variant, bf16 ? { computeDType: 'bfloat16' } : {});
+function measure(presetName: string, variant: 'full' | 'swa' | 'e2e', bf16: boolean, T: number, batch: number, peak: number, steps = 5): Row {
+  const c = preset(presetName, variant, bf16 ? { computeDType: 'bfloat16' } : {});
   let params = initParams(c, randomKey(0));
   const opt = new AdamW(params, { weightDecay: 0.1 });
   const tokens = keep(randint(randomKey(1), [batch, T], 0, c.vocabSize));
@@ -102,7 +104,7 @@ function measure(variant: 'swa' | 'e2e', bf16: boolean, T: number, batch: number
   dispose([params, tokens, targets]);
   opt.dispose();
   be.emptyCache();
-  return { variant, compute: bf16 ? 'bf16 (fp32 params)' : 'fp32', T, batch, msPerStep: ms, tokensPerSec: tps, flopsPerToken: fpt, tflops: (fpt * tps) / 1e12, mfu: (fpt * tps) / 1e12 / peak, peakMemoryGiB };
+  return { preset: presetName, variant, compute: bf16 ? 'bf16 (fp32 params)' : 'fp32', T, batch, msPerStep: ms, tokensPerSec: tps, flopsPerToken: fpt, tflops: (fpt * tps) / 1e12, mfu: (fpt * tps) / 1e12 / peak, peakMemoryGiB };
 }
 
 export async function main(): Promise<unknown> {
@@ -114,21 +116,26 @@ export async function main(): Promise<unknown> {
   }
   const T = Number(process.argv[2] ?? 2048);
   const batch = Number(process.argv[3] ?? 1);
+  const presets = (process.argv[4] ?? 'small,125m').split(',');
   const peak = measuredPeak();
   const rows: Row[] = [];
-  for (const variant of ['swa', 'e2e'] as const) {
-    for (const bf16 of [false, true]) {
-      try {
-        rows.push(measure(variant, bf16, T, batch, peak.tflops));
-      } catch (e) {
-        console.log(`${variant} ${bf16 ? 'bf16' : 'fp32'}: failed: ${(e as Error).message.split('\n')[0]}`);
+  for (const p of presets) {
+    for (const variant of ['full', 'swa', 'e2e'] as const) {
+      for (const bf16 of [false, true]) {
+        try {
+          const r = measure(p, variant, bf16, T, batch, peak.tflops);
+          rows.push(r);
+          console.log(`measured ${r.preset} ${r.variant} ${r.compute}: ${r.msPerStep.toFixed(1)} ms/step`);
+        } catch (e) {
+          console.log(`${p} ${variant} ${bf16 ? 'bf16' : 'fp32'}: failed: ${(e as Error).message.split('\n')[0]}`);
+        }
       }
     }
   }
-  console.log(`small preset training step (value+grad+AdamW), T ${T}, batch ${batch}, median of 5; MFU vs measured bf16 peak ${peak.tflops.toFixed(0)} TFLOP/s (${peak.source})`);
-  console.log('variant  compute               ms/step   tokens/s   TFLOP/s    MFU   peak GiB');
+  console.log(`training step (value+grad+AdamW), T ${T}, batch ${batch}, median of 5; MFU vs measured bf16 peak ${peak.tflops.toFixed(0)} TFLOP/s (${peak.source})`);
+  console.log('preset variant  compute               ms/step   tokens/s   TFLOP/s    MFU   peak GiB');
   for (const r of rows) {
-    console.log(`${r.variant.padEnd(8)} ${r.compute.padEnd(20)} ${r.msPerStep.toFixed(1).padStart(8)} ${r.tokensPerSec.toFixed(0).padStart(10)} ${r.tflops.toFixed(1).padStart(9)} ${(r.mfu * 100).toFixed(1).padStart(5)}% ${r.peakMemoryGiB.toFixed(2).padStart(9)}`);
+    console.log(`${r.preset.padEnd(6)} ${r.variant.padEnd(8)} ${r.compute.padEnd(20)} ${r.msPerStep.toFixed(1).padStart(8)} ${r.tokensPerSec.toFixed(0).padStart(10)} ${r.tflops.toFixed(1).padStart(9)} ${(r.mfu * 100).toFixed(1).padStart(5)}% ${r.peakMemoryGiB.toFixed(2).padStart(9)}`);
   }
   const out = resultsPath('cuda-train.json');
   writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), peakBf16: peak, rows }, null, 1));
