@@ -76,17 +76,19 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.throws(() => ix(new Array(9).fill(2), [new Array(9).fill(1)]), /rank > 8/);
   });
 
-  test('a binary op launches once with its kernel, grid and the packed argument array', opts, async () => {
+  test('a binary op launches once: the flat kernel when the operands coalesce to rank <= 1, else the strided one', opts, async () => {
     const { backend, calls } = await standInBackend();
     const a = backend.fill(1000, 'float32', 2);
     const b = backend.fill(1000, 'float32', 3);
-    const before = calls.counts.get('cuLaunchKernel') ?? 0;
-    backend.binary('mul', a, [1], b, [1], [1000], 'float32');
-    assert.equal(calls.counts.get('cuLaunchKernel'), before + 1);
-    const [fn, gx, , , bx, , , shared] = calls.lastLaunch as [{ name: string }, number, number, number, number, number, number, number];
-    assert.equal(fn.name, 'binary_mul');
-    assert.equal(bx, 256);
-    assert.equal(gx, Math.ceil(1000 / 256));
-    assert.equal(shared, 0);
+    const launch = (run: () => void) => {
+      const before = calls.counts.get('cuLaunchKernel') ?? 0;
+      run();
+      assert.equal(calls.counts.get('cuLaunchKernel'), before + 1);
+      const [fn, gx, , , bx, , , shared] = calls.lastLaunch as [{ name: string }, number, number, number, number, number, number, number];
+      return { name: fn.name, gx, bx, shared };
+    };
+    assert.deepEqual(launch(() => backend.binary('mul', a, [1], b, [1], [1000], 'float32')), { name: 'binary_flat_mul', gx: 4, bx: 256, shared: 0 });
+    assert.deepEqual(launch(() => backend.binary('add', a, [50, 1], b, [0, 0], [20, 50], 'float32')).name, 'binary_flat_add'); // scalar b
+    assert.deepEqual(launch(() => backend.binary('sub', a, [50, 1], b, [0, 1], [20, 50], 'float32')).name, 'binary_sub'); // row broadcast
   });
 });

@@ -11,7 +11,7 @@ export * from './ops.js';
 export * from './autodiff.js';
 export * from './attention.js';
 export * from './random.js';
-export { Tensor, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
+export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
 export type { AttentionJob, Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';

@@ -2,13 +2,13 @@
  * The op set. Each op is defined once: shape/dtype rule, forward through the backend, and its
  * backward written in these same ops (so every backward can be differentiated again).
  */
-import type { BinaryOp, CompareOp, ReduceOp, UnaryOp } from './backend.js';
+import type { Backend, BinaryOp, CompareOp, ReduceOp, UnaryOp } from './backend.js';
 import { type DType, hostArray, isFloat } from './dtype.js';
 import {
   type Shape, broadcastShapes, broadcastStrides, fmt, normAxes, normAxis, shapesEqual, sizeOf, stridesOf,
 } from './shape.js';
 import { alias, fromData, getBackend, record } from './runtime.js';
-import { Tensor } from './tensor.js';
+import { Tensor, engineCacheEntry } from './tensor.js';
 
 export type TensorLike = Tensor | number;
 
@@ -81,7 +81,38 @@ export function tensor(values: ArrayLike<number> | number | number[][] | number[
 export function full(shape: Shape, value: number, dtype: DType = 'float32', like?: Tensor): Tensor {
   checkShape('full', shape);
   const backend = like?.backend ?? getBackend();
+  if (shape.length === 0) return scalarConstant(backend, value, dtype);
   return fromData(backend.fill(sizeOf(shape), dtype, value), shape, dtype, backend);
+}
+
+/**
+ * Scalars (the JS numbers of `add(x, 1e-6)`, `mul(g, lr)`, ...) come from a small per-backend cache:
+ * on a GPU each fresh one costs a fill launch, and a TTT-E2E step makes thousands. The caller gets
+ * its own alias of the cached storage (storage is reference-counted and never written in place), so
+ * evicting an entry while aliases live is safe.
+ */
+const SCALAR_CACHE_MAX = 1024;
+const scalarCache = new Map<string, Tensor>();
+
+function scalarConstant(backend: Backend, value: number, dtype: DType): Tensor {
+  const key = `${backend.name}/${dtype}/${Object.is(value, -0) ? '-0' : String(value)}`;
+  let t = scalarCache.get(key);
+  if (!t || t.backend !== backend) {
+    t = engineCacheEntry(fromData(backend.fill(1, dtype, value), [], dtype, backend));
+    scalarCache.set(key, t);
+    if (scalarCache.size > SCALAR_CACHE_MAX) {
+      const [oldest, old] = scalarCache.entries().next().value as [string, Tensor];
+      scalarCache.delete(oldest);
+      old.dispose();
+    }
+  }
+  return alias(t);
+}
+
+/** Frees the cached scalar constants (they are re-made on demand). */
+export function clearScalarCache(): void {
+  for (const t of scalarCache.values()) t.dispose();
+  scalarCache.clear();
 }
 export const zeros = (shape: Shape, dtype: DType = 'float32'): Tensor => full(shape, 0, dtype);
 export const ones = (shape: Shape, dtype: DType = 'float32'): Tensor => full(shape, 1, dtype);

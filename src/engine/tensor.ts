@@ -108,8 +108,20 @@ export class Tensor {
     this.storageRef.release();
     this.storageRef = null;
     this.node = null;
-    liveTensors--;
+    if (!this.engineCache) liveTensors--;
     liveSet?.delete(this);
+  }
+  /** Held by one of the engine's bounded caches (see `engineCacheEntry`): not counted as live. */
+  private engineCache = false;
+  /** @internal */
+  markEngineCache(): this {
+    if (!this.engineCache && this.storageRef !== null) {
+      this.engineCache = true;
+      this.kept = true;
+      liveTensors--;
+      liveSet?.delete(this);
+    }
+    return this;
   }
   toString(): string {
     return `Tensor(${fmt(this.shape)}, ${this.isDisposed ? 'disposed' : this.dtype})`;
@@ -129,7 +141,16 @@ export function trackedLiveTensors(): Tensor[] {
   return liveSet ? [...liveSet] : [];
 }
 
-/** Number of tensors created and not yet disposed (a leak detector for tests). */
+/**
+ * A tensor owned by one of the engine's bounded caches (RoPE tables, scalar constants): kept
+ * across `tidy` and left out of `liveTensorCount`, since the cache, not the user, frees it. Users
+ * get aliases of it (their own references to the same storage), which are counted as usual.
+ */
+export function engineCacheEntry<T extends Tensor>(t: T): T {
+  return t.markEngineCache();
+}
+
+/** Number of tensors created and not yet disposed, engine caches aside (a leak detector for tests). */
 export function liveTensorCount(): number {
   return liveTensors;
 }

@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, getBackend, greater, keep, log, logsumexp, matmul,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, engineCacheEntry, getBackend, greater, log, logsumexp, matmul,
   mean, mul, neg, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -95,8 +95,8 @@ function ropeTables(positions: readonly number[], D: number, theta: number, dtyp
   });
   const tables = { cos: tensor(cosv, [T * half], dtype), sin: tensor(sinv, [T * half], dtype) };
   if (!consecutive) return tables;
-  keep(tables.cos);
-  keep(tables.sin);
+  engineCacheEntry(tables.cos);
+  engineCacheEntry(tables.sin);
   ropeCache.set(key, tables);
   if (ropeCache.size > ROPE_TABLES_MAX) {
     const [oldest, t] = ropeCache.entries().next().value as [string, { cos: Tensor; sin: Tensor }];

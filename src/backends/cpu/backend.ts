@@ -112,8 +112,9 @@ export class CpuBackend implements Backend {
     pool.release(data, dtype, size);
   }
   fill(size: number, dtype: DType, value: number): Arr {
-    const out = pool.alloc(dtype, size, value === 0);
-    if (value !== 0) out.fill(value);
+    const zero = value === 0 && !Object.is(value, -0); // -0 is a value of its own (1 / -0 = -Infinity)
+    const out = pool.alloc(dtype, size, zero);
+    if (!zero) out.fill(value);
     return out;
   }
   unary(op: UnaryOp, x: unknown, size: number, dtype: DType): Arr {

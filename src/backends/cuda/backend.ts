@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, castName, CUDA_FLOATS, compareName, copyName,
+  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES } from './ffi.js';
@@ -381,7 +381,15 @@ export class CudaBackend implements Backend {
     const n = sizeOf(shape);
     const out = this.alloc(dt, n);
     if (n === 0) return out;
-    const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(this.ix(shape, [sa, sb])).i64(n);
+    const ix = this.ix(shape, [sa, sb]);
+    if (ix[0] <= 1) {
+      // rank 0 or 1: strides are ix[1 + MAX_RANK] and ix[1 + 2 * MAX_RANK] (0 for rank 0: a single element)
+      const name = binaryFlatName(op);
+      const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).i64(ix[1 + MAX_RANK]).ptr(buf(b).ptr).i64(ix[1 + 2 * MAX_RANK]).i64(n);
+      this.launch(this.fn('elementwise', dt, name), this.blocksFor(n), THREADS, 0, args, name);
+      return out;
+    }
+    const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(ix).i64(n);
     this.launch(this.fn('elementwise', dt, binaryName(op)), this.blocksFor(n), THREADS, 0, args, binaryName(op));
     return out;
   }

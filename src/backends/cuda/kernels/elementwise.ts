@@ -44,6 +44,7 @@ export const COMPARE: Record<CompareOp, string> = {
 
 export const unaryName = (op: UnaryOp) => `unary_${op}`;
 export const binaryName = (op: BinaryOp) => `binary_${op}`;
+export const binaryFlatName = (op: BinaryOp) => `binary_flat_${op}`;
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
 
@@ -62,12 +63,21 @@ export function elementwiseSource(dtype: CudaDType): string {
   }
   for (const [op, expr] of Object.entries(BINARY) as [BinaryOp, string][]) {
     // Math.imul: wrapping 32-bit product
-    const body = dtype === 'int32' && op === 'mul' ? '(int)((unsigned)a[o0] * (unsigned)b[o1])' : `${store(expr)}`;
+    const body = (ia: string, ib: string) =>
+      dtype === 'int32' && op === 'mul' ? `(int)((unsigned)a[${ia}] * (unsigned)b[${ib}])` : `${store(expr)}`;
+    const read = (ia: string, ib: string) => `M x = ${load(dtype, `a[${ia}]`)}; M y = ${load(dtype, `b[${ib}]`)};`;
     parts.push(`extern "C" __global__ void ${binaryName(op)}(${T}* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
-    M x = ${load(dtype, 'a[o0]')}; M y = ${load(dtype, 'b[o1]')};
-    out[i] = ${body};
+    ${read('o0', 'o1')}
+    out[i] = ${body('o0', 'o1')};
+  }
+}`);
+    // rank <= 1 after coalescing (same shape, or one side a scalar): element strides 1 or 0, no index walk
+    parts.push(`extern "C" __global__ void ${binaryFlatName(op)}(${T}* out, const ${T}* a, i64 sa, const ${T}* b, i64 sb, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    ${read('i * sa', 'i * sb')}
+    out[i] = ${body('i * sa', 'i * sb')};
   }
 }`);
   }
