@@ -81,4 +81,11 @@ export interface Backend {
   attentionBackward(
     q: BackendData, k: BackendData, v: BackendData, out: BackendData, lse: BackendData, dout: BackendData, job: AttentionJob, dtype: DType,
   ): { dq: BackendData; dk: BackendData; dv: BackendData };
+  /**
+   * RMSNorm of `rows` contiguous rows of d: y = x · rstd · w with rstd = 1/√(mean(x²) + eps) per row
+   * (w of length d). Also returns rstd ([rows]; float32 for bfloat16 tensors), which the backward reuses.
+   */
+  rmsNormForward(x: BackendData, w: BackendData, rows: number, d: number, eps: number, dtype: DType): { y: BackendData; rstd: BackendData };
+  /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
+  rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
 }

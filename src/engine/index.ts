@@ -10,6 +10,7 @@ registerBackend('cuda', () => new CudaBackend());
 export * from './ops.js';
 export * from './autodiff.js';
 export * from './attention.js';
+export * from './norm.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';

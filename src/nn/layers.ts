@@ -3,8 +3,8 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, engineCacheEntry, getBackend, greater, log, logsumexp, matmul,
-  mean, mul, neg, reshape, rsqrt, scaledDotAttention, silu, slice, square, stack, sub, takeAlongAxis, tensor, transpose, where,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, compositeRmsNorm, engineCacheEntry, fusedRmsNorm, getBackend,
+  greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, silu, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
 /**
@@ -16,9 +16,21 @@ export function inDType(t: Tensor, dtype: DType): Tensor {
   return t.dtype === dtype ? t : cast(t, dtype);
 }
 
-/** RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w. */
+/**
+ * RMSNorm over the last axis: x / sqrt(mean(x²) + eps) * w: the fused op (unless
+ * `setNormPath('composite')` or `TTT_NORM=composite`); its definition is `compositeRmsNorm`.
+ */
 export function rmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
-  return mul(mul(x, rsqrt(add(mean(square(x), -1, true), eps))), inDType(w, x.dtype));
+  const wx = inDType(w, x.dtype);
+  return normPath === 'fused' ? fusedRmsNorm(x, wx, eps) : compositeRmsNorm(x, wx, eps);
+}
+
+let normPath: 'fused' | 'composite' = process.env.TTT_NORM === 'composite' ? 'composite' : 'fused';
+/** Which implementation `rmsNorm` uses (to compare them in a whole model: tests, benchmarks). */
+export function setNormPath(path: 'fused' | 'composite'): 'fused' | 'composite' {
+  const before = normPath;
+  normPath = path;
+  return before;
 }
 
 /**

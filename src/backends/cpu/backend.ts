@@ -311,6 +311,41 @@ export class CpuBackend implements Backend {
   ): { dq: Arr; dk: Arr; dv: Arr } {
     return attentionBackward(q, k, v, out, lse, dout, job, dtype);
   }
+  // Sums in double, rounded once, like the CPU's reductions.
+  rmsNormForward(xd: unknown, wd: unknown, rows: number, d: number, eps: number, dtype: DType): { y: Arr; rstd: Arr } {
+    const x = xd as Arr;
+    const w = wd as Arr;
+    const y = pool.alloc(dtype, rows * d, false);
+    const rstd = pool.alloc(dtype, rows, false);
+    for (let r = 0; r < rows; r++) {
+      const o = r * d;
+      let ss = 0;
+      for (let c = 0; c < d; c++) ss += x[o + c] * x[o + c];
+      const k = 1 / Math.sqrt(ss / d + eps);
+      rstd[r] = k;
+      for (let c = 0; c < d; c++) y[o + c] = x[o + c] * k * w[c];
+    }
+    return { y, rstd };
+  }
+  rmsNormBackward(xd: unknown, wd: unknown, rstdd: unknown, dyd: unknown, rows: number, d: number, dtype: DType): { dx: Arr; dw: Arr } {
+    const [x, w, rstd, dy] = [xd, wd, rstdd, dyd] as Arr[];
+    const dx = pool.alloc(dtype, rows * d, false);
+    const dwSum = new Float64Array(d);
+    for (let r = 0; r < rows; r++) {
+      const o = r * d;
+      const k = rstd[r];
+      let s = 0;
+      for (let c = 0; c < d; c++) s += dy[o + c] * w[c] * x[o + c];
+      const k3 = (k * k * k * s) / d;
+      for (let c = 0; c < d; c++) {
+        dx[o + c] = k * dy[o + c] * w[c] - x[o + c] * k3;
+        dwSum[c] += dy[o + c] * x[o + c] * k;
+      }
+    }
+    const dw = pool.alloc(dtype, d, false);
+    dw.set(dwSum);
+    return { dx, dw };
+  }
 }
 
 function checkRange(op: string, idx: Int32Array, n: number): void {

@@ -21,7 +21,7 @@ import {
 import {
   ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES } from './ffi.js';
 import {
@@ -477,6 +477,37 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
     this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
     return out;
+  }
+
+  // ---- RMSNorm ------------------------------------------------------------------------------------
+
+  rmsNormForward(x: unknown, w: unknown, rows: number, d: number, eps: number, dtype: DType): { y: DeviceBuffer; rstd: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
+    const y = this.alloc(dt, rows * d);
+    const rstd = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
+    if (rows === 0) return { y, rstd };
+    const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(y.ptr).ptr(rstd.ptr).i64(rows).i64(d).f64(eps);
+    this.launch(this.fn('reduce', dt, RMSNORM_FWD), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, RMSNORM_FWD);
+    return { y, rstd };
+  }
+
+  rmsNormBackward(x: unknown, w: unknown, rstd: unknown, dy: unknown, rows: number, d: number, dtype: DType): { dx: DeviceBuffer; dw: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
+    const acc: DType = dt === 'float64' ? 'float64' : 'float32';
+    const dx = this.alloc(dt, rows * d);
+    if (rows === 0) return { dx, dw: this.fill(d, dt, 0) };
+    const gxr = this.alloc(acc, rows * d);
+    const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr.ptr).i64(rows).i64(d);
+    this.launch(this.fn('reduce', dt, RMSNORM_BWD), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, RMSNORM_BWD);
+    // dw: column sums of gxr, in the deterministic split reduction, then to the tensors' dtype
+    const dwAcc = this.reduce('sum', gxr, 1, rows, d, acc);
+    this.allocator.free(gxr);
+    if (acc === dt) return { dx, dw: dwAcc };
+    const dw = this.cast(dwAcc, d, acc, dt);
+    this.allocator.free(dwAcc);
+    return { dx, dw };
   }
 
   // ---- matmul -------------------------------------------------------------------------------------

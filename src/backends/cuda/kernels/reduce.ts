@@ -31,6 +31,52 @@ export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
 export const CUMSUM = 'cumsum_mid';
+export const RMSNORM_FWD = 'rmsnorm_fwd';
+export const RMSNORM_BWD = 'rmsnorm_bwd';
+/** Rows per block of the RMSNorm kernels (one warp each). */
+export const RMSNORM_ROWS = 8;
+
+/**
+ * RMSNorm, one warp per row: forward y = x · rstd · w (rstd kept for the backward: float for
+ * float32/bfloat16, double for float64); backward dx = rstd·dy·w − x·rstd³·Σ(dy·w·x)/d, plus
+ * gxr = dy·x·rstd (in the math type) whose column sum the backend takes as dw (fixed order).
+ */
+function rmsNormSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const A = dtype === 'float64' ? 'double' : 'float';
+  const ld = (e: string) => load(dtype, e, A);
+  const st = STORE[dtype];
+  const warpSum = `for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);`;
+  return `extern "C" __global__ void ${RMSNORM_FWD}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
+  const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const ${T}* xr = x + row * d;
+  ${A} acc = 0;
+  for (i64 c = lane; c < d; c += 32) { ${A} v = ${ld('xr[c]')}; acc += v * v; }
+  ${warpSum}
+  const ${A} k = (${A})1 / sqrt(acc / (${A})d + (${A})eps);
+  for (i64 c = lane; c < d; c += 32) y[row * d + c] = ${st(`${ld('xr[c]')} * k * ${ld('w[c]')}`)};
+  if (lane == 0) rstd[row] = k;
+}
+extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d) {
+  const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const ${T}* xr = x + row * d;
+  const ${T}* gr = dy + row * d;
+  const ${A} k = rstd[row];
+  ${A} acc = 0;
+  for (i64 c = lane; c < d; c += 32) acc += ${ld('gr[c]')} * ${ld('w[c]')} * ${ld('xr[c]')};
+  ${warpSum}
+  const ${A} k3 = k * k * k * acc / (${A})d;
+  for (i64 c = lane; c < d; c += 32) {
+    const ${A} g = ${ld('gr[c]')}, xv = ${ld('xr[c]')};
+    dx[row * d + c] = ${st(`k * g * ${ld('w[c]')} - xv * k3`)};
+    gxr[row * d + c] = g * xv * k;
+  }
+}`;
+}
 
 export function reduceSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
@@ -150,6 +196,7 @@ export function reduceSource(dtype: CudaDType): string {
   }
 }`);
   }
+  if (CUDA_FLOATS.has(dtype)) parts.push(rmsNormSource(dtype));
   parts.push(`extern "C" __global__ void ${CUMSUM}(${T}* out, const ${T}* x, i64 outer, i64 n, i64 inner, int reverse) {
   i64 total = outer * inner;
   for (i64 t = gtid(); t < total; t += gstride()) {

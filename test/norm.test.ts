@@ -1,0 +1,88 @@
+/**
+ * The fused RMSNorm op against its composite definition (which ops-grad checks against finite
+ * differences): values, first-order gradients through the backend's backward kernel, and second
+ * order (where the op's backward falls back to the composite). Runs on the backend in use
+ * (TTT_DEVICE=cuda for the GPU), in float64 where the backend has it.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as T from '../src/index.js';
+
+const dt: T.DType = 'float64';
+const tol = 1e-12;
+
+function rand(seed: number, n: number, lo = -2, hi = 2): number[] {
+  let s = seed >>> 0;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
+  }
+  return out;
+}
+const R = (seed: number, shape: number[]) => T.tensor(rand(seed, shape.reduce((a, b) => a * b, 1)), shape, dt);
+const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
+
+describe('fused RMSNorm', () => {
+  const shapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1]];
+
+  test('values equal the composite definition', () => {
+    T.tidy(() => {
+      for (const shape of shapes) {
+        const x = R(1, shape);
+        const w = R(2, [shape[shape.length - 1]]);
+        for (const eps of [1e-6, 0.5]) {
+          assert.ok(maxDiff(T.fusedRmsNorm(x, w, eps).toArray(), T.compositeRmsNorm(x, w, eps).toArray()) < tol, `${shape} eps ${eps}`);
+        }
+      }
+    });
+  });
+
+  test('gradients (the backward kernel) equal the composite gradients', () => {
+    T.tidy(() => {
+      for (const shape of shapes) {
+        const x = R(3, shape);
+        const w = R(4, [shape[shape.length - 1]]);
+        const g = R(5, shape);
+        const loss = (f: typeof T.fusedRmsNorm) => (a: T.Tensor, b: T.Tensor) => T.sum(T.mul(f(a, b, 1e-6), g));
+        const be = T.getBackend() as unknown as { rmsNormBackward: (...a: unknown[]) => unknown };
+        const kernel = be.rmsNormBackward;
+        let calls = 0;
+        be.rmsNormBackward = (...a: unknown[]) => (calls++, kernel.apply(be, a));
+        let fused: T.Tensor[];
+        try {
+          fused = T.grad(loss(T.fusedRmsNorm), [0, 1])(x, w) as T.Tensor[];
+        } finally {
+          be.rmsNormBackward = kernel;
+        }
+        assert.equal(calls, 1, 'first order runs the backend kernel');
+        const comp = T.grad(loss(T.compositeRmsNorm), [0, 1])(x, w) as T.Tensor[];
+        fused.forEach((t, i) => assert.ok(maxDiff(t.toArray(), comp[i].toArray()) < 1e-11, `${shape} grad ${i}: ${maxDiff(t.toArray(), comp[i].toArray())}`));
+      }
+    });
+  });
+
+  test('second order (grad of grad) goes through the composite and agrees', () => {
+    T.tidy(() => {
+      const x = R(6, [3, 8]);
+      const w = R(7, [8]);
+      const v = R(8, [3, 8]);
+      const hvp = (f: typeof T.fusedRmsNorm) =>
+        T.grad((a: T.Tensor, b: T.Tensor) => T.sum(T.mul(T.grad((p: T.Tensor) => T.sum(T.square(f(p, b, 1e-6))))(a), v)), [0, 1])(x, w) as T.Tensor[];
+      const fused = hvp(T.fusedRmsNorm);
+      const comp = hvp(T.compositeRmsNorm);
+      fused.forEach((t, i) => assert.ok(maxDiff(t.toArray(), comp[i].toArray()) < 1e-10, `hvp ${i}`));
+    });
+  });
+
+  test('bad shapes and dtypes name the op', () => {
+    T.tidy(() => {
+      assert.throws(() => T.fusedRmsNorm(R(1, [2, 3]), R(2, [4]), 1e-6), /rmsNorm: expected x \[\.\.\., D\] and w \[D\]/);
+      assert.throws(() => T.fusedRmsNorm(R(1, [2, 3]), T.ones([3], 'float32'), 1e-6), /rmsNorm: dtype mismatch/);
+      assert.throws(() => T.fusedRmsNorm(T.ones([2, 3], 'int32'), T.ones([3], 'int32'), 1e-6), /rmsNorm: needs a floating-point tensor/);
+    });
+  });
+});
