@@ -9,7 +9,7 @@ import {
   foldIn, full, gather, greater, greaterEqual, less, lessEqual, log, logSoftmax, logsumexp, matmul, max, maximum, mean, min,
   minimum, mT, mul, neg, notEqual, ones, pad, pow, randn, randomKey, reciprocal, reshape, rsqrt, scatterAdd, sigmoid, sign,
   silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, takeAlongAxis, tanh, tensor, threefry2x32,
-  transpose, uniform, where, zeros, zerosLike,
+  transpose, truncatedNormal, uniform, uniformHost, normalHost, where, zeros, zerosLike,
 } from '../src/index.js';
 import { assertClose, assertShape, forEachIndex, keyOf, ravel, rn, ru, sizeOfShape } from './helpers/check.js';
 
@@ -875,6 +875,32 @@ describe('PRNG', () => {
     assert.deepEqual(vals(randn(k, [20], 'float32')), vals(randn(k, [20], 'float64')).map(Math.fround));
     // a prefix of a longer draw need not match, but the shape must not change the values of the same size
     assert.deepEqual(vals(randn(k, [4, 5], 'float64')), vals(randn(k, [20], 'float64')));
+  });
+
+  test('the fast host generators equal their definitions word for word', () => {
+    for (const seed of [0, 1, 99, 2 ** 40 + 7]) {
+      const key = foldIn(randomKey(seed), 'w');
+      // uniformHost: pair (i, i+1) is threefry2x32(key, i, 0x5eed) / 2^32
+      const n = 8195;
+      const u = uniformHost(key, n);
+      for (let i = 0; i < n; i++) {
+        const pair = threefry2x32(key, i - (i % 2), 0x5eed);
+        assert.equal(u[i], pair[i % 2] / 2 ** 32, `uniform ${seed} ${i}`);
+      }
+      // normalHost: Box-Muller on those pairs
+      const z = normalHost(key, 7);
+      for (let i = 0; i < 6; i += 2) {
+        const r = Math.sqrt(-2 * Math.log(1 - u[i]));
+        assert.equal(z[i], r * Math.cos(2 * Math.PI * u[i + 1]));
+        assert.equal(z[i + 1], r * Math.sin(2 * Math.PI * u[i + 1]));
+      }
+      // truncatedNormal (lazily generated): the first accepted values of round 0's whole draw
+      const m = 20000;
+      const whole = normalHost(foldIn(key, 0), 2 * m);
+      const want: number[] = [];
+      for (let i = 0; i < whole.length && want.length < m; i++) if (Math.abs(whole[i]) <= 2) want.push(whole[i] * 0.5);
+      assert.deepEqual(vals(truncatedNormal(key, [m], 0.5, 'float64')), want);
+    }
   });
 
   test('randn has mean ~0 and std ~1; uniform stays in range', () => {
