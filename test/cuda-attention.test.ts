@@ -16,33 +16,16 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import type { DType, Tensor } from '../src/index.js';
-import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import {
   ATT_DELTA, ATT_DTYPES, FA_DIMS, FA_MAX_D, attentionLseBytes, attentionPlan, attentionPlans, attentionSource,
 } from '../src/backends/cuda/kernels/attention.js';
+import { seededValues } from './helpers/check.js';
+import { cudaOrSkip, koffiOrSkip } from './helpers/cuda.js';
 
 // ---- which backends ------------------------------------------------------------------------------
 
-let cuda: CudaBackend | null = null;
-let skipReason = '';
-try {
-  cuda = T.setBackend('cuda') as CudaBackend;
-} catch (e) {
-  const msg = (e as Error).message.replace(/\s+/g, ' ');
-  skipReason = `no usable CUDA device: ${msg.length > 240 ? `${msg.slice(0, 240)}…` : msg}`;
-} finally {
-  T.setBackend('cpu');
-}
-if (!cuda) console.log(`# cuda-attention.test.ts: GPU checks skipped (${skipReason})`);
-const gpu = cuda ? {} : { skip: skipReason };
-
-let koffiMissing = '';
-try {
-  await import('koffi');
-} catch {
-  koffiMissing = 'koffi is not installed';
-}
-const host = koffiMissing ? { skip: koffiMissing } : {};
+const { cuda, gpu } = cudaOrSkip('cuda-attention.test.ts');
+const host = await koffiOrSkip();
 
 // ---- cases and helpers ---------------------------------------------------------------------------
 
@@ -91,19 +74,8 @@ const LONG: AttnCase[] = [
   c('T 700 window 129, d 128', [2], 700, 700, 128, 0, 0, 129),
 ];
 
-/** Seeded host values (mulberry32), in [lo, hi). */
-function rand(seed: number, n: number, lo = -1, hi = 1): number[] {
-  let s = seed >>> 0;
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
-  }
-  return out;
-}
+/** Seeded host values in [lo, hi). */
+const rand = (seed: number, n: number, lo = -1, hi = 1): number[] => seededValues(seed, n, lo, hi);
 
 /** Input values exactly representable in `dtype` (so the float64 reference sees the same numbers). */
 function valuesIn(dtype: DType, seed: number, n: number): number[] {

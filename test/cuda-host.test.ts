@@ -8,14 +8,9 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { coalesce } from '../src/engine/shape.js';
+import { koffiOrSkip } from './helpers/cuda.js';
 
-let koffiMissing = '';
-try {
-  await import('koffi');
-} catch {
-  koffiMissing = 'koffi is not installed';
-}
-const opts = koffiMissing ? { skip: koffiMissing } : {};
+const opts = await koffiOrSkip();
 process.env.TTT_CACHE_DIR ??= '/tmp/ttt-e2e-stand-in-cache';
 
 async function standInBackend() {

@@ -13,27 +13,17 @@ import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import type { Backend, DType, Tensor } from '../src/index.js';
 import { CachingAllocator, bucketOf } from '../src/backends/cuda/allocator.js';
-import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { CudaError } from '../src/backends/cuda/ffi.js';
 import { openLibrary } from '../src/backends/cuda/library.js';
 import { makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { e2eOuterLoss, lmLoss } from '../src/model/ttt-e2e.js';
+import { seededValues } from './helpers/check.js';
+import { cudaOrSkip } from './helpers/cuda.js';
 
 // ---- which backends ------------------------------------------------------------------------------
 
-let cuda: CudaBackend | null = null;
-let skipReason = '';
-try {
-  cuda = T.setBackend('cuda') as CudaBackend;
-} catch (e) {
-  const msg = (e as Error).message.replace(/\s+/g, ' ');
-  skipReason = `no usable CUDA device: ${msg.length > 240 ? `${msg.slice(0, 240)}…` : msg}`;
-} finally {
-  T.setBackend('cpu');
-}
-if (!cuda) console.log(`# cuda.test.ts: GPU checks skipped (${skipReason})`);
-const gpu = cuda ? {} : { skip: skipReason };
+const { cuda, gpu } = cudaOrSkip('cuda.test.ts');
 
 // ---- helpers -------------------------------------------------------------------------------------
 
@@ -99,19 +89,8 @@ function check(label: string, fn: () => unknown, tol?: Tol): void {
   assertSame(label, onBoth(fn), tol);
 }
 
-/** Seeded host values (mulberry32), in [lo, hi). */
-function rand(seed: number, n: number, lo = -2, hi = 2): number[] {
-  let s = seed >>> 0;
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
-  }
-  return out;
-}
+/** Seeded host values in [lo, hi). */
+const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
 const size = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 const R = (seed: number, shape: number[], lo = -2, hi = 2, dtype: DType = 'float32') => T.tensor(rand(seed, size(shape), lo, hi), shape, dtype);
 const I = (seed: number, shape: number[], lo: number, hi: number) => T.tensor(rand(seed, size(shape), lo, hi).map(Math.floor), shape, 'int32');

@@ -7,22 +7,13 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
+import { seededValues } from './helpers/check.js';
 
 const dt: T.DType = 'float64';
 const tol = 1e-12;
 
-function rand(seed: number, n: number, lo = -2, hi = 2): number[] {
-  let s = seed >>> 0;
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
-  }
-  return out;
-}
+/** Seeded host values in [lo, hi). */
+const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
 const R = (seed: number, shape: number[]) => T.tensor(rand(seed, shape.reduce((a, b) => a * b, 1)), shape, dt);
 const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
 

@@ -45,6 +45,20 @@ export function distinct(seed: number, shape: Shape, gap = 0.1, dtype: DType = '
 
 // ---- multi-index helpers (for references written with plain loops) ----------------------------
 
+/** Seeded host values (mulberry32), uniform in [lo, hi): the same numbers on every backend and run. */
+export function seededValues(seed: number, n: number, lo: number, hi: number): number[] {
+  let s = seed >>> 0;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out.push(lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296));
+  }
+  return out;
+}
+
 export function sizeOfShape(shape: Shape): number {
   let n = 1;
   for (const d of shape) n *= d;
