@@ -8,7 +8,7 @@
  *     our own host-side work alone. This row runs on any machine.
  * "submit" is the host time to queue the 1000 ops; "total" waits for the device too. When total
  * is well above submit, the GPU (kernel duration + gaps), not the host, sets the pace.
- * Writes bench/results/cuda-overhead.json.
+ * Writes bench/results/cuda-overhead.json (cuda-overhead-host.json when there is no GPU).
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -113,7 +113,8 @@ export async function main(): Promise<unknown> {
   console.log(`per-op time of a chain of ${CHAIN} ops on 16 floats, µs, medians`);
   console.log('what                                                   submit    total');
   for (const r of rows) console.log(`${r.what.padEnd(52)} ${r.submitUs.toFixed(2).padStart(8)} ${r.totalUs.toFixed(2).padStart(8)}`);
-  const file = resultsPath('cuda-overhead.json');
+  // without a GPU only the host row exists: keep it apart from a GPU run's results
+  const file = resultsPath(device ? 'cuda-overhead.json' : 'cuda-overhead-host.json');
   writeFileSync(file, JSON.stringify({ machine: machine(), device, chain: CHAIN, rows }, null, 1));
   console.log(`wrote ${file}`);
   return rows;
