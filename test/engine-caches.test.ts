@@ -53,6 +53,24 @@ describe('engine caches', () => {
     assert.deepEqual(T.tidy(() => T.full([], 0.25).toArray()), [0.25]);
   });
 
+  test('attention band biases are built once per geometry (shape, qStart − kStart, window)', () => {
+    const want = (tq: number, tk: number, q0: number, k0: number, w: number) =>
+      Array.from({ length: tq * tk }, (_, idx) => {
+        const p = q0 + Math.floor(idx / tk);
+        const s = k0 + (idx % tk);
+        return s <= p && p - s < w ? 0 : -1e9;
+      });
+    const a = T.tidy(() => T.attentionBandBias(4, 9, { qStart: 105, kStart: 100, window: 3 }, 'float64').toArray());
+    assert.deepEqual(a, want(4, 9, 105, 100, 3));
+    // the same geometry at other absolute positions: no new upload, same values
+    assert.equal(countCalls('upload', () => T.tidy(() => assert.deepEqual(T.attentionBandBias(4, 9, { qStart: 505, kStart: 500, window: 3 }, 'float64').toArray(), a))), 0);
+    // another offset is another bias
+    assert.deepEqual(T.tidy(() => T.attentionBandBias(4, 9, { qStart: 106, kStart: 100, window: 3 }, 'float64').toArray()), want(4, 9, 106, 100, 3));
+    const before = T.liveTensorCount();
+    T.clearBandBiasCache();
+    assert.equal(T.liveTensorCount(), before);
+  });
+
   test('RoPE tables are uploaded once per position range and survive clearing while in use', () => {
     const x = T.keep(T.randn(T.randomKey(1), [1, 5, 2, 8], 'float64'));
     const positions = [3, 4, 5, 6, 7];

@@ -8,9 +8,9 @@ import { vjp } from './autodiff.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
 import { add, div, matmul, softmax, tensor } from './ops.js';
-import { fromData, isTracked, record } from './runtime.js';
+import { alias, fromData, getBackend, isTracked, record } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
-import type { Tensor } from './tensor.js';
+import { type Tensor, engineCacheEntry } from './tensor.js';
 
 export interface AttentionOptions {
   /** Absolute position of query row 0 (row i is at qStart + i). */
@@ -62,13 +62,43 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
   return { batch: sizeOf(lead), tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
 }
 
-/** The band as data: an additive bias [Tq, Tk] of 0 (visible) or -1e9 (hidden). */
+/**
+ * The band as data: an additive bias [Tq, Tk] of 0 (visible) or -1e9 (hidden). It depends only on
+ * the shape, the offset qStart − kStart and the window, so it is built once per such geometry (the
+ * TTT inner loop differentiates through the composite at every mini-batch with the same geometry)
+ * and handed out as an alias of a bounded cache's entry.
+ */
 export function attentionBandBias(tq: number, tk: number, opts: AttentionOptions, dtype: Tensor['dtype']): Tensor {
-  const bias = new Float64Array(tq * tk);
-  for (let i = 0; i < tq; i++) {
-    for (let j = 0; j < tk; j++) bias[i * tk + j] = isVisible(opts.qStart + i, opts.kStart + j, opts.window) ? 0 : -1e9;
+  const backend = getBackend();
+  const key = `${backend.name}/${dtype}/${tq}/${tk}/${opts.qStart - opts.kStart}/${opts.window ?? 'all'}`;
+  let bias = biasCache.get(key);
+  if (bias && bias.backend === backend) {
+    biasCache.delete(key); // most recently used goes last
+    biasCache.set(key, bias);
+    return alias(bias);
   }
-  return tensor(bias, [tq, tk], dtype);
+  const values = new Float64Array(tq * tk);
+  for (let i = 0; i < tq; i++) {
+    for (let j = 0; j < tk; j++) values[i * tk + j] = isVisible(opts.qStart + i, opts.kStart + j, opts.window) ? 0 : -1e9;
+  }
+  bias = engineCacheEntry(tensor(values, [tq, tk], dtype));
+  biasCache.set(key, bias);
+  if (biasCache.size > BIAS_CACHE_MAX) {
+    const [oldest, old] = biasCache.entries().next().value as [string, Tensor];
+    biasCache.delete(oldest);
+    old.dispose();
+  }
+  return alias(bias);
+}
+
+/** Band biases kept: a few geometries per model (they can be large: Tq × Tk each). */
+const BIAS_CACHE_MAX = 8;
+const biasCache = new Map<string, Tensor>();
+
+/** Frees the cached band biases. */
+export function clearBandBiasCache(): void {
+  for (const t of biasCache.values()) t.dispose();
+  biasCache.clear();
 }
 
 /**
