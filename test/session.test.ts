@@ -110,6 +110,12 @@ describe('Session', () => {
       assert.deepEqual(fast.prefill(doc, { score: false }), []);
       assert.ok(maxDiff(fast.nextLogProbs(), scoredSession.nextLogProbs()) < 1e-12);
       assert.equal(fast.tokensRead, doc.length);
+      const live = T.liveTensorCount();
+      fast.dispose();
+      assert.ok(T.liveTensorCount() < live, 'dispose frees the caches and fast weights');
+      assert.throws(() => fast.prefill([1]), /prefill: the session was disposed/);
+      assert.throws(() => fast.decode(1), /decode: the session was disposed/);
+      scoredSession.dispose();
     }
   });
 

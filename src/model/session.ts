@@ -96,10 +96,16 @@ export class Session {
     const empty = { ...this.state, caches: [], fast: [], pendingX: null, chunkCaches: [], nextLogProbs: null };
     releaseState(this.state, empty);
     this.state = empty;
+    this.disposed = true;
+  }
+  private disposed = false;
+  private checkLive(op: string): void {
+    if (this.disposed) throw new Error(`${op}: the session was disposed`);
   }
 
   /** Forget the document: fast weights back to W_0, caches emptied. */
   reset(): void {
+    this.checkLive('reset');
     const old = this.state;
     this.state = this.initialState();
     releaseState(old, this.state);
@@ -113,6 +119,7 @@ export class Session {
    * TTT models), so memory stays bounded whatever the length.
    */
   prefill(tokens: readonly number[], opts: { score?: boolean } = {}): number[] {
+    this.checkLive('prefill');
     const score = opts.score ?? true;
     for (const t of tokens) {
       if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
@@ -143,6 +150,7 @@ export class Session {
    * `onToken` streams them.
    */
   decode(n: number, sampling: SamplingOptions = {}, onToken?: (token: number) => void): number[] {
+    this.checkLive('decode');
     if (!Number.isInteger(n) || n < 0) throw new Error(`decode: n must be a non-negative integer, got ${n}`);
     const out: number[] = [];
     let key: Key = randomKey(sampling.seed ?? 0);
