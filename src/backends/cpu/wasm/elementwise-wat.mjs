@@ -16,6 +16,38 @@
 //   subnormal (one final rounding) or overflow to +Inf without an out-of-range exponent field.
 
 const f4 = (v) => `(v128.const f32x4 ${v} ${v} ${v} ${v})`;
+
+/** Multiplies the f32 row [$q, $end) in place by the splat $inv: four lanes up to $vend, then the tail. Leaves $q at $end. */
+const rowScale = `(block $d4 (loop $l4
+      (br_if $d4 (i32.ge_u (local.get $q) (local.get $vend)))
+      (v128.store (local.get $q) (f32x4.mul (v128.load (local.get $q)) (local.get $inv)))
+      (local.set $q (i32.add (local.get $q) (i32.const 16)))
+      (br $l4)))
+    (block $d5 (loop $l5
+      (br_if $d5 (i32.ge_u (local.get $q) (local.get $end)))
+      (f32.store (local.get $q) (f32.mul (f32.load (local.get $q)) (f32x4.extract_lane 0 (local.get $inv))))
+      (local.set $q (i32.add (local.get $q) (i32.const 4)))
+      (br $l5)))`;
+
+/**
+ * The max of the f32 row [$q, $end) into local $dst: four lanes at a time up to $vend, then the tail
+ * one by one (`select` on >, so NaN never wins, as in the JS loop). Uses $mv and $t; leaves $q at $end.
+ */
+const rowMax = (dst) => `(local.set $mv ${f4('-inf')})
+    (block $d1 (loop $l1
+      (br_if $d1 (i32.ge_u (local.get $q) (local.get $vend)))
+      (local.set $mv (f32x4.pmax (local.get $mv) (v128.load (local.get $q))))
+      (local.set $q (i32.add (local.get $q) (i32.const 16)))
+      (br $l1)))
+    (local.set $${dst} (f32.max
+      (f32.max (f32x4.extract_lane 0 (local.get $mv)) (f32x4.extract_lane 1 (local.get $mv)))
+      (f32.max (f32x4.extract_lane 2 (local.get $mv)) (f32x4.extract_lane 3 (local.get $mv)))))
+    (block $d2 (loop $l2
+      (br_if $d2 (i32.ge_u (local.get $q) (local.get $end)))
+      (local.set $t (f32.load (local.get $q)))
+      (local.set $${dst} (select (local.get $t) (local.get $${dst}) (f32.gt (local.get $t) (local.get $${dst}))))
+      (local.set $q (i32.add (local.get $q) (i32.const 4)))
+      (br $l2)))`;
 const i4 = (v) => `(v128.const i32x4 ${v} ${v} ${v} ${v})`;
 
 const LOG2E = '1.44269504088896341';
@@ -147,22 +179,8 @@ function rowKernel() {
         (local.set $vend (i32.add (local.get $p) (i32.shl (i32.and (local.get $n) (i32.const -4)) (i32.const 2))))
         (local.set $rem (i32.and (local.get $n) (i32.const 3)))
         ;; max
-        (local.set $mv ${f4('-inf')})
         (local.set $q (local.get $p))
-        (block $d1 (loop $l1
-          (br_if $d1 (i32.ge_u (local.get $q) (local.get $vend)))
-          (local.set $mv (f32x4.pmax (local.get $mv) (v128.load (local.get $q))))
-          (local.set $q (i32.add (local.get $q) (i32.const 16)))
-          (br $l1)))
-        (local.set $m (f32.max
-          (f32.max (f32x4.extract_lane 0 (local.get $mv)) (f32x4.extract_lane 1 (local.get $mv)))
-          (f32.max (f32x4.extract_lane 2 (local.get $mv)) (f32x4.extract_lane 3 (local.get $mv)))))
-        (block $d2 (loop $l2
-          (br_if $d2 (i32.ge_u (local.get $q) (local.get $end)))
-          (local.set $t (f32.load (local.get $q)))
-          (local.set $m (select (local.get $t) (local.get $m) (f32.gt (local.get $t) (local.get $m))))
-          (local.set $q (i32.add (local.get $q) (i32.const 4)))
-          (br $l2)))
+        ${rowMax('m')}
         (if (i32.and (local.get $softmax) (f32.eq (local.get $m) (f32.const -inf))) (then (local.set $m (f32.const 0))))
         (f32.store (i32.add (local.get $maxp) (i32.shl (local.get $row) (i32.const 2))) (local.get $m))
         (local.set $mv (f32x4.splat (local.get $m)))
@@ -195,16 +213,7 @@ function rowKernel() {
           (local.set $q (i32.add (local.get $p) (local.get $dd)))
           (local.set $vend (i32.add (local.get $vend) (local.get $dd)))
           (local.set $end (i32.add (local.get $end) (local.get $dd)))
-          (block $d4 (loop $l4
-            (br_if $d4 (i32.ge_u (local.get $q) (local.get $vend)))
-            (v128.store (local.get $q) (f32x4.mul (v128.load (local.get $q)) (local.get $inv)))
-            (local.set $q (i32.add (local.get $q) (i32.const 16)))
-            (br $l4)))
-          (block $d5 (loop $l5
-            (br_if $d5 (i32.ge_u (local.get $q) (local.get $end)))
-            (f32.store (local.get $q) (f32.mul (f32.load (local.get $q)) (f32x4.extract_lane 0 (local.get $inv))))
-            (local.set $q (i32.add (local.get $q) (i32.const 4)))
-            (br $l5)))
+          ${rowScale}
           (local.set $end (i32.sub (local.get $end) (local.get $dd)))))
         (local.set $p (local.get $end))
         (local.set $row (i32.add (local.get $row) (i32.const 1)))
@@ -256,21 +265,7 @@ function bandKernel() {
         (local.set $vend (i32.sub (local.get $end) (i32.shl (local.get $rem) (i32.const 2))))
         (if (local.get $fwd)
           (then
-            (local.set $mv ${f4('-inf')})
-            (block $d1 (loop $l1
-              (br_if $d1 (i32.ge_u (local.get $q) (local.get $vend)))
-              (local.set $mv (f32x4.pmax (local.get $mv) (v128.load (local.get $q))))
-              (local.set $q (i32.add (local.get $q) (i32.const 16)))
-              (br $l1)))
-            (local.set $mx (f32.max
-              (f32.max (f32x4.extract_lane 0 (local.get $mv)) (f32x4.extract_lane 1 (local.get $mv)))
-              (f32.max (f32x4.extract_lane 2 (local.get $mv)) (f32x4.extract_lane 3 (local.get $mv)))))
-            (block $d2 (loop $l2
-              (br_if $d2 (i32.ge_u (local.get $q) (local.get $end)))
-              (local.set $t (f32.load (local.get $q)))
-          (local.set $mx (select (local.get $t) (local.get $mx) (f32.gt (local.get $t) (local.get $mx))))
-              (local.set $q (i32.add (local.get $q) (i32.const 4)))
-              (br $l2)))
+            ${rowMax('mx')}
             (local.set $q (local.get $start))
             (local.set $c (f64.mul (f64.promote_f32 (local.get $mx)) (local.get $scale)))
             (f64.store (i32.add (local.get $aux) (i32.shl (local.get $row) (i32.const 4))) (local.get $c)))
@@ -299,16 +294,7 @@ function bandKernel() {
           (f64.store offset=8 (i32.add (local.get $aux) (i32.shl (local.get $row) (i32.const 4))) (local.get $s))
           (local.set $inv (f32x4.splat (f32.demote_f64 (f64.div (f64.const 1) (local.get $s)))))
           (local.set $q (local.get $start))
-          (block $d4 (loop $l4
-            (br_if $d4 (i32.ge_u (local.get $q) (local.get $vend)))
-            (v128.store (local.get $q) (f32x4.mul (v128.load (local.get $q)) (local.get $inv)))
-            (local.set $q (i32.add (local.get $q) (i32.const 16)))
-            (br $l4)))
-          (block $d5 (loop $l5
-            (br_if $d5 (i32.ge_u (local.get $q) (local.get $end)))
-            (f32.store (local.get $q) (f32.mul (f32.load (local.get $q)) (f32x4.extract_lane 0 (local.get $inv))))
-            (local.set $q (i32.add (local.get $q) (i32.const 4)))
-            (br $l5)))))
+          ${rowScale}))
         (local.set $row (i32.add (local.get $row) (i32.const 1)))
         (local.set $r (i32.add (local.get $r) (i32.const 1)))
         (br $rtop)))
