@@ -13,27 +13,33 @@ export type Key = readonly [number, number];
 
 const ROTATIONS = [13, 15, 26, 6, 17, 29, 16, 24];
 
-function rotl(x: number, r: number): number {
-  return ((x << r) | (x >>> (32 - r))) >>> 0;
+/** The two output words of the last `threefryInto` call (no array per call on the hot paths). */
+const words = new Uint32Array(2);
+
+/** Threefry-2x32 (20 rounds) of the counter pair (c0, c1) under the key words (k0, k1), into `words`. */
+function threefryInto(k0: number, k1: number, c0: number, c1: number): void {
+  const k2 = (k0 ^ k1 ^ 0x1bd11bda) >>> 0;
+  let x0 = (c0 + k0) >>> 0;
+  let x1 = (c1 + k1) >>> 0;
+  for (let block = 0; block < 5; block++) {
+    const rot = (block % 2) * 4;
+    for (let r = 0; r < 4; r++) {
+      const n = ROTATIONS[rot + r];
+      x0 = (x0 + x1) >>> 0;
+      x1 = (((x1 << n) | (x1 >>> (32 - n))) ^ x0) >>> 0;
+    }
+    const s = block % 3; // key schedule: ks[(block + 1) % 3] and ks[(block + 2) % 3]
+    x0 = (x0 + (s === 0 ? k1 : s === 1 ? k2 : k0)) >>> 0;
+    x1 = (x1 + (s === 0 ? k2 : s === 1 ? k0 : k1) + block + 1) >>> 0;
+  }
+  words[0] = x0;
+  words[1] = x1;
 }
 
 /** Threefry-2x32 of the counter pair (c0, c1) under `key`. */
 export function threefry2x32(key: Key, c0: number, c1: number): [number, number] {
-  const k0 = key[0] >>> 0;
-  const k1 = key[1] >>> 0;
-  const k2 = (k0 ^ k1 ^ 0x1bd11bda) >>> 0;
-  const ks = [k0, k1, k2];
-  let x0 = (c0 + k0) >>> 0;
-  let x1 = (c1 + k1) >>> 0;
-  for (let block = 0; block < 5; block++) {
-    for (let r = 0; r < 4; r++) {
-      x0 = (x0 + x1) >>> 0;
-      x1 = rotl(x1, ROTATIONS[(block % 2) * 4 + r]) ^ x0;
-    }
-    x0 = (x0 + ks[(block + 1) % 3]) >>> 0;
-    x1 = (x1 + ks[(block + 2) % 3] + block + 1) >>> 0;
-  }
-  return [x0, x1];
+  threefryInto(key[0] >>> 0, key[1] >>> 0, c0, c1);
+  return [words[0], words[1]];
 }
 
 export function randomKey(seed: number): Key {
@@ -53,51 +59,14 @@ export function foldIn(key: Key, data: number | string): Key {
   return threefry2x32(key, h, 0x9e3779b9) as Key;
 }
 
-/**
- * Uniforms for counters [start, start + n) (start even) into out[at ..]: threefry2x32(key, i, 0x5eed)
- * gives the pair (i, i + 1). The same arithmetic as `threefry2x32`, inlined with no allocation per
- * pair (initialising a 125m model draws ~10^8 of them on the host).
- */
+/** Uniforms for counters [start, start + n) (start even) into out[at ..]: the pair (i, i + 1) is threefry2x32(key, i, 0x5eed) / 2^32. */
 function uniformInto(key: Key, start: number, n: number, out: Float64Array, at: number): void {
   const k0 = key[0] >>> 0;
   const k1 = key[1] >>> 0;
-  const k2 = (k0 ^ k1 ^ 0x1bd11bda) >>> 0;
-  const ks0 = k0;
-  const ks1 = k1;
-  const ks2 = k2;
-  const c1 = (0x5eed + k1) >>> 0;
-  const scale = 1 / 2 ** 32;
   for (let i = 0; i < n; i += 2) {
-    let x0 = (start + i + k0) >>> 0;
-    let x1 = c1;
-    // five blocks of four rounds; rotations alternate between the two rows of ROTATIONS
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 13) | (x1 >>> 19)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 15) | (x1 >>> 17)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 26) | (x1 >>> 6)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 6) | (x1 >>> 26)) ^ x0) >>> 0;
-    x0 = (x0 + ks1) >>> 0; x1 = (x1 + ks2 + 1) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 17) | (x1 >>> 15)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 29) | (x1 >>> 3)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 16) | (x1 >>> 16)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 24) | (x1 >>> 8)) ^ x0) >>> 0;
-    x0 = (x0 + ks2) >>> 0; x1 = (x1 + ks0 + 2) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 13) | (x1 >>> 19)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 15) | (x1 >>> 17)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 26) | (x1 >>> 6)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 6) | (x1 >>> 26)) ^ x0) >>> 0;
-    x0 = (x0 + ks0) >>> 0; x1 = (x1 + ks1 + 3) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 17) | (x1 >>> 15)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 29) | (x1 >>> 3)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 16) | (x1 >>> 16)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 24) | (x1 >>> 8)) ^ x0) >>> 0;
-    x0 = (x0 + ks1) >>> 0; x1 = (x1 + ks2 + 4) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 13) | (x1 >>> 19)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 15) | (x1 >>> 17)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 26) | (x1 >>> 6)) ^ x0) >>> 0;
-    x0 = (x0 + x1) >>> 0; x1 = (((x1 << 6) | (x1 >>> 26)) ^ x0) >>> 0;
-    x0 = (x0 + ks2) >>> 0; x1 = (x1 + ks0 + 5) >>> 0;
-    out[at + i] = x0 * scale;
-    if (i + 1 < n) out[at + i + 1] = x1 * scale;
+    threefryInto(k0, k1, start + i, 0x5eed);
+    out[at + i] = words[0] / 2 ** 32;
+    if (i + 1 < n) out[at + i + 1] = words[1] / 2 ** 32;
   }
 }
 
