@@ -206,6 +206,19 @@ __device__ __forceinline__ void fa_dot(A (&acc)[RM][CM], const A* X, int xr, con
   }
 }
 
+/* row[c] = acc[g * OW + w] · scale for this thread's output columns c = tx·OW + 16·OW·g + w < d. */
+template <int OC, int OW>
+__device__ __forceinline__ void fa_store_row(T* row, const A (&acc)[OC], A scale, int tx, i64 d) {
+#pragma unroll
+  for (int g = 0; g < OC / OW; g++) {
+#pragma unroll
+    for (int w = 0; w < OW; w++) {
+      const int c = tx * OW + 16 * OW * g + w;
+      if (c < d) row[c] = att_st(acc[g * OW + w] * scale);
+    }
+  }
+}
+
 /* acc[r][g * OW + w] += sum over k < KN of P[(pr + r) * LDP + k] * V[k * LDV + tx * OW + 16 * OW * g + w]. */
 template <int RM, int OC, int OW, int KN, int LDP, int LDV>
 __device__ __forceinline__ void fa_pv(A (&acc)[RM][OC], const A* P, int pr, const A* V, int tx) {
@@ -325,16 +338,7 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
   for (int r = 0; r < RM; r++) {
     const i64 i = i0 + ty * RM + r;
     if (i < iend) {
-      const A inv = (A)1 / l[r];
-      T* orow = out + (b * tq + i) * d;
-#pragma unroll
-      for (int g = 0; g < OC / OW; g++) {
-#pragma unroll
-        for (int w = 0; w < OW; w++) {
-          const int c = tx * OW + 16 * OW * g + w;
-          if (c < d) orow[c] = att_st(o[r][g * OW + w] * inv);
-        }
-      }
+      fa_store_row<OC, OW>(out + (b * tq + i) * d, o[r], (A)1 / l[r], tx, d);
       if (tx == 0) lse[b * tq + i] = (L)((m[r] + fa_log(l[r])) * (A)FA_INV_LOGC);
     }
   }
@@ -417,16 +421,8 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
   for (int r = 0; r < RM; r++) {
     const i64 j = j0 + ty * RM + r;
     if (j < jend) {
-      T* krow = dk + (b * tk + j) * d;
-      T* vrow = dv + (b * tk + j) * d;
-#pragma unroll
-      for (int g = 0; g < OC / OW; g++) {
-#pragma unroll
-        for (int w = 0; w < OW; w++) {
-          const int c = tx * OW + 16 * OW * g + w;
-          if (c < d) { krow[c] = att_st(dka[r][g * OW + w] * scale); vrow[c] = att_st(dva[r][g * OW + w]); }
-        }
-      }
+      fa_store_row<OC, OW>(dk + (b * tk + j) * d, dka[r], scale, tx, d);
+      fa_store_row<OC, OW>(dv + (b * tk + j) * d, dva[r], (A)1, tx, d);
     }
   }
 }
@@ -504,15 +500,7 @@ __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const 
   for (int r = 0; r < RM; r++) {
     const i64 i = i0 + ty * RM + r;
     if (i < iend) {
-      T* row = dq + (b * tq + i) * d;
-#pragma unroll
-      for (int g = 0; g < OC / OW; g++) {
-#pragma unroll
-        for (int w = 0; w < OW; w++) {
-          const int c = tx * OW + 16 * OW * g + w;
-          if (c < d) row[c] = att_st(dqa[r][g * OW + w] * scale);
-        }
-      }
+      fa_store_row<OC, OW>(dq + (b * tq + i) * d, dqa[r], scale, tx, d);
     }
   }
 }
