@@ -8,9 +8,10 @@ import { vjp } from './autodiff.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
 import { add, div, matmul, softmax, tensor } from './ops.js';
-import { alias, fromData, getBackend, isTracked, record } from './runtime.js';
+import { TensorCache } from './cache.js';
+import { fromData, getBackend, isTracked, record } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
-import { type Tensor, engineCacheEntry } from './tensor.js';
+import type { Tensor } from './tensor.js';
 
 export interface AttentionOptions {
   /** Absolute position of query row 0 (row i is at qStart + i). */
@@ -69,35 +70,21 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
  * and handed out as an alias of a bounded cache's entry.
  */
 export function attentionBandBias(tq: number, tk: number, opts: AttentionOptions, dtype: Tensor['dtype']): Tensor {
-  const backend = getBackend();
-  const key = `${backend.name}/${dtype}/${tq}/${tk}/${opts.qStart - opts.kStart}/${opts.window ?? 'all'}`;
-  let bias = biasCache.get(key);
-  if (bias && bias.backend === backend) {
-    biasCache.delete(key); // most recently used goes last
-    biasCache.set(key, bias);
-    return alias(bias);
-  }
-  const values = new Float64Array(tq * tk);
-  for (let i = 0; i < tq; i++) {
-    for (let j = 0; j < tk; j++) values[i * tk + j] = isVisible(opts.qStart + i, opts.kStart + j, opts.window) ? 0 : -1e9;
-  }
-  bias = engineCacheEntry(tensor(values, [tq, tk], dtype));
-  biasCache.set(key, bias);
-  if (biasCache.size > BIAS_CACHE_MAX) {
-    const [oldest, old] = biasCache.entries().next().value as [string, Tensor];
-    biasCache.delete(oldest);
-    old.dispose();
-  }
-  return alias(bias);
+  const key = `${getBackend().name}/${dtype}/${tq}/${tk}/${opts.qStart - opts.kStart}/${opts.window ?? 'all'}`;
+  return biasCache.get(key, () => {
+    const values = new Float64Array(tq * tk);
+    for (let i = 0; i < tq; i++) {
+      for (let j = 0; j < tk; j++) values[i * tk + j] = isVisible(opts.qStart + i, opts.kStart + j, opts.window) ? 0 : -1e9;
+    }
+    return tensor(values, [tq, tk], dtype);
+  });
 }
 
 /** Band biases kept: a few geometries per model (they can be large: Tq × Tk each). */
-const BIAS_CACHE_MAX = 8;
-const biasCache = new Map<string, Tensor>();
+const biasCache = new TensorCache(8);
 
 /** Frees the cached band biases. */
 export function clearBandBiasCache(): void {
-  for (const t of biasCache.values()) t.dispose();
   biasCache.clear();
 }
 

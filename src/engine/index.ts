@@ -11,6 +11,7 @@ export * from './ops.js';
 export * from './autodiff.js';
 export * from './attention.js';
 export * from './norm.js';
+export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';

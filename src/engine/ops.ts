@@ -8,7 +8,8 @@ import {
   type Shape, broadcastShapes, broadcastStrides, fmt, normAxes, normAxis, shapesEqual, sizeOf, stridesOf,
 } from './shape.js';
 import { alias, fromData, getBackend, record } from './runtime.js';
-import { Tensor, engineCacheEntry } from './tensor.js';
+import { TensorCache } from './cache.js';
+import { Tensor } from './tensor.js';
 
 export type TensorLike = Tensor | number;
 
@@ -87,33 +88,20 @@ export function full(shape: Shape, value: number, dtype: DType = 'float32', like
 
 /**
  * Scalars (the JS numbers of `add(x, 1e-6)`, `mul(g, lr)`, ...) come from a small per-backend cache:
- * on a GPU each fresh one costs a fill launch, and a TTT-E2E step makes thousands. The caller gets
- * its own alias of the cached storage (storage is reference-counted and never written in place), so
- * evicting an entry while aliases live is safe.
+ * on a GPU each fresh one costs a fill launch, and a TTT-E2E step makes thousands.
  */
-const SCALAR_CACHE_MAX = 1024;
-const scalarCache = new Map<string, Tensor>();
+const scalarCache = new TensorCache(1024);
 
 function scalarConstant(backend: Backend, value: number, dtype: DType): Tensor {
   const key = `${backend.name}/${dtype}/${Object.is(value, -0) ? '-0' : String(value)}`;
-  let t = scalarCache.get(key);
-  if (!t || t.backend !== backend) {
-    t = engineCacheEntry(fromData(backend.fill(1, dtype, value), [], dtype, backend));
-    scalarCache.set(key, t);
-    if (scalarCache.size > SCALAR_CACHE_MAX) {
-      const [oldest, old] = scalarCache.entries().next().value as [string, Tensor];
-      scalarCache.delete(oldest);
-      old.dispose();
-    }
-  }
-  return alias(t);
+  return scalarCache.get(key, () => fromData(backend.fill(1, dtype, value), [], dtype, backend));
 }
 
 /** Frees the cached scalar constants (they are re-made on demand). */
 export function clearScalarCache(): void {
-  for (const t of scalarCache.values()) t.dispose();
   scalarCache.clear();
 }
+
 export const zeros = (shape: Shape, dtype: DType = 'float32'): Tensor => full(shape, 0, dtype);
 export const ones = (shape: Shape, dtype: DType = 'float32'): Tensor => full(shape, 1, dtype);
 export const zerosLike = (t: Tensor): Tensor => full(t.shape, 0, t.dtype, t);

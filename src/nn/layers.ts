@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, compositeRmsNorm, engineCacheEntry, fusedRmsNorm, getBackend,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, fusedRmsNorm, getBackend,
   greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, silu, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -78,53 +78,27 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
  * RoPE's cos/sin tables (flat [T·D/2], angles in float64 on the host), computed once per (first
  * position, count, D, theta, dtype, backend) for consecutive positions: every layer and step of a
  * model uses the same few, and computing them (and uploading them to a GPU) each time was most of
- * a training step's host time. Least recently used tables beyond ROPE_TABLES_MAX are disposed; a
- * graph that still needs one holds its own alias (rope reshapes the cached tensor), so that is safe.
+ * a training step's host time.
  */
-const ROPE_TABLES_MAX = 256;
-const ropeCache = new Map<string, { cos: Tensor; sin: Tensor }>();
+const ropeCache = new TensorCache(512);
 
 function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
   const T = positions.length;
-  const consecutive = positions.every((p, i) => p === positions[0] + i);
-  const key = `${getBackend().name}/${dtype}/${D}/${theta}/${positions[0]}/${T}`;
-  const hit = consecutive ? ropeCache.get(key) : undefined;
-  if (hit) {
-    ropeCache.delete(key); // most recently used goes last
-    ropeCache.set(key, hit);
-    return hit;
-  }
   const half = D / 2;
-  const inv = Float64Array.from({ length: half }, (_, i) => Math.pow(theta, (-2 * i) / D));
-  const cosv = new Float64Array(T * half);
-  const sinv = new Float64Array(T * half);
-  positions.forEach((p, t) => {
-    for (let i = 0; i < half; i++) {
-      const angle = p * inv[i];
-      cosv[t * half + i] = Math.cos(angle);
-      sinv[t * half + i] = Math.sin(angle);
-    }
-  });
-  const tables = { cos: tensor(cosv, [T * half], dtype), sin: tensor(sinv, [T * half], dtype) };
-  if (!consecutive) return tables;
-  engineCacheEntry(tables.cos);
-  engineCacheEntry(tables.sin);
-  ropeCache.set(key, tables);
-  if (ropeCache.size > ROPE_TABLES_MAX) {
-    const [oldest, t] = ropeCache.entries().next().value as [string, { cos: Tensor; sin: Tensor }];
-    ropeCache.delete(oldest);
-    t.cos.dispose();
-    t.sin.dispose();
-  }
-  return tables;
+  const table = (f: (angle: number) => number) => () => {
+    const values = new Float64Array(T * half);
+    positions.forEach((p, t) => {
+      for (let i = 0; i < half; i++) values[t * half + i] = f(p * Math.pow(theta, (-2 * i) / D));
+    });
+    return tensor(values, [T * half], dtype);
+  };
+  if (!positions.every((p, i) => p === positions[0] + i)) return { cos: table(Math.cos)(), sin: table(Math.sin)() };
+  const key = `${getBackend().name}/${dtype}/${D}/${theta}/${positions[0]}/${T}`;
+  return { cos: ropeCache.get(`${key}/cos`, table(Math.cos)), sin: ropeCache.get(`${key}/sin`, table(Math.sin)) };
 }
 
 /** Frees the cached RoPE tables (tests that count live tensors, or to return device memory). */
 export function clearRopeCache(): void {
-  for (const t of ropeCache.values()) {
-    t.cos.dispose();
-    t.sin.dispose();
-  }
   ropeCache.clear();
 }
 
