@@ -20,6 +20,7 @@ import { type Params, initParams } from '../src/model/transformer.js';
 import { e2eOuterLoss, lmLoss } from '../src/model/ttt-e2e.js';
 import { seededValues } from './helpers/check.js';
 import { cudaOrSkip } from './helpers/cuda.js';
+import { sizeOf } from '../src/engine/shape.js';
 
 // ---- which backends ------------------------------------------------------------------------------
 
@@ -91,11 +92,10 @@ function check(label: string, fn: () => unknown, tol?: Tol): void {
 
 /** Seeded host values in [lo, hi). */
 const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
-const size = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
-const R = (seed: number, shape: number[], lo = -2, hi = 2, dtype: DType = 'float32') => T.tensor(rand(seed, size(shape), lo, hi), shape, dtype);
-const I = (seed: number, shape: number[], lo: number, hi: number) => T.tensor(rand(seed, size(shape), lo, hi).map(Math.floor), shape, 'int32');
+const R = (seed: number, shape: number[], lo = -2, hi = 2, dtype: DType = 'float32') => T.tensor(rand(seed, sizeOf(shape), lo, hi), shape, dtype);
+const I = (seed: number, shape: number[], lo: number, hi: number) => T.tensor(rand(seed, sizeOf(shape), lo, hi).map(Math.floor), shape, 'int32');
 /** Values on a coarse grid, so comparisons have ties. */
-const Q = (seed: number, shape: number[], dtype: DType = 'float32') => T.tensor(rand(seed, size(shape), -3, 3).map(Math.round), shape, dtype);
+const Q = (seed: number, shape: number[], dtype: DType = 'float32') => T.tensor(rand(seed, sizeOf(shape), -3, 3).map(Math.round), shape, dtype);
 
 // ---- checks that need no GPU ---------------------------------------------------------------------
 
@@ -241,7 +241,7 @@ describe('cuda vs cpu: kernels', gpu, () => {
       check(`${op} warp rows [5000,37]`, () => T[op](R(46, [5000, 37]), 1));
     }
     check('NaN in a split column and a split row', () => {
-      const nanAt = (shape: number[], at: number) => T.tensor(rand(47, size(shape)).map((v, i) => (i === at ? NaN : v)), shape);
+      const nanAt = (shape: number[], at: number) => T.tensor(rand(47, sizeOf(shape)).map((v, i) => (i === at ? NaN : v)), shape);
       return [T.max(nanAt([1, 4000, 40], 2345 * 40 + 7), 1), T.min(nanAt([2, 60000], 70000), 1), T.sum(nanAt([2, 60000], 5), 1)];
     });
     check('max with NaN', () => [T.max(T.tensor([1, NaN, 3, 2], [2, 2]), 1), T.min(T.tensor([1, NaN, 3, 2], [2, 2]), 0)]);
@@ -467,7 +467,7 @@ function checkBf16(label: string, fn: (dt: DType) => unknown, tol: Tol = {}): vo
   };
   assertSame(label, { cpu: run('cpu', 'float32'), gpu: run('cuda', 'bfloat16') }, { rtol: 8e-3, scaled: 8e-3, ...tol, anyDType: true });
 }
-const B16 = (seed: number, shape: number[], lo: number, hi: number, dt: DType) => T.tensor(T.roundToBfloat16(rand(seed, size(shape), lo, hi)), shape, dt);
+const B16 = (seed: number, shape: number[], lo: number, hi: number, dt: DType) => T.tensor(T.roundToBfloat16(rand(seed, sizeOf(shape), lo, hi)), shape, dt);
 
 describe('cuda bfloat16 vs cpu float32', gpu, () => {
   const onCuda = <R>(fn: () => R): R => {

@@ -8,13 +8,14 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { seededValues } from './helpers/check.js';
+import { sizeOf } from '../src/engine/shape.js';
 
 const dt: T.DType = 'float64';
 const tol = 1e-12;
 
 /** Seeded host values in [lo, hi). */
 const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
-const R = (seed: number, shape: number[]) => T.tensor(rand(seed, shape.reduce((a, b) => a * b, 1)), shape, dt);
+const R = (seed: number, shape: number[]) => T.tensor(rand(seed, sizeOf(shape)), shape, dt);
 const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
 
 describe('fused RMSNorm', () => {

@@ -11,7 +11,8 @@ import {
   silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, takeAlongAxis, tanh, tensor, threefry2x32,
   transpose, truncatedNormal, uniform, uniformHost, normalHost, where, zeros, zerosLike,
 } from '../src/index.js';
-import { assertClose, assertShape, forEachIndex, keyOf, ravel, rn, ru, sizeOfShape } from './helpers/check.js';
+import { assertClose, assertShape, forEachIndex, keyOf, ravel, rn, ru } from './helpers/check.js';
+import { sizeOf } from '../src/engine/shape.js';
 
 const FLOATS: DType[] = ['float32', 'float64'];
 /** float32 results are float64 math rounded once (inputs are exact float32 values): ~6e-8 relative. */
@@ -66,7 +67,7 @@ function normAx(axes: number | number[] | undefined, rank: number): number[] {
 function refReduce(x: number[], shape: Shape, axes: number | number[] | undefined, keepdims: boolean, fold: (vals: number[]) => number): Ref {
   const ax = normAx(axes, shape.length);
   const kept = shape.map((d, i) => (ax.includes(i) ? 1 : d));
-  const groups: number[][] = Array.from({ length: sizeOfShape(kept) }, () => []);
+  const groups: number[][] = Array.from({ length: sizeOf(kept) }, () => []);
   forEachIndex(shape, (idx, flat) => {
     groups[ravel(idx.map((j, i) => (ax.includes(i) ? 0 : j)), kept)].push(x[flat]);
   });

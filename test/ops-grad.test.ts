@@ -11,7 +11,8 @@ import {
   scatterAdd, sigmoid, sign, silu, sin, slice, softmax, sqrt, square, squeeze, stack, sub, sum, takeAlongAxis, tanh, tensor,
   transpose, where,
 } from '../src/index.js';
-import { awayFromZero, checkGrad, checkHvp, directional, distinct, project, rn, ru, sizeOfShape } from './helpers/check.js';
+import { awayFromZero, checkGrad, checkHvp, directional, distinct, project, rn, ru } from './helpers/check.js';
+import { sizeOf } from '../src/engine/shape.js';
 
 type Op1 = (x: Tensor) => Tensor;
 
@@ -82,8 +83,8 @@ const BINARY: { name: string; op: Op2; inputs: (seed: number, as: Shape, bs: Sha
 
 /** Two operands whose values are all distinct (no ties between them after broadcasting). */
 function splitDistinct(seed: number, as: Shape, bs: Shape): [Tensor, Tensor] {
-  const na = sizeOfShape(as);
-  const all = distinct(seed, [na + sizeOfShape(bs)]).toArray();
+  const na = sizeOf(as);
+  const all = distinct(seed, [na + sizeOf(bs)]).toArray();
   return [tensor(all.slice(0, na), as, 'float64'), tensor(all.slice(na), bs, 'float64')];
 }
 

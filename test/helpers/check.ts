@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import {
   type DType, type Key, type Shape, Tensor, foldIn, grad, mul, randn, randomKey, sum, tanh, square, tensor, uniform,
 } from '../../src/index.js';
+import { sizeOf } from '../../src/engine/shape.js';
 
 // ---- seeded inputs -----------------------------------------------------------------------------
 
@@ -35,7 +36,7 @@ export function awayFromZero(seed: number, shape: Shape, lo = 0.3, hi = 1.5, dty
 
 /** Distinct values (a shuffled arithmetic progression plus jitter): no ties for max/min/maximum. */
 export function distinct(seed: number, shape: Shape, gap = 0.1, dtype: DType = 'float64'): Tensor {
-  const n = sizeOfShape(shape);
+  const n = sizeOf(shape);
   const u = uniform(keyOf(seed, 'perm'), [n], { dtype: 'float64' }).toArray();
   const order = [...Array(n).keys()].sort((a, b) => u[a] - u[b]);
   const out = new Array<number>(n);
@@ -59,22 +60,6 @@ export function seededValues(seed: number, n: number, lo: number, hi: number): n
   return out;
 }
 
-export function sizeOfShape(shape: Shape): number {
-  let n = 1;
-  for (const d of shape) n *= d;
-  return n;
-}
-
-export function stridesFor(shape: Shape): number[] {
-  const st = new Array<number>(shape.length);
-  let s = 1;
-  for (let i = shape.length - 1; i >= 0; i--) {
-    st[i] = s;
-    s *= shape[i];
-  }
-  return st;
-}
-
 /** Flat row-major offset → multi-index. */
 export function unravel(flat: number, shape: Shape): number[] {
   const idx = new Array<number>(shape.length);
@@ -94,7 +79,7 @@ export function ravel(idx: readonly number[], shape: Shape): number {
 
 /** Calls fn(multiIndex, flat) for every element of `shape` in row-major order. */
 export function forEachIndex(shape: Shape, fn: (idx: number[], flat: number) => void): void {
-  const n = sizeOfShape(shape);
+  const n = sizeOf(shape);
   for (let i = 0; i < n; i++) fn(unravel(i, shape), i);
 }
 
@@ -138,7 +123,7 @@ export function assertClose(actual: Tensor | ArrayLike<number>, expected: Tensor
     }
   }
   if (worstRatio > 1) {
-    const where = shape && sizeOfShape(shape) === a.length ? `index [${unravel(worst, shape).join(',')}]` : `flat index ${worst}`;
+    const where = shape && sizeOf(shape) === a.length ? `index [${unravel(worst, shape).join(',')}]` : `flat index ${worst}`;
     assert.fail(
       `${msg ? msg + ': ' : ''}not close at ${where}: got ${a[worst]}, expected ${e[worst]} ` +
         `(|diff| ${Math.abs(a[worst] - e[worst]).toExponential(3)}, allowed ${(atol + rtol * Math.abs(e[worst])).toExponential(3)}; ` +
