@@ -220,9 +220,10 @@ export class CudaBackend implements Backend {
   }
 
   private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {
-    if (this.profile) return this.timed(what, () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null)));
-    this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null));
     this.launches++;
+    const run = () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null));
+    if (this.profile) this.timed(what, run);
+    else run();
   }
 
   /**
@@ -241,7 +242,6 @@ export class CudaBackend implements Backend {
     e.calls++;
     e.ms += performance.now() - t0;
     this.profile.set(what, e);
-    this.launches++;
   }
 
   /** The profile since the last reset, largest total first (empty unless TTT_CUDA_PROFILE is set). */
