@@ -3,8 +3,8 @@
  * shapes in the same run: `scaled_dot_product_attention(is_causal=True)` for full causal attention,
  * `flex_attention` (under torch.compile) with a causal or sliding-window block mask for both, and, for
  * windows at T <= 8192, SDPA with a dense boolean mask. heads 12 × batch, d 64, window 1024 and none;
- * float32 (TF32 off on both sides) and bfloat16 (ours: bf16 storage, fp32 SIMT math; torch: tensor
- * cores). Times are device-synchronised medians; TFLOP/s count only the band: 4·d FLOPs per visible
+ * float32 (TF32 off on both sides) and bfloat16 (ours: the tensor-core kernels on sm_80+, bf16
+ * operands and fp32 accumulators, and the SIMT kernels beside them; torch: tensor cores). Times are device-synchronised medians; TFLOP/s count only the band: 4·d FLOPs per visible
  * (query, key) pair forward, 10·d backward (the usual FlashAttention-2 count of 2 and 5 matmuls; our
  * backward recomputes scores in both its dK/dV and dQ kernels, which is not counted).
  * The first-version row kernels are timed too where they are quick enough (T <= 8192, batch 1).
@@ -21,7 +21,7 @@ import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { attentionPlan } from '../src/backends/cuda/kernels/attention.js';
 import { median, resultsPath } from './common.js';
 
-interface Shape {
+export interface Shape {
   T: number;
   batch: number;
   heads: number;
@@ -49,13 +49,13 @@ function bandPairs(T: number, window: number | null): number {
 const fwdFlops = (s: Shape) => 4 * s.d * bandPairs(s.T, s.window) * s.batch * s.heads;
 const bwdFlops = (s: Shape) => 10 * s.d * bandPairs(s.T, s.window) * s.batch * s.heads;
 
-interface Times {
+export interface Times {
   fwdMs: number;
   fwdBwdMs: number;
 }
 
 /** Our kernels through the backend directly (no autodiff bookkeeping): forward, and forward + backward. */
-function ours(b: CudaBackend, s: Shape, dtype: DType): Times {
+export function ours(b: CudaBackend, s: Shape, dtype: DType): Times {
   const n = s.batch * s.heads;
   const job = { batch: n, tq: s.T, tk: s.T, d: s.d, qStart: 0, kStart: 0, window: s.window ?? Infinity, scale: 1 / Math.sqrt(s.d) };
   const make = (seed: number): Tensor => {
@@ -225,6 +225,15 @@ export async function main(): Promise<unknown> {
       row[dt] = { ...t, fwdTflops: fwdFlops(s) / t.fwdMs / 1e9, fwdBwdTflops: (fwdFlops(s) + bwdFlops(s)) / t.fwdBwdMs / 1e9 };
       console.log(`ours ${dt.padEnd(8)} T ${s.T} ${s.batch}x${s.heads} ${s.window ?? 'full'}: fwd ${t.fwdMs.toFixed(2)} ms, fwd+bwd ${t.fwdBwdMs.toFixed(2)} ms`);
     }
+    if (b.attentionTensorCores) {
+      // the SIMT bf16 kernels beside the tensor-core ones (what bf16 ran on before)
+      b.attentionTensorCores = false;
+      try {
+        row.bfloat16Simt = ours(b, s, 'bfloat16');
+      } finally {
+        b.attentionTensorCores = true;
+      }
+    }
     if (!argv.includes('--no-row') && s.T <= 8192 && s.batch === 1) {
       b.attentionKernels = 'row';
       try {
@@ -254,12 +263,15 @@ export async function main(): Promise<unknown> {
           `${(best ? best[0] : 'n/a').padEnd(16)} ${f(best?.[1]).padStart(10)} ${tf(best?.[1], flops).padStart(8)} | ${best ? `${((best[1] / o.fwdBwdMs) * 100).toFixed(0)}%` : '-'}`,
       );
     }
+    const simt = row.bfloat16Simt as Times | undefined;
+    if (simt) console.log(`${''.padEnd(21)}| bf16 SIMT kernels: fwd+bwd ${f(simt.fwdBwdMs)} ms, tensor cores are ${(simt.fwdBwdMs / (row.bfloat16 as Times).fwdBwdMs).toFixed(1)}x faster`);
     const rk = row.rowKernelsFloat32 as Times | undefined;
     if (rk) console.log(`${''.padEnd(21)}| row kernels (first version) float32: fwd+bwd ${f(rk.fwdBwdMs)} ms, fused is ${(rk.fwdBwdMs / (row.float32 as Times).fwdBwdMs).toFixed(1)}x faster`);
   }
   const plans = Object.fromEntries((['fwd', 'dq', 'dkv'] as const).map((k) => [k, attentionPlan('float32', k, D)]));
+  const plansBf16 = Object.fromEntries((['fwd', 'dq', 'dkv'] as const).map((k) => [k, attentionPlan('bfloat16', k, D, b.attentionTensorCores)]));
   const out = resultsPath('cuda-attention.json');
-  writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: b.info(), plansFloat32D64: plans, torch: { ...torch.meta, error: torch.error }, rows }, null, 1));
+  writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: b.info(), plansFloat32D64: plans, plansBfloat16D64: plansBf16, torch: { ...torch.meta, error: torch.error }, rows }, null, 1));
   console.log(`wrote ${out}`);
   return rows;
 }

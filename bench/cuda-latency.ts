@@ -8,7 +8,8 @@
  *   decode: then generates DECODE tokens greedily; the time per token is their mean (for TTT-E2E an
  *     inner step falls every 1024 tokens, so within DECODE tokens at most one does; see `innerSteps`).
  * Weights are random (latency does not depend on them). A variant stops growing its context once one
- * prefill takes longer than MAX_PREFILL_S. Writes bench/results/latency-<backend>.json.
+ * prefill takes longer than MAX_PREFILL_S. Each variant first runs an unrecorded warm-up (kernel
+ * compilation and loading). Writes bench/results/latency-<backend>.json.
  * Usage: node dist/bench/cuda-latency.js [contexts, comma-separated] [variants, comma-separated]
  */
 import { writeFileSync } from 'node:fs';
@@ -55,6 +56,18 @@ export async function main(): Promise<unknown> {
     const p0 = initParams(c, randomKey(0));
     const params: Params = { ...mapLeaves({ ...p0, fast: [] }, (t) => keep(tidy(() => cast(t, 'bfloat16')))), fast: p0.fast } as Params;
     dispose({ ...p0, fast: [] });
+    {
+      // warm-up, not recorded: compiles and loads every kernel the variant uses (two mini-batches, so
+      // TTT-E2E takes an inner step; then a few decoded tokens), which would otherwise land on the first row
+      const warm = new Session(c, params);
+      try {
+        warm.prefill(tidy(() => randint(randomKey(1), [2 * c.miniBatch], 0, c.vocabSize).toArray()), { score: false });
+        warm.decode(4);
+        sync();
+      } finally {
+        warm.dispose();
+      }
+    }
     for (const context of contexts) {
       const tokens = tidy(() => randint(randomKey(context), [context], 0, c.vocabSize).toArray());
       const session = new Session(c, params);

@@ -4,7 +4,8 @@
  * are not multiples of the tiles, windows of 1, inside a tile, equal to a tile, wider than the
  * sequence and none, queries after a cache (qStart > 0, decode: one query and many keys), keys
  * that start later (kStart > 0), head dims 8 to 256 (and 300, the row-kernel fallback), batch > 1;
- * float32 (1e-5 of the largest magnitude), float64 (1e-12) and bfloat16 (3e-2). Also: two runs are
+ * float32 (1e-5 of the largest magnitude), float64 (1e-12) and bfloat16 (3e-2; the tensor-core
+ * kernels where the device has them, and the SIMT ones). Also: two runs are
  * bit-identical, the fused and row kernels agree, and (without a GPU, over stand-in libraries) the
  * backend launches the kernels with the grids and shared memory the plans say and falls back to
  * the row kernels where a fused kernel cannot run.
@@ -181,6 +182,23 @@ describe('cuda attention: kernel sources and tile plans (no GPU needed)', () => 
     assert.equal(attentionPlan('float32', 'fwd', FA_MAX_D + 1), null);
     assert.equal(attentionLseBytes('bfloat16'), 4);
   });
+
+  test('bfloat16 tensor-core plans: 128 threads, head dims up to 128, SIMT beyond and for other dtypes', () => {
+    const src = attentionSource('bfloat16');
+    for (const kind of ['fwd', 'dq', 'dkv'] as const) {
+      for (const d of [8, 16, 33, 64, 100, 128]) {
+        const p = attentionPlan('bfloat16', kind, d, true)!;
+        assert.ok(p.tensorCores && p.threads === 128 && p.dp >= d && p.dp <= 128, `${kind} d ${d}: ${JSON.stringify(p)}`);
+        assert.ok(p.name.startsWith('attn_mma_') && src.includes(` ${p.name}(`), p.name);
+        assert.equal(p.bq % 16, 0);
+        assert.ok([64, 128].includes(kind === 'dkv' ? p.bk : p.bq), 'the warp-owned side is 4 warps × 16 or 32 rows');
+      }
+      assert.equal(attentionPlan('bfloat16', kind, 129, true)!.tensorCores, false);
+      assert.equal(attentionPlan('bfloat16', kind, 64, false)!.tensorCores, false);
+      assert.equal(attentionPlan('float32', kind, 64, true)!.tensorCores, false);
+    }
+    assert.ok(!attentionSource('float32').includes('attn_mma_'), 'no tensor-core kernels in the float32 module');
+  });
 });
 
 // ---- host side over stand-in libraries -----------------------------------------------------------
@@ -223,6 +241,29 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
         { name: dkv.name, grid: 6 * Math.ceil(100 / dkv.bk), threads: 256, shared: dkv.shared },
         { name: dq.name, grid: 6 * Math.ceil(100 / dq.bq), threads: 256, shared: dq.shared },
       ]);
+    }
+  });
+
+  test('bfloat16 launches the tensor-core kernels (128 threads) on sm_80+, the SIMT ones when switched off', host, async () => {
+    const { backend, launches } = await standIn();
+    assert.equal(backend.attentionTensorCores, true, 'the stand-in device is sm_90');
+    const d = 64;
+    const j = job(d);
+    const buf = (n: number) => backend.fill(n, 'bfloat16', 0);
+    const [q, k, v] = [buf(600 * d), buf(600 * d), buf(600 * d)];
+    for (const tc of [true, false]) {
+      backend.attentionTensorCores = tc;
+      launches.length = 0;
+      const { out, lse } = backend.attentionForward(q, k, v, j, 'bfloat16');
+      backend.attentionBackward(q, k, v, out, lse, buf(600 * d), j, 'bfloat16');
+      const [fwd, dkv, dq] = (['fwd', 'dkv', 'dq'] as const).map((kind) => attentionPlan('bfloat16', kind, d, tc)!);
+      assert.deepEqual(launches, [
+        { name: fwd.name, grid: 6 * Math.ceil(100 / fwd.bq), threads: tc ? 128 : 256, shared: fwd.shared },
+        { name: ATT_DELTA, grid: Math.ceil(600 / 8), threads: 256, shared: 0 },
+        { name: dkv.name, grid: 6 * Math.ceil(100 / dkv.bk), threads: tc ? 128 : 256, shared: dkv.shared },
+        { name: dq.name, grid: 6 * Math.ceil(100 / dq.bq), threads: tc ? 128 : 256, shared: dq.shared },
+      ]);
+      assert.equal(fwd.tensorCores, tc);
     }
   });
 
@@ -301,8 +342,36 @@ describe('cuda fused attention vs cpu', gpu, () => {
     assert.ok(worst < 2e-6, `bf16 lse (float32 storage) error ${worst}`);
   });
 
-  test('long sequences: many tiles, band skipping (float32)', () => {
+  test('long sequences: many tiles, band skipping (float32; bfloat16 on the tensor cores)', () => {
     for (const cs of LONG) checkAgainstCpu(cs, 'float32');
+    for (const cs of LONG) checkAgainstCpu(cs, 'bfloat16');
+  });
+
+  test('bfloat16: tensor-core and SIMT kernels both match the cpu, and each other', (t) => {
+    if (!cuda!.attentionTensorCores) {
+      t.skip(`no tensor-core attention on this device (${cuda!.info().arch ?? '?'}, TTT_CUDA_ATTENTION=${process.env.TTT_CUDA_ATTENTION ?? ''})`);
+      return;
+    }
+    let differs = 0;
+    for (const cs of [CASES[0], CASES[2], CASES[3], CASES[6], CASES[9], CASES[10], CASES[12], LONG[1]]) {
+      const tc = checkAgainstCpu(cs, 'bfloat16');
+      cuda!.attentionTensorCores = false;
+      let simt: AttnResult;
+      try {
+        simt = checkAgainstCpu(cs, 'bfloat16');
+      } finally {
+        cuda!.attentionTensorCores = true;
+      }
+      const keys = ['out', 'dq', 'dk', 'dv'] as const;
+      const floor = Math.max(...keys.map((key) => simt[key].reduce((m, x) => Math.max(m, Math.abs(x)), 0)));
+      for (const key of keys) {
+        const e = relErr(tc[key], simt[key], floor);
+        assert.ok(e <= TOL.bfloat16, `${cs.name}: tensor cores vs SIMT ${key} error ${e}`);
+        if (tc[key].some((x, i) => x !== simt[key][i])) differs++;
+      }
+    }
+    // P and dS are rounded to bf16 before the second product on the tensor cores only: the results must differ somewhere
+    assert.ok(differs > 0, 'tensor-core and SIMT results are bit-identical everywhere: did the tensor-core path run?');
   });
 
   test('deterministic: two runs are bit-identical (float32, bfloat16)', () => {

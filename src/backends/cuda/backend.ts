@@ -26,7 +26,7 @@ import {
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES } from './ffi.js';
 import {
   ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
-  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, FA_MAX_D, FA_THREADS, attentionAccBytes, attentionLseBytes, attentionPlan,
+  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
 
@@ -105,7 +105,9 @@ export class CudaBackend implements Backend {
       return v[0]!;
     };
     this.sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
-    this.arch = `${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)}${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)}`;
+    const major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+    this.arch = `${major}${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)}`;
+    this.attentionTensorCores = major >= 8 && process.env.TTT_CUDA_ATTENTION !== 'simt';
     const nameBuf = Buffer.alloc(256);
     cu('cuDeviceGetName', drv.cuDeviceGetName(nameBuf, 256, dev[0]));
     this.deviceName = nameBuf.toString('utf8').replace(/\0.*$/s, '');
@@ -650,6 +652,12 @@ export class CudaBackend implements Backend {
    * sets it at start.
    */
   attentionKernels: 'fused' | 'row' = process.env.TTT_CUDA_ATTENTION === 'row' ? 'row' : 'fused';
+  /**
+   * bfloat16 attention on the tensor cores (mma.sync, attention-mma.ts) where the device has them
+   * (sm_80+) and the head dim is at most 128; else the SIMT fused kernels. TTT_CUDA_ATTENTION=simt
+   * turns it off at start; tests and benches switch it to compare the two.
+   */
+  attentionTensorCores: boolean;
   /** Per fused kernel: whether the driver granted its dynamic shared memory (asked once). */
   private attnSharedOk = new Map<string, boolean>();
 
@@ -670,7 +678,7 @@ export class CudaBackend implements Backend {
   /** The fused kernel for head dim d with its shared memory granted, or null: run the row kernels. */
   private fusedAttention(dt: AttnDType, kernel: AttnKernel, d: number): { f: Handle; plan: AttnPlan } | null {
     if (this.attentionKernels === 'row') return null;
-    const plan = attentionPlan(dt, kernel, d);
+    const plan = attentionPlan(dt, kernel, d, this.attentionTensorCores);
     if (!plan) return null;
     const f = this.fn('attention', dt, plan.name);
     if (plan.shared > 48 * 1024) {
@@ -721,7 +729,7 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(out.ptr).ptr(lse.ptr);
     if (fused) {
       a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
-      this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), FA_THREADS, fused.plan.shared, a, fused.plan.name);
+      this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), fused.plan.threads, fused.plan.shared, a, fused.plan.name);
     } else {
       a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
       this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
@@ -760,7 +768,7 @@ export class CudaBackend implements Backend {
     const a1 = common(this.args.reset()).ptr(dk.ptr).ptr(dv.ptr);
     if (fdkv) {
       a1.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
-      this.launch(fdkv.f, this.attnGrid(batch, tk, fdkv.plan.bk), FA_THREADS, fdkv.plan.shared, a1, fdkv.plan.name);
+      this.launch(fdkv.f, this.attnGrid(batch, tk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
     } else {
       a1.i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
       this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);
@@ -768,7 +776,7 @@ export class CudaBackend implements Backend {
     const a2 = common(this.args.reset()).ptr(dq.ptr);
     if (fdq) {
       a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
-      this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), FA_THREADS, fdq.plan.shared, a2, fdq.plan.name);
+      this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
     } else {
       a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
       this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, attentionShared(dt, d), a2, ATT_BWD_DQ);

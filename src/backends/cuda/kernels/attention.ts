@@ -26,6 +26,7 @@
  * logsumexp would put a ~0.4 % error on every recomputed probability of the backward); delta is
  * internal, in A.
  */
+import { FM_DIMS, FM_THREADS, FM_TILES, MMA_SOURCE, mmaSharedBytes } from './attention-mma.js';
 import { blockReduce } from './common.js';
 
 /** The float dtypes attention kernels are generated for. */
@@ -89,6 +90,10 @@ export interface AttnPlan {
   dp: number;
   /** Dynamic shared memory bytes. */
   shared: number;
+  /** Threads per block. */
+  threads: number;
+  /** Tensor-core (mma.sync, bf16, sm_80+) kernel rather than the SIMT one (attention-mma.ts). */
+  tensorCores: boolean;
 }
 
 function vecWidth(dtype: AttnDType): number {
@@ -109,18 +114,35 @@ export function attentionSharedBytes(dtype: AttnDType, kernel: AttnKernel, bq: n
 
 function planFor(dtype: AttnDType, kernel: AttnKernel, dp: number): AttnPlan {
   const [bq, bk] = TILES[dtype === 'float64' ? 'f64' : 'f32'][kernel][dp];
-  return { kernel, name: `attn_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared: attentionSharedBytes(dtype, kernel, bq, bk, dp) };
+  const shared = attentionSharedBytes(dtype, kernel, bq, bk, dp);
+  return { kernel, name: `attn_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FA_THREADS, tensorCores: false };
 }
 
-/** The fused kernel for head dim d, or null when d is above FA_MAX_D (then the row kernels run). */
-export function attentionPlan(dtype: AttnDType, kernel: AttnKernel, d: number): AttnPlan | null {
+function mmaPlanFor(kernel: AttnKernel, dp: number): AttnPlan {
+  const [bq, bk] = FM_TILES[kernel][dp];
+  const shared = mmaSharedBytes(kernel, bq, bk, dp);
+  return { kernel, name: `attn_mma_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FM_THREADS, tensorCores: true };
+}
+
+/**
+ * The fused kernel for head dim d, or null when d is above FA_MAX_D (then the row kernels run).
+ * `tensorCores`: the mma kernel where one exists (bfloat16, d up to 128; the caller checks sm_80+).
+ */
+export function attentionPlan(dtype: AttnDType, kernel: AttnKernel, d: number, tensorCores = false): AttnPlan | null {
+  if (tensorCores && dtype === 'bfloat16') {
+    const dp = FM_DIMS.find((x) => x >= d);
+    if (dp !== undefined) return mmaPlanFor(kernel, dp);
+  }
   const dp = FA_DIMS.find((x) => x >= d);
   return dp === undefined ? null : planFor(dtype, kernel, dp);
 }
 
-/** Every fused configuration compiled into a dtype's module. */
+const KERNELS: AttnKernel[] = ['fwd', 'dq', 'dkv'];
+
+/** Every fused configuration compiled into a dtype's module (SIMT, and for bfloat16 the tensor-core ones). */
 export function attentionPlans(dtype: AttnDType): AttnPlan[] {
-  return (['fwd', 'dq', 'dkv'] as AttnKernel[]).flatMap((k) => FA_DIMS.map((dp) => planFor(dtype, k, dp)));
+  const simt = KERNELS.flatMap((k) => FA_DIMS.map((dp) => planFor(dtype, k, dp)));
+  return dtype === 'bfloat16' ? [...simt, ...KERNELS.flatMap((k) => FM_DIMS.map((dp) => mmaPlanFor(k, dp)))] : simt;
 }
 
 // ---- row kernels (fallback) -------------------------------------------------------------------------
@@ -525,13 +547,15 @@ function fusedEntries(dtype: AttnDType): string {
   return attentionPlans(dtype)
     .map((p) => {
       const tpl = `<${p.bq}, ${p.bk}, ${p.dp}>`;
+      const fn = p.tensorCores ? 'fm' : 'fa';
+      const head = `extern "C" __global__ void __launch_bounds__(${p.threads}) ${p.name}`;
       if (p.kernel === 'fwd') {
-        return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}) { fa_fwd${tpl}(q, k, v, out, lse, ${pass}); }`;
+        return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}); }`;
       }
       if (p.kernel === 'dkv') {
-        return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}) { fa_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}); }`;
+        return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}); }`;
       }
-      return `extern "C" __global__ void __launch_bounds__(${FA_THREADS}) ${p.name}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}) { fa_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}); }`;
+      return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}) { ${fn}_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}); }`;
     })
     .join('\n');
 }
@@ -779,6 +803,7 @@ export function attentionSource(dtype: string): string {
     blockReduce('att_max', 'A', 'fmax(a, b)'),
     blockReduce('att_sum', 'A', 'a + b'),
     FUSED,
+    dtype === 'bfloat16' ? MMA_SOURCE : '',
     fusedEntries(dtype),
     DECODE,
     ROW,

@@ -1,0 +1,496 @@
+/**
+ * Tensor-core attention for bfloat16 tensors (sm_80 and later): the same three kernels as the SIMT
+ * fused path (forward, dK/dV, dQ; same band logic, same lse and delta contracts, same launch grids),
+ * with every product on `mma.sync.m16n8k16` (bf16 operands, fp32 accumulators).
+ *
+ * One warp owns MT tiles of 16 rows of the block's outer side (query rows in the forward and dQ, key
+ * rows in dK/dV); a block is 4 warps, so 64 · MT rows. FlashAttention-2's register trick: the score tile comes
+ * out of the first product as accumulator fragments, and the accumulator layout of two adjacent
+ * 8-column tiles is exactly the A-operand layout of one 16-wide k step, so probabilities (and dS)
+ * go from the softmax into the second product without a trip through shared memory. They are
+ * rounded to bf16 there, as FlashAttention does; the row sums (and so lse, which the backward
+ * reuses) are taken over the fp32 values.
+ *
+ * Operands in shared memory stay bf16, rows padded by 8 elements (16 bytes), which makes both the
+ * 4-byte fragment loads and the 16-byte ldmatrix row loads conflict-free. Products whose B operand
+ * is a row-major [k][n] tile (P·V, dS·K, Pᵀ·dO, dSᵀ·Q) load it with `ldmatrix.trans`.
+ *
+ * Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4; pairs are packed low half
+ * first): A (16 × 16, row-major) a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..),
+ * a3 = (g + 8, 2t + 8..); B (16 × 8) b0 = (k 2t..2t+1, n g), b1 = (k 2t + 8.., n g); C (16 × 8)
+ * c0, c1 = (g, 2t), (g, 2t + 1), c2, c3 = (g + 8, 2t), (g + 8, 2t + 1).
+ *
+ * Under FM_EMU (the CPU emulation used to check these kernels off the GPU) fm_mma, fm_pack and
+ * fm_ldsm_t come from the emulator.
+ */
+
+/** Threads per block of the tensor-core kernels (4 warps). */
+export const FM_THREADS = 128;
+/** Padded head dims the tensor-core kernels are built for. */
+export const FM_DIMS = [16, 32, 64, 128] as const;
+/**
+ * [BQ, BK] per kernel and padded head dim. The warp-owned side (BQ for the forward and dQ, BK for
+ * dK/dV) is 64 or 128: 4 warps of MT = side / 64 tiles of 16 rows, and every fragment of the other
+ * side a warp loads from shared memory serves all MT of them, which halves shared-memory traffic per
+ * mma at MT = 2. MT = 2 needs about twice the accumulators, so it is used where they fit in the 255
+ * registers a thread can have. Measured on an H100 (bench/cuda-attention-tiles.ts, d 64, T 2048-8192):
+ * the forward and dQ tiles moved times by at most 3-5%; dK/dV at [32, 128] was 11% faster for the
+ * whole backward than [64, 64] at T 8192 full causal.
+ */
+export const FM_TILES: Record<'fwd' | 'dq' | 'dkv', Record<number, [number, number]>> = {
+  fwd: { 16: [128, 64], 32: [128, 64], 64: [128, 64], 128: [64, 64] },
+  dq: { 16: [128, 32], 32: [128, 32], 64: [128, 32], 128: [64, 64] },
+  dkv: { 16: [32, 128], 32: [32, 128], 64: [32, 128], 128: [32, 64] },
+};
+
+/** Dynamic shared memory (bytes) of one tensor-core kernel; must match the carving in the kernels. */
+export function mmaSharedBytes(kernel: 'fwd' | 'dq' | 'dkv', bq: number, bk: number, dp: number): number {
+  const ld = dp + 8;
+  if (kernel === 'fwd') return (bq + 2 * bk) * ld * 2;
+  return (2 * bq + 2 * bk) * ld * 2 + 2 * bq * 4;
+}
+
+export const MMA_SOURCE = String.raw`
+#if defined(FM_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define FM_ENABLED 1
+typedef unsigned int u32;
+struct __align__(16) fm_u4 { u32 x, y, z, w; };
+#ifndef FM_EMU
+/* c += a · b on the tensor cores: a 16 × 16 bf16, b 16 × 8 bf16, c 16 × 8 fp32, one warp. */
+__device__ __forceinline__ void fm_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* Two floats to a bf16 pair (round to nearest even), lo in the low half. */
+__device__ __forceinline__ u32 fm_pack(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+/* Four 8 × 8 bf16 matrices from shared memory, transposed; lane l gives the address of row l % 8 of matrix l / 8. */
+__device__ __forceinline__ void fm_ldsm_t(u32 (&r)[4], const bf16* p) {
+  u32 a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }\n" : "=r"(a) : "l"(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+#endif
+__device__ __forceinline__ u32 fm_ld32(const bf16* p) { return *reinterpret_cast<const u32*>(p); }
+
+/* dst[r * LD + c] = src row (r0 + r), column c, for r < ROWS, c < DP (bf16 bits); 0 where r0 + r >= rowEnd or c >= d. */
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void fm_load(bf16* dst, const bf16* src, i64 r0, i64 rowEnd, i64 d) {
+  constexpr int CH = DP / 8; // 16-byte chunks per row
+  const bool vec = (d & 7) == 0 && (reinterpret_cast<unsigned long long>(src) & 15) == 0;
+  for (int x = threadIdx.x; x < ROWS * CH; x += blockDim.x) {
+    const int r = x / CH, c = (x % CH) * 8;
+    const i64 row = r0 + r;
+    fm_u4 val = {0, 0, 0, 0};
+    if (row < rowEnd) {
+      const bf16* s = src + row * d + c;
+      if (vec && c + 8 <= d) {
+        val = *reinterpret_cast<const fm_u4*>(s);
+      } else {
+        u32 w[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const u32 lo = c + 2 * u < d ? (u32)s[2 * u] : 0u;
+          const u32 hi = c + 2 * u + 1 < d ? (u32)s[2 * u + 1] : 0u;
+          w[u] = lo | (hi << 16);
+        }
+        val.x = w[0]; val.y = w[1]; val.z = w[2]; val.w = w[3];
+      }
+    }
+    *reinterpret_cast<fm_u4*>(dst + r * LD + c) = val;
+  }
+}
+
+/* A fragment of the 16 × 16 block at (row0, k0) of a row-major tile. */
+template <int LD>
+__device__ __forceinline__ void fm_afrag(u32 (&a)[4], const bf16* M, int row0, int k0, int g, int t) {
+  const bf16* p = M + (row0 + g) * LD + k0 + 2 * t;
+  a[0] = fm_ld32(p);
+  a[1] = fm_ld32(p + 8 * LD);
+  a[2] = fm_ld32(p + 8);
+  a[3] = fm_ld32(p + 8 * LD + 8);
+}
+
+/* B fragment of B = Mᵀ (B[k][n] = M[n0 + n][k0 + k]) for a row-major tile M: keys (or queries) as rows. */
+template <int LD>
+__device__ __forceinline__ void fm_bfrag(u32& b0, u32& b1, const bf16* M, int n0, int k0, int g, int t) {
+  const bf16* p = M + (n0 + g) * LD + k0 + 2 * t;
+  b0 = fm_ld32(p);
+  b1 = fm_ld32(p + 8);
+}
+
+/* B fragments of B = M[k0 .. k0 + 15][n0 .. n0 + 15] (row-major [k][n]) for the two 8-column tiles at n0 and n0 + 8. */
+template <int LD>
+__device__ __forceinline__ void fm_bfrag_t(u32 (&b)[4], const bf16* M, int k0, int n0, int lane) {
+  fm_ldsm_t(b, M + (k0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + n0 + (lane >> 4) * 8);
+}
+
+/* acc[mt][OT][4] += A[mt] (16 × MK, bf16 fragments in registers) · M[0 .. MK)[0 .. 8 OT) (row-major in
+   shared memory), for each of the warp's MT row tiles: every B fragment is loaded once for all MT. */
+template <int MT, int MK, int OT, int LD>
+__device__ __forceinline__ void fm_mma_rt(float (&acc)[MT][OT][4], const u32 (&a)[MT][MK / 16][4], const bf16* M, int lane) {
+#pragma unroll
+  for (int kb = 0; kb < MK / 16; kb++) {
+#pragma unroll
+    for (int ot = 0; ot < OT; ot += 2) {
+      u32 b[4];
+      fm_bfrag_t<LD>(b, M, kb * 16, ot * 8, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        fm_mma(acc[mt][ot], a[mt][kb], b[0], b[1]);
+        fm_mma(acc[mt][ot + 1], a[mt][kb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+/* acc[mt][n] += X rows (r0 + 16 mt ..) · Y rows (8 n ..)ᵀ over DP columns: both row-major tiles in shared memory. */
+template <int MT, int NT, int DP, int LD>
+__device__ __forceinline__ void fm_mma_nt(float (&acc)[MT][NT][4], const bf16* X, int r0, const bf16* Y, int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; kk++) {
+    u32 a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) fm_afrag<LD>(a[mt], X, r0 + 16 * mt, kk * 16, g, t);
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      u32 b0, b1;
+      fm_bfrag<LD>(b0, b1, Y, n * 8, kk * 16, g, t);
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) fm_mma(acc[mt][n], a[mt], b0, b1);
+    }
+  }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void fm_zero(float (&x)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) x[mt][n][0] = x[mt][n][1] = x[mt][n][2] = x[mt][n][3] = 0;
+  }
+}
+
+/* Whether every (row, key) pair of a tile is visible: all rows and keys real, and the band covers the corners. */
+__device__ __forceinline__ bool fm_tile_full(i64 i0, i64 rows, i64 iend, i64 j0, i64 keys, i64 jend, i64 qStart, i64 kStart, i64 window) {
+  return iend - i0 == rows && jend - j0 == keys && qStart + i0 - kStart - (jend - 1) >= 0 && qStart + iend - 1 - kStart - j0 < window;
+}
+
+/* Accumulator tiles x[2 kb], x[2 kb + 1] (16 × 16 of fp32) as the bf16 A fragment of k step kb. */
+template <int NT>
+__device__ __forceinline__ void fm_to_afrag(u32 (&a)[NT / 2][4], const float (&x)[NT][4]) {
+#pragma unroll
+  for (int kb = 0; kb < NT / 2; kb++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      a[kb][2 * h] = fm_pack(x[2 * kb + h][0], x[2 * kb + h][1]);
+      a[kb][2 * h + 1] = fm_pack(x[2 * kb + h][2], x[2 * kb + h][3]);
+    }
+  }
+}
+
+/* Sum / max over the 4 lanes of a quad (the threads holding one accumulator row). */
+__device__ __forceinline__ float fm_sum4(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float fm_max4(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+/* Store this thread's columns (2t, 2t + 1 of each 8-column tile) of accumulator row half h, times scale. */
+template <int OT>
+__device__ __forceinline__ void fm_store_row(bf16* row, const float (&acc)[OT][4], int h, float scale, int t, i64 d) {
+#pragma unroll
+  for (int ot = 0; ot < OT; ot++) {
+    const int c = ot * 8 + 2 * t;
+    if (c < d) row[c] = f2bf(acc[ot][2 * h] * scale);
+    if (c + 1 < d) row[c + 1] = f2bf(acc[ot][2 * h + 1] * scale);
+  }
+}
+
+/* Key j is visible from query row i (band_lo(i) <= j <= band_hi(i), i < tq assumed). */
+__device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i64 window) {
+  const i64 diff = qStart + i - kStart - j;
+  return diff >= 0 && diff < window;
+}
+#endif
+
+/*
+ * Forward: grid = batch * ceil(tq / BQ) blocks, the heaviest (last) query tiles first. Each of the 4
+ * warps owns MT = BQ / 64 tiles of 16 query rows: every K and V fragment it loads serves all MT.
+ */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+#ifdef FM_ENABLED
+  constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8, KD = DP / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
+  bf16* Ks = Qs + BQ * LD;                  // [BK][LD]
+  bf16* Vs = Ks + BK * LD;                  // [BK][LD]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const i64 nt = (tq + BQ - 1) / BQ;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const bf16* kb = k + b * tk * d;
+  const bf16* vb = v + b * tk * d;
+  const float sc = (float)(scaleD * FA_LOGC);
+  fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
+  __syncthreads();
+  u32 qa[MT][KD][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) fm_afrag<LD>(qa[mt][kk], Qs, (warp * MT + mt) * 16, kk * 16, g, t);
+  }
+  i64 row[MT][2];
+  float m[MT][2], l[MT][2], o[MT][OT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) { row[mt][h] = i0 + (warp * MT + mt) * 16 + g + 8 * h; m[mt][h] = FA_NEG_INF; l[mt][h] = 0; }
+  }
+  fm_zero<MT, OT>(o);
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    __syncthreads(); // the previous tile's reads of Ks and Vs are done
+    fm_load<BK, DP, LD>(Ks, kb, j0, jend, d);
+    fm_load<BK, DP, LD>(Vs, vb, j0, jend, d);
+    __syncthreads();
+    float s[MT][NT][4];
+    fm_zero<MT, NT>(s);
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        u32 b0, b1;
+        fm_bfrag<LD>(b0, b1, Ks, n * 8, kk * 16, g, t);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) fm_mma(s[mt][n], qa[mt][kk], b0, b1);
+      }
+    }
+    const bool full = fm_tile_full(i0, BQ, iend, j0, BK, jend, qStart, kStart, window);
+    u32 pa[MT][NT / 2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+      float mx[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int h = e >> 1;
+          float x = s[mt][n][e] * sc;
+          if (!full) {
+            const i64 j = j0 + n * 8 + 2 * t + (e & 1);
+            if (!(row[mt][h] < iend && j < jend && fm_sees(row[mt][h], j, qStart, kStart, window))) x = FA_NEG_INF;
+          }
+          s[mt][n][e] = x;
+          mx[h] = fmaxf(mx[h], x);
+        }
+      }
+      float mu[2], alpha[2], rs[2] = {0, 0};
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const float mn = fmaxf(m[mt][h], fm_max4(mx[h]));
+        mu[h] = mn == FA_NEG_INF ? 0.f : mn; // nothing visible yet: exp(-inf - 0) = 0, never -inf - -inf
+        alpha[h] = fa_exp(m[mt][h] - mu[h]);
+        m[mt][h] = mn;
+      }
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          s[mt][n][e] = fa_exp(s[mt][n][e] - mu[e >> 1]);
+          rs[e >> 1] += s[mt][n][e];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; h++) l[mt][h] = l[mt][h] * alpha[h] + fm_sum4(rs[h]);
+#pragma unroll
+      for (int ot = 0; ot < OT; ot++) {
+        o[mt][ot][0] *= alpha[0]; o[mt][ot][1] *= alpha[0]; o[mt][ot][2] *= alpha[1]; o[mt][ot][3] *= alpha[1];
+      }
+      fm_to_afrag<NT>(pa[mt], s[mt]);
+    }
+    fm_mma_rt<MT, BK, OT, LD>(o, pa, Vs, lane);
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      if (row[mt][h] < iend) {
+        fm_store_row<OT>(out + (b * tq + row[mt][h]) * d, o[mt], h, 1.f / l[mt][h], t, d);
+        if (t == 0) lse[b * tq + row[mt][h]] = (m[mt][h] + fa_log(l[mt][h])) * (float)FA_INV_LOGC;
+      }
+    }
+  }
+#endif
+}
+
+/* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles; MT = BQ / 64 row tiles per warp. */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dq,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+#ifdef FM_ENABLED
+  constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
+  bf16* dOs = Qs + BQ * LD;                 // [BQ][LD]
+  bf16* Ks = dOs + BQ * LD;                 // [BK][LD]
+  bf16* Vs = Ks + BK * LD;                  // [BK][LD]
+  float* Ls = reinterpret_cast<float*>(Vs + BK * LD); // [BQ]: lse * FA_LOGC
+  float* Ds = Ls + BQ;                      // [BQ]: delta
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const i64 nt = (tq + BQ - 1) / BQ;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const bf16* kb = k + b * tk * d;
+  const bf16* vb = v + b * tk * d;
+  fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
+  fm_load<BQ, DP, LD>(dOs, dout + b * tq * d, i0, iend, d);
+  for (int x = threadIdx.x; x < BQ; x += blockDim.x) {
+    const bool ok = i0 + x < iend;
+    Ls[x] = ok ? lse[b * tq + i0 + x] * (float)FA_LOGC : 0.f;
+    Ds[x] = ok ? delta[b * tq + i0 + x] : 0.f;
+  }
+  const float sc = (float)(scaleD * FA_LOGC);
+  const int r0 = warp * MT * 16;
+  float dqa[MT][OT][4];
+  fm_zero<MT, OT>(dqa);
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    __syncthreads(); // the previous tile's reads of Ks, Vs are done (and, the first time, Qs, dOs, Ls, Ds are written)
+    fm_load<BK, DP, LD>(Ks, kb, j0, jend, d);
+    fm_load<BK, DP, LD>(Vs, vb, j0, jend, d);
+    __syncthreads();
+    float s[MT][NT][4], dp[MT][NT][4];
+    fm_zero<MT, NT>(s);
+    fm_zero<MT, NT>(dp);
+    fm_mma_nt<MT, NT, DP, LD>(s, Qs, r0, Ks, g, t);
+    fm_mma_nt<MT, NT, DP, LD>(dp, dOs, r0, Vs, g, t);
+    const bool full = fm_tile_full(i0, BQ, iend, j0, BK, jend, qStart, kStart, window);
+    u32 dsa[MT][NT / 2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int ri = r0 + 16 * mt + g + 8 * (e >> 1);
+          float p = fa_exp(s[mt][n][e] * sc - Ls[ri]);
+          if (!full) {
+            const i64 i = i0 + ri, j = j0 + n * 8 + 2 * t + (e & 1);
+            if (!(i < iend && j < jend && fm_sees(i, j, qStart, kStart, window))) p = 0.f;
+          }
+          s[mt][n][e] = p * (dp[mt][n][e] - Ds[ri]);
+        }
+      }
+      fm_to_afrag<NT>(dsa[mt], s[mt]);
+    }
+    fm_mma_rt<MT, BK, OT, LD>(dqa, dsa, Ks, lane);
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const i64 i = i0 + r0 + 16 * mt + g + 8 * h;
+      if (i < iend) fm_store_row<OT>(dq + (b * tq + i) * d, dqa[mt], h, (float)scaleD, t, d);
+    }
+  }
+#endif
+}
+
+/* dK, dV: grid = batch * ceil(tk / BK) blocks, one per key tile, over the query tiles that see it; MT = BK / 64 key tiles per warp. */
+template <int BQ, int BK, int DP>
+__device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv,
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+#ifdef FM_ENABLED
+  constexpr int MT = BK / 64, LD = DP + 8, NQ = BQ / 8, OT = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem); // [BK][LD]
+  bf16* Vs = Ks + BK * LD;                  // [BK][LD]
+  bf16* Qs = Vs + BK * LD;                  // [BQ][LD]
+  bf16* dOs = Qs + BQ * LD;                 // [BQ][LD]
+  float* Ls = reinterpret_cast<float*>(dOs + BQ * LD); // [BQ]
+  float* Ds = Ls + BQ;                      // [BQ]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const i64 b = (i64)blockIdx.x % batch;
+  const i64 j0 = ((i64)blockIdx.x / batch) * BK;
+  const i64 jend = j0 + BK < tk ? j0 + BK : tk;
+  const bf16* qb = q + b * tq * d;
+  const bf16* db = dout + b * tq * d;
+  fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);
+  fm_load<BK, DP, LD>(Vs, v + b * tk * d, j0, jend, d);
+  i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
+  i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
+  const float sc = (float)(scaleD * FA_LOGC);
+  const int r0 = warp * MT * 16;
+  float dka[MT][OT][4], dva[MT][OT][4];
+  fm_zero<MT, OT>(dka);
+  fm_zero<MT, OT>(dva);
+  for (i64 i0 = ilo; i0 <= ihi; i0 += BQ) {
+    const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
+    __syncthreads(); // the previous tile's reads of Qs, dOs, Ls, Ds are done
+    fm_load<BQ, DP, LD>(Qs, qb, i0, iend, d);
+    fm_load<BQ, DP, LD>(dOs, db, i0, iend, d);
+    for (int x = threadIdx.x; x < BQ; x += blockDim.x) {
+      const bool ok = i0 + x < iend;
+      Ls[x] = ok ? lse[b * tq + i0 + x] * (float)FA_LOGC : 0.f;
+      Ds[x] = ok ? delta[b * tq + i0 + x] : 0.f;
+    }
+    __syncthreads();
+    float s[MT][NQ][4], dp[MT][NQ][4];
+    fm_zero<MT, NQ>(s);
+    fm_zero<MT, NQ>(dp);
+    fm_mma_nt<MT, NQ, DP, LD>(s, Ks, r0, Qs, g, t);
+    fm_mma_nt<MT, NQ, DP, LD>(dp, Vs, r0, dOs, g, t);
+    const bool full = fm_tile_full(i0, BQ, iend, j0, BK, jend, qStart, kStart, window);
+    // s becomes Pᵀ (key rows, query columns), dp becomes dSᵀ
+    u32 pa[MT][NQ / 2][4], dsa[MT][NQ / 2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+      for (int n = 0; n < NQ; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int ci = n * 8 + 2 * t + (e & 1);
+          float p = fa_exp(s[mt][n][e] * sc - Ls[ci]);
+          if (!full) {
+            const i64 i = i0 + ci, j = j0 + r0 + 16 * mt + g + 8 * (e >> 1);
+            if (!(i < iend && j < jend && fm_sees(i, j, qStart, kStart, window))) p = 0.f;
+          }
+          s[mt][n][e] = p;
+          dp[mt][n][e] = p * (dp[mt][n][e] - Ds[ci]);
+        }
+      }
+      fm_to_afrag<NQ>(pa[mt], s[mt]);
+      fm_to_afrag<NQ>(dsa[mt], dp[mt]);
+    }
+    fm_mma_rt<MT, BQ, OT, LD>(dva, pa, dOs, lane);
+    fm_mma_rt<MT, BQ, OT, LD>(dka, dsa, Qs, lane);
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const i64 j = j0 + r0 + 16 * mt + g + 8 * h;
+      if (j < jend) {
+        fm_store_row<OT>(dk + (b * tk + j) * d, dka[mt], h, (float)scaleD, t, d);
+        fm_store_row<OT>(dv + (b * tk + j) * d, dva[mt], h, 1.f, t, d);
+      }
+    }
+  }
+#endif
+}
+`;
