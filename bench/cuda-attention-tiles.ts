@@ -1,6 +1,6 @@
 /**
  * GPU, tuning aid: the tensor-core (bf16) attention kernels under several tile shapes, each in its own
- * process (the tiles are compiled into the module), timed on the shapes of bench/cuda-attention.ts and
+ * process (the tiles and FM_OPTIONS are compiled into the module), timed on the shapes of bench/cuda-attention.ts and
  * checked against the SIMT kernels on a ragged banded case. What it found is what FM_TILES holds.
  *
  * Usage: node dist/bench/cuda-attention-tiles.js ['[{"fwd":{"64":[128,64]}}, ...]']
@@ -11,11 +11,13 @@ import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { type Tensor, cast, dispose, randn, randomKey, setBackend } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
-import { FM_TILES } from '../src/backends/cuda/kernels/attention-mma.js';
+import { FM_OPTIONS, FM_TILES } from '../src/backends/cuda/kernels/attention-mma.js';
+import { attentionPlan } from '../src/backends/cuda/kernels/attention.js';
 import { type Shape, type Times, ours } from './cuda-attention.js';
 import { resultsPath } from './common.js';
 
-type Tiles = Partial<Record<'fwd' | 'dq' | 'dkv', Record<string, [number, number]>>>;
+/** Tile changes per kernel and head dim, and FM_OPTIONS changes. */
+type Tiles = Partial<Record<'fwd' | 'dq' | 'dkv', Record<string, [number, number]>>> & { pipeline?: boolean };
 
 const SHAPES: Shape[] = [
   { T: 2048, batch: 4, heads: 12, d: 64, window: null },
@@ -25,11 +27,12 @@ const SHAPES: Shape[] = [
 
 const SWEEP: Tiles[] = [
   {},
+  { pipeline: false },
   { fwd: { 64: [64, 64] } },
   { fwd: { 64: [128, 128] } },
   { dq: { 64: [64, 64] } },
   { dq: { 64: [128, 64] } },
-  { dkv: { 64: [32, 128] } },
+  { dkv: { 64: [64, 64] } },
   { dkv: { 64: [64, 128] } },
 ];
 
@@ -69,12 +72,18 @@ function checkVsSimt(b: CudaBackend): number {
 }
 
 function child(tiles: Tiles): void {
-  for (const [kernel, byDim] of Object.entries(tiles)) Object.assign(FM_TILES[kernel as keyof typeof FM_TILES], byDim);
+  const { pipeline, ...byKernel } = tiles;
+  if (pipeline !== undefined) FM_OPTIONS.pipeline = pipeline;
+  for (const [kernel, byDim] of Object.entries(byKernel)) Object.assign(FM_TILES[kernel as keyof typeof FM_TILES], byDim);
   const b = setBackend('cuda') as CudaBackend;
   if (!b.attentionTensorCores) throw new Error('no tensor-core attention on this device');
   const errVsSimt = checkVsSimt(b);
   const rows = SHAPES.map((s) => ({ ...s, ...ours(b, s, 'bfloat16') }));
-  console.log(JSON.stringify({ tiles: FM_TILES, errVsSimt, rows }));
+  const kernels = (['fwd', 'dq', 'dkv'] as const).map((kind) => {
+    const p = attentionPlan('bfloat16', kind, 64, true)!;
+    return { name: p.name, shared: p.shared, ...b.kernelResources('attention', 'bfloat16', p.name, p.threads, p.shared) };
+  });
+  console.log(JSON.stringify({ tiles: FM_TILES, options: FM_OPTIONS, errVsSimt, kernels, rows }));
 }
 
 export async function main(): Promise<unknown> {
@@ -89,9 +98,10 @@ export async function main(): Promise<unknown> {
       results.push({ change: tiles, error });
       continue;
     }
-    const res = JSON.parse(line) as { errVsSimt: number; rows: Array<Shape & Times> };
+    const res = JSON.parse(line) as { errVsSimt: number; rows: Array<Shape & Times>; kernels: Array<{ name: string; regs: number; localBytes: number; blocksPerSm: number }> };
     const cells = res.rows.map((x) => `T${x.T} ${x.batch}x${x.heads} ${x.window ?? 'full'}: ${x.fwdMs.toFixed(3)} / ${x.fwdBwdMs.toFixed(3)} ms`).join(' | ');
     console.log(`${JSON.stringify(tiles).padEnd(28)} err vs SIMT ${res.errVsSimt.toExponential(1)} | fwd / fwd+bwd ${cells}`);
+    console.log(`${''.padEnd(28)} ${res.kernels.map((k) => `${k.name}: ${k.regs} regs, ${k.localBytes} B local, ${k.blocksPerSm} blocks/SM`).join(' | ')}`);
     results.push({ change: tiles, ...res });
   }
   const out = resultsPath('cuda-attention-tiles.json');

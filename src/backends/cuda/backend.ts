@@ -23,7 +23,7 @@ import {
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
-import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES } from './ffi.js';
+import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
   ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
   DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
@@ -219,6 +219,24 @@ export class CudaBackend implements Backend {
       m.fns.set(name, f);
     }
     return f;
+  }
+
+  /**
+   * What the compiler and the driver say about one kernel (benches and tuning): registers per thread,
+   * local (spill) bytes per thread, and how many blocks of `threads` threads with `shared` bytes of
+   * dynamic shared memory fit on one SM.
+   */
+  kernelResources(kind: ModuleKind, dtype: CudaDType, name: string, threads: number, shared: number): { regs: number; localBytes: number; blocksPerSm: number } {
+    const f = this.fn(kind, dtype, name);
+    if (shared > 48 * 1024) this.drv.cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared);
+    const get = (attr: number): number => {
+      const v: [number | null] = [null];
+      this.cu('cuFuncGetAttribute', this.drv.cuFuncGetAttribute(v, attr, f));
+      return v[0]!;
+    };
+    const blocks: [number | null] = [null];
+    this.cu('cuOccupancyMaxActiveBlocksPerMultiprocessor', this.drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(blocks, f, threads, shared));
+    return { regs: get(CU_FUNC_ATTRIBUTE_NUM_REGS), localBytes: get(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES), blocksPerSm: blocks[0]! };
   }
 
   private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {

@@ -18,6 +18,8 @@ export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 export const CUDA_ERROR_OUT_OF_MEMORY = 2;
 /** CUfunction_attribute: the dynamic shared memory a launch may ask for (above 48 KiB needs it raised). */
 export const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
+export const CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3;
+export const CU_FUNC_ATTRIBUTE_NUM_REGS = 4;
 export const CUBLAS_OP_N = 0;
 export const CUBLAS_OP_T = 1;
 /** cudaDataType_t of bfloat16 (CUDA_R_16BF), cublasComputeType_t CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT. */
@@ -56,6 +58,8 @@ export interface Driver {
   cuModuleLoadData: Fn;
   cuModuleGetFunction: Fn;
   cuFuncSetAttribute: Fn;
+  cuFuncGetAttribute: Fn;
+  cuOccupancyMaxActiveBlocksPerMultiprocessor: Fn;
   cuLaunchKernel: Fn;
   cuStreamSynchronize: Fn;
   cuCtxSynchronize: Fn;
@@ -121,6 +125,8 @@ export function loadDriver(): Driver {
     cuModuleLoadData: 'int cuModuleLoadData(_Out_ void **module, const void *image)',
     cuModuleGetFunction: 'int cuModuleGetFunction(_Out_ void **fn, void *module, const char *name)',
     cuFuncSetAttribute: 'int cuFuncSetAttribute(void *fn, int attrib, int value)',
+    cuFuncGetAttribute: 'int cuFuncGetAttribute(_Out_ int *value, int attrib, void *fn)',
+    cuOccupancyMaxActiveBlocksPerMultiprocessor: 'int cuOccupancyMaxActiveBlocksPerMultiprocessor(_Out_ int *blocks, void *fn, int blockSize, size_t dynamicSMemSize)',
     cuLaunchKernel:
       'int cuLaunchKernel(void *f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem, void *stream, void *params, void *extra)',
     cuStreamSynchronize: 'int cuStreamSynchronize(void *stream)',

@@ -57,6 +57,8 @@ export function standInLibraries(): { driver: Driver; nvrtc: Nvrtc; cublas: Cubl
     cuModuleLoadData: ok('cuModuleLoadData', (m) => set(m, {})),
     cuModuleGetFunction: ok('cuModuleGetFunction', (f, _m, name) => set(f, { name })),
     cuFuncSetAttribute: ok('cuFuncSetAttribute'),
+    cuFuncGetAttribute: ok('cuFuncGetAttribute', (v) => set(v, 0)),
+    cuOccupancyMaxActiveBlocksPerMultiprocessor: ok('cuOccupancyMaxActiveBlocksPerMultiprocessor', (v) => set(v, 1)),
     cuLaunchKernel: ok('cuLaunchKernel', (...args) => {
       calls.lastLaunch = args;
     }),

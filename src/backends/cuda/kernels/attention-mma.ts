@@ -33,9 +33,11 @@ export const FM_DIMS = [16, 32, 64, 128] as const;
  * dK/dV) is 64 or 128: 4 warps of MT = side / 64 tiles of 16 rows, and every fragment of the other
  * side a warp loads from shared memory serves all MT of them, which halves shared-memory traffic per
  * mma at MT = 2. MT = 2 needs about twice the accumulators, so it is used where they fit in the 255
- * registers a thread can have. Measured on an H100 (bench/cuda-attention-tiles.ts, d 64, T 2048-8192):
- * the forward and dQ tiles moved times by at most 3-5%; dK/dV at [32, 128] was 11% faster for the
- * whole backward than [64, 64] at T 8192 full causal.
+ * registers a thread can have. Measured on an H100 (bench/cuda-attention-tiles.ts, d 64, T 2048-8192,
+ * results in bench/results/cuda-attention-tiles.json): these tiles were the fastest or within 5% of it
+ * on every shape but one (the forward at [64, 64] is 11% faster at T 8192 with a window of 1024, 10%
+ * slower at T 8192 full); the cp.async pipeline (FM_OPTIONS) made the forward 1.2-1.3x faster.
+ * Every kernel here uses 238-250 registers per thread (2 blocks per SM) without spilling.
  */
 export const FM_TILES: Record<'fwd' | 'dq' | 'dkv', Record<number, [number, number]>> = {
   fwd: { 16: [128, 64], 32: [128, 64], 64: [128, 64], 128: [64, 64] },
@@ -46,13 +48,24 @@ export const FM_TILES: Record<'fwd' | 'dq' | 'dkv', Record<number, [number, numb
 /** Dynamic shared memory (bytes) of one tensor-core kernel; must match the carving in the kernels. */
 export function mmaSharedBytes(kernel: 'fwd' | 'dq' | 'dkv', bq: number, bk: number, dp: number): number {
   const ld = dp + 8;
-  if (kernel === 'fwd') return (bq + 2 * bk) * ld * 2;
-  return (2 * bq + 2 * bk) * ld * 2 + 2 * bq * 4;
+  // the streamed side is double-buffered: fwd and dQ stream (K, V) tiles, dK/dV (Q, dO, lse, delta) tiles
+  if (kernel === 'fwd') return (bq + 4 * bk) * ld * 2;
+  if (kernel === 'dq') return (2 * bq + 4 * bk) * ld * 2 + 2 * bq * 4;
+  return (2 * bk + 4 * bq) * ld * 2 + 4 * bq * 4;
 }
 
-export const MMA_SOURCE = String.raw`
+/** Tuning switches compiled into the module (bench/cuda-attention-tiles.ts flips them in a child process). */
+export const FM_OPTIONS = {
+  /** Double-buffered tiles filled by cp.async while the previous tile computes; off: synchronous loads into the same double buffer. */
+  pipeline: true,
+};
+
+/** The tensor-core kernels' source (included in the bfloat16 attention module). */
+export const mmaSource = (): string => String.raw`
 #if defined(FM_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
 #define FM_ENABLED 1
+#define FM_THREADS ${FM_THREADS}
+#define FM_PIPELINE ${FM_OPTIONS.pipeline ? 1 : 0}
 typedef unsigned int u32;
 struct __align__(16) fm_u4 { u32 x, y, z, w; };
 #ifndef FM_EMU
@@ -75,34 +88,88 @@ __device__ __forceinline__ void fm_ldsm_t(u32 (&r)[4], const bf16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+/* 16 bytes global -> shared without a register round trip (zeros when !valid; src is then not read). */
+__device__ __forceinline__ void fm_cp16(bf16* dst, const bf16* src, bool valid) {
+  u32 a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }\n" : "=r"(a) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(a), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void fm_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/* Wait until at most N committed groups of this thread are still in flight. */
+template <int N>
+__device__ __forceinline__ void fm_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
 #endif
 __device__ __forceinline__ u32 fm_ld32(const bf16* p) { return *reinterpret_cast<const u32*>(p); }
 
-/* dst[r * LD + c] = src row (r0 + r), column c, for r < ROWS, c < DP (bf16 bits); 0 where r0 + r >= rowEnd or c >= d. */
+/*
+ * dst[r * LD + c] = src row (r0 + r), column c, for r < ROWS, c < DP (bf16 bits); 0 where r0 + r >=
+ * rowEnd or c >= d. Each thread fetches all of its 16-byte chunks before it stores any: a store to
+ * shared memory through a generic pointer may alias the next global load, so interleaving them
+ * would serialise the loads' latency.
+ */
 template <int ROWS, int DP, int LD>
 __device__ __forceinline__ void fm_load(bf16* dst, const bf16* src, i64 r0, i64 rowEnd, i64 d) {
-  constexpr int CH = DP / 8; // 16-byte chunks per row
+  constexpr int CH = DP / 8, N = (ROWS * CH + FM_THREADS - 1) / FM_THREADS; // 16-byte chunks per row, per thread
   const bool vec = (d & 7) == 0 && (reinterpret_cast<unsigned long long>(src) & 15) == 0;
-  for (int x = threadIdx.x; x < ROWS * CH; x += blockDim.x) {
-    const int r = x / CH, c = (x % CH) * 8;
+  fm_u4 val[N];
+#pragma unroll
+  for (int u = 0; u < N; u++) {
+    const int x = threadIdx.x + u * FM_THREADS, r = x / CH, c = (x % CH) * 8;
     const i64 row = r0 + r;
-    fm_u4 val = {0, 0, 0, 0};
-    if (row < rowEnd) {
-      const bf16* s = src + row * d + c;
+    val[u] = {0, 0, 0, 0};
+    if (x < ROWS * CH && row < rowEnd) {
+      const bf16* p = src + row * d + c;
       if (vec && c + 8 <= d) {
-        val = *reinterpret_cast<const fm_u4*>(s);
+        val[u] = *reinterpret_cast<const fm_u4*>(p);
       } else {
         u32 w[4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-          const u32 lo = c + 2 * u < d ? (u32)s[2 * u] : 0u;
-          const u32 hi = c + 2 * u + 1 < d ? (u32)s[2 * u + 1] : 0u;
-          w[u] = lo | (hi << 16);
+        for (int e = 0; e < 4; e++) {
+          const u32 lo = c + 2 * e < d ? (u32)p[2 * e] : 0u;
+          const u32 hi = c + 2 * e + 1 < d ? (u32)p[2 * e + 1] : 0u;
+          w[e] = lo | (hi << 16);
         }
-        val.x = w[0]; val.y = w[1]; val.z = w[2]; val.w = w[3];
+        val[u].x = w[0]; val[u].y = w[1]; val[u].z = w[2]; val[u].w = w[3];
       }
     }
-    *reinterpret_cast<fm_u4*>(dst + r * LD + c) = val;
+  }
+#pragma unroll
+  for (int u = 0; u < N; u++) {
+    const int x = threadIdx.x + u * FM_THREADS;
+    if (x < ROWS * CH) *reinterpret_cast<fm_u4*>(dst + (x / CH) * LD + (x % CH) * 8) = val[u];
+  }
+}
+
+/*
+ * fm_load, started asynchronously (cp.async) where every chunk is a whole aligned 16 bytes (d a
+ * multiple of 8); the caller commits the group and waits for it (fm_cp_wait) before a barrier. Ragged
+ * head dims, FM_PIPELINE 0 and the CPU emulation load synchronously instead.
+ */
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void fm_load_async(bf16* dst, const bf16* src, i64 r0, i64 rowEnd, i64 d) {
+#if FM_PIPELINE && !defined(FM_EMU)
+  constexpr int CH = DP / 8, N = (ROWS * CH + FM_THREADS - 1) / FM_THREADS;
+  if ((d & 7) == 0 && (reinterpret_cast<unsigned long long>(src) & 15) == 0) {
+#pragma unroll
+    for (int u = 0; u < N; u++) {
+      const int x = threadIdx.x + u * FM_THREADS, r = x / CH, c = (x % CH) * 8;
+      const i64 row = r0 + r;
+      const bool valid = row < rowEnd && c < d;
+      if (x < ROWS * CH) fm_cp16(dst + r * LD + c, valid ? src + row * d + c : src, valid);
+    }
+    return;
+  }
+#endif
+  fm_load<ROWS, DP, LD>(dst, src, r0, rowEnd, d);
+}
+
+/* The lse (times FA_LOGC) and delta of query rows i0 .. i0 + BQ - 1 (0 past iend), as the backward kernels use them. */
+template <int BQ>
+__device__ __forceinline__ void fm_load_rows(float* Ls, float* Ds, const float* lse, const float* delta, i64 i0, i64 iend) {
+  for (int x = threadIdx.x; x < BQ; x += FM_THREADS) {
+    const bool ok = i0 + x < iend;
+    Ls[x] = ok ? lse[i0 + x] * (float)FA_LOGC : 0.f;
+    Ds[x] = ok ? delta[i0 + x] : 0.f;
   }
 }
 
@@ -233,8 +300,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8, KD = DP / 16;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
-  bf16* Ks = Qs + BQ * LD;                  // [BK][LD]
-  bf16* Vs = Ks + BK * LD;                  // [BK][LD]
+  bf16* KVs = Qs + BQ * LD;                 // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const i64 nt = (tq + BQ - 1) / BQ;
   const i64 b = (i64)blockIdx.x % batch;
@@ -243,6 +309,15 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   const bf16* kb = k + b * tk * d;
   const bf16* vb = v + b * tk * d;
   const float sc = (float)(scaleD * FA_LOGC);
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads
+  auto fetch = [&](i64 j0, int buf) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    fm_load_async<BK, DP, LD>(KVs + (2 * buf) * BK * LD, kb, j0, jend, d);
+    fm_load_async<BK, DP, LD>(KVs + (2 * buf + 1) * BK * LD, vb, j0, jend, d);
+    fm_cp_commit();
+  };
+  fetch(jlo, 0);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   __syncthreads();
   u32 qa[MT][KD][4];
@@ -259,13 +334,18 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
     for (int h = 0; h < 2; h++) { row[mt][h] = i0 + (warp * MT + mt) * 16 + g + 8 * h; m[mt][h] = FA_NEG_INF; l[mt][h] = 0; }
   }
   fm_zero<MT, OT>(o);
-  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
-  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+  int buf = 0;
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    __syncthreads(); // the previous tile's reads of Ks and Vs are done
-    fm_load<BK, DP, LD>(Ks, kb, j0, jend, d);
-    fm_load<BK, DP, LD>(Vs, vb, j0, jend, d);
-    __syncthreads();
+    if (j0 + BK <= jhi) {
+      fetch(j0 + BK, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
+      fm_cp_wait<1>();
+    } else {
+      fm_cp_wait<0>();
+    }
+    __syncthreads(); // this tile's K and V are in shared memory for every thread
+    const bf16* Ks = KVs + (2 * buf) * BK * LD;
+    const bf16* Vs = Ks + BK * LD;
     float s[MT][NT][4];
     fm_zero<MT, NT>(s);
 #pragma unroll
@@ -322,6 +402,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
       fm_to_afrag<NT>(pa[mt], s[mt]);
     }
     fm_mma_rt<MT, BK, OT, LD>(o, pa, Vs, lane);
+    __syncthreads(); // every read of this buffer is done before it is refilled
   }
 #pragma unroll
   for (int mt = 0; mt < MT; mt++) {
@@ -345,10 +426,9 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
   bf16* dOs = Qs + BQ * LD;                 // [BQ][LD]
-  bf16* Ks = dOs + BQ * LD;                 // [BK][LD]
-  bf16* Vs = Ks + BK * LD;                  // [BK][LD]
-  float* Ls = reinterpret_cast<float*>(Vs + BK * LD); // [BQ]: lse * FA_LOGC
+  float* Ls = reinterpret_cast<float*>(dOs + BQ * LD); // [BQ]: lse * FA_LOGC
   float* Ds = Ls + BQ;                      // [BQ]: delta
+  bf16* KVs = reinterpret_cast<bf16*>(Ds + BQ); // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const i64 nt = (tq + BQ - 1) / BQ;
   const i64 b = (i64)blockIdx.x % batch;
@@ -356,24 +436,33 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
   const bf16* kb = k + b * tk * d;
   const bf16* vb = v + b * tk * d;
+  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  auto fetch = [&](i64 j0, int buf) {
+    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
+    fm_load_async<BK, DP, LD>(KVs + (2 * buf) * BK * LD, kb, j0, jend, d);
+    fm_load_async<BK, DP, LD>(KVs + (2 * buf + 1) * BK * LD, vb, j0, jend, d);
+    fm_cp_commit();
+  };
+  fetch(jlo, 0);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   fm_load<BQ, DP, LD>(dOs, dout + b * tq * d, i0, iend, d);
-  for (int x = threadIdx.x; x < BQ; x += blockDim.x) {
-    const bool ok = i0 + x < iend;
-    Ls[x] = ok ? lse[b * tq + i0 + x] * (float)FA_LOGC : 0.f;
-    Ds[x] = ok ? delta[b * tq + i0 + x] : 0.f;
-  }
+  fm_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
   const float sc = (float)(scaleD * FA_LOGC);
   const int r0 = warp * MT * 16;
   float dqa[MT][OT][4];
   fm_zero<MT, OT>(dqa);
-  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
-  for (i64 j0 = jlo; j0 <= jhi; j0 += BK) {
+  int buf = 0;
+  for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    __syncthreads(); // the previous tile's reads of Ks, Vs are done (and, the first time, Qs, dOs, Ls, Ds are written)
-    fm_load<BK, DP, LD>(Ks, kb, j0, jend, d);
-    fm_load<BK, DP, LD>(Vs, vb, j0, jend, d);
-    __syncthreads();
+    if (j0 + BK <= jhi) {
+      fetch(j0 + BK, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
+      fm_cp_wait<1>();
+    } else {
+      fm_cp_wait<0>();
+    }
+    __syncthreads(); // this tile's K and V (and, the first time, Qs, dOs, Ls, Ds) are in shared memory
+    const bf16* Ks = KVs + (2 * buf) * BK * LD;
+    const bf16* Vs = Ks + BK * LD;
     float s[MT][NT][4], dp[MT][NT][4];
     fm_zero<MT, NT>(s);
     fm_zero<MT, NT>(dp);
@@ -399,6 +488,7 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
       fm_to_afrag<NT>(dsa[mt], s[mt]);
     }
     fm_mma_rt<MT, BK, OT, LD>(dqa, dsa, Ks, lane);
+    __syncthreads(); // every read of this buffer is done before it is refilled
   }
 #pragma unroll
   for (int mt = 0; mt < MT; mt++) {
@@ -420,36 +510,45 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem); // [BK][LD]
   bf16* Vs = Ks + BK * LD;                  // [BK][LD]
-  bf16* Qs = Vs + BK * LD;                  // [BQ][LD]
-  bf16* dOs = Qs + BQ * LD;                 // [BQ][LD]
-  float* Ls = reinterpret_cast<float*>(dOs + BQ * LD); // [BQ]
-  float* Ds = Ls + BQ;                      // [BQ]
+  bf16* QDs = Vs + BK * LD;                 // [2][2][BQ][LD]: (Q, dO) of the current and the next query tile
+  float* LDs = reinterpret_cast<float*>(QDs + 4 * BQ * LD); // [2][2][BQ]: (lse * FA_LOGC, delta) of the same
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const i64 b = (i64)blockIdx.x % batch;
   const i64 j0 = ((i64)blockIdx.x / batch) * BK;
   const i64 jend = j0 + BK < tk ? j0 + BK : tk;
   const bf16* qb = q + b * tq * d;
   const bf16* db = dout + b * tq * d;
-  fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);
-  fm_load<BK, DP, LD>(Vs, v + b * tk * d, j0, jend, d);
   i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
   i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
+  auto fetch = [&](i64 i0, int buf) {
+    const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
+    fm_load_async<BQ, DP, LD>(QDs + (2 * buf) * BQ * LD, qb, i0, iend, d);
+    fm_load_async<BQ, DP, LD>(QDs + (2 * buf + 1) * BQ * LD, db, i0, iend, d);
+    fm_cp_commit();
+    fm_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + b * tq, delta + b * tq, i0, iend);
+  };
+  if (ilo <= ihi) fetch(ilo, 0);
+  fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);
+  fm_load<BK, DP, LD>(Vs, v + b * tk * d, j0, jend, d);
   const float sc = (float)(scaleD * FA_LOGC);
   const int r0 = warp * MT * 16;
   float dka[MT][OT][4], dva[MT][OT][4];
   fm_zero<MT, OT>(dka);
   fm_zero<MT, OT>(dva);
-  for (i64 i0 = ilo; i0 <= ihi; i0 += BQ) {
+  int buf = 0;
+  for (i64 i0 = ilo; i0 <= ihi; i0 += BQ, buf ^= 1) {
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
-    __syncthreads(); // the previous tile's reads of Qs, dOs, Ls, Ds are done
-    fm_load<BQ, DP, LD>(Qs, qb, i0, iend, d);
-    fm_load<BQ, DP, LD>(dOs, db, i0, iend, d);
-    for (int x = threadIdx.x; x < BQ; x += blockDim.x) {
-      const bool ok = i0 + x < iend;
-      Ls[x] = ok ? lse[b * tq + i0 + x] * (float)FA_LOGC : 0.f;
-      Ds[x] = ok ? delta[b * tq + i0 + x] : 0.f;
+    if (i0 + BQ <= ihi) {
+      fetch(i0 + BQ, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
+      fm_cp_wait<1>();
+    } else {
+      fm_cp_wait<0>();
     }
-    __syncthreads();
+    __syncthreads(); // this tile's Q, dO, lse and delta (and, the first time, Ks and Vs) are in shared memory
+    const bf16* Qs = QDs + (2 * buf) * BQ * LD;
+    const bf16* dOs = Qs + BQ * LD;
+    const float* Ls = LDs + 2 * buf * BQ;
+    const float* Ds = Ls + BQ;
     float s[MT][NQ][4], dp[MT][NQ][4];
     fm_zero<MT, NQ>(s);
     fm_zero<MT, NQ>(dp);
@@ -479,6 +578,7 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
     }
     fm_mma_rt<MT, BQ, OT, LD>(dva, pa, dOs, lane);
     fm_mma_rt<MT, BQ, OT, LD>(dka, dsa, Qs, lane);
+    __syncthreads(); // every read of this buffer is done before it is refilled
   }
 #pragma unroll
   for (int mt = 0; mt < MT; mt++) {

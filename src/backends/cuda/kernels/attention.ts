@@ -26,7 +26,7 @@
  * logsumexp would put a ~0.4 % error on every recomputed probability of the backward); delta is
  * internal, in A.
  */
-import { FM_DIMS, FM_THREADS, FM_TILES, MMA_SOURCE, mmaSharedBytes } from './attention-mma.js';
+import { FM_DIMS, FM_THREADS, FM_TILES, mmaSharedBytes, mmaSource } from './attention-mma.js';
 import { blockReduce } from './common.js';
 
 /** The float dtypes attention kernels are generated for. */
@@ -803,7 +803,7 @@ export function attentionSource(dtype: string): string {
     blockReduce('att_max', 'A', 'fmax(a, b)'),
     blockReduce('att_sum', 'A', 'a + b'),
     FUSED,
-    dtype === 'bfloat16' ? MMA_SOURCE : '',
+    dtype === 'bfloat16' ? mmaSource() : '',
     fusedEntries(dtype),
     DECODE,
     ROW,
