@@ -13,6 +13,7 @@
  * this is the same count as SWA: the inner loop's extra work (the suffix's inner gradients and the
  * second-order backward) is overhead by this definition, so its MFU is "useful" utilisation.
  * Usage: node dist/bench/cuda-train.js [T] [batch] [presets]  (defaults T 2048, batch 1, small,125m)
+ * Writes bench/results/cuda-train-<presets joined by '-'>.json.
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -137,7 +138,8 @@ export async function main(): Promise<unknown> {
   for (const r of rows) {
     console.log(`${r.preset.padEnd(6)} ${r.variant.padEnd(8)} ${r.compute.padEnd(20)} ${r.msPerStep.toFixed(1).padStart(8)} ${r.tokensPerSec.toFixed(0).padStart(10)} ${r.tflops.toFixed(1).padStart(9)} ${(r.mfu * 100).toFixed(1).padStart(5)}% ${r.peakMemoryGiB.toFixed(2).padStart(9)}`);
   }
-  const out = resultsPath('cuda-train.json');
+  // one file per preset list, so the small and 125m runs do not overwrite each other
+  const out = resultsPath(`cuda-train-${presets.join('-')}.json`);
   writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), peakBf16: peak, rows }, null, 1));
   console.log(`wrote ${out}`);
   return rows;
