@@ -108,6 +108,44 @@ describe('AdamW', () => {
     T.dispose([params, X, wTrue, y]);
   });
 
+  test('the fused kernel gives the composite update bit for bit (float32, float64; decay on and off; 5 steps)', () => {
+    for (const dtype of ['float32', 'float64'] as const) {
+      T.tidy(() => {
+        // values across many magnitudes, zeros and a gradient sign flip, so every rounding step shows
+        const vals = (seed: number, n: number) => Array.from({ length: n }, (_, i) => Math.sin(seed * 7.1 + i * 1.3) * 10 ** ((i % 9) - 4) * (i % 11 === 0 ? 0 : 1));
+        const mk = () => ({ w: T.tensor(vals(1, 60), [6, 10], dtype), g: T.tensor(vals(2, 10), [10], dtype) });
+        const gradsAt = (k: number) => ({ w: T.tensor(vals(10 + k, 60), [6, 10], dtype), g: T.tensor(vals(20 + k, 10), [10], dtype) });
+        const run = (kernel: 'fused' | 'composite') => {
+          const opt = new AdamW(mk(), { weightDecay: 0.1, kernel });
+          let params = mk();
+          for (let k = 0; k < 5; k++) params = opt.step(params, gradsAt(k), 0.01 * (k + 1));
+          const out = { w: params.w.toArray(), g: params.g.toArray(), m: opt.state.m.w.toArray(), v: opt.state.v.g.toArray() };
+          opt.dispose();
+          return out;
+        };
+        const fused = run('fused');
+        const composite = run('composite');
+        for (const key of ['w', 'g', 'm', 'v'] as const) {
+          fused[key].forEach((x, i) => assert.ok(Object.is(x, composite[key][i]), `${dtype} ${key}[${i}]: fused ${x} vs composite ${composite[key][i]}`));
+        }
+      });
+    }
+  });
+
+  test('fusedAdamW: clear errors for mismatched inputs, integer params, and a traced input', () => {
+    T.tidy(() => {
+      const h = { beta1: 0.9, oneMinusBeta1: 0.1, beta2: 0.95, oneMinusBeta2: 0.05, c1: 0.1, c2: 0.05, eps: 1e-8, lr: 0.01, decay: true, shrink: 0.999 };
+      const p = T.tensor([1, 2, 3], [3]);
+      const z = T.zeros([3]);
+      assert.throws(() => T.fusedAdamW(p, T.zeros([4]), z, z, h), /adamw: grad \[4\] does not match param \[3\]/);
+      assert.throws(() => T.fusedAdamW(p, z, T.zeros([3], 'float64'), z, h), /adamw: m is float64, param is float32/);
+      assert.throws(() => T.fusedAdamW(T.tensor([1, 2, 3], [3], 'int32'), T.zeros([3], 'int32'), T.zeros([3], 'int32'), T.zeros([3], 'int32'), h), /needs float32 or float64 parameters, got int32/);
+      assert.throws(() => T.grad((x: T.Tensor) => T.sum(T.fusedAdamW(x, z, z, z, h).p))(p), /adamw: the update is not differentiable/);
+      const r = T.fusedAdamW(p, T.tensor([0.5, -0.5, 0], [3]), z, z, h);
+      assert.deepEqual(r.m.toArray(), [0.05, -0.05, 0].map(Math.fround));
+    });
+  });
+
   test('rejects grads that do not match the params', () => {
     T.tidy(() => {
       const params = make();

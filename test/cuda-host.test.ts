@@ -86,4 +86,17 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.deepEqual(launch(() => backend.binary('add', a, [50, 1], b, [0, 0], [20, 50], 'float32')).name, 'binary_flat_add'); // scalar b
     assert.deepEqual(launch(() => backend.binary('sub', a, [50, 1], b, [0, 1], [20, 50], 'float32')).name, 'binary_sub'); // row broadcast
   });
+
+  test('an AdamW update of one parameter is one kernel launch (float32, float64); other dtypes are refused', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const h = { beta1: 0.9, oneMinusBeta1: 0.1, beta2: 0.95, oneMinusBeta2: 0.05, c1: 0.1, c2: 0.05, eps: 1e-8, lr: 0.01, decay: true, shrink: 0.999 };
+    for (const dt of ['float32', 'float64'] as const) {
+      const x = backend.fill(5000, dt, 1);
+      const before = calls.counts.get('cuLaunchKernel') ?? 0;
+      backend.adamw(x, x, x, x, 5000, h, dt);
+      assert.equal(calls.counts.get('cuLaunchKernel'), before + 1);
+      assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'adamw_step');
+    }
+    assert.throws(() => backend.adamw(null, null, null, null, 10, h, 'bfloat16'), /adamw needs float32 or float64, got bfloat16/);
+  });
 });

@@ -18,6 +18,7 @@ import { openLibrary } from '../src/backends/cuda/library.js';
 import { makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { e2eOuterLoss, lmLoss } from '../src/model/ttt-e2e.js';
+import { AdamW } from '../src/train/adamw.js';
 import { seededValues } from './helpers/check.js';
 import { cudaOrSkip } from './helpers/cuda.js';
 import { sizeOf } from '../src/engine/shape.js';
@@ -92,6 +93,15 @@ function check(label: string, fn: () => unknown, tol?: Tol): void {
 
 /** Seeded host values in [lo, hi). */
 const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
+/** Runs fn with the cuda backend current (tensors made inside live on the GPU). */
+const onCuda = <R>(fn: () => R): R => {
+  T.setBackend('cuda');
+  try {
+    return fn();
+  } finally {
+    T.setBackend('cpu');
+  }
+};
 const R = (seed: number, shape: number[], lo = -2, hi = 2, dtype: DType = 'float32') => T.tensor(rand(seed, sizeOf(shape), lo, hi), shape, dtype);
 const I = (seed: number, shape: number[], lo: number, hi: number) => T.tensor(rand(seed, sizeOf(shape), lo, hi).map(Math.floor), shape, 'int32');
 /** Values on a coarse grid, so comparisons have ties. */
@@ -334,6 +344,26 @@ describe('cuda vs cpu: kernels', gpu, () => {
     check('zero-size ops', () => [T.add(T.zeros([0, 3]), T.ones([3])), T.matmul(T.zeros([0, 4]), T.ones([4, 2])), T.exp(T.zeros([2, 0]))]);
   });
 
+  test('fused AdamW equals the composite update bit for bit (float32, float64)', () => {
+    for (const dtype of ['float32', 'float64'] as DType[]) {
+      const run = (kernel: 'fused' | 'composite', where: <R>(fn: () => R) => R = onCuda) => where(() => T.tidy(() => {
+        const mk = (seed: number) => ({ w: R(seed, [33, 70], -2, 2, dtype), b: R(seed + 1, [70], -1e-3, 1e-3, dtype) });
+        const opt = new AdamW(mk(1), { weightDecay: 0.1, kernel });
+        let params = mk(1);
+        for (let k = 0; k < 4; k++) params = opt.step(params, mk(10 + k), 0.02);
+        const out = [params.w, params.b, opt.state.m.w, opt.state.v.b].map((x) => x.toArray());
+        opt.dispose();
+        return out;
+      }));
+      // every step is an IEEE-rounded + − × ÷ √, so the GPU also matches the CPU exactly
+      const [fused, composite, cpu] = [run('fused'), run('composite'), run('fused', (fn) => fn())];
+      fused.forEach((xs, j) => xs.forEach((x, i) => {
+        assert.ok(Object.is(x, composite[j][i]), `${dtype} output ${j}[${i}]: fused ${x} vs composite ${composite[j][i]}`);
+        assert.ok(Object.is(x, cpu[j][i]), `${dtype} output ${j}[${i}]: cuda ${x} vs cpu ${cpu[j][i]}`);
+      }));
+    }
+  });
+
   test('fused banded attention forward and backward', () => {
     const settings: [string, number[], number[], T.AttentionOptions][] = [
       ['causal', [2, 3, 10, 8], [2, 3, 10, 8], { qStart: 0, kStart: 0 }],
@@ -470,15 +500,6 @@ function checkBf16(label: string, fn: (dt: DType) => unknown, tol: Tol = {}): vo
 const B16 = (seed: number, shape: number[], lo: number, hi: number, dt: DType) => T.tensor(T.roundToBfloat16(rand(seed, sizeOf(shape), lo, hi)), shape, dt);
 
 describe('cuda bfloat16 vs cpu float32', gpu, () => {
-  const onCuda = <R>(fn: () => R): R => {
-    T.setBackend('cuda');
-    try {
-      return fn();
-    } finally {
-      T.setBackend('cpu');
-    }
-  };
-
   test('upload, download and casts round to nearest even exactly as the host does', () => {
     const specials = [0, -0, 1, -1, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -9, 3.4e38, -3.4e38, 1e-40, -1e-42, 2 ** -133, Infinity, -Infinity, NaN, 65504.5, 0.1, -0.3];
     const values = [...specials, ...rand(90, 500, -1e4, 1e4), ...rand(91, 500, -1e-3, 1e-3)];

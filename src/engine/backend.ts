@@ -88,4 +88,30 @@ export interface Backend {
   rmsNormForward(x: BackendData, w: BackendData, rows: number, d: number, eps: number, dtype: DType): { y: BackendData; rstd: BackendData };
   /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
   rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
+  /**
+   * One AdamW step over `size` elements of a float32 or float64 parameter, in one pass (new buffers
+   * for p, m, v). Each operation is rounded to the dtype in the order of the composite update in
+   * src/train/adamw.ts, so the two agree bit for bit (see AdamWHyper).
+   */
+  adamw(p: BackendData, g: BackendData, m: BackendData, v: BackendData, size: number, h: AdamWHyper, dtype: DType): { p: BackendData; m: BackendData; v: BackendData };
+}
+
+/**
+ * The scalars of one AdamW step, each converted to the parameter dtype before use:
+ *   m' = m·beta1 + g·oneMinusBeta1;   v' = v·beta2 + (g·g)·oneMinusBeta2
+ *   p' = (decay ? p·shrink : p) − ((m'/c1) / (√(v'/c2) + eps))·lr
+ */
+export interface AdamWHyper {
+  beta1: number;
+  oneMinusBeta1: number;
+  beta2: number;
+  oneMinusBeta2: number;
+  /** Bias corrections 1 − β^t. */
+  c1: number;
+  c2: number;
+  eps: number;
+  lr: number;
+  /** Whether this parameter takes decoupled weight decay, and its factor 1 − lr·wd. */
+  decay: boolean;
+  shrink: number;
 }

@@ -5,8 +5,8 @@
  * schedules stay outside.
  */
 import {
-  type Tensor, add, div, dispose, keep, leaves, mapLeaves, maximum, mul, scalar, sqrt, square, sub, sum, tidy, zerosLike,
-  zipMap,
+  type AdamWHyper, type Tensor, add, div, dispose, fusedAdamW, keep, leaves, mapLeaves, maximum, mul, scalar, sqrt, square, sub, sum,
+  tidy, zerosLike,
 } from '../engine/index.js';
 
 export interface AdamWOptions {
@@ -17,6 +17,12 @@ export interface AdamWOptions {
   weightDecay?: number;
   /** Which parameters decay; default: matrices (rank >= 2), never norm gains or biases. */
   decays?: (t: Tensor, index: number) => boolean;
+  /**
+   * 'fused' (default): one kernel per float32 / float64 parameter (`fusedAdamW`); 'composite': the
+   * same update written in engine ops (about 15 kernels per parameter). Both give the same bits;
+   * other dtypes always take the composite.
+   */
+  kernel?: 'fused' | 'composite';
 }
 
 /** What a checkpoint saves: first and second moments shaped like the params, and the step count. */
@@ -59,19 +65,35 @@ export function adamwUpdate<T>(
   const t = state.step.item() + 1;
   const c1 = 1 - beta1 ** t;
   const c2 = 1 - beta2 ** t;
+  const h: AdamWHyper = {
+    beta1, oneMinusBeta1: 1 - beta1, beta2, oneMinusBeta2: 1 - beta2, c1, c2, eps, lr, decay: false, shrink: 1 - lr * weightDecay,
+  };
+  const gL = leaves(grads);
+  const mL = leaves(state.m);
+  const vL = leaves(state.v);
   return tidy(() => {
-    const m = zipMap([state.m, grads], ([mi, g]) => keep(add(mul(mi, beta1), mul(g, 1 - beta1))));
-    const v = zipMap([state.v, grads], ([vi, g]) => keep(add(mul(vi, beta2), mul(square(g), 1 - beta2))));
-    const mL = leaves(m);
-    const vL = leaves(v);
-    const next = mapLeaves(params, (p, i) => {
-      // eps is added to √v̂ (not √v), as in PyTorch and optax, so it means the same at every step.
-      const update = div(div(mL[i], c1), add(sqrt(div(vL[i], c2)), eps));
-      const shrunk = decays(p, i) && weightDecay !== 0 ? mul(p, 1 - lr * weightDecay) : p;
-      return keep(sub(shrunk, mul(update, lr)));
+    const out = leaves(params).map((p, i) => {
+      const hi = { ...h, decay: decays(p, i) && weightDecay !== 0 };
+      const r = opts.kernel !== 'composite' && (p.dtype === 'float32' || p.dtype === 'float64')
+        ? fusedAdamW(p, gL[i], mL[i], vL[i], hi)
+        : compositeAdamW(p, gL[i], mL[i], vL[i], hi);
+      return { p: keep(r.p), m: keep(r.m), v: keep(r.v) };
     });
-    return { params: next, state: { m, v, step: keep(scalar(t)) } };
+    return {
+      params: mapLeaves(params, (_, i) => out[i].p),
+      state: { m: mapLeaves(state.m, (_, i) => out[i].m), v: mapLeaves(state.v, (_, i) => out[i].v), step: keep(scalar(t)) },
+    };
   });
+}
+
+/** The update of one parameter in engine ops: the definition `fusedAdamW` matches. */
+function compositeAdamW(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: AdamWHyper): { p: Tensor; m: Tensor; v: Tensor } {
+  const m2 = add(mul(m, h.beta1), mul(g, h.oneMinusBeta1));
+  const v2 = add(mul(v, h.beta2), mul(square(g), h.oneMinusBeta2));
+  // eps is added to √v̂ (not √v), as in PyTorch and optax, so it means the same at every step.
+  const update = div(div(m2, h.c1), add(sqrt(div(v2, h.c2)), h.eps));
+  const shrunk = h.decay ? mul(p, h.shrink) : p;
+  return { p: sub(shrunk, mul(update, h.lr)), m: m2, v: v2 };
 }
 
 /**

@@ -5,7 +5,7 @@
  * WebAssembly SIMD). Float32 exp / sigmoid / silu and softmax / logsumexp rows go through
  * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
-import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
 import type { DType, HostArray } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
@@ -310,6 +310,28 @@ export class CpuBackend implements Backend {
     q: unknown, k: unknown, v: unknown, out: unknown, lse: unknown, dout: unknown, job: AttentionJob, dtype: DType,
   ): { dq: Arr; dk: Arr; dv: Arr } {
     return attentionBackward(q, k, v, out, lse, dout, job, dtype);
+  }
+  adamw(pd: unknown, gd: unknown, md: unknown, vd: unknown, size: number, h: AdamWHyper, dtype: DType): { p: Arr; m: Arr; v: Arr } {
+    if (dtype !== 'float32' && dtype !== 'float64') throw new Error(`cpu backend: adamw needs float32 or float64, got ${dtype}`);
+    const [p, g, m, v] = [pd, gd, md, vd] as Arr[];
+    const po = pool.alloc(dtype, size, false);
+    const mo = pool.alloc(dtype, size, false);
+    const vo = pool.alloc(dtype, size, false);
+    // float32: every operation rounded to single (a double result of single inputs rounds to the
+    // correctly rounded single result for + − × ÷ √), as the composite's kernels do
+    const r = dtype === 'float32' ? Math.fround : (x: number) => x;
+    const [b1, ob1, b2, ob2, c1, c2, eps, lr, shrink] = [h.beta1, h.oneMinusBeta1, h.beta2, h.oneMinusBeta2, h.c1, h.c2, h.eps, h.lr, h.shrink].map(r);
+    for (let i = 0; i < size; i++) {
+      const gi = g[i];
+      const mi = r(r(m[i] * b1) + r(gi * ob1));
+      const vi = r(r(v[i] * b2) + r(r(gi * gi) * ob2));
+      const update = r(r(mi / c1) / r(r(Math.sqrt(r(vi / c2))) + eps));
+      const shrunk = h.decay ? r(p[i] * shrink) : p[i];
+      po[i] = r(shrunk - r(update * lr));
+      mo[i] = mi;
+      vo[i] = vi;
+    }
+    return { p: po, m: mo, v: vo };
   }
   // Sums in double, rounded once, like the CPU's reductions.
   rmsNormForward(xd: unknown, wd: unknown, rows: number, d: number, eps: number, dtype: DType): { y: Arr; rstd: Arr } {

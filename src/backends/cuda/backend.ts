@@ -8,7 +8,7 @@
  * (values widen to float in every kernel and round once on store; GEMMs on tensor cores with fp32
  * accumulation through cublasGemm*Ex).
  */
-import type { AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, fromBfloat16Bits, hostArray, toBfloat16Bits } from '../../engine/dtype.js';
 import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
@@ -19,7 +19,7 @@ import {
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
-  ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
+  ADAMW, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
@@ -497,6 +497,19 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
     this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
     return out;
+  }
+
+  // ---- AdamW --------------------------------------------------------------------------------------
+
+  adamw(p: unknown, g: unknown, m: unknown, v: unknown, size: number, h: AdamWHyper, dtype: DType): { p: DeviceBuffer; m: DeviceBuffer; v: DeviceBuffer } {
+    const dt = dtype;
+    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: adamw needs float32 or float64, got ${dt}`);
+    const [po, mo, vo] = [this.alloc(dt, size), this.alloc(dt, size), this.alloc(dt, size)];
+    if (size === 0) return { p: po, m: mo, v: vo };
+    const a = this.args.reset().ptr(buf(p).ptr).ptr(buf(g).ptr).ptr(buf(m).ptr).ptr(buf(v).ptr).ptr(po.ptr).ptr(mo.ptr).ptr(vo.ptr).i64(size);
+    a.f64(h.beta1).f64(h.oneMinusBeta1).f64(h.beta2).f64(h.oneMinusBeta2).f64(h.c1).f64(h.c2).f64(h.eps).f64(h.lr).f64(h.shrink).i32(h.decay ? 1 : 0);
+    this.launch(this.fn('elementwise', dt, ADAMW), this.blocksFor(size), THREADS, 0, a, ADAMW);
+    return { p: po, m: mo, v: vo };
   }
 
   // ---- RMSNorm ------------------------------------------------------------------------------------

@@ -47,6 +47,37 @@ export const binaryName = (op: BinaryOp) => `binary_${op}`;
 export const binaryFlatName = (op: BinaryOp) => `binary_flat_${op}`;
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
+export const ADAMW = 'adamw_step';
+
+/**
+ * One AdamW step per element (float32 / float64 modules): the composite update of src/train/adamw.ts,
+ * every operation explicitly rounded (_rn intrinsics) so that no multiply-add is contracted and the
+ * result equals the composite's chain of kernels bit for bit.
+ */
+function adamwSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const f = dtype === 'float32' ? 'f' : 'd';
+  return `__device__ __forceinline__ ${T} aw_add(${T} a, ${T} b) { return __${f}add_rn(a, b); }
+__device__ __forceinline__ ${T} aw_sub(${T} a, ${T} b) { return __${f}sub_rn(a, b); }
+__device__ __forceinline__ ${T} aw_mul(${T} a, ${T} b) { return __${f}mul_rn(a, b); }
+__device__ __forceinline__ ${T} aw_div(${T} a, ${T} b) { return __${f}div_rn(a, b); }
+__device__ __forceinline__ ${T} aw_sqrt(${T} a) { return __${f}sqrt_rn(a); }
+extern "C" __global__ void ${ADAMW}(const ${T}* p, const ${T}* g, const ${T}* m, const ${T}* v, ${T}* po, ${T}* mo, ${T}* vo, i64 n,
+    double beta1, double omb1, double beta2, double omb2, double c1, double c2, double eps, double lr, double shrink, int decay) {
+  const ${T} b1 = (${T})beta1, ob1 = (${T})omb1, b2 = (${T})beta2, ob2 = (${T})omb2, C1 = (${T})c1, C2 = (${T})c2;
+  const ${T} E = (${T})eps, LR = (${T})lr, S = (${T})shrink;
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    const ${T} gi = g[i];
+    const ${T} mi = aw_add(aw_mul(m[i], b1), aw_mul(gi, ob1));
+    const ${T} vi = aw_add(aw_mul(v[i], b2), aw_mul(aw_mul(gi, gi), ob2));
+    const ${T} update = aw_div(aw_div(mi, C1), aw_add(aw_sqrt(aw_div(vi, C2)), E));
+    const ${T} shrunk = decay ? aw_mul(p[i], S) : p[i];
+    po[i] = aw_sub(shrunk, aw_mul(update, LR));
+    mo[i] = mi;
+    vo[i] = vi;
+  }
+}`;
+}
 
 /** Every elementwise kernel of one dtype, as one source. */
 export function elementwiseSource(dtype: CudaDType): string {
@@ -90,6 +121,7 @@ export function elementwiseSource(dtype: CudaDType): string {
   }
 }`);
   }
+  if (dtype === 'float32' || dtype === 'float64') parts.push(adamwSource(dtype));
   parts.push(`extern "C" __global__ void ${WHERE}(${T}* out, const unsigned char* c, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
