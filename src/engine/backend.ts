@@ -52,6 +52,8 @@ export interface Backend {
   download(data: BackendData, dtype: DType, size: number): HostArray;
   free(data: BackendData, dtype: DType, size: number): void;
   fill(size: number, dtype: DType, value: number): BackendData;
+  /** Storage of `size` elements with unspecified contents, for a caller that overwrites all of them. */
+  empty(size: number, dtype: DType): BackendData;
   unary(op: UnaryOp, x: BackendData, size: number, dtype: DType): BackendData;
   binary(op: BinaryOp, a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
   /** Result dtype is `bool`; `dtype` is the inputs'. */

@@ -471,7 +471,7 @@ function invertPerm(perm: number[]): number[] {
 
 /** Materialise `shape` read from x at `offset` with element strides `strides`. */
 function gatherStrided(x: Tensor, shape: number[], offset: number, strides: number[]): Tensor {
-  const data = x.backend.fill(sizeOf(shape), x.dtype, 0);
+  const data = x.backend.empty(sizeOf(shape), x.dtype); // the copy writes every element
   x.backend.copy(x.data, offset, strides, data, 0, stridesOf(shape), shape, x.dtype);
   return fromData(data, shape, x.dtype, x.backend);
 }
@@ -555,7 +555,7 @@ export function concat(xs: readonly Tensor[], axis = 0): Tensor {
   const shape = [...xs[0].shape];
   shape[a] = xs.reduce((acc, t) => acc + t.shape[a], 0);
   const backend = xs[0].backend;
-  const data = backend.fill(sizeOf(shape), dtype, 0);
+  const data = backend.empty(sizeOf(shape), dtype); // the inputs' copies tile the whole output
   const st = stridesOf(shape);
   const starts: number[] = [];
   let at = 0;

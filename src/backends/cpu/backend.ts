@@ -117,6 +117,9 @@ export class CpuBackend implements Backend {
     if (!zero) out.fill(value);
     return out;
   }
+  empty(size: number, dtype: DType): Arr {
+    return pool.alloc(dtype, size, false);
+  }
   unary(op: UnaryOp, x: unknown, size: number, dtype: DType): Arr {
     const out = pool.alloc(dtype, size, false);
     if (dtype === 'float32' && WASM_UNARY.has(op) && wasmUnaryF32(op as WasmUnaryOp, x as Float32Array, out as Float32Array, size)) return out;

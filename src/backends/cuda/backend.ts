@@ -367,6 +367,10 @@ export class CudaBackend implements Backend {
     this.allocator.free(buf(data));
   }
 
+  empty(size: number, dtype: DType): DeviceBuffer {
+    return this.alloc(dtype, size);
+  }
+
   fill(size: number, dtype: DType, value: number): DeviceBuffer {
     const dt = dtype;
     const out = this.alloc(dt, size);
