@@ -91,6 +91,11 @@ export interface Backend {
   /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
   rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
   /**
+   * RoPE over x [outer, T, H, D] (pairs (2i, 2i+1) of the last axis) with tables cos, sin [T, D/2]:
+   * see `fusedRope` (src/engine/rope.ts) for the formula and its rounding order.
+   */
+  rope(x: BackendData, cos: BackendData, sin: BackendData, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): BackendData;
+  /**
    * One AdamW step over `size` elements of a float32 or float64 parameter, in one pass (new buffers
    * for p, m, v). Each operation is rounded to the dtype in the order of the composite update in
    * src/train/adamw.ts, so the two agree bit for bit (see AdamWHyper).

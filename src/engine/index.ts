@@ -12,6 +12,7 @@ export * from './autodiff.js';
 export * from './attention.js';
 export * from './norm.js';
 export * from './optim.js';
+export * from './rope.js';
 export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';

@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, fusedRmsNorm, getBackend,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, fusedRmsNorm, fusedRope, getBackend,
   greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, silu, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -56,16 +56,32 @@ export function swiglu(x: Tensor, p: MlpWeights): Tensor {
 
 /**
  * Rotary position embedding on [..., T, H, D] with interleaved pairs (x[2i], x[2i+1]) rotated by
- * angle pos · theta^(-2i/D), as the reference does.
+ * angle pos · theta^(-2i/D), as the reference does: the fused op (unless `setRopePath('composite')`
+ * or `TTT_ROPE=composite`), which equals the composite definition below bit for bit.
  */
 export function rope(x: Tensor, positions: readonly number[], theta: number): Tensor {
   const D = x.shape[x.rank - 1];
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
-  const half = D / 2;
   const tables = ropeTables(positions, D, theta, x.dtype);
-  const cos = reshape(tables.cos, [T, 1, half]);
-  const sin = reshape(tables.sin, [T, 1, half]);
+  return ropePath === 'fused' ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
+}
+
+let ropePath: 'fused' | 'composite' = process.env.TTT_ROPE === 'composite' ? 'composite' : 'fused';
+/** Which implementation `rope` uses (to compare them in a whole model: tests, benchmarks). */
+export function setRopePath(path: 'fused' | 'composite'): 'fused' | 'composite' {
+  const before = ropePath;
+  ropePath = path;
+  return before;
+}
+
+/** RoPE in engine ops, from cos/sin tables [T·D/2]: the definition `fusedRope` matches. */
+export function compositeRope(x: Tensor, cosTable: Tensor, sinTable: Tensor): Tensor {
+  const D = x.shape[x.rank - 1];
+  const T = x.shape[x.rank - 3];
+  const half = D / 2;
+  const cos = reshape(cosTable, [T, 1, half]);
+  const sin = reshape(sinTable, [T, 1, half]);
   const pairs = reshape(x, [...x.shape.slice(0, -1), half, 2]);
   const even = reshape(slice(pairs, [...Array(x.rank).fill(0), 0], [...pairs.shape.slice(0, -1), 1]), [...x.shape.slice(0, -1), half]);
   const odd = reshape(slice(pairs, [...Array(x.rank).fill(0), 1], [...pairs.shape.slice(0, -1), 2]), [...x.shape.slice(0, -1), half]);
@@ -82,7 +98,7 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
  */
 const ropeCache = new TensorCache(512);
 
-function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
+export function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
   const T = positions.length;
   const half = D / 2;
   const table = (f: (angle: number) => number) => () => {

@@ -314,6 +314,30 @@ export class CpuBackend implements Backend {
   ): { dq: Arr; dk: Arr; dv: Arr } {
     return attentionBackward(q, k, v, out, lse, dout, job, dtype);
   }
+  rope(xd: unknown, cd: unknown, sd: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): Arr {
+    if (dtype !== 'float32' && dtype !== 'float64') throw new Error(`cpu backend: rope needs float32 or float64, got ${dtype}`);
+    const [x, cos, sin] = [xd, cd, sd] as Arr[];
+    const out = pool.alloc(dtype, outer * T * H * D, false);
+    const r = dtype === 'float32' ? Math.fround : (v: number) => v;
+    const half = D / 2;
+    for (let o = 0; o < outer; o++) {
+      for (let t = 0; t < T; t++) {
+        for (let h = 0; h < H; h++) {
+          const base = ((o * T + t) * H + h) * D;
+          for (let i = 0; i < half; i++) {
+            const e = x[base + 2 * i];
+            const d = x[base + 2 * i + 1];
+            const c = cos[t * half + i];
+            const s = sin[t * half + i];
+            // forward: (e c − d s, e s + d c); inverse: (e c + d s, d c − e s)
+            out[base + 2 * i] = inverse ? r(r(e * c) + r(d * s)) : r(r(e * c) - r(d * s));
+            out[base + 2 * i + 1] = inverse ? r(r(d * c) - r(e * s)) : r(r(e * s) + r(d * c));
+          }
+        }
+      }
+    }
+    return out;
+  }
   adamw(pd: unknown, gd: unknown, md: unknown, vd: unknown, size: number, h: AdamWHyper, dtype: DType): { p: Arr; m: Arr; v: Arr } {
     if (dtype !== 'float32' && dtype !== 'float64') throw new Error(`cpu backend: adamw needs float32 or float64, got ${dtype}`);
     const [p, g, m, v] = [pd, gd, md, vd] as Arr[];

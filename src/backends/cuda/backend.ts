@@ -19,7 +19,7 @@ import {
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
-  ADAMW, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
+  ADAMW, ROPE, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
@@ -500,6 +500,19 @@ export class CudaBackend implements Backend {
     if (size === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
     this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
+    return out;
+  }
+
+  // ---- RoPE ---------------------------------------------------------------------------------------
+
+  rope(x: unknown, cos: unknown, sin: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): DeviceBuffer {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rope needs a float dtype, got ${dt}`);
+    const pairs = (outer * T * H * D) / 2;
+    const out = this.alloc(dt, 2 * pairs);
+    if (pairs === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).ptr(buf(cos).ptr).ptr(buf(sin).ptr).i64(pairs).i64(T).i64(H).i64(D / 2).i32(inverse ? 1 : 0);
+    this.launch(this.fn('elementwise', dt, ROPE), this.blocksFor(pairs), THREADS, 0, a, ROPE);
     return out;
   }
 

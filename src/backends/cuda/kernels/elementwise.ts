@@ -48,6 +48,35 @@ export const binaryFlatName = (op: BinaryOp) => `binary_flat_${op}`;
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
 export const ADAMW = 'adamw_step';
+export const ROPE = 'rope_pairs';
+
+/**
+ * RoPE over pairs (fusedRope, src/engine/rope.ts): one thread per pair (x[2k], x[2k+1]) of x [outer, T,
+ * H, D] with tables [T, D/2]; every product and sum rounded to the storage type in the composite's
+ * order (bf16: to bf16 after each operation, as the composite's kernels store), with _rn intrinsics so
+ * nothing is contracted.
+ */
+function ropeSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const f = dtype === 'float64' ? 'd' : 'f';
+  const round = dtype === 'bfloat16' ? 'bf2f(f2bf(v))' : 'v';
+  return `__device__ __forceinline__ M rp_round(M v) { return ${round}; }
+__device__ __forceinline__ M rp_mul(M a, M b) { return rp_round(__${f}mul_rn(a, b)); }
+__device__ __forceinline__ M rp_add(M a, M b) { return rp_round(__${f}add_rn(a, b)); }
+__device__ __forceinline__ M rp_sub(M a, M b) { return rp_round(__${f}sub_rn(a, b)); }
+extern "C" __global__ void ${ROPE}(${T}* out, const ${T}* x, const ${T}* cs, const ${T}* sn, i64 pairs, i64 tokens, i64 H, i64 half, int inverse) {
+  for (i64 k = gtid(); k < pairs; k += gstride()) {
+    const i64 i = k % half, t = (k / (half * H)) % tokens;
+    const M e = ${load(dtype, 'x[2 * k]')}, d = ${load(dtype, 'x[2 * k + 1]')};
+    const M c = ${load(dtype, 'cs[t * half + i]')}, s = ${load(dtype, 'sn[t * half + i]')};
+    M a, b;
+    if (inverse) { a = rp_add(rp_mul(e, c), rp_mul(d, s)); b = rp_sub(rp_mul(d, c), rp_mul(e, s)); }
+    else { a = rp_sub(rp_mul(e, c), rp_mul(d, s)); b = rp_add(rp_mul(e, s), rp_mul(d, c)); }
+    out[2 * k] = ${STORE[dtype]('a')};
+    out[2 * k + 1] = ${STORE[dtype]('b')};
+  }
+}`;
+}
 
 /**
  * One AdamW step per element (float32 / float64 modules): the composite update of src/train/adamw.ts,
@@ -122,6 +151,7 @@ export function elementwiseSource(dtype: CudaDType): string {
 }`);
   }
   if (dtype === 'float32' || dtype === 'float64') parts.push(adamwSource(dtype));
+  if (isFloat) parts.push(ropeSource(dtype));
   parts.push(`extern "C" __global__ void ${WHERE}(${T}* out, const unsigned char* c, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
