@@ -90,6 +90,10 @@ export interface Backend {
   rmsNormForward(x: BackendData, w: BackendData, rows: number, d: number, eps: number, dtype: DType): { y: BackendData; rstd: BackendData };
   /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
   rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
+  /** The SwiGLU gate y = silu(a) · b over `size` elements (silu(a) = a / (1 + e^−a)). */
+  swigluForward(a: BackendData, b: BackendData, size: number, dtype: DType): BackendData;
+  /** Its cotangents: da = g · b · σ(a)(1 + a(1 − σ(a))), db = g · silu(a). */
+  swigluBackward(a: BackendData, b: BackendData, g: BackendData, size: number, dtype: DType): { da: BackendData; db: BackendData };
   /**
    * RoPE over x [outer, T, H, D] (pairs (2i, 2i+1) of the last axis) with tables cos, sin [T, D/2]:
    * see `fusedRope` (src/engine/rope.ts) for the formula and its rounding order.

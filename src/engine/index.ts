@@ -13,6 +13,7 @@ export * from './attention.js';
 export * from './norm.js';
 export * from './optim.js';
 export * from './rope.js';
+export * from './swiglu.js';
 export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';

@@ -3,8 +3,8 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, fusedRmsNorm, fusedRope, getBackend,
-  greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, silu, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, compositeSwigluGate, fusedRmsNorm, fusedRope, fusedSwigluGate, getBackend,
+  greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
 } from '../engine/index.js';
 
 /**
@@ -51,7 +51,16 @@ export interface MlpWeights {
 }
 export function swiglu(x: Tensor, p: MlpWeights): Tensor {
   const w = (t: Tensor) => inDType(t, x.dtype);
-  return matmul(mul(silu(matmul(x, w(p.w1))), matmul(x, w(p.w3))), w(p.w2));
+  const gate = swigluPath === 'fused' ? fusedSwigluGate : compositeSwigluGate;
+  return matmul(gate(matmul(x, w(p.w1)), matmul(x, w(p.w3))), w(p.w2));
+}
+
+let swigluPath: 'fused' | 'composite' = process.env.TTT_SWIGLU === 'composite' ? 'composite' : 'fused';
+/** Which implementation of the gate silu(x W1) · (x W3) `swiglu` uses (fused unless `TTT_SWIGLU=composite`). */
+export function setSwigluPath(path: 'fused' | 'composite'): 'fused' | 'composite' {
+  const before = swigluPath;
+  swigluPath = path;
+  return before;
 }
 
 /**

@@ -19,7 +19,7 @@ import {
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
-  ADAMW, ROPE, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
+  ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
@@ -501,6 +501,28 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
     this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
     return out;
+  }
+
+  // ---- SwiGLU gate --------------------------------------------------------------------------------
+
+  swigluForward(a: unknown, b: unknown, size: number, dtype: DType): DeviceBuffer {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: swigluGate needs a float dtype, got ${dt}`);
+    const y = this.alloc(dt, size);
+    if (size === 0) return y;
+    const args = this.args.reset().ptr(y.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64(size);
+    this.launch(this.fn('elementwise', dt, SWIGLU_FWD), this.blocksFor(size), THREADS, 0, args, SWIGLU_FWD);
+    return y;
+  }
+
+  swigluBackward(a: unknown, b: unknown, g: unknown, size: number, dtype: DType): { da: DeviceBuffer; db: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: swigluGate needs a float dtype, got ${dt}`);
+    const [da, db] = [this.alloc(dt, size), this.alloc(dt, size)];
+    if (size === 0) return { da, db };
+    const args = this.args.reset().ptr(da.ptr).ptr(db.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).ptr(buf(g).ptr).i64(size);
+    this.launch(this.fn('elementwise', dt, SWIGLU_BWD), this.blocksFor(size), THREADS, 0, args, SWIGLU_BWD);
+    return { da, db };
   }
 
   // ---- RoPE ---------------------------------------------------------------------------------------

@@ -49,6 +49,25 @@ export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
 export const ADAMW = 'adamw_step';
 export const ROPE = 'rope_pairs';
+export const SWIGLU_FWD = 'swiglu_fwd';
+export const SWIGLU_BWD = 'swiglu_bwd';
+
+/** The SwiGLU gate silu(a) · b and its backward (both cotangents in one pass), math in M. */
+function swigluSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const ld = (e: string) => load(dtype, e);
+  return `extern "C" __global__ void ${SWIGLU_FWD}(${T}* y, const ${T}* a, const ${T}* b, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) { const M x = ${ld('a[i]')}; y[i] = ${STORE[dtype](`x / (M(1) + exp(-x)) * ${ld('b[i]')}`)}; }
+}
+extern "C" __global__ void ${SWIGLU_BWD}(${T}* da, ${T}* db, const ${T}* a, const ${T}* b, const ${T}* g, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    const M x = ${ld('a[i]')}, gi = ${ld('g[i]')};
+    const M s = M(1) / (M(1) + exp(-x));
+    da[i] = ${STORE[dtype]('gi * ' + ld('b[i]') + ' * s * (M(1) + x * (M(1) - s))')};
+    db[i] = ${STORE[dtype]('gi * x * s')};
+  }
+}`;
+}
 
 /**
  * RoPE over pairs (fusedRope, src/engine/rope.ts): one thread per pair (x[2k], x[2k+1]) of x [outer, T,
@@ -151,7 +170,7 @@ export function elementwiseSource(dtype: CudaDType): string {
 }`);
   }
   if (dtype === 'float32' || dtype === 'float64') parts.push(adamwSource(dtype));
-  if (isFloat) parts.push(ropeSource(dtype));
+  if (isFloat) parts.push(ropeSource(dtype), swigluSource(dtype));
   parts.push(`extern "C" __global__ void ${WHERE}(${T}* out, const unsigned char* c, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
