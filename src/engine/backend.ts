@@ -90,6 +90,14 @@ export interface Backend {
   rmsNormForward(x: BackendData, w: BackendData, rows: number, d: number, eps: number, dtype: DType): { y: BackendData; rstd: BackendData };
   /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
   rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
+  /**
+   * Per row of logits [rows, V] with an int32 target: nll = logsumexp − logits[target], and the
+   * logsumexp (float32 for float32 and bfloat16 logits, float64 for float64) for the backward. A
+   * target outside [0, V) throws, at once or (on a device) at the next sync.
+   */
+  tokenNllForward(logits: BackendData, targets: BackendData, rows: number, V: number, dtype: DType): { nll: BackendData; lse: BackendData };
+  /** dlogits = (exp(logits − lse) − onehot(target)) · g[row], in the logits' dtype. */
+  tokenNllBackward(logits: BackendData, targets: BackendData, lse: BackendData, g: BackendData, rows: number, V: number, dtype: DType): BackendData;
   /** The SwiGLU gate y = silu(a) · b over `size` elements (silu(a) = a / (1 + e^−a)). */
   swigluForward(a: BackendData, b: BackendData, size: number, dtype: DType): BackendData;
   /** Its cotangents: da = g · b · σ(a)(1 + a(1 − σ(a))), db = g · silu(a). */

@@ -14,6 +14,7 @@ export * from './norm.js';
 export * from './optim.js';
 export * from './rope.js';
 export * from './swiglu.js';
+export * from './loss.js';
 export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';

@@ -3,8 +3,8 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, expandDims, TensorCache, compositeRmsNorm, compositeSwigluGate, fusedRmsNorm, fusedRope, fusedSwigluGate, getBackend,
-  greater, log, logsumexp, matmul, mean, mul, neg, reshape, scaledDotAttention, slice, stack, sub, takeAlongAxis, tensor, transpose, where,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, TensorCache, compositeRmsNorm, compositeSwigluGate, compositeTokenNll, fusedRmsNorm, fusedTokenNll, fusedRope, fusedSwigluGate, getBackend,
+  greater, log, matmul, mean, mul, neg, reshape, scaledDotAttention, slice, stack, sub, tensor, transpose, where,
 } from '../engine/index.js';
 
 /**
@@ -162,8 +162,15 @@ export function mergeHeads(x: Tensor): Tensor {
 
 /** Per-token next-token negative log-likelihood: logsumexp(logits) - logits[target]. logits [..., V], targets int32 [...]. */
 export function tokenNll(logits: Tensor, targets: Tensor): Tensor {
-  const picked = reshape(takeAlongAxis(logits, expandDims(targets, -1), -1), targets.shape);
-  return sub(logsumexp(logits, -1), picked);
+  return lossPath === 'fused' ? fusedTokenNll(logits, targets) : compositeTokenNll(logits, targets);
+}
+
+let lossPath: 'fused' | 'composite' = process.env.TTT_LOSS === 'composite' ? 'composite' : 'fused';
+/** Which implementation `tokenNll` uses: the fused op (default) or `compositeTokenNll` (`TTT_LOSS=composite`). */
+export function setLossPath(path: 'fused' | 'composite'): 'fused' | 'composite' {
+  const before = lossPath;
+  lossPath = path;
+  return before;
 }
 
 /** Mean of `values` where `mask` is 1 (mask float, same shape), or plain mean without a mask. */

@@ -314,6 +314,37 @@ export class CpuBackend implements Backend {
   ): { dq: Arr; dk: Arr; dv: Arr } {
     return attentionBackward(q, k, v, out, lse, dout, job, dtype);
   }
+  tokenNllForward(xd: unknown, td: unknown, rows: number, V: number, dtype: DType): { nll: Arr; lse: Arr } {
+    const [x, t] = [xd, td] as Arr[];
+    const nll = pool.alloc(dtype, rows, false);
+    const lse = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
+    for (let r = 0; r < rows; r++) {
+      const target = t[r];
+      if (!(target >= 0 && target < V)) throw new Error(`tokenNll: index ${target} out of range [0, ${V})`);
+      const base = r * V;
+      let m = -Infinity;
+      for (let i = 0; i < V; i++) if (x[base + i] > m) m = x[base + i];
+      let l = m;
+      if (m !== -Infinity && m !== Infinity) {
+        let s = 0;
+        for (let i = 0; i < V; i++) s += Math.exp(x[base + i] - m);
+        l = m + Math.log(s);
+      }
+      lse[r] = l;
+      nll[r] = l - x[base + target];
+    }
+    return { nll, lse };
+  }
+  tokenNllBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, rows: number, V: number, dtype: DType): Arr {
+    const [x, t, lse, g] = [xd, td, ld, gd] as Arr[];
+    const dx = pool.alloc(dtype, rows * V, false);
+    for (let r = 0; r < rows; r++) {
+      const base = r * V;
+      const [l, gr, target] = [lse[r], g[r], t[r]];
+      for (let i = 0; i < V; i++) dx[base + i] = (Math.exp(x[base + i] - l) - (i === target ? 1 : 0)) * gr;
+    }
+    return dx;
+  }
   // In double, rounded once per output, like the CPU's other fused kernels.
   swigluForward(ad: unknown, bd: unknown, size: number, dtype: DType): Arr {
     const [a, b] = [ad, bd] as Arr[];

@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, NLL_BWD, NLL_FWD, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -317,7 +317,7 @@ export class CudaBackend implements Backend {
     this.cu('cuMemcpyDtoH(status)', this.drv.cuMemcpyDtoH(s, this.status.ptr, 16));
     if (s[0] !== 0) {
       this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(this.status.ptr, 0, 16, NULL_STREAM));
-      const op = s[0] === 1 ? 'gather' : 'scatterAdd';
+      const op = s[0] === 1 ? 'gather' : s[0] === 2 ? 'scatterAdd' : 'tokenNll';
       throw new Error(`${op}: index ${s[1]} out of range [0, ${s[2]}) (cuda: found by the kernel, reported at the next sync point)`);
     }
   }
@@ -501,6 +501,31 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(inner).i32(reverse ? 1 : 0);
     this.launch(this.fn('reduce', dt, CUMSUM), this.blocksFor(outer * inner), THREADS, 0, a, CUMSUM);
     return out;
+  }
+
+  // ---- token NLL ----------------------------------------------------------------------------------
+
+  tokenNllForward(logits: unknown, targets: unknown, rows: number, V: number, dtype: DType): { nll: DeviceBuffer; lse: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
+    this.checkHostRange('tokenNll', targets, V, rows);
+    const nll = this.alloc(dt, rows);
+    const lse = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
+    if (rows === 0) return { nll, lse };
+    const a = this.args.reset().ptr(nll.ptr).ptr(lse.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(this.status.ptr).i64(rows).i64(V);
+    this.launch(this.fn('reduce', dt, NLL_FWD), this.rowBlocks(rows), THREADS, 0, a, NLL_FWD);
+    this.statusPending = true;
+    return { nll, lse };
+  }
+
+  tokenNllBackward(logits: unknown, targets: unknown, lse: unknown, g: unknown, rows: number, V: number, dtype: DType): DeviceBuffer {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
+    const dx = this.alloc(dt, rows * V);
+    if (rows * V === 0) return dx;
+    const a = this.args.reset().ptr(dx.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).i64(rows).i64(V);
+    this.launch(this.fn('reduce', dt, NLL_BWD), this.blocksFor(rows * V), THREADS, 0, a, NLL_BWD);
+    return dx;
   }
 
   // ---- SwiGLU gate --------------------------------------------------------------------------------

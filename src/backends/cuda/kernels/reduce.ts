@@ -31,10 +31,58 @@ export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
 export const CUMSUM = 'cumsum_mid';
+export const NLL_FWD = 'token_nll_fwd';
+export const NLL_BWD = 'token_nll_bwd';
 export const RMSNORM_FWD = 'rmsnorm_fwd';
 export const RMSNORM_BWD = 'rmsnorm_bwd';
 /** Rows per block of the RMSNorm kernels (one warp each). */
 export const RMSNORM_ROWS = 8;
+
+/**
+ * Token NLL from logits (fusedTokenNll): forward one block per row, max then a double sum of exp as in
+ * logsumexp_rows, nll and the row's lse (float, or double for float64) by thread 0; a target outside
+ * [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
+ * thread per logit: (exp(x − lse) − [j = target]) · g.
+ */
+function tokenNllSource(dtype: CudaDType): string {
+  const T = CTYPE[dtype];
+  const L = dtype === 'float64' ? 'double' : 'float';
+  const ld = (e: string) => load(dtype, e, 'double');
+  const st = STORE[dtype];
+  return `extern "C" __global__ void ${NLL_FWD}(${T}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
+    const ${T}* row = x + o * V;
+    double m = NEG_INF_D;
+    for (i64 i = threadIdx.x; i < V; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
+    m = block_fmax(m, red);
+    double l = m;
+    if (m != NEG_INF_D && m != POS_INF_D) {
+      double s = 0.0;
+      for (i64 i = threadIdx.x; i < V; i += blockDim.x) s += exp(${ld('row[i]')} - m);
+      l = m + log(block_dsum(s, red));
+    }
+    if (threadIdx.x == 0) {
+      const int r = tgt[o];
+      lse[o] = (${L})l;
+      if (r < 0 || r >= V) {
+        if (atomicCAS(status, 0, 3) == 0) { status[1] = r; status[2] = (int)V; }
+        nll[o] = ${st('__longlong_as_double(0x7ff8000000000000LL)')};
+      } else {
+        nll[o] = ${st(`l - ${ld('row[r]')}`)};
+      }
+    }
+  }
+}
+extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${T}* g, i64 rows, i64 V) {
+  const i64 n = rows * V;
+  for (i64 k = gtid(); k < n; k += gstride()) {
+    const i64 o = k / V, j = k % V;
+    const double p = exp(${ld('x[k]')} - (double)lse[o]);
+    dx[k] = ${st(`(p - (j == tgt[o] ? 1.0 : 0.0)) * ${ld('g[o]')}`)};
+  }
+}`;
+}
 
 /**
  * RMSNorm, one warp per row: forward y = x · rstd · w (rstd kept for the backward: float for
@@ -196,7 +244,7 @@ export function reduceSource(dtype: CudaDType): string {
   }
 }`);
   }
-  if (CUDA_FLOATS.has(dtype)) parts.push(rmsNormSource(dtype));
+  if (CUDA_FLOATS.has(dtype)) parts.push(rmsNormSource(dtype), tokenNllSource(dtype));
   parts.push(`extern "C" __global__ void ${CUMSUM}(${T}* out, const ${T}* x, i64 outer, i64 n, i64 inner, int reverse) {
   i64 total = outer * inner;
   for (i64 t = gtid(); t < total; t += gstride()) {

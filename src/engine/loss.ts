@@ -1,0 +1,48 @@
+/**
+ * Next-token negative log-likelihood from logits as one op: nll = logsumexp(logits) − logits[target]
+ * per row, forward in one pass over each row (kept: the row's logsumexp), backward writing
+ * dlogits = (softmax − onehot(target)) · g in one pass, so no other [rows, V] buffer is made: at a
+ * 128256-token vocabulary each one is half a gigabyte per 1024 positions. As for RMSNorm, the
+ * composite is the truth, and the backward falls back to it when it will itself be differentiated.
+ */
+import { vjp } from './autodiff.js';
+import { expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
+import { fromData, isTracked, record } from './runtime.js';
+import { fmt } from './shape.js';
+import type { Tensor } from './tensor.js';
+
+/** The definition, from differentiable ops only: logits [..., V], targets int32 [...] → [...]. */
+export function compositeTokenNll(logits: Tensor, targets: Tensor): Tensor {
+  const picked = reshape(takeAlongAxis(logits, expandDims(targets, -1), -1), targets.shape);
+  return sub(logsumexp(logits, -1), picked);
+}
+
+/** Same values as `compositeTokenNll` up to rounding; a target outside [0, V) throws (on a GPU at the next sync). */
+export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
+  const V = logits.shape[logits.rank - 1];
+  if (logits.rank !== targets.rank + 1 || targets.shape.some((d, i) => d !== logits.shape[i])) {
+    throw new Error(`tokenNll: logits ${fmt(logits.shape)} should be targets ${fmt(targets.shape)} plus a vocabulary axis`);
+  }
+  if (targets.dtype !== 'int32') throw new Error(`tokenNll: targets must be int32, got ${targets.dtype}`);
+  if (logits.dtype !== 'float32' && logits.dtype !== 'float64' && logits.dtype !== 'bfloat16') throw new Error(`tokenNll: logits must be floating point, got ${logits.dtype}`);
+  if (targets.backend !== logits.backend) throw new Error('tokenNll: logits and targets live on different backends');
+  if (V === 0 && targets.size > 0) throw new Error(`tokenNll: empty vocabulary axis in ${fmt(logits.shape)}`);
+  const { backend, dtype } = logits;
+  const rows = targets.size;
+  const r = backend.tokenNllForward(logits.data, targets.data, rows, V, dtype);
+  const nll = fromData(r.nll, targets.shape, dtype, backend);
+  const lseDType = dtype === 'float64' ? 'float64' : 'float32';
+  if (!isTracked(logits)) {
+    backend.free(r.lse, lseDType, rows);
+    return nll;
+  }
+  const lse = fromData(r.lse, [rows], lseDType, backend);
+  record('tokenNll', [logits], [nll], ([g]) => {
+    if (isTracked(logits) || isTracked(nll) || isTracked(g!)) {
+      const [, pullback] = vjp((x: Tensor) => compositeTokenNll(x, targets), logits);
+      return [pullback(g!)[0] as Tensor];
+    }
+    return [fromData(backend.tokenNllBackward(logits.data, targets.data, lse.data, g!.data, rows, V, dtype), logits.shape, dtype, backend)];
+  }, [targets, lse]);
+  return nll;
+}

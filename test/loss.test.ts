@@ -1,0 +1,102 @@
+/**
+ * The fused token NLL (logsumexp − logits[target] per row) against its composite definition:
+ * values, the gradient through the backend's one-pass backward kernel, second order (the composite
+ * fallback), finite differences, errors. Runs on the backend in use (TTT_DEVICE=cuda for the GPU).
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as T from '../src/index.js';
+import { setLossPath, tokenNll } from '../src/nn/layers.js';
+import { seededValues } from './helpers/check.js';
+import { sizeOf } from '../src/engine/shape.js';
+
+const R = (seed: number, shape: number[], dt: T.DType = 'float64', scale = 4) => T.tensor(seededValues(seed, sizeOf(shape), -scale, scale), shape, dt);
+const targetsFor = (seed: number, shape: number[], V: number) =>
+  T.tensor(seededValues(seed, sizeOf(shape), 0, V).map(Math.floor), shape, 'int32');
+const relDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i]) / Math.max(1, Math.abs(b[i]))), 0);
+
+/** [logits shape, targets shape]: 1-d and 2-d leads, a vocabulary of 1, a long row, no rows. */
+const CASES: [number[], number[]][] = [[[3, 7], [3]], [[2, 4, 11], [2, 4]], [[5, 1], [5]], [[2, 3000], [2]], [[0, 5], [0]]];
+
+describe('fused token NLL', () => {
+  test('values equal the composite definition (float64, float32)', () => {
+    for (const [dt, tol] of [['float64', 1e-14], ['float32', 2e-6]] as [T.DType, number][]) {
+      T.tidy(() => {
+        for (const [ls, ts] of CASES) {
+          const logits = R(1, ls, dt);
+          const targets = targetsFor(2, ts, ls[ls.length - 1]);
+          const e = relDiff(T.fusedTokenNll(logits, targets).toArray(), T.compositeTokenNll(logits, targets).toArray());
+          assert.ok(e <= tol, `${dt} ${ls}: ${e}`);
+        }
+        // large logits: no overflow, still exact
+        const big = T.add(R(3, [2, 9], dt), 500);
+        const tg = targetsFor(4, [2], 9);
+        assert.ok(relDiff(T.fusedTokenNll(big, tg).toArray(), T.compositeTokenNll(big, tg).toArray()) <= tol * 10);
+      });
+    }
+  });
+
+  test('gradient through the backward kernel (one call) equals the composite gradient', () => {
+    T.tidy(() => {
+      for (const [ls, ts] of CASES) {
+        const logits = R(5, ls);
+        const targets = targetsFor(6, ts, ls[ls.length - 1]);
+        const w = R(7, ts);
+        const loss = (f: typeof T.fusedTokenNll) => (x: T.Tensor) => T.sum(T.mul(f(x, targets), w));
+        const be = T.getBackend() as unknown as { tokenNllBackward: (...a: unknown[]) => unknown };
+        const kernel = be.tokenNllBackward;
+        let calls = 0;
+        be.tokenNllBackward = (...a: unknown[]) => (calls++, kernel.apply(be, a));
+        let fused: T.Tensor;
+        try {
+          fused = T.grad(loss(T.fusedTokenNll))(logits) as T.Tensor;
+        } finally {
+          be.tokenNllBackward = kernel;
+        }
+        assert.equal(calls, 1, 'first order runs the backend kernel');
+        const comp = T.grad(loss(T.compositeTokenNll))(logits) as T.Tensor;
+        assert.ok(relDiff(fused.toArray(), comp.toArray()) < 1e-14, `${ls}: ${relDiff(fused.toArray(), comp.toArray())}`);
+      }
+    });
+  });
+
+  test('second order goes through the composite and agrees; finite differences', () => {
+    T.tidy(() => {
+      const logits = R(8, [4, 6]);
+      const targets = targetsFor(9, [4], 6);
+      const v = R(10, [4, 6]);
+      const inner = (f: typeof T.fusedTokenNll) => (x: T.Tensor) => T.sum(T.square(f(x, targets)));
+      const hvp = (f: typeof T.fusedTokenNll) => T.grad((x: T.Tensor) => T.sum(T.mul(T.grad(inner(f))(x) as T.Tensor, v)))(logits) as T.Tensor;
+      assert.ok(relDiff(hvp(T.fusedTokenNll).toArray(), hvp(T.compositeTokenNll).toArray()) < 1e-13, 'Hessian-vector product');
+      const h = 1e-6;
+      const at = (s: number) => inner(T.fusedTokenNll)(T.add(logits, T.mul(v, s))).item();
+      const dir = T.sum(T.mul(T.grad(inner(T.fusedTokenNll))(logits) as T.Tensor, v)).item();
+      assert.ok(Math.abs((at(h) - at(-h)) / (2 * h) - dir) < 1e-6 * (1 + Math.abs(dir)), 'directional derivative vs central difference');
+    });
+  });
+
+  test('the model path: tokenNll() takes the fused op unless switched', () => {
+    T.tidy(() => {
+      const logits = R(11, [3, 5, 17], 'float32');
+      const targets = targetsFor(12, [3, 5], 17);
+      const fused = tokenNll(logits, targets).toArray();
+      const before = setLossPath('composite');
+      try {
+        assert.ok(relDiff(fused, tokenNll(logits, targets).toArray()) < 2e-6);
+      } finally {
+        setLossPath(before);
+      }
+    });
+  });
+
+  test('errors: targets out of range, wrong dtype, shapes that do not line up', () => {
+    T.tidy(() => {
+      const logits = R(13, [2, 7]);
+      assert.throws(() => T.fusedTokenNll(logits, T.tensor([1, 7], [2], 'int32')).toArray(), /tokenNll: index 7 out of range \[0, 7\)/);
+      assert.throws(() => T.fusedTokenNll(logits, T.tensor([-1, 0], [2], 'int32')).toArray(), /tokenNll: index -1 out of range \[0, 7\)/);
+      assert.throws(() => T.fusedTokenNll(logits, T.tensor([1, 2], [2], 'float64')), /tokenNll: targets must be int32, got float64/);
+      assert.throws(() => T.fusedTokenNll(logits, T.tensor([1, 2, 3], [3], 'int32')), /tokenNll: logits \[2,7\] should be targets \[3\] plus a vocabulary axis/);
+      assert.throws(() => T.fusedTokenNll(T.ones([2, 7], 'int32'), T.tensor([1, 2], [2], 'int32')), /tokenNll: logits must be floating point, got int32/);
+    });
+  });
+});
