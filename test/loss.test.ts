@@ -6,7 +6,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { setLossPath, tokenNll } from '../src/nn/layers.js';
+import { setOpPath, tokenNll } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
 import { sizeOf } from '../src/engine/shape.js';
 
@@ -75,17 +75,19 @@ describe('fused token NLL', () => {
     });
   });
 
-  test('the model path: tokenNll() takes the fused op unless switched', () => {
+  test('the model path: tokenNll() forced fused and forced composite agree', () => {
     T.tidy(() => {
       const logits = R(11, [3, 5, 17], 'float32');
       const targets = targetsFor(12, [3, 5], 17);
-      const fused = tokenNll(logits, targets).toArray();
-      const before = setLossPath('composite');
-      try {
-        assert.ok(relDiff(fused, tokenNll(logits, targets).toArray()) < 2e-6);
-      } finally {
-        setLossPath(before);
-      }
+      const run = (path: 'fused' | 'composite') => {
+        const before = setOpPath('loss', path);
+        try {
+          return tokenNll(logits, targets).toArray();
+        } finally {
+          setOpPath('loss', before);
+        }
+      };
+      assert.ok(relDiff(run('fused'), run('composite')) < 2e-6);
     });
   });
 

@@ -8,7 +8,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { compositeRope, rope, ropeTables, setRopePath } from '../src/nn/layers.js';
+import { compositeRope, rope, ropeTables, setOpPath } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
 import { sizeOf } from '../src/engine/shape.js';
 
@@ -70,17 +70,32 @@ describe('fused RoPE', () => {
     });
   });
 
-  test('the model path: rope() takes the fused op unless switched, with the same values', () => {
+  test('the model path: rope() forced fused and forced composite agree bit for bit; auto follows the backend', () => {
     T.tidy(() => {
       const x = R(5, [2, 6, 4, 16], 'float32');
       const pos = positions(3, 6);
-      const fused = rope(x, pos, 10000).toArray();
-      const before = setRopePath('composite');
+      const be = T.getBackend() as unknown as { rope: (...a: unknown[]) => unknown };
+      const kernel = be.rope;
+      let calls = 0;
+      be.rope = (...a: unknown[]) => (calls++, kernel.apply(be, a));
+      const run = (path: 'auto' | 'fused' | 'composite') => {
+        const before = setOpPath('rope', path);
+        try {
+          return rope(x, pos, 10000).toArray();
+        } finally {
+          setOpPath('rope', before);
+        }
+      };
       try {
-        const comp = rope(x, pos, 10000).toArray();
+        const fused = run('fused');
+        assert.equal(calls, 1, 'forced fused runs the kernel');
+        const comp = run('composite');
+        assert.equal(calls, 1, 'forced composite does not');
         fused.forEach((v, i) => assert.ok(Object.is(v, comp[i]), `[${i}]`));
+        run('auto');
+        assert.equal(calls, T.getBackend().preferFused ? 2 : 1, `auto on ${T.getBackend().name}`);
       } finally {
-        setRopePath(before);
+        be.rope = kernel;
       }
     });
   });

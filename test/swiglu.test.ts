@@ -7,7 +7,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { setSwigluPath, swiglu } from '../src/nn/layers.js';
+import { setOpPath, swiglu } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
 import { sizeOf } from '../src/engine/shape.js';
 
@@ -72,17 +72,19 @@ describe('fused SwiGLU gate', () => {
     });
   });
 
-  test('the model path: swiglu() takes the fused gate unless switched, with the same values', () => {
+  test('the model path: swiglu() forced fused and forced composite agree', () => {
     T.tidy(() => {
       const x = R(9, [2, 5, 8], 'float32');
       const p = { w1: R(10, [8, 12], 'float32'), w3: R(11, [8, 12], 'float32'), w2: R(12, [12, 8], 'float32') };
-      const fused = swiglu(x, p).toArray();
-      const before = setSwigluPath('composite');
-      try {
-        assert.ok(relDiff(fused, swiglu(x, p).toArray()) < 1e-5);
-      } finally {
-        setSwigluPath(before);
-      }
+      const run = (path: 'fused' | 'composite') => {
+        const before = setOpPath('swiglu', path);
+        try {
+          return swiglu(x, p).toArray();
+        } finally {
+          setOpPath('swiglu', before);
+        }
+      };
+      assert.ok(relDiff(run('fused'), run('composite')) < 1e-5);
     });
   });
 

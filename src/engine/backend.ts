@@ -46,6 +46,12 @@ export interface AttentionJob {
  */
 export interface Backend {
   readonly name: string;
+  /**
+   * Whether layers should take the fused elementwise ops (RoPE, the SwiGLU gate, the token NLL, AdamW)
+   * by default: true where each kernel launch is the cost (a GPU), false where the composite ops are
+   * themselves fast (the CPU's run in WebAssembly SIMD across threads, and beat its scalar fused loops).
+   */
+  readonly preferFused: boolean;
   info(): Record<string, unknown>;
   upload(values: HostArray, dtype: DType): BackendData;
   /** Copy to the host. Synchronous: a device backend waits for its queue here. */

@@ -51,37 +51,45 @@ export interface MlpWeights {
 }
 export function swiglu(x: Tensor, p: MlpWeights): Tensor {
   const w = (t: Tensor) => inDType(t, x.dtype);
-  const gate = swigluPath === 'fused' ? fusedSwigluGate : compositeSwigluGate;
-  return matmul(gate(matmul(x, w(p.w1)), matmul(x, w(p.w3))), w(p.w2));
+  const h1 = matmul(x, w(p.w1));
+  const gate = useFused('swiglu', h1) ? fusedSwigluGate : compositeSwigluGate;
+  return matmul(gate(h1, matmul(x, w(p.w3))), w(p.w2));
 }
 
-let swigluPath: 'fused' | 'composite' = process.env.TTT_SWIGLU === 'composite' ? 'composite' : 'fused';
-/** Which implementation of the gate silu(x W1) · (x W3) `swiglu` uses (fused unless `TTT_SWIGLU=composite`). */
-export function setSwigluPath(path: 'fused' | 'composite'): 'fused' | 'composite' {
-  const before = swigluPath;
-  swigluPath = path;
+/**
+ * How a layer picks between its fused op and its composite definition: 'auto' (the default) takes
+ * the fused op where the tensors' backend prefers fused ops (`Backend.preferFused`: the GPU), else
+ * the composite; 'fused' and 'composite' force one. Env at start: TTT_ROPE, TTT_SWIGLU, TTT_LOSS.
+ */
+export type OpPath = 'auto' | 'fused' | 'composite';
+export type PathKind = 'rope' | 'swiglu' | 'loss';
+const envPath = (name: string): OpPath => {
+  const v = process.env[name];
+  return v === 'fused' || v === 'composite' ? v : 'auto';
+};
+const opPaths: Record<PathKind, OpPath> = { rope: envPath('TTT_ROPE'), swiglu: envPath('TTT_SWIGLU'), loss: envPath('TTT_LOSS') };
+function useFused(kind: PathKind, t: Tensor): boolean {
+  const path = opPaths[kind];
+  return path === 'auto' ? t.backend.preferFused : path === 'fused';
+}
+/** Sets how `rope`, `swiglu` or `tokenNll` picks its implementation (tests, benchmarks); returns the previous setting. */
+export function setOpPath(kind: PathKind, path: OpPath): OpPath {
+  const before = opPaths[kind];
+  opPaths[kind] = path;
   return before;
 }
 
 /**
  * Rotary position embedding on [..., T, H, D] with interleaved pairs (x[2i], x[2i+1]) rotated by
- * angle pos · theta^(-2i/D), as the reference does: the fused op (unless `setRopePath('composite')`
- * or `TTT_ROPE=composite`), which equals the composite definition below bit for bit.
+ * angle pos · theta^(-2i/D), as the reference does: the fused op or the composite definition below
+ * (`setOpPath('rope', ...)`), which agree bit for bit.
  */
 export function rope(x: Tensor, positions: readonly number[], theta: number): Tensor {
   const D = x.shape[x.rank - 1];
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
   const tables = ropeTables(positions, D, theta, x.dtype);
-  return ropePath === 'fused' ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
-}
-
-let ropePath: 'fused' | 'composite' = process.env.TTT_ROPE === 'composite' ? 'composite' : 'fused';
-/** Which implementation `rope` uses (to compare them in a whole model: tests, benchmarks). */
-export function setRopePath(path: 'fused' | 'composite'): 'fused' | 'composite' {
-  const before = ropePath;
-  ropePath = path;
-  return before;
+  return useFused('rope', x) ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
 }
 
 /** RoPE in engine ops, from cos/sin tables [T·D/2]: the definition `fusedRope` matches. */
@@ -162,15 +170,7 @@ export function mergeHeads(x: Tensor): Tensor {
 
 /** Per-token next-token negative log-likelihood: logsumexp(logits) - logits[target]. logits [..., V], targets int32 [...]. */
 export function tokenNll(logits: Tensor, targets: Tensor): Tensor {
-  return lossPath === 'fused' ? fusedTokenNll(logits, targets) : compositeTokenNll(logits, targets);
-}
-
-let lossPath: 'fused' | 'composite' = process.env.TTT_LOSS === 'composite' ? 'composite' : 'fused';
-/** Which implementation `tokenNll` uses: the fused op (default) or `compositeTokenNll` (`TTT_LOSS=composite`). */
-export function setLossPath(path: 'fused' | 'composite'): 'fused' | 'composite' {
-  const before = lossPath;
-  lossPath = path;
-  return before;
+  return useFused('loss', logits) ? fusedTokenNll(logits, targets) : compositeTokenNll(logits, targets);
 }
 
 /** Mean of `values` where `mask` is 1 (mask float, same shape), or plain mean without a mask. */

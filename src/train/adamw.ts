@@ -18,11 +18,12 @@ export interface AdamWOptions {
   /** Which parameters decay; default: matrices (rank >= 2), never norm gains or biases. */
   decays?: (t: Tensor, index: number) => boolean;
   /**
-   * 'fused' (default): one kernel per float32 / float64 parameter (`fusedAdamW`); 'composite': the
-   * same update written in engine ops (about 15 kernels per parameter). Both give the same bits;
+   * 'fused': one kernel per float32 / float64 parameter (`fusedAdamW`); 'composite': the same update
+   * written in engine ops (about 15 kernels per parameter); 'auto' (default): fused where the
+   * parameter's backend prefers fused ops (`Backend.preferFused`: the GPU). Both give the same bits;
    * other dtypes always take the composite.
    */
-  kernel?: 'fused' | 'composite';
+  kernel?: 'auto' | 'fused' | 'composite';
 }
 
 /** What a checkpoint saves: first and second moments shaped like the params, and the step count. */
@@ -74,7 +75,8 @@ export function adamwUpdate<T>(
   return tidy(() => {
     const out = leaves(params).map((p, i) => {
       const hi = { ...h, decay: decays(p, i) && weightDecay !== 0 };
-      const r = opts.kernel !== 'composite' && (p.dtype === 'float32' || p.dtype === 'float64')
+      const fused = opts.kernel === 'fused' || ((opts.kernel ?? 'auto') === 'auto' && p.backend.preferFused);
+      const r = fused && (p.dtype === 'float32' || p.dtype === 'float64')
         ? fusedAdamW(p, gL[i], mL[i], vL[i], hi)
         : compositeAdamW(p, gL[i], mL[i], vL[i], hi);
       return { p: keep(r.p), m: keep(r.m), v: keep(r.v) };

@@ -93,6 +93,8 @@ function gemmJobFor(a: Arr, b: Arr, c: Arr, job: MatmulJob) {
 
 export class CpuBackend implements Backend {
   readonly name = 'cpu';
+  // the fused loops below are scalar JS: 2-4x slower here than the composite ops (wasm SIMD, threads)
+  readonly preferFused = false;
 
   info(): Record<string, unknown> {
     return { name: this.name, matmul: gemmInfo(), wasmElementwise: wasmElementwiseInfo(), pool: pool.stats() };

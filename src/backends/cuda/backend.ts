@@ -47,6 +47,7 @@ const INT_UNARY = new Set<UnaryOp>(['neg', 'abs', 'square', 'sign']);
 
 export class CudaBackend implements Backend {
   readonly name = 'cuda';
+  readonly preferFused = true;
   private drv: Driver;
   private cu: (name: string, status: unknown) => void;
   private blas: Cublas;
