@@ -81,6 +81,20 @@ describe('ttt CLI', () => {
     fails(ttt('train', '--name', 't1', '--runs-dir', R, '--resume', '--lr', '0.5'), /only --steps may change/);
   });
 
+  test('demo: a second run in the same --out resumes with the first run\'s steps (no re-calibration); --fresh starts over', () => {
+    const out = join(dir, 'demo');
+    ok(ttt('demo', '--steps', '2', '--variants', 'swa', '--out', out));
+    const again = ttt('demo', '--variants', 'swa', '--out', out);
+    ok(again);
+    assert.match(again.err, /resuming the demo in .* \(2 steps per model; --fresh starts over\)/);
+    assert.doesNotMatch(again.err, /calibration:/);
+    assert.match(again.out, /swa/);
+    assert.equal(readFileSync(join(out, 'runs', 'swa', 'log.jsonl'), 'utf8').trim().split('\n').length, 2);
+    const fresh = ttt('demo', '--fresh', '--steps', '1', '--variants', 'swa', '--out', out);
+    ok(fresh);
+    assert.equal(readFileSync(join(out, 'runs', 'swa', 'log.jsonl'), 'utf8').trim().split('\n').length, 1);
+  });
+
   test('Ctrl-C during training keeps a checkpoint, and --resume finishes the run', async () => {
     const child = spawn(process.execPath, ['--import', 'tsx', cli, ...trainArgs('intr', 400)], { cwd: root });
     let err = '';

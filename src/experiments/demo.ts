@@ -4,7 +4,7 @@
  * attention window, then compared by loss vs context length and loss by token index.
  */
 import { existsSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { dispose, randomKey, tidy, valueAndGrad } from '../engine/index.js';
 import { loadShards, makeSampler, prepareData } from '../data/index.js';
 import { type Variant, VARIANTS } from '../model/config.js';
@@ -12,7 +12,7 @@ import { initParams } from '../model/transformer.js';
 import { outerLoss } from '../model/ttt-e2e.js';
 import { tensor } from '../engine/index.js';
 import { evaluateRun, trainCommand, writeEvalOutputs } from '../cli/commands.js';
-import { modelConfigFor, parseTrainOptions } from '../train/trainer.js';
+import { modelConfigFor, parseTrainOptions, readRunConfig } from '../train/trainer.js';
 
 export interface DemoOptions {
   minutes: number;
@@ -74,13 +74,18 @@ export async function runDemo(o: DemoOptions): Promise<void> {
   }
   // Books are few and long: start training sequences inside them too, not only at their first tokens.
   const starts = corpus === 'synthetic' ? 'documents' : 'chunks';
-  let steps = o.steps;
+  const runsDir = join(o.out, 'runs');
+  // A demo run before this one (finished or cut off): keep its steps and checkpoint spacing, so the
+  // runs resume (or, when done, are only evaluated) instead of being re-calibrated to other options.
+  const previous = variants.map((v) => join(runsDir, v, 'config.json')).find((f) => existsSync(f));
+  const saved = previous ? readRunConfig(dirname(previous)).train : undefined;
+  let steps = o.steps ?? saved?.steps;
+  if (saved) log(`resuming the demo in ${o.out} (${saved.steps} steps per model; --fresh starts over)`);
   if (!steps) {
     const per = variants.map((v) => secondsPerStep(v as Variant, dataDir));
     steps = Math.max(10, Math.floor((o.minutes * 60 * 0.85) / per.reduce((a, b) => a + b, 0)));
     log(`calibration: ${variants.map((v, i) => `${v} ${per[i].toFixed(2)} s/step`).join(', ')} → ${steps} steps each (${steps * DEMO.batch * DEMO.seqLen} tokens per model) for ~${o.minutes} min`);
   }
-  const runsDir = join(o.out, 'runs');
   const runDirs: string[] = [];
   for (const variant of variants) {
     const name = `${variant}`;
@@ -88,7 +93,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     const exists = existsSync(join(runDir, 'config.json'));
     await trainCommand({
       name, variant, model: DEMO.model, data: dataDir, seqLen: DEMO.seqLen, batch: DEMO.batch, steps, lr: DEMO.lr,
-      modelOverrides: DEMO.overrides, runsDir, seed: o.seed, checkpointEvery: Math.max(1, Math.floor(steps / 4)), starts,
+      modelOverrides: DEMO.overrides, runsDir, seed: o.seed, checkpointEvery: saved?.checkpointEvery ?? Math.max(1, Math.floor(steps / 4)), starts,
     }, exists);
     runDirs.push(runDir);
   }
