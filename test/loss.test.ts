@@ -6,8 +6,9 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { setOpPath, tokenNll } from '../src/nn/layers.js';
+import { tokenNll } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
+import { countingCalls, withOpPath } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const R = (seed: number, shape: number[], dt: T.DType = 'float64', scale = 4) => T.tensor(seededValues(seed, sizeOf(shape), -scale, scale), shape, dt);
@@ -43,16 +44,7 @@ describe('fused token NLL', () => {
         const targets = targetsFor(6, ts, ls[ls.length - 1]);
         const w = R(7, ts);
         const loss = (f: typeof T.fusedTokenNll) => (x: T.Tensor) => T.sum(T.mul(f(x, targets), w));
-        const be = T.getBackend() as unknown as { tokenNllBackward: (...a: unknown[]) => unknown };
-        const kernel = be.tokenNllBackward;
-        let calls = 0;
-        be.tokenNllBackward = (...a: unknown[]) => (calls++, kernel.apply(be, a));
-        let fused: T.Tensor;
-        try {
-          fused = T.grad(loss(T.fusedTokenNll))(logits) as T.Tensor;
-        } finally {
-          be.tokenNllBackward = kernel;
-        }
+        const { result: fused, calls } = countingCalls('tokenNllBackward', () => T.grad(loss(T.fusedTokenNll))(logits) as T.Tensor);
         assert.equal(calls, 1, 'first order runs the backend kernel');
         const comp = T.grad(loss(T.compositeTokenNll))(logits) as T.Tensor;
         assert.ok(relDiff(fused.toArray(), comp.toArray()) < 1e-14, `${ls}: ${relDiff(fused.toArray(), comp.toArray())}`);
@@ -79,14 +71,7 @@ describe('fused token NLL', () => {
     T.tidy(() => {
       const logits = R(11, [3, 5, 17], 'float32');
       const targets = targetsFor(12, [3, 5], 17);
-      const run = (path: 'fused' | 'composite') => {
-        const before = setOpPath('loss', path);
-        try {
-          return tokenNll(logits, targets).toArray();
-        } finally {
-          setOpPath('loss', before);
-        }
-      };
+      const run = (path: 'fused' | 'composite') => withOpPath('loss', path, () => tokenNll(logits, targets).toArray());
       assert.ok(relDiff(run('fused'), run('composite')) < 2e-6);
     });
   });

@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { seededValues } from './helpers/check.js';
+import { countingCalls } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const dt: T.DType = 'float64';
@@ -40,16 +41,7 @@ describe('fused RMSNorm', () => {
         const w = R(4, [shape[shape.length - 1]]);
         const g = R(5, shape);
         const loss = (f: typeof T.fusedRmsNorm) => (a: T.Tensor, b: T.Tensor) => T.sum(T.mul(f(a, b, 1e-6), g));
-        const be = T.getBackend() as unknown as { rmsNormBackward: (...a: unknown[]) => unknown };
-        const kernel = be.rmsNormBackward;
-        let calls = 0;
-        be.rmsNormBackward = (...a: unknown[]) => (calls++, kernel.apply(be, a));
-        let fused: T.Tensor[];
-        try {
-          fused = T.grad(loss(T.fusedRmsNorm), [0, 1])(x, w) as T.Tensor[];
-        } finally {
-          be.rmsNormBackward = kernel;
-        }
+        const { result: fused, calls } = countingCalls('rmsNormBackward', () => T.grad(loss(T.fusedRmsNorm), [0, 1])(x, w) as T.Tensor[]);
         assert.equal(calls, 1, 'first order runs the backend kernel');
         const comp = T.grad(loss(T.compositeRmsNorm), [0, 1])(x, w) as T.Tensor[];
         fused.forEach((t, i) => assert.ok(maxDiff(t.toArray(), comp[i].toArray()) < 1e-11, `${shape} grad ${i}: ${maxDiff(t.toArray(), comp[i].toArray())}`));

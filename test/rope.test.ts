@@ -8,8 +8,9 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { compositeRope, rope, ropeTables, setOpPath } from '../src/nn/layers.js';
+import { compositeRope, rope, ropeTables } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
+import { countingCalls, withOpPath } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const rand = (seed: number, n: number, lo = -2, hi = 2): number[] => seededValues(seed, n, lo, hi);
@@ -74,29 +75,13 @@ describe('fused RoPE', () => {
     T.tidy(() => {
       const x = R(5, [2, 6, 4, 16], 'float32');
       const pos = positions(3, 6);
-      const be = T.getBackend() as unknown as { rope: (...a: unknown[]) => unknown };
-      const kernel = be.rope;
-      let calls = 0;
-      be.rope = (...a: unknown[]) => (calls++, kernel.apply(be, a));
-      const run = (path: 'auto' | 'fused' | 'composite') => {
-        const before = setOpPath('rope', path);
-        try {
-          return rope(x, pos, 10000).toArray();
-        } finally {
-          setOpPath('rope', before);
-        }
-      };
-      try {
-        const fused = run('fused');
-        assert.equal(calls, 1, 'forced fused runs the kernel');
-        const comp = run('composite');
-        assert.equal(calls, 1, 'forced composite does not');
-        fused.forEach((v, i) => assert.ok(Object.is(v, comp[i]), `[${i}]`));
-        run('auto');
-        assert.equal(calls, T.getBackend().preferFused ? 2 : 1, `auto on ${T.getBackend().name}`);
-      } finally {
-        be.rope = kernel;
-      }
+      const run = (path: 'auto' | 'fused' | 'composite') => countingCalls('rope', () => withOpPath('rope', path, () => rope(x, pos, 10000).toArray()));
+      const fused = run('fused');
+      assert.equal(fused.calls, 1, 'forced fused runs the kernel');
+      const comp = run('composite');
+      assert.equal(comp.calls, 0, 'forced composite does not');
+      fused.result.forEach((v, i) => assert.ok(Object.is(v, comp.result[i]), `[${i}]`));
+      assert.equal(run('auto').calls, T.getBackend().preferFused ? 1 : 0, `auto on ${T.getBackend().name}`);
     });
   });
 

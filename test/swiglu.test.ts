@@ -7,8 +7,9 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
-import { setOpPath, swiglu } from '../src/nn/layers.js';
+import { swiglu } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
+import { countingCalls, withOpPath } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const rand = (seed: number, n: number, lo = -4, hi = 4): number[] => seededValues(seed, n, lo, hi);
@@ -39,16 +40,7 @@ describe('fused SwiGLU gate', () => {
       for (const shape of shapes) {
         const [a, b, g] = [R(3, shape), R(4, shape), R(5, shape)];
         const loss = (f: typeof T.fusedSwigluGate) => (x: T.Tensor, y: T.Tensor) => T.sum(T.mul(f(x, y), g));
-        const be = T.getBackend() as unknown as { swigluBackward: (...args: unknown[]) => unknown };
-        const kernel = be.swigluBackward;
-        let calls = 0;
-        be.swigluBackward = (...args: unknown[]) => (calls++, kernel.apply(be, args));
-        let fused: T.Tensor[];
-        try {
-          fused = T.grad(loss(T.fusedSwigluGate), [0, 1])(a, b) as T.Tensor[];
-        } finally {
-          be.swigluBackward = kernel;
-        }
+        const { result: fused, calls } = countingCalls('swigluBackward', () => T.grad(loss(T.fusedSwigluGate), [0, 1])(a, b) as T.Tensor[]);
         assert.equal(calls, 1, 'first order runs the backend kernel');
         const comp = T.grad(loss(T.compositeSwigluGate), [0, 1])(a, b) as T.Tensor[];
         fused.forEach((t, i) => assert.ok(relDiff(t.toArray(), comp[i].toArray()) < 1e-14, `${shape} grad ${i}`));
@@ -76,14 +68,7 @@ describe('fused SwiGLU gate', () => {
     T.tidy(() => {
       const x = R(9, [2, 5, 8], 'float32');
       const p = { w1: R(10, [8, 12], 'float32'), w3: R(11, [8, 12], 'float32'), w2: R(12, [12, 8], 'float32') };
-      const run = (path: 'fused' | 'composite') => {
-        const before = setOpPath('swiglu', path);
-        try {
-          return swiglu(x, p).toArray();
-        } finally {
-          setOpPath('swiglu', before);
-        }
-      };
+      const run = (path: 'fused' | 'composite') => withOpPath('swiglu', path, () => swiglu(x, p).toArray());
       assert.ok(relDiff(run('fused'), run('composite')) < 1e-5);
     });
   });

@@ -163,6 +163,18 @@ __device__ __forceinline__ void fm_load_async(bf16* dst, const bf16* src, i64 r0
   fm_load<ROWS, DP, LD>(dst, src, r0, rowEnd, d);
 }
 
+/*
+ * Starts filling buffer buf of a double-buffered pair of tiles ([2][2][ROWS][LD]: (first, second) of
+ * each buffer) with rows r0 .. min(r0 + ROWS, last + 1) - 1 of x and of y, and commits the group.
+ */
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void fm_fetch_pair(bf16* pairs, int buf, const bf16* x, const bf16* y, i64 r0, i64 last, i64 d) {
+  const i64 rend = r0 + ROWS < last + 1 ? r0 + ROWS : last + 1;
+  fm_load_async<ROWS, DP, LD>(pairs + (2 * buf) * ROWS * LD, x, r0, rend, d);
+  fm_load_async<ROWS, DP, LD>(pairs + (2 * buf + 1) * ROWS * LD, y, r0, rend, d);
+  fm_cp_commit();
+}
+
 /* The lse (times FA_LOGC) and delta of query rows i0 .. i0 + BQ - 1 (0 past iend), as the backward kernels use them. */
 template <int BQ>
 __device__ __forceinline__ void fm_load_rows(float* Ls, float* Ds, const float* lse, const float* delta, i64 i0, i64 iend) {
@@ -302,22 +314,14 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
   bf16* KVs = Qs + BQ * LD;                 // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const i64 nt = (tq + BQ - 1) / BQ;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
-  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const bf16* kb = k + b * tk * d;
   const bf16* vb = v + b * tk * d;
   const float sc = (float)(scaleD * FA_LOGC);
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
   // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads
-  auto fetch = [&](i64 j0, int buf) {
-    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    fm_load_async<BK, DP, LD>(KVs + (2 * buf) * BK * LD, kb, j0, jend, d);
-    fm_load_async<BK, DP, LD>(KVs + (2 * buf + 1) * BK * LD, vb, j0, jend, d);
-    fm_cp_commit();
-  };
-  fetch(jlo, 0);
+  fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   __syncthreads();
   u32 qa[MT][KD][4];
@@ -338,7 +342,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
     if (j0 + BK <= jhi) {
-      fetch(j0 + BK, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
+      fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); // that buffer was last read before the previous iteration's closing barrier
       fm_cp_wait<1>();
     } else {
       fm_cp_wait<0>();
@@ -430,20 +434,12 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   float* Ds = Ls + BQ;                      // [BQ]: delta
   bf16* KVs = reinterpret_cast<bf16*>(Ds + BQ); // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const i64 nt = (tq + BQ - 1) / BQ;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
-  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const bf16* kb = k + b * tk * d;
   const bf16* vb = v + b * tk * d;
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
-  auto fetch = [&](i64 j0, int buf) {
-    const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    fm_load_async<BK, DP, LD>(KVs + (2 * buf) * BK * LD, kb, j0, jend, d);
-    fm_load_async<BK, DP, LD>(KVs + (2 * buf + 1) * BK * LD, vb, j0, jend, d);
-    fm_cp_commit();
-  };
-  fetch(jlo, 0);
+  fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   fm_load<BQ, DP, LD>(dOs, dout + b * tq * d, i0, iend, d);
   fm_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
@@ -455,7 +451,7 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
     if (j0 + BK <= jhi) {
-      fetch(j0 + BK, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
+      fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); // that buffer was last read before the previous iteration's closing barrier
       fm_cp_wait<1>();
     } else {
       fm_cp_wait<0>();
@@ -521,10 +517,8 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
   i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
   auto fetch = [&](i64 i0, int buf) {
+    fm_fetch_pair<BQ, DP, LD>(QDs, buf, qb, db, i0, ihi, d);
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
-    fm_load_async<BQ, DP, LD>(QDs + (2 * buf) * BQ * LD, qb, i0, iend, d);
-    fm_load_async<BQ, DP, LD>(QDs + (2 * buf + 1) * BQ * LD, db, i0, iend, d);
-    fm_cp_commit();
     fm_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + b * tq, delta + b * tq, i0, iend);
   };
   if (ilo <= ihi) fetch(ilo, 0);

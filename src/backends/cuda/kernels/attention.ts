@@ -180,6 +180,17 @@ __device__ __forceinline__ T att_st(A x) { return ${dtype === 'bfloat16' ? 'f2bf
 __device__ __forceinline__ A fa_exp(A x) { return ${f ? 'exp2f(x)' : 'exp(x)'}; }
 __device__ __forceinline__ A fa_log(A x) { return ${f ? 'log2f(x)' : 'log(x)'}; }
 __device__ __forceinline__ A fa_max(A a, A b) { return a > b ? a : b; }
+/* This block's tile of query rows [i0, iend) of batch entry b: grid = batch * ceil(tq / BQ), the heaviest (last) tiles first. */
+struct fa_tile { i64 b, i0, iend; };
+template <int BQ>
+__device__ __forceinline__ fa_tile fa_query_tile(i64 batch, i64 tq) {
+  const i64 nt = (tq + BQ - 1) / BQ;
+  fa_tile r;
+  r.b = (i64)blockIdx.x % batch;
+  r.i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  r.iend = r.i0 + BQ < tq ? r.i0 + BQ : tq;
+  return r;
+}
 /* The visible keys of query row i are j in [band_lo(i), band_hi(i)] (may be empty only for rows the engine never sends). */
 __device__ __forceinline__ i64 band_lo(i64 i, i64 qStart, i64 kStart, i64 window) { i64 v = qStart + i - window + 1 - kStart; return v > 0 ? v : 0; }
 __device__ __forceinline__ i64 band_hi(i64 i, i64 qStart, i64 kStart, i64 tk) { i64 v = qStart + i - kStart; return v < tk - 1 ? v : tk - 1; }
@@ -288,10 +299,8 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
   A* KV = Qs + BQ * LDQ;                // [BK][LDQ]: the key tile, then the value tile
   A* Ps = KV + BK * LDQ;                // [BQ][LDS]: probabilities of the tile
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
-  const i64 nt = (tq + BQ - 1) / BQ;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
-  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const T* qb = q + b * tq * d;
   const T* kb = k + b * tk * d;
   const T* vb = v + b * tk * d;
@@ -464,10 +473,8 @@ __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const 
   A* Ls = dSs + BQ * LDS;               // [BQ]
   A* Ds = Ls + BQ;                      // [BQ]
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
-  const i64 nt = (tq + BQ - 1) / BQ;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
-  const i64 iend = i0 + BQ < tq ? i0 + BQ : tq;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const T* kb = k + b * tk * d;
   const T* vb = v + b * tk * d;
   fa_load<BQ, DP, LDQ>(Qs, q + b * tq * d, i0, iend, d);

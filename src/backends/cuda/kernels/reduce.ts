@@ -39,9 +39,8 @@ export const RMSNORM_BWD = 'rmsnorm_bwd';
 export const RMSNORM_ROWS = 8;
 
 /**
- * Token NLL from logits (fusedTokenNll): forward one block per row, max then a double sum of exp as in
- * logsumexp_rows, nll and the row's lse (float, or double for float64) by thread 0; a target outside
- * [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
+ * Token NLL from logits (fusedTokenNll): forward one block per row (row_lse, as logsumexp_rows), nll
+ * and the row's lse (float, or double for float64) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
  * thread per logit: (exp(x − lse) − [j = target]) · g.
  */
 function tokenNllSource(dtype: CudaDType): string {
@@ -53,15 +52,7 @@ function tokenNllSource(dtype: CudaDType): string {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
     const ${T}* row = x + o * V;
-    double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < V; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
-    m = block_fmax(m, red);
-    double l = m;
-    if (m != NEG_INF_D && m != POS_INF_D) {
-      double s = 0.0;
-      for (i64 i = threadIdx.x; i < V; i += blockDim.x) s += exp(${ld('row[i]')} - m);
-      l = m + log(block_dsum(s, red));
-    }
+    const double l = row_lse(row, V, red);
     if (threadIdx.x == 0) {
       const int r = tgt[o];
       lse[o] = (${L})l;
@@ -229,18 +220,21 @@ export function reduceSource(dtype: CudaDType): string {
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${ld('row[i]')} - m)`))} * inv`)};
   }
 }`);
+    // the logsumexp of one row over the block, in double; an infinite max passes through (also the token NLL's)
+    parts.push(`__device__ double row_lse(const ${T}* row, i64 n, double* red) {
+  double m = NEG_INF_D;
+  for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
+  m = block_fmax(m, red);
+  if (m == NEG_INF_D || m == POS_INF_D) return m;
+  double s = 0.0;
+  for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${ld('row[i]')} - m);
+  return m + log(block_dsum(s, red));
+}`);
     parts.push(`extern "C" __global__ void ${LOGSUMEXP}(${T}* out, const ${T}* x, i64 outer, i64 n) {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
-    const ${T}* row = x + o * n;
-    double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
-    m = block_fmax(m, red);
-    if (m == NEG_INF_D || m == POS_INF_D) { if (threadIdx.x == 0) out[o] = ${store('m')}; continue; }
-    double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${ld('row[i]')} - m);
-    s = block_dsum(s, red);
-    if (threadIdx.x == 0) out[o] = ${store('m + log(s)')};
+    const double l = row_lse(x + o * n, n, red);
+    if (threadIdx.x == 0) out[o] = ${store('l')};
   }
 }`);
   }

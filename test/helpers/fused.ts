@@ -1,0 +1,29 @@
+/**
+ * Helpers for the fused-op suites (norm, rope, swiglu, loss): count a backend kernel's calls, and run
+ * with a layer forced onto its fused op or its composite definition.
+ */
+import { getBackend } from '../../src/index.js';
+import { type OpPath, type PathKind, setOpPath } from '../../src/nn/layers.js';
+
+/** fn's result and how many times it called the current backend's `method`. */
+export function countingCalls<R>(method: string, fn: () => R): { result: R; calls: number } {
+  const be = getBackend() as unknown as Record<string, (...args: unknown[]) => unknown>;
+  const kernel = be[method];
+  let calls = 0;
+  be[method] = (...args: unknown[]) => (calls++, kernel.apply(be, args));
+  try {
+    return { result: fn(), calls };
+  } finally {
+    be[method] = kernel;
+  }
+}
+
+/** fn run with `setOpPath(kind, path)`, the previous setting restored after. */
+export function withOpPath<R>(kind: PathKind, path: OpPath, fn: () => R): R {
+  const before = setOpPath(kind, path);
+  try {
+    return fn();
+  } finally {
+    setOpPath(kind, before);
+  }
+}
