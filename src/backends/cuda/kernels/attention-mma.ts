@@ -4,8 +4,8 @@
  * with every product on `mma.sync.m16n8k16` (bf16 operands, fp32 accumulators).
  *
  * One warp owns MT tiles of 16 rows of the block's outer side (query rows in the forward and dQ, key
- * rows in dK/dV); a block is 4 warps, so 64 · MT rows. FlashAttention-2's register trick: the score tile comes
- * out of the first product as accumulator fragments, and the accumulator layout of two adjacent
+ * rows in dK/dV); a block is 4 warps, so 64 · MT rows. FlashAttention-2's register trick: the score
+ * tile comes out of the first product as accumulator fragments, and the accumulator layout of two adjacent
  * 8-column tiles is exactly the A-operand layout of one 16-wide k step, so probabilities (and dS)
  * go from the softmax into the second product without a trip through shared memory. They are
  * rounded to bf16 there, as FlashAttention does; the row sums (and so lse, which the backward
@@ -13,15 +13,17 @@
  *
  * Operands in shared memory stay bf16, rows padded by 8 elements (16 bytes), which makes both the
  * 4-byte fragment loads and the 16-byte ldmatrix row loads conflict-free. Products whose B operand
- * is a row-major [k][n] tile (P·V, dS·K, Pᵀ·dO, dSᵀ·Q) load it with `ldmatrix.trans`.
+ * is a row-major [k][n] tile (P·V, dS·K, Pᵀ·dO, dSᵀ·Q) load it with `ldmatrix.trans`. The side each
+ * kernel streams (K/V tiles in the forward and dQ, Q/dO tiles in dK/dV) is double-buffered: the next
+ * tile's `cp.async` copies run while the current one computes.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4; pairs are packed low half
  * first): A (16 × 16, row-major) a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..),
  * a3 = (g + 8, 2t + 8..); B (16 × 8) b0 = (k 2t..2t+1, n g), b1 = (k 2t + 8.., n g); C (16 × 8)
  * c0, c1 = (g, 2t), (g, 2t + 1), c2, c3 = (g + 8, 2t), (g + 8, 2t + 1).
  *
- * Under FM_EMU (the CPU emulation used to check these kernels off the GPU) fm_mma, fm_pack and
- * fm_ldsm_t come from the emulator.
+ * Under FM_EMU (the CPU emulation used to check these kernels off the GPU) fm_mma, fm_pack, fm_ldsm_t,
+ * fm_cp_commit and fm_cp_wait come from the emulator, and tiles load synchronously.
  */
 
 /** Threads per block of the tensor-core kernels (4 warps). */
