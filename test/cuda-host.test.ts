@@ -99,4 +99,29 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
     assert.throws(() => backend.adamw(null, null, null, null, 10, h, 'bfloat16'), /adamw needs float32 or float64, got bfloat16/);
   });
+
+  test('the fused RoPE, SwiGLU gate and token NLL launch one kernel each, with the grids their sizes need', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const launch = (run: () => void) => {
+      const before = calls.counts.get('cuLaunchKernel') ?? 0;
+      run();
+      const [fn, gx, , , bx] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      return { launches: (calls.counts.get('cuLaunchKernel') ?? 0) - before, name: fn.name, gx, bx };
+    };
+    for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
+      const x = backend.fill(2 * 6 * 4 * 16, dt, 1);
+      const tab = backend.fill(6 * 8, dt, 0.5);
+      assert.deepEqual(launch(() => backend.rope(x, tab, tab, 2, 6, 4, 16, false, dt)), { launches: 1, name: 'rope_pairs', gx: 2, bx: 256 });
+      assert.deepEqual(launch(() => backend.swigluForward(x, x, 768, dt)), { launches: 1, name: 'swiglu_fwd', gx: 3, bx: 256 });
+      assert.deepEqual(launch(() => backend.swigluBackward(x, x, x, 768, dt)), { launches: 1, name: 'swiglu_bwd', gx: 3, bx: 256 });
+      const targets = backend.upload(Int32Array.from([0, 5, 9]), 'int32');
+      const logits = backend.fill(3 * 10, dt, 0);
+      const f = launch(() => backend.tokenNllForward(logits, targets, 3, 10, dt));
+      assert.deepEqual([f.launches, f.name], [1, 'token_nll_fwd']);
+      assert.deepEqual(launch(() => backend.tokenNllBackward(logits, targets, logits, logits, 3, 10, dt)), { launches: 1, name: 'token_nll_bwd', gx: 1, bx: 256 });
+      // targets uploaded from the host are range-checked at once, before any launch
+      const bad = backend.upload(Int32Array.from([0, 10, 1]), 'int32');
+      assert.throws(() => backend.tokenNllForward(logits, bad, 3, 10, dt), /tokenNll: index 10 out of range \[0, 10\)/);
+    }
+  });
 });
