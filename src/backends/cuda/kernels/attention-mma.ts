@@ -177,6 +177,22 @@ __device__ __forceinline__ void fm_fetch_pair(bf16* pairs, int buf, const bf16* 
   fm_cp_commit();
 }
 
+/*
+ * The head of each pipelined iteration: start the next tile's copies into the other buffer (fetchNext,
+ * when there is a next tile; that buffer was last read before the previous iteration's closing
+ * barrier), wait for this tile's own copies, and a barrier after which every thread sees them.
+ */
+template <class F>
+__device__ __forceinline__ void fm_pipeline_step(bool hasNext, F fetchNext) {
+  if (hasNext) {
+    fetchNext();
+    fm_cp_wait<1>();
+  } else {
+    fm_cp_wait<0>();
+  }
+  __syncthreads();
+}
+
 /* The lse (times FA_LOGC) and delta of query rows i0 .. i0 + BQ - 1 (0 past iend), as the backward kernels use them. */
 template <int BQ>
 __device__ __forceinline__ void fm_load_rows(float* Ls, float* Ds, const float* lse, const float* delta, i64 i0, i64 iend) {
@@ -343,13 +359,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   int buf = 0;
   for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    if (j0 + BK <= jhi) {
-      fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); // that buffer was last read before the previous iteration's closing barrier
-      fm_cp_wait<1>();
-    } else {
-      fm_cp_wait<0>();
-    }
-    __syncthreads(); // this tile's K and V are in shared memory for every thread
+    fm_pipeline_step(j0 + BK <= jhi, [&] { fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); });
     const bf16* Ks = KVs + (2 * buf) * BK * LD;
     const bf16* Vs = Ks + BK * LD;
     float s[MT][NT][4];
@@ -452,13 +462,8 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   int buf = 0;
   for (i64 j0 = jlo; j0 <= jhi; j0 += BK, buf ^= 1) {
     const i64 jend = j0 + BK < jhi + 1 ? j0 + BK : jhi + 1;
-    if (j0 + BK <= jhi) {
-      fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); // that buffer was last read before the previous iteration's closing barrier
-      fm_cp_wait<1>();
-    } else {
-      fm_cp_wait<0>();
-    }
-    __syncthreads(); // this tile's K and V (and, the first time, Qs, dOs, Ls, Ds) are in shared memory
+    // (the first barrier also publishes Qs, dOs, Ls, Ds)
+    fm_pipeline_step(j0 + BK <= jhi, [&] { fm_fetch_pair<BK, DP, LD>(KVs, buf ^ 1, kb, vb, j0 + BK, jhi, d); });
     const bf16* Ks = KVs + (2 * buf) * BK * LD;
     const bf16* Vs = Ks + BK * LD;
     float s[MT][NT][4], dp[MT][NT][4];
@@ -534,13 +539,8 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   int buf = 0;
   for (i64 i0 = ilo; i0 <= ihi; i0 += BQ, buf ^= 1) {
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
-    if (i0 + BQ <= ihi) {
-      fetch(i0 + BQ, buf ^ 1); // its buffer was last read in the previous iteration, before its closing barrier
-      fm_cp_wait<1>();
-    } else {
-      fm_cp_wait<0>();
-    }
-    __syncthreads(); // this tile's Q, dO, lse and delta (and, the first time, Ks and Vs) are in shared memory
+    // (the first barrier also publishes Ks and Vs)
+    fm_pipeline_step(i0 + BQ <= ihi, [&] { fetch(i0 + BQ, buf ^ 1); });
     const bf16* Qs = QDs + (2 * buf) * BQ * LD;
     const bf16* dOs = Qs + BQ * LD;
     const float* Ls = LDs + 2 * buf * BQ;
