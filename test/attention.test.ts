@@ -7,7 +7,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   type AttentionOptions, type DType, type Tensor, compositeAttention, grad, liveTensorCount, mul, scaledDotAttention, sum, tanh,
-  tidy, valueAndGrad,
+  tensor as tensorOf, tidy, valueAndGrad,
 } from '../src/index.js';
 import { assertClose, checkGrad, checkHvp, directional, project, rn } from './helpers/check.js';
 
@@ -76,6 +76,58 @@ describe('scaledDotAttention forward = composite', () => {
     assert.throws(() => scaledDotAttention(q, rn(6, [1, 1, 3, 4], 'float32'), k, { qStart: 0, kStart: 0 }), /dtype mismatch/);
   });
 });
+
+describe('grouped-query attention (k, v with fewer heads than q)', () => {
+  /** [q lead, kv lead, tq, tk, opts]: 3 and 2 query heads per key/value head, one shared by all, windows, a cache. */
+  const G: [number[], number[], number, number, AttentionOptions][] = [
+    [[2, 6], [2, 2], 7, 7, { qStart: 0, kStart: 0 }],
+    [[1, 4], [1, 2], 9, 9, { qStart: 0, kStart: 0, window: 3 }],
+    [[3, 4], [3, 1], 5, 9, { qStart: 14, kStart: 10, window: 4 }],
+    [[2, 3], [2, 3], 1, 8, { qStart: 20, kStart: 13 }],
+  ];
+  const gqa = (ql: number[], kl: number[], tq: number, tk: number, seed: number, dtype: DType = 'float64'): [Tensor, Tensor, Tensor] =>
+    [rn(seed, [...ql, tq, 8], dtype), rn(seed + 1, [...kl, tk, 8], dtype), rn(seed + 2, [...kl, tk, 8], dtype)];
+
+  test('forward and gradients equal the composite (which repeats each key/value head for its query heads)', () => {
+    for (const [ql, kl, tq, tk, opts] of G) {
+      const c = { name: '', lead: ql, tq, tk, d: 8, opts };
+      const x = gqa(ql, kl, tq, tk, 3);
+      assertClose(fused(c)(...x), composite(c)(...x), { rtol: 1e-12, atol: 1e-12, msg: `${ql}/${kl} forward` });
+      const gf = grad(loss(fused(c), x), [0, 1, 2])(...x) as Tensor[];
+      const gc = grad(loss(composite(c), x), [0, 1, 2])(...x) as Tensor[];
+      gf.forEach((g, i) => {
+        assert.deepEqual(g.shape, x[i].shape);
+        assertClose(g, gc[i], { rtol: 1e-11, atol: 1e-11, msg: `${ql}/${kl} d${'qkv'[i]}` });
+      });
+    }
+  });
+
+  test('the composite equals plain attention on explicitly repeated heads; central differences; second order', () => {
+    const [ql, kl, tq, tk, opts] = G[1];
+    const c = { name: '', lead: ql, tq, tk, d: 8, opts };
+    const [q, k, v] = gqa(ql, kl, tq, tk, 5);
+    const rep = (t: Tensor) => tensorRepeatHeads(t, 2);
+    assertClose(composite(c)(q, k, v), compositeAttention(q, rep(k), rep(v), opts), { rtol: 1e-14, atol: 1e-14 });
+    const x = [q, k, v].map((t) => mul(t, 0.7));
+    checkGrad(loss(fused(c), x), x, { label: 'gqa' });
+    checkHvp(loss(fused(c), x), x, { label: 'gqa hvp' });
+  });
+
+  test('heads that do not divide are an error', () => {
+    const q = rn(1, [1, 3, 4, 8]);
+    const k = rn(2, [1, 2, 4, 8]);
+    assert.throws(() => scaledDotAttention(q, k, k, { qStart: 0, kStart: 0 }), /k, v \[\.\.\., Hkv, Tk, D\] with the same leading axes except Hkv, a divisor of Hq/);
+  });
+});
+
+/** t [B, H, T, D] with each head repeated `n` times in place (head h → heads h·n .. h·n + n − 1), from plain arrays. */
+function tensorRepeatHeads(t: Tensor, n: number): Tensor {
+  const [B, H, T, D] = t.shape;
+  const a = t.toArray();
+  const out: number[] = [];
+  for (let b = 0; b < B; b++) for (let h = 0; h < H; h++) for (let r = 0; r < n; r++) out.push(...a.slice(((b * H + h) * T) * D, ((b * H + h + 1) * T) * D));
+  return tensorOf(out, [B, H * n, T, D], t.dtype);
+}
 
 /** f(q, k, v) = sum(tanh(attn(q, k, v)) * R): a non-constant cotangent reaches the op. */
 function loss(op: (q: Tensor, k: Tensor, v: Tensor) => Tensor, x: Tensor[], seed = 77) {

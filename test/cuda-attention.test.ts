@@ -3,7 +3,8 @@
  * three gradients against the CPU backend in float64 on the same inputs, for sequence lengths that
  * are not multiples of the tiles, windows of 1, inside a tile, equal to a tile, wider than the
  * sequence and none, queries after a cache (qStart > 0, decode: one query and many keys), keys
- * that start later (kStart > 0), head dims 8 to 256 (and 300, the row-kernel fallback), batch > 1;
+ * that start later (kStart > 0), head dims 8 to 256 (and 300, the row-kernel fallback), batch > 1,
+ * grouped-query attention (fewer key/value heads);
  * float32 (1e-5 of the largest magnitude), float64 (1e-12) and bfloat16 (3e-2; the tensor-core
  * kernels where the device has them, and the SIMT ones). Also: two runs are
  * bit-identical, the fused and row kernels agree, and (without a GPU, over stand-in libraries) the
@@ -34,6 +35,8 @@ const host = await koffiOrSkip();
 export interface AttnCase {
   name: string;
   lead: number[];
+  /** Leading axes of k and v when they differ from q's (grouped-query attention: fewer heads). */
+  kvLead?: number[];
   tq: number;
   tk: number;
   d: number;
@@ -67,6 +70,10 @@ const CASES: AttnCase[] = [
   c('decode path: 3 queries, window 700, d 100', [2], 3, 3000, 100, 2997, 0, 700),
   c('decode path: 8 queries, band of 513, kStart 7, d 128', [1], 8, 600, 128, 599, 7, 513),
   c('decode path: 2 queries, 1300 keys, d 256', [1], 2, 1300, 256, 1298, 0),
+  // grouped-query attention: 3 and 4 query heads per key/value head
+  { ...c('GQA 6 heads over 2, causal, T 130, d 64', [2, 6], 130, 130, 64, 0, 0), kvLead: [2, 2] },
+  { ...c('GQA 4 heads over 1, window 37, T 100, d 32', [1, 4], 100, 100, 32, 0, 0, 37), kvLead: [1, 1] },
+  { ...c('GQA decode path: 1 query, 900 keys, 4 heads over 2', [1, 4], 1, 900, 64, 899, 0), kvLead: [1, 2] },
 ];
 /** Longer sequences: many tiles, the band skipping most of them. */
 const LONG: AttnCase[] = [
@@ -99,15 +106,16 @@ interface AttnResult {
  */
 export function runAttention(backend: 'cpu' | 'cuda', dtype: DType, cs: AttnCase, inputDType: DType = dtype, seed = 1): AttnResult {
   const n = cs.lead.reduce((a, b) => a * b, 1);
+  const nkv = (cs.kvLead ?? cs.lead).reduce((a, b) => a * b, 1);
   const qShape = [...cs.lead, cs.tq, cs.d];
-  const kShape = [...cs.lead, cs.tk, cs.d];
+  const kShape = [...(cs.kvLead ?? cs.lead), cs.tk, cs.d];
   T.setBackend(backend);
   try {
     return T.tidy(() => {
       const mk = (s: number, shape: number[], size: number) => T.tensor(valuesIn(inputDType, seed * 7919 + s, size), shape, dtype);
       const q = mk(1, qShape, n * cs.tq * cs.d);
-      const k = mk(2, kShape, n * cs.tk * cs.d);
-      const v = mk(3, kShape, n * cs.tk * cs.d);
+      const k = mk(2, kShape, nkv * cs.tk * cs.d);
+      const v = mk(3, kShape, nkv * cs.tk * cs.d);
       const w = mk(4, qShape, n * cs.tq * cs.d);
       const out = T.scaledDotAttention(q, k, v, cs.opts);
       const g = T.grad((a: Tensor, b: Tensor, cc: Tensor) => T.sum(T.mul(T.scaledDotAttention(a, b, cc, cs.opts), w)), [0, 1, 2])(q, k, v) as Tensor[];
@@ -241,6 +249,24 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
         { name: dkv.name, grid: 6 * Math.ceil(100 / dkv.bk), threads: 256, shared: dkv.shared },
         { name: dq.name, grid: 6 * Math.ceil(100 / dq.bq), threads: 256, shared: dq.shared },
       ]);
+    }
+  });
+
+  test('grouped-query attention: dK/dV runs one block per key tile of each key/value entry, and gets batch / groups entries', host, async () => {
+    const { backend, launches } = await standIn();
+    const d = 64;
+    const j = { ...job(d), groups: 3 }; // 6 query entries over 2 key/value entries
+    for (const dt of ['float32', 'bfloat16'] as const) {
+      const q = backend.fill(600 * d, dt, 0);
+      const kv = backend.fill(200 * d, dt, 0);
+      const { out, lse } = backend.attentionForward(q, kv, kv, j, dt);
+      launches.length = 0;
+      const g = backend.attentionBackward(q, kv, kv, out, lse, backend.fill(600 * d, dt, 0), j, dt);
+      const dkv = attentionPlan(dt, 'dkv', d, backend.attentionTensorCores)!;
+      assert.equal(launches[1].name, dkv.name);
+      assert.equal(launches[1].grid, 2 * Math.ceil(100 / dkv.bk));
+      const E = dt === 'float32' ? 4 : 2;
+      assert.ok(g.dk.bytes >= 200 * d * E && g.dk.bytes < 600 * d * E, `dK holds the 2 key/value entries, not 6 (${g.dk.bytes} bytes)`);
     }
   });
 

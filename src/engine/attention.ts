@@ -7,7 +7,7 @@
 import { vjp } from './autodiff.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
-import { add, div, matmul, softmax, tensor } from './ops.js';
+import { add, broadcastTo, div, matmul, reshape, softmax, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
 import { fromData, getBackend, isTracked, record } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
@@ -43,8 +43,15 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
   const lead = q.shape.slice(0, -2);
   const [tq, d] = q.shape.slice(-2);
   const tk = k.shape[k.rank - 2];
-  if (k.rank !== q.rank || k.shape.some((s, i) => (i === k.rank - 2 ? false : s !== q.shape[i])) || fmt(v.shape) !== fmt(k.shape)) {
-    throw new Error(`${op}: expected q [..., Tq, D] and k, v [..., Tk, D] with the same leading axes, got q ${fmt(q.shape)}, k ${fmt(k.shape)}, v ${fmt(v.shape)}`);
+  // Grouped-query attention: the last leading axis (heads) of k and v may divide q's.
+  const heads = q.rank - 3;
+  const groups = heads >= 0 && k.rank === q.rank && k.shape[heads] > 0 ? q.shape[heads] / k.shape[heads] : 1;
+  const sameExceptHeads = k.rank === q.rank && k.shape.every((s, i) => i === k.rank - 2 || i === heads || s === q.shape[i]);
+  if (!sameExceptHeads || !Number.isInteger(groups) || groups < 1 || fmt(v.shape) !== fmt(k.shape)) {
+    throw new Error(
+      `${op}: expected q [..., Hq, Tq, D] and k, v [..., Hkv, Tk, D] with the same leading axes except Hkv, a divisor of Hq, ` +
+        `got q ${fmt(q.shape)}, k ${fmt(k.shape)}, v ${fmt(v.shape)}`,
+    );
   }
   if (!Number.isInteger(qStart) || !Number.isInteger(kStart)) throw new Error(`${op}: qStart and kStart must be integers, got ${qStart} and ${kStart}`);
   if (window !== undefined && !(Number.isInteger(window) && window >= 1)) throw new Error(`${op}: window must be a positive integer, got ${window}`);
@@ -60,7 +67,7 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
       );
     }
   }
-  return { batch: sizeOf(lead), tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
+  return { batch: sizeOf(lead), groups, tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
 }
 
 /**
@@ -94,12 +101,25 @@ export function clearBandBiasCache(): void {
  */
 export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
   const job = attentionJob('compositeAttention', q, k, v, opts);
+  const groups = job.groups ?? 1;
+  if (groups > 1) {
+    // each key/value head serves `groups` consecutive query heads: repeat it (its gradient sums them)
+    const repeat = (t: Tensor) => {
+      const s = t.shape;
+      const h = s.length - 3;
+      const spread = broadcastTo(reshape(t, [...s.slice(0, h + 1), 1, ...s.slice(h + 1)]), [...s.slice(0, h + 1), groups, ...s.slice(h + 1)]);
+      return reshape(spread, [...s.slice(0, h), s[h] * groups, ...s.slice(h + 1)]);
+    };
+    k = repeat(k);
+    v = repeat(v);
+  }
   const scores = add(div(matmul(q, k, { transB: true }), Math.sqrt(job.d)), attentionBandBias(job.tq, job.tk, opts, q.dtype));
   return matmul(softmax(scores, -1), v);
 }
 
 /**
- * Causal attention with scale 1/√D, q [..., Tq, D] and k, v [..., Tk, D] → [..., Tq, D]; query i is
+ * Causal attention with scale 1/√D, q [..., Tq, D] and k, v [..., Tk, D] → [..., Tq, D] (k and v may
+ * have fewer heads than q: grouped-query attention, query head h reads key/value head ⌊h / groups⌋); query i is
  * at position qStart + i and sees key j (at kStart + j) iff that key is not in its future and, with
  * a window, fewer than `window` positions back. Same values as `compositeAttention`, but the kernels
  * only touch the visible band and keep no [Tq, Tk] tensor.

@@ -29,7 +29,13 @@ export interface MatmulJob {
  * that every query sees at least one key.
  */
 export interface AttentionJob {
+  /** Query batch entries (all leading axes of q flattened, heads innermost). */
   batch: number;
+  /**
+   * Query heads per key/value head (grouped-query attention; default 1): query entry n reads key/value
+   * entry ⌊n / groups⌋, and k, v hold batch / groups entries.
+   */
+  groups?: number;
   tq: number;
   tk: number;
   d: number;

@@ -40,6 +40,7 @@ interface Block {
 
 function* blocks(job: AttentionJob): Generator<Block> {
   const { batch, tq, tk, d } = job;
+  const groups = job.groups ?? 1;
   const qOff = new Int32Array(batch);
   const kOff = new Int32Array(batch);
   for (let i0 = 0; i0 < tq; i0 += BLOCK) {
@@ -48,7 +49,7 @@ function* blocks(job: AttentionJob): Generator<Block> {
     const nk = bandHi(job, i0 + m - 1) - lo + 1;
     for (let b = 0; b < batch; b++) {
       qOff[b] = (b * tq + i0) * d;
-      kOff[b] = (b * tk + lo) * d;
+      kOff[b] = (Math.floor(b / groups) * tk + lo) * d;
     }
     yield { i0, m, lo, nk, qOff, kOff };
   }
@@ -151,11 +152,14 @@ export function attentionBackward(
   const lse = lsed as FloatArray;
   const dO = dod as FloatArray;
   const { batch, tq, tk, d, scale } = job;
+  const groups = job.groups ?? 1;
+  const kvBatch = batch / groups;
   const dq = pool.alloc(dtype, batch * tq * d, false) as FloatArray; // outputs: every element is written below
-  const dk = pool.alloc(dtype, batch * tk * d, false) as FloatArray;
-  const dv = pool.alloc(dtype, batch * tk * d, false) as FloatArray;
-  const dkAcc = new Float64Array(batch * tk * d);
-  const dvAcc = new Float64Array(batch * tk * d);
+  const dk = pool.alloc(dtype, kvBatch * tk * d, false) as FloatArray;
+  const dv = pool.alloc(dtype, kvBatch * tk * d, false) as FloatArray;
+  // a key/value head's gradient sums its query heads', in head order
+  const dkAcc = new Float64Array(kvBatch * tk * d);
+  const dvAcc = new Float64Array(kvBatch * tk * d);
   const delta = new Float64Array(batch * tq);
   for (let r = 0; r < batch * tq; r++) {
     let s = 0;
@@ -183,7 +187,7 @@ export function attentionBackward(
     const accumulate = (acc: Float64Array, mul: number) => {
       for (let b = 0; b < batch; b++) {
         const from = b * nk * d;
-        const to = (b * tk + lo) * d;
+        const to = (Math.floor(b / groups) * tk + lo) * d;
         for (let x = 0; x < nk * d; x++) acc[to + x] += tmp[from + x] * mul;
       }
     };

@@ -799,6 +799,7 @@ export class CudaBackend implements Backend {
 
   attentionForward(q: unknown, k: unknown, v: unknown, job: AttentionJob, dtype: DType): { out: DeviceBuffer; lse: DeviceBuffer } {
     const dt = this.attentionDType(dtype, job);
+    const groups = job.groups ?? 1;
     const rows = job.batch * job.tq;
     const out = this.alloc(dt, rows * job.d);
     // lse: the tensors' dtype, except float32 for bfloat16 (attentionLseBytes)
@@ -813,7 +814,7 @@ export class CudaBackend implements Backend {
       const po = this.allocator.alloc(rows * splits * d * A);
       const pml = this.allocator.alloc(rows * splits * 2 * A);
       const a1 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(po.ptr).ptr(pml.ptr);
-      a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits);
+      a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
       this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, 0, a2, ATT_DECODE_COMBINE);
@@ -824,10 +825,10 @@ export class CudaBackend implements Backend {
     const fused = this.fusedAttention(dt, 'fwd', d);
     const a = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(out.ptr).ptr(lse.ptr);
     if (fused) {
-      a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
+      a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
       this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), fused.plan.threads, fused.plan.shared, a, fused.plan.name);
     } else {
-      a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale);
+      a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
       this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
     }
     return { out, lse };
@@ -842,8 +843,9 @@ export class CudaBackend implements Backend {
   ): { dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
     const dt = this.attentionDType(dtype, job);
     const { batch, d } = job;
+    const groups = job.groups ?? 1;
     const qRows = batch * job.tq;
-    const kRows = batch * job.tk;
+    const kRows = (batch / groups) * job.tk; // key/value entries: batch / groups
     const dq = this.alloc(dt, qRows * d);
     const dk = this.alloc(dt, kRows * d);
     const dv = this.alloc(dt, kRows * d);
@@ -863,18 +865,18 @@ export class CudaBackend implements Backend {
     const common = (a: ArgPacker) => a.ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(dout).ptr).ptr(buf(lse).ptr).ptr(delta.ptr);
     const a1 = common(this.args.reset()).ptr(dk.ptr).ptr(dv.ptr);
     if (fdkv) {
-      a1.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
-      this.launch(fdkv.f, this.attnGrid(batch, tk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
+      a1.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      this.launch(fdkv.f, this.attnGrid(batch / groups, tk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
     } else {
-      a1.i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      a1.i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
       this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);
     }
     const a2 = common(this.args.reset()).ptr(dq.ptr);
     if (fdq) {
-      a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
       this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
     } else {
-      a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale);
+      a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
       this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, attentionShared(dt, d), a2, ATT_BWD_DQ);
     }
     this.allocator.free(delta); // stream-ordered: reuse comes after these kernels

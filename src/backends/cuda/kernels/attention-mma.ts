@@ -325,7 +325,7 @@ __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i6
  */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8, KD = DP / 16;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -334,8 +334,8 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const bf16* kb = k + b * tk * d;
-  const bf16* vb = v + b * tk * d;
+  const bf16* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
+  const bf16* vb = v + (b / groups) * tk * d;
   const float sc = (float)(scaleD * FA_LOGC);
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
   // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads
@@ -436,7 +436,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
 /* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles; MT = BQ / 64 row tiles per warp. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dq,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -448,8 +448,8 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const bf16* kb = k + b * tk * d;
-  const bf16* vb = v + b * tk * d;
+  const bf16* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
+  const bf16* vb = v + (b / groups) * tk * d;
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
@@ -504,10 +504,10 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
 #endif
 }
 
-/* dK, dV: grid = batch * ceil(tk / BK) blocks, one per key tile, over the query tiles that see it; MT = BK / 64 key tiles per warp. */
+/* dK, dV: grid = (batch / groups) * ceil(tk / BK) blocks, one per key tile of a key/value entry, over the query tiles (of each of its query entries) that see it; MT = BK / 64 key tiles per warp. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
 #ifdef FM_ENABLED
   constexpr int MT = BK / 64, LD = DP + 8, NQ = BQ / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -516,19 +516,23 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   bf16* QDs = Vs + BK * LD;                 // [2][2][BQ][LD]: (Q, dO) of the current and the next query tile
   float* LDs = reinterpret_cast<float*>(QDs + 4 * BQ * LD); // [2][2][BQ]: (lse * FA_LOGC, delta) of the same
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 j0 = ((i64)blockIdx.x / batch) * BK;
+  // b: this block's key/value entry. Its query entries are b·groups .. b·groups + groups − 1 (grouped-query
+  // attention), and the pipeline runs over (query entry, query tile) pairs: step tt is entry
+  // b·groups + tt / ntiles, rows from ilo + (tt % ntiles)·BQ.
+  const i64 kvBatch = batch / groups;
+  const i64 b = (i64)blockIdx.x % kvBatch;
+  const i64 j0 = ((i64)blockIdx.x / kvBatch) * BK;
   const i64 jend = j0 + BK < tk ? j0 + BK : tk;
-  const bf16* qb = q + b * tq * d;
-  const bf16* db = dout + b * tq * d;
   i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
   i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
-  auto fetch = [&](i64 i0, int buf) {
-    fm_fetch_pair<BQ, DP, LD>(QDs, buf, qb, db, i0, ihi, d);
+  const i64 ntiles = ilo <= ihi ? (ihi - ilo) / BQ + 1 : 0, steps = groups * ntiles;
+  auto fetch = [&](i64 tt, int buf) {
+    const i64 qe = b * groups + tt / ntiles, i0 = ilo + (tt % ntiles) * BQ;
+    fm_fetch_pair<BQ, DP, LD>(QDs, buf, q + qe * tq * d, dout + qe * tq * d, i0, ihi, d);
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
-    fm_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + b * tq, delta + b * tq, i0, iend);
+    fm_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + qe * tq, delta + qe * tq, i0, iend);
   };
-  if (ilo <= ihi) fetch(ilo, 0);
+  if (steps > 0) fetch(0, 0);
   fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);
   fm_load<BK, DP, LD>(Vs, v + b * tk * d, j0, jend, d);
   const float sc = (float)(scaleD * FA_LOGC);
@@ -537,10 +541,11 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   fm_zero<MT, OT>(dka);
   fm_zero<MT, OT>(dva);
   int buf = 0;
-  for (i64 i0 = ilo; i0 <= ihi; i0 += BQ, buf ^= 1) {
+  for (i64 tt = 0; tt < steps; tt++, buf ^= 1) {
+    const i64 i0 = ilo + (tt % ntiles) * BQ;
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
     // (the first barrier also publishes Ks and Vs)
-    fm_pipeline_step(i0 + BQ <= ihi, [&] { fetch(i0 + BQ, buf ^ 1); });
+    fm_pipeline_step(tt + 1 < steps, [&] { fetch(tt + 1, buf ^ 1); });
     const bf16* Qs = QDs + (2 * buf) * BQ * LD;
     const bf16* dOs = Qs + BQ * LD;
     const float* Ls = LDs + 2 * buf * BQ;

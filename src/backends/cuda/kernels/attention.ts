@@ -291,7 +291,7 @@ __device__ __forceinline__ A fa_max16(A v) {
 /* Forward: grid = batch * ceil(tq / BQ) blocks, the heaviest (last) query tiles first. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* out, L* lse,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -302,8 +302,8 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const T* qb = q + b * tq * d;
-  const T* kb = k + b * tk * d;
-  const T* vb = v + b * tk * d;
+  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * tk * d;
   const A sc = (A)(scaleD * FA_LOGC);
   fa_load<BQ, DP, LDQ>(Qs, qb, i0, iend, d);
   i64 lo[RM], hi[RM];
@@ -375,10 +375,10 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
   }
 }
 
-/* dK, dV: grid = batch * ceil(tk / BK) blocks, one per key tile, over the query tiles that see it. */
+/* dK, dV: grid = (batch / groups) * ceil(tk / BK) blocks, one per key tile of a key/value entry, over the query tiles (of each of its query entries) that see it. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   constexpr int RM = BK / 16, CM = BQ / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDP = BQ + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -391,11 +391,11 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
   A* Ls = dSs + BK * LDP;               // [BQ]: lse * FA_LOGC
   A* Ds = Ls + BQ;                      // [BQ]: delta
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
-  const i64 b = (i64)blockIdx.x % batch;
-  const i64 j0 = ((i64)blockIdx.x / batch) * BK;
+  // b: this block's key/value entry; with grouped-query attention its query entries are b·groups .. b·groups + groups − 1
+  const i64 kvBatch = batch / groups;
+  const i64 b = (i64)blockIdx.x % kvBatch;
+  const i64 j0 = ((i64)blockIdx.x / kvBatch) * BK;
   const i64 jend = j0 + BK < tk ? j0 + BK : tk;
-  const T* qb = q + b * tq * d;
-  const T* db = dout + b * tq * d;
   fa_load<BK, DP, LDQ>(Ks, k + b * tk * d, j0, jend, d);
   fa_load<BK, DP, LDQ>(Vs, v + b * tk * d, j0, jend, d);
   // Queries that see some key of the tile: i with s <= qStart + i < s + window for s in [kStart + j0, kStart + jend - 1].
@@ -408,6 +408,10 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
 #pragma unroll
     for (int c = 0; c < OC; c++) { dka[r][c] = 0; dva[r][c] = 0; }
   }
+  for (i64 gq = 0; gq < groups; gq++) {
+  const i64 qe = b * groups + gq;
+  const T* qb = q + qe * tq * d;
+  const T* db = dout + qe * tq * d;
   for (i64 i0 = ilo; i0 <= ihi; i0 += BQ) {
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
     __syncthreads(); // the previous tile's reads of Qs, dOs, Ps, dSs are done
@@ -416,8 +420,8 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
     for (int x = t; x < BQ; x += FA_THREADS) {
       const i64 i = i0 + x;
       const bool ok = i < iend;
-      Ls[x] = ok ? (A)lse[b * tq + i] * (A)FA_LOGC : (A)0;
-      Ds[x] = ok ? delta[b * tq + i] : (A)0;
+      Ls[x] = ok ? (A)lse[qe * tq + i] * (A)FA_LOGC : (A)0;
+      Ds[x] = ok ? delta[qe * tq + i] : (A)0;
     }
     __syncthreads();
     A s[RM][CM], dp[RM][CM];
@@ -447,6 +451,7 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
     fa_pv<RM, OC, OW, BQ, LDP, LDQ>(dva, Ps, ty * RM, dOs, tx);
     fa_pv<RM, OC, OW, BQ, LDP, LDQ>(dka, dSs, ty * RM, Qs, tx);
   }
+  }
   const A scale = (A)scaleD;
 #pragma unroll
   for (int r = 0; r < RM; r++) {
@@ -461,7 +466,7 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
 /* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -475,8 +480,8 @@ __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const 
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const T* kb = k + b * tk * d;
-  const T* vb = v + b * tk * d;
+  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * tk * d;
   fa_load<BQ, DP, LDQ>(Qs, q + b * tq * d, i0, iend, d);
   fa_load<BQ, DP, LDQ>(dOs, dout + b * tq * d, i0, iend, d);
   for (int x = t; x < BQ; x += FA_THREADS) {
@@ -549,8 +554,8 @@ extern "C" __global__ void ${ATT_DELTA}(const T* o, const T* dout, A* delta, i64
 `;
 
 function fusedEntries(dtype: AttnDType): string {
-  const fwdArgs = 'i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scale';
-  const pass = 'batch, tq, tk, d, qStart, kStart, window, scale';
+  const fwdArgs = 'i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scale, i64 groups';
+  const pass = 'batch, tq, tk, d, qStart, kStart, window, scale, groups';
   return attentionPlans(dtype)
     .map((p) => {
       const tpl = `<${p.bq}, ${p.bk}, ${p.dp}>`;
@@ -572,14 +577,14 @@ const ROW = String.raw`
 __device__ __forceinline__ A dotp(const A* a, const T* b, i64 d) { A s = 0; for (i64 c = 0; c < d; c++) s += a[c] * att_ld(b[c]); return s; }
 
 extern "C" __global__ void ${ATT_FWD}(const T* q, const T* k, const T* v, T* out, L* lse,
-    i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = (A*)smem; A* ps = qs + 2 * d; A* red = ps + ${ATT_THREADS};
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const T* kb = k + b * tk * d; const T* vb = v + b * tk * d;
+    const T* kb = k + (b / groups) * tk * d; const T* vb = v + (b / groups) * tk * d;
     for (i64 c = t; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
     __syncthreads();
     i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
@@ -611,14 +616,14 @@ extern "C" __global__ void ${ATT_FWD}(const T* q, const T* k, const T* v, T* out
 
 /** dQ per query row (delta comes from ${ATT_DELTA}). */
 extern "C" __global__ void ${ATT_BWD_DQ}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
-    T* dq, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    T* dq, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = (A*)smem; A* dos = qs + d; A* ps = dos + d;
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const T* kb = k + b * tk * d; const T* vb = v + b * tk * d;
+    const T* kb = k + (b / groups) * tk * d; const T* vb = v + (b / groups) * tk * d;
     for (i64 c = t; c < d; c += blockDim.x) { qs[c] = att_ld(q[row * d + c]); dos[c] = att_ld(dout[row * d + c]); }
     __syncthreads();
     const A dl = delta[row];
@@ -649,7 +654,7 @@ extern "C" __global__ void ${ATT_BWD_DQ}(const T* q, const T* k, const T* v, con
 
 /** dK and dV per key row, over the queries that see that key. */
 extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
-    T* dk, T* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD) {
+    T* dk, T* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* ks = (A*)smem; A* vs = ks + d; A* ps = vs + d; A* dss = ps + ${ATT_THREADS};
   const A scale = (A)scaleD;
@@ -661,15 +666,17 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, co
     i64 s = kStart + j;
     i64 ilo = s - qStart; if (ilo < 0) ilo = 0;
     i64 ihi = s - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
-    const T* qb = q + b * tq * d; const T* db = dout + b * tq * d;
     A akk[${ATT_MAXC}], avv[${ATT_MAXC}];
     for (int a = 0; a < ${ATT_MAXC}; a++) { akk[a] = 0; avv[a] = 0; }
+    for (i64 gq = 0; gq < groups; gq++) { // b is a key/value entry: sum over its query entries
+    const i64 qe = b * groups + gq;
+    const T* qb = q + qe * tq * d; const T* db = dout + qe * tq * d;
     for (i64 t0 = ilo; t0 <= ihi; t0 += blockDim.x) {
       i64 i = t0 + t;
       A p = 0, ds = 0;
       if (i <= ihi) {
-        p = exp(dotp(ks, qb + i * d, d) * scale - (A)lse[b * tq + i]);
-        ds = p * (dotp(vs, db + i * d, d) - delta[b * tq + i]);
+        p = exp(dotp(ks, qb + i * d, d) * scale - (A)lse[qe * tq + i]);
+        ds = p * (dotp(vs, db + i * d, d) - delta[qe * tq + i]);
       }
       ps[t] = p; dss[t] = ds;
       __syncthreads();
@@ -683,6 +690,7 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, co
         }
       }
       __syncthreads();
+    }
     }
     for (int a = 0; a < ${ATT_MAXC}; a++) {
       i64 c = t + (i64)a * blockDim.x;
@@ -714,7 +722,7 @@ export const DECODE_MIN_KEYS = 512;
  */
 const DECODE = String.raw`
 extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PARTIAL}(const T* q, const T* k, const T* v, A* po, A* pml,
-    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits) {
+    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = reinterpret_cast<A*>(smem);   // [d]
   A* wo = qs + d;                       // [4][d] per-warp outputs
@@ -732,8 +740,8 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   A o[8];
 #pragma unroll
   for (int t = 0; t < 8; t++) o[t] = 0;
-  const T* kb = k + b * tk * d;
-  const T* vb = v + b * tk * d;
+  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * tk * d;
   for (i64 j = j0 + warp; j <= j1; j += 4) {
     A s = 0;
     for (i64 c = lane; c < d; c += 32) s += qs[c] * att_ld(kb[j * d + c]);
