@@ -4,12 +4,12 @@
  * composite is the truth (DESIGN.md): it defines the semantics, the tests compare against it, and
  * the op's backward falls back to it whenever that backward will itself be differentiated.
  */
-import { vjp } from './autodiff.js';
+import { recordFused } from './fused.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
 import { add, broadcastTo, div, matmul, reshape, softmax, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
-import { fromData, getBackend, isTracked, record } from './runtime.js';
+import { fromData, getBackend, isTracked } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -134,21 +134,9 @@ export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
     return y;
   }
   const lse = fromData(r.lse, [job.batch, job.tq], dtype, backend);
-  record('scaledDotAttention', [q, k, v], [y], ([g], needs) => {
-    // The fused backward is a kernel, invisible to autodiff. When an outer trace will differentiate
-    // this backward pass (grad of grad, the TTT inner loop), take the cotangents from the composite
-    // definition instead: same values, built from ops that outer trace can record.
-    if (isTracked(q) || isTracked(k) || isTracked(v) || isTracked(y) || isTracked(g!)) {
-      const [, pullback] = vjp((a: Tensor, b: Tensor, c: Tensor) => compositeAttention(a, b, c, opts), q, k, v);
-      const cts = pullback(g!) as Tensor[];
-      return cts.map((c, i) => (needs[i] ? c : null));
-    }
-    const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g!.data, job, dtype);
-    return ([[d.dq, q], [d.dk, k], [d.dv, v]] as const).map(([data, like], i) => {
-      if (needs[i]) return fromData(data, like.shape, dtype, backend);
-      backend.free(data, dtype, like.size);
-      return null;
-    });
+  recordFused('scaledDotAttention', [q, k, v], y, (a, b, c) => compositeAttention(a, b, c, opts), (g) => {
+    const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g.data, job, dtype);
+    return [d.dq, d.dk, d.dv];
   }, [lse]);
   return y;
 }

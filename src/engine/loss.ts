@@ -5,9 +5,9 @@
  * 128256-token vocabulary each one is half a gigabyte per 1024 positions. As for RMSNorm, the
  * composite is the truth, and the backward falls back to it when it will itself be differentiated.
  */
-import { vjp } from './autodiff.js';
+import { recordFused } from './fused.js';
 import { expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
-import { fromData, isTracked, record } from './runtime.js';
+import { fromData, isTracked } from './runtime.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -37,12 +37,8 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
     return nll;
   }
   const lse = fromData(r.lse, [rows], lseDType, backend);
-  record('tokenNll', [logits], [nll], ([g]) => {
-    if (isTracked(logits) || isTracked(nll) || isTracked(g!)) {
-      const [, pullback] = vjp((x: Tensor) => compositeTokenNll(x, targets), logits);
-      return [pullback(g!)[0] as Tensor];
-    }
-    return [fromData(backend.tokenNllBackward(logits.data, targets.data, lse.data, g!.data, rows, V, dtype), logits.shape, dtype, backend)];
-  }, [targets, lse]);
+  recordFused('tokenNll', [logits], nll, (x) => compositeTokenNll(x, targets), (g) => [
+    backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype),
+  ], [targets, lse]);
   return nll;
 }

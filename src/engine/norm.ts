@@ -4,10 +4,10 @@
  * the composite is the truth, and the op's backward falls back to it whenever that backward will
  * itself be differentiated (the TTT inner loop's gradient inside the outer one).
  */
-import { vjp } from './autodiff.js';
+import { recordFused } from './fused.js';
 import { isFloat } from './dtype.js';
 import { add, mean, mul, rsqrt, square } from './ops.js';
-import { fromData, isTracked, record } from './runtime.js';
+import { fromData, isTracked } from './runtime.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -33,18 +33,9 @@ export function fusedRmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
     return y;
   }
   const rstd = fromData(r.rstd, [rows], dtype, backend);
-  record('rmsNorm', [x, w], [y], ([g], needs) => {
-    if (isTracked(x) || isTracked(w) || isTracked(y) || isTracked(g!)) {
-      const [, pullback] = vjp((a: Tensor, b: Tensor) => compositeRmsNorm(a, b, eps), x, w);
-      const cts = pullback(g!) as Tensor[];
-      return cts.map((c, i) => (needs[i] ? c : null));
-    }
-    const grads = backend.rmsNormBackward(x.data, w.data, rstd.data, g!.data, rows, d, dtype);
-    return ([[grads.dx, x], [grads.dw, w]] as const).map(([data, like], i) => {
-      if (needs[i]) return fromData(data, like.shape, dtype, backend);
-      backend.free(data, dtype, like.size);
-      return null;
-    });
+  recordFused('rmsNorm', [x, w], y, (a, b) => compositeRmsNorm(a, b, eps), (g) => {
+    const grads = backend.rmsNormBackward(x.data, w.data, rstd.data, g.data, rows, d, dtype);
+    return [grads.dx, grads.dw];
   }, [rstd]);
   return y;
 }

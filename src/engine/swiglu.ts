@@ -4,9 +4,9 @@
  * the truth, and the op's backward falls back to it whenever that backward will itself be
  * differentiated (the TTT inner loop's gradient inside the outer one).
  */
-import { vjp } from './autodiff.js';
+import { recordFused } from './fused.js';
 import { mul, silu } from './ops.js';
-import { fromData, isTracked, record } from './runtime.js';
+import { fromData } from './runtime.js';
 import { fmt, shapesEqual } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -23,18 +23,9 @@ export function fusedSwigluGate(a: Tensor, b: Tensor): Tensor {
   if (a.dtype !== 'float32' && a.dtype !== 'float64' && a.dtype !== 'bfloat16') throw new Error(`swigluGate: needs a floating-point tensor, got ${a.dtype}${fmt(a.shape)}`);
   const { backend, dtype, shape, size } = a;
   const y = fromData(backend.swigluForward(a.data, b.data, size, dtype), shape, dtype, backend);
-  record('swigluGate', [a, b], [y], ([g], needs) => {
-    if (isTracked(a) || isTracked(b) || isTracked(y) || isTracked(g!)) {
-      const [, pullback] = vjp(compositeSwigluGate, a, b);
-      const cts = pullback(g!) as Tensor[];
-      return cts.map((c, i) => (needs[i] ? c : null));
-    }
-    const grads = backend.swigluBackward(a.data, b.data, g!.data, size, dtype);
-    return [grads.da, grads.db].map((data, i) => {
-      if (needs[i]) return fromData(data, shape, dtype, backend);
-      backend.free(data, dtype, size);
-      return null;
-    });
+  recordFused('swigluGate', [a, b], y, compositeSwigluGate, (g) => {
+    const grads = backend.swigluBackward(a.data, b.data, g.data, size, dtype);
+    return [grads.da, grads.db];
   });
   return y;
 }
