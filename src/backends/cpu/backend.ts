@@ -91,6 +91,16 @@ function gemmJobFor(a: Arr, b: Arr, c: Arr, job: MatmulJob) {
   return { ...job, a: a as Float32Array | Float64Array, b: b as Float32Array | Float64Array, c: c as Float32Array | Float64Array };
 }
 
+/** logsumexp of x[base .. base + n) in double (max skipping NaN, then a sum of exp); an infinite max passes through. */
+function rowLogsumexp(x: Arr, base: number, n: number): number {
+  let m = -Infinity;
+  for (let i = 0; i < n; i++) if (x[base + i] > m) m = x[base + i];
+  if (m === -Infinity || m === Infinity) return m;
+  let s = 0;
+  for (let i = 0; i < n; i++) s += Math.exp(x[base + i] - m);
+  return m + Math.log(s);
+}
+
 export class CpuBackend implements Backend {
   readonly name = 'cpu';
   // the fused loops below are scalar JS: 2-4x slower here than the composite ops (wasm SIMD, threads)
@@ -204,18 +214,7 @@ export class CpuBackend implements Backend {
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer, false);
     if (dtype === 'float32' && wasmLogsumexpF32(x as Float32Array, out as Float32Array, outer, n)) return out;
-    for (let o = 0; o < outer; o++) {
-      const base = o * n;
-      let m = -Infinity;
-      for (let i = 0; i < n; i++) if (x[base + i] > m) m = x[base + i];
-      if (m === -Infinity || m === Infinity) {
-        out[o] = m;
-        continue;
-      }
-      let s = 0;
-      for (let i = 0; i < n; i++) s += Math.exp(x[base + i] - m);
-      out[o] = m + Math.log(s);
-    }
+    for (let o = 0; o < outer; o++) out[o] = rowLogsumexp(x, o * n, n);
     return out;
   }
   cumsum(xd: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): Arr {
@@ -323,17 +322,9 @@ export class CpuBackend implements Backend {
     for (let r = 0; r < rows; r++) {
       const target = t[r];
       if (!(target >= 0 && target < V)) throw new Error(`tokenNll: index ${target} out of range [0, ${V})`);
-      const base = r * V;
-      let m = -Infinity;
-      for (let i = 0; i < V; i++) if (x[base + i] > m) m = x[base + i];
-      let l = m;
-      if (m !== -Infinity && m !== Infinity) {
-        let s = 0;
-        for (let i = 0; i < V; i++) s += Math.exp(x[base + i] - m);
-        l = m + Math.log(s);
-      }
+      const l = rowLogsumexp(x, r * V, V);
       lse[r] = l;
-      nll[r] = l - x[base + target];
+      nll[r] = l - x[r * V + target];
     }
     return { nll, lse };
   }
