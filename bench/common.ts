@@ -2,6 +2,9 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
+import { cast, dispose, keep, mapLeaves, randomKey, tidy } from '../src/index.js';
+import type { ModelConfig } from '../src/model/config.js';
+import { type Params, initParams } from '../src/model/transformer.js';
 import { repoRoot } from '../src/util/repo-root.js';
 
 /** bench/results/<file> of the repository, whether a bench runs from bench/ (tsx) or dist/bench/ (built). */
@@ -45,4 +48,15 @@ export function machine() {
     // not Linux
   }
   return { cpuModel, cores: availableParallelism(), node: process.version, platform: `${process.platform}-${process.arch}`, date: new Date().toISOString() };
+}
+
+/**
+ * Random parameters for an inference bench: the weights stored in bf16, the fast weights (the TTT
+ * state, which the inner steps update) kept in float32.
+ */
+export function bf16InferenceParams(c: ModelConfig, seed = 0): Params {
+  const p0 = initParams(c, randomKey(seed));
+  const params = { ...mapLeaves({ ...p0, fast: [] }, (t) => keep(tidy(() => cast(t, 'bfloat16')))), fast: p0.fast } as Params;
+  dispose({ ...p0, fast: [] });
+  return params;
 }

@@ -14,11 +14,10 @@
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { cast, dispose, getBackend, keep, mapLeaves, randint, randomKey, setBackend, tidy } from '../src/index.js';
+import { getBackend, randint, randomKey, setBackend, tidy } from '../src/index.js';
 import { type Variant, preset } from '../src/model/config.js';
 import { Session } from '../src/model/session.js';
-import { type Params, initParams } from '../src/model/transformer.js';
-import { resultsPath } from './common.js';
+import { bf16InferenceParams, resultsPath } from './common.js';
 
 const DECODE = 64;
 const MAX_PREFILL_S = 120;
@@ -53,9 +52,7 @@ export async function main(): Promise<unknown> {
   console.log('variant  context   prefill s   prefill tok/s   decode ms/token');
   for (const variant of variants) {
     const c = preset('125m', variant, { computeDType: 'bfloat16' });
-    const p0 = initParams(c, randomKey(0));
-    const params: Params = { ...mapLeaves({ ...p0, fast: [] }, (t) => keep(tidy(() => cast(t, 'bfloat16')))), fast: p0.fast } as Params;
-    dispose({ ...p0, fast: [] });
+    const params = bf16InferenceParams(c);
     {
       // warm-up, not recorded: compiles and loads every kernel the variant uses (two mini-batches, so
       // TTT-E2E takes an inner step; then a few decoded tokens), which would otherwise land on the first row

@@ -9,13 +9,13 @@
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { cast, dispose, keep, mapLeaves, randint, randomKey, setBackend, tidy, valueAndGrad } from '../src/index.js';
+import { dispose, randint, randomKey, setBackend, tidy, valueAndGrad } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { preset } from '../src/model/config.js';
 import { Session } from '../src/model/session.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
-import { resultsPath } from './common.js';
+import { bf16InferenceParams, resultsPath } from './common.js';
 
 export async function main(): Promise<unknown> {
   process.env.TTT_CUDA_PROFILE = '1';
@@ -67,9 +67,7 @@ function profilePrefill(be: CudaBackend, T: number): unknown {
   const out: Record<string, unknown> = {};
   for (const variant of ['full', 'e2e'] as const) {
     const c = preset('125m', variant, { computeDType: 'bfloat16' });
-    const p0 = initParams(c, randomKey(0));
-    const params: Params = { ...mapLeaves({ ...p0, fast: [] }, (t) => keep(tidy(() => cast(t, 'bfloat16')))), fast: p0.fast } as Params;
-    dispose({ ...p0, fast: [] });
+    const params = bf16InferenceParams(c);
     const tokens = tidy(() => randint(randomKey(1), [T], 0, c.vocabSize).toArray());
     const warm = new Session(c, params);
     warm.prefill(tokens.slice(0, 2 * c.miniBatch), { score: false });
