@@ -193,16 +193,6 @@ __device__ __forceinline__ void fm_pipeline_step(bool hasNext, F fetchNext) {
   __syncthreads();
 }
 
-/* The lse (times FA_LOGC) and delta of query rows i0 .. i0 + BQ - 1 (0 past iend), as the backward kernels use them. */
-template <int BQ>
-__device__ __forceinline__ void fm_load_rows(float* Ls, float* Ds, const float* lse, const float* delta, i64 i0, i64 iend) {
-  for (int x = threadIdx.x; x < BQ; x += FM_THREADS) {
-    const bool ok = i0 + x < iend;
-    Ls[x] = ok ? lse[i0 + x] * (float)FA_LOGC : 0.f;
-    Ds[x] = ok ? delta[i0 + x] : 0.f;
-  }
-}
-
 /* A fragment of the 16 × 16 block at (row0, k0) of a row-major tile. */
 template <int LD>
 __device__ __forceinline__ void fm_afrag(u32 (&a)[4], const bf16* M, int row0, int k0, int g, int t) {
@@ -454,7 +444,7 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   fm_load<BQ, DP, LD>(dOs, dout + b * tq * d, i0, iend, d);
-  fm_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
+  fa_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
   const float sc = (float)(scaleD * FA_LOGC);
   const int r0 = warp * MT * 16;
   float dqa[MT][OT][4];
@@ -530,7 +520,7 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
     const i64 qe = b * groups + tt / ntiles, i0 = ilo + (tt % ntiles) * BQ;
     fm_fetch_pair<BQ, DP, LD>(QDs, buf, q + qe * tq * d, dout + qe * tq * d, i0, ihi, d);
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
-    fm_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + qe * tq, delta + qe * tq, i0, iend);
+    fa_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + qe * tq, delta + qe * tq, i0, iend);
   };
   if (steps > 0) fetch(0, 0);
   fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);

@@ -218,6 +218,16 @@ __device__ __forceinline__ void fa_load(A* dst, const T* src, i64 r0, i64 rowEnd
   }
 }
 
+/* The lse (times FA_LOGC) and delta of query rows i0 .. i0 + BQ - 1 (0 past iend), as the backward kernels use them. */
+template <int BQ>
+__device__ __forceinline__ void fa_load_rows(A* Ls, A* Ds, const L* lse, const A* delta, i64 i0, i64 iend) {
+  for (int x = threadIdx.x; x < BQ; x += blockDim.x) {
+    const bool ok = i0 + x < iend;
+    Ls[x] = ok ? (A)lse[i0 + x] * (A)FA_LOGC : (A)0;
+    Ds[x] = ok ? delta[i0 + x] : (A)0;
+  }
+}
+
 /* acc[r][e] += dot(X row (xr + r), Y row (yr + 16 e)) over DP columns; rows of stride LD. */
 template <int RM, int CM, int DP, int LD>
 __device__ __forceinline__ void fa_dot(A (&acc)[RM][CM], const A* X, int xr, const A* Y, int yr) {
@@ -417,12 +427,7 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
     __syncthreads(); // the previous tile's reads of Qs, dOs, Ps, dSs are done
     fa_load<BQ, DP, LDQ>(Qs, qb, i0, iend, d);
     fa_load<BQ, DP, LDQ>(dOs, db, i0, iend, d);
-    for (int x = t; x < BQ; x += FA_THREADS) {
-      const i64 i = i0 + x;
-      const bool ok = i < iend;
-      Ls[x] = ok ? (A)lse[qe * tq + i] * (A)FA_LOGC : (A)0;
-      Ds[x] = ok ? delta[qe * tq + i] : (A)0;
-    }
+    fa_load_rows<BQ>(Ls, Ds, lse + qe * tq, delta + qe * tq, i0, iend);
     __syncthreads();
     A s[RM][CM], dp[RM][CM];
 #pragma unroll
@@ -484,12 +489,7 @@ __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const 
   const T* vb = v + (b / groups) * tk * d;
   fa_load<BQ, DP, LDQ>(Qs, q + b * tq * d, i0, iend, d);
   fa_load<BQ, DP, LDQ>(dOs, dout + b * tq * d, i0, iend, d);
-  for (int x = t; x < BQ; x += FA_THREADS) {
-    const i64 i = i0 + x;
-    const bool ok = i < iend;
-    Ls[x] = ok ? (A)lse[b * tq + i] * (A)FA_LOGC : (A)0;
-    Ds[x] = ok ? delta[b * tq + i] : (A)0;
-  }
+  fa_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
   i64 lo[RM], hi[RM];
   A dqa[RM][OC];
 #pragma unroll
