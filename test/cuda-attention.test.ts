@@ -426,6 +426,50 @@ describe('cuda fused attention vs cpu', gpu, () => {
     }
   });
 
+  test('keys as rows of a larger store (a KV cache): every kernel family gives the rows-alone result bit for bit, never reading outside', () => {
+    // stores of first + tk + 37 rows per key/value entry, NaN outside the keys; 'row' and tensor-core
+    // variants switched in turn, the decode path by its shapes
+    const cases = [CASES[9], CASES[10], CASES[16], CASES[18], CASES[21], CASES[22], LONG[1]];
+    const variants: { dt: DType; kernels: 'fused' | 'row'; tc: boolean }[] = [
+      { dt: 'float32', kernels: 'fused', tc: true }, { dt: 'float64', kernels: 'fused', tc: true }, { dt: 'bfloat16', kernels: 'fused', tc: true },
+      { dt: 'bfloat16', kernels: 'fused', tc: false }, { dt: 'float32', kernels: 'row', tc: true },
+    ];
+    T.setBackend('cuda');
+    const tcBefore = cuda!.attentionTensorCores;
+    try {
+      for (const cs of cases) {
+        for (const { dt, kernels, tc } of variants) {
+          if (kernels === 'row' && cs.d > 256) continue;
+          cuda!.attentionTensorCores = tc && tcBefore;
+          withKernels(kernels, () => T.tidy(() => {
+            const first = 5;
+            const cap = first + cs.tk + 37;
+            const kvLead = cs.kvLead ?? cs.lead;
+            const n = kvLead.reduce((a, b) => a * b, 1);
+            const store = (seed: number) => {
+              const vals = valuesIn(dt, seed, n * cap * cs.d);
+              for (let h = 0; h < n; h++) {
+                vals.fill(NaN, h * cap * cs.d, (h * cap + first) * cs.d);
+                vals.fill(NaN, (h * cap + first + cs.tk) * cs.d, (h + 1) * cap * cs.d);
+              }
+              return T.tensor(vals, [...kvLead, cap, cs.d], dt);
+            };
+            const q = T.tensor(valuesIn(dt, 3, cs.lead.reduce((a, b) => a * b, 1) * cs.tq * cs.d), [...cs.lead, cs.tq, cs.d], dt);
+            const [ks, vs] = [store(1), store(2)];
+            const rows = T.kvRows({ k: ks, v: vs, first, count: cs.tk });
+            const got = T.scaledDotAttention(q, ks, vs, { ...cs.opts, keyRows: { first, count: cs.tk } }).toArray();
+            const want = T.scaledDotAttention(q, rows.k, rows.v, cs.opts).toArray();
+            const same = got.every((x, i) => Object.is(x, want[i]));
+            assert.ok(same, `${cs.name} ${dt} ${kernels}${tc ? '' : ' simt'}: keyRows result differs from the rows alone${got.some(Number.isNaN) ? ' (NaN: read outside the rows)' : ''}`);
+          }));
+        }
+      }
+    } finally {
+      cuda!.attentionTensorCores = tcBefore;
+      T.setBackend('cpu');
+    }
+  });
+
   test('the fused op agrees with the composite definition on cuda', () => {
     T.setBackend('cuda');
     try {

@@ -8,6 +8,7 @@ import { type Variant, makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { checkReadingEquivalence } from './helpers/session-check.js';
 import { Session, sample } from '../src/model/session.js';
+import { readSafetensors } from '../src/io/safetensors.js';
 import { innerLoop } from '../src/model/ttt-e2e.js';
 
 const VARIANTS: Variant[] = ['e2e', 'naive', 'swa', 'full', 'hybrid'];
@@ -116,6 +117,35 @@ describe('Session', () => {
       assert.throws(() => fast.prefill([1]), /prefill: the session was disposed/);
       assert.throws(() => fast.decode(1), /decode: the session was disposed/);
       scoredSession.dispose();
+    }
+  });
+
+  test('token-by-token reading appends to the KV caches in place; saved memories hold only the cached rows', () => {
+    for (const variant of ['full', 'swa'] as Variant[]) {
+      const c = cfg(variant, { nLayers: 2 });
+      const s = new Session(c, scaled(c));
+      const cacheOf = () => (s as unknown as { state: { caches: { k: T.Tensor; first: number; count: number }[] } }).state.caches[0];
+      const storages = new Set<T.Tensor>();
+      const doc = randomTokens(300, c.vocabSize, 4);
+      for (const token of doc) {
+        s.prefill([token], { score: false });
+        storages.add(cacheOf().k);
+      }
+      const cache = cacheOf();
+      assert.equal(cache.count, variant === 'full' ? 300 : c.window - 1);
+      // full: capacity doubles (64, 128, 256, 512); swa (window 6): a fresh storage every ~64 tokens
+      assert.ok(storages.size <= (variant === 'full' ? 4 : 6), `${variant}: ${storages.size} storages for 300 tokens`);
+      const whole = new Session(c, scaled(c));
+      whole.prefill(doc, { score: false });
+      assert.ok(maxDiff(whole.nextLogProbs(), s.nextLogProbs()) < 1e-12, `${variant}: token by token equals one read`);
+      const path = join(mkdtempSync(join(tmpdir(), 'ttt-mem-')), 'kv.safetensors');
+      s.saveMemory(path);
+      const saved = readSafetensors(path);
+      assert.deepEqual(saved.tensors.get('state.0.k')!.shape, [1, c.nHeads, cache.count, c.dModel / c.nHeads]);
+      const loaded = new Session(c, scaled(c));
+      loaded.loadMemory(path);
+      const next = randomTokens(5, c.vocabSize, 6);
+      assert.ok(maxDiff(loaded.prefill(next), s.prefill(next)) < 1e-12, `${variant}: the loaded memory continues exactly`);
     }
   });
 

@@ -9,6 +9,7 @@ import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
 import { add, broadcastTo, div, matmul, reshape, softmax, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
+import { kvRows } from './kv-store.js';
 import { fromData, getBackend, isTracked } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
 import type { Tensor } from './tensor.js';
@@ -20,6 +21,11 @@ export interface AttentionOptions {
   kStart: number;
   /** Sliding window: a query sees keys less than `window` positions back. Undefined: plain causal. */
   window?: number;
+  /**
+   * The keys and values are rows [first, first + count) of axis -2 of k and v (a cache's storage,
+   * `appendKv`); kStart is the position of row `first`. Default: every row.
+   */
+  keyRows?: { first: number; count: number };
 }
 
 /** Whether a query at absolute position `qPos` sees the key at `kPos`. */
@@ -42,7 +48,12 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
   if (q.rank < 2) throw new Error(`${op}: q needs rank >= 2 ([..., Tq, D]), got ${fmt(q.shape)}`);
   const lead = q.shape.slice(0, -2);
   const [tq, d] = q.shape.slice(-2);
-  const tk = k.shape[k.rank - 2];
+  const stored = k.shape[k.rank - 2];
+  const rows = opts.keyRows ?? { first: 0, count: stored };
+  if (!Number.isInteger(rows.first) || !Number.isInteger(rows.count) || rows.first < 0 || rows.count < 0 || rows.first + rows.count > stored) {
+    throw new Error(`${op}: keyRows ${rows.first}+${rows.count} do not fit in the ${stored} rows of k ${fmt(k.shape)}`);
+  }
+  const tk = rows.count;
   // Grouped-query attention: the last leading axis (heads) of k and v may divide q's.
   const heads = q.rank - 3;
   const groups = heads >= 0 && k.rank === q.rank && k.shape[heads] > 0 ? q.shape[heads] / k.shape[heads] : 1;
@@ -67,7 +78,16 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
       );
     }
   }
-  return { batch: sizeOf(lead), groups, tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
+  const job: AttentionJob = { batch: sizeOf(lead), groups, tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
+  return rows.count === stored ? job : { ...job, kvOffset: rows.first * d, kvStride: stored * d };
+}
+
+/** Rows [first, first + count) of k and v as contiguous tensors (after the shape checks). */
+function keysOf(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, op: string): [Tensor, Tensor] {
+  attentionJob(op, q, k, v, opts);
+  const rows = opts.keyRows!;
+  const r = kvRows({ k, v, first: rows.first, count: rows.count });
+  return [r.k, r.v];
 }
 
 /**
@@ -100,6 +120,7 @@ export function clearBandBiasCache(): void {
  * only (so it can be differentiated to any order).
  */
 export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  if (opts.keyRows) return compositeAttention(q, ...keysOf(q, k, v, opts, 'compositeAttention'), { ...opts, keyRows: undefined });
   const job = attentionJob('compositeAttention', q, k, v, opts);
   const groups = job.groups ?? 1;
   if (groups > 1) {
@@ -125,11 +146,16 @@ export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
  * only touch the visible band and keep no [Tq, Tk] tensor.
  */
 export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  const tracked = isTracked(q) || isTracked(k) || isTracked(v);
+  if (opts.keyRows && tracked) {
+    // the backward takes contiguous keys: differentiate through a copy of the rows
+    return scaledDotAttention(q, ...keysOf(q, k, v, opts, 'scaledDotAttention'), { ...opts, keyRows: undefined });
+  }
   const job = attentionJob('scaledDotAttention', q, k, v, opts);
   const { dtype, backend } = q;
   const r = backend.attentionForward(q.data, k.data, v.data, job, dtype);
   const y = fromData(r.out, q.shape, dtype, backend);
-  if (!isTracked(q) && !isTracked(k) && !isTracked(v)) {
+  if (!tracked) {
     backend.free(r.lse, dtype, job.batch * job.tq);
     return y;
   }

@@ -43,6 +43,13 @@ export interface AttentionJob {
   kStart: number;
   window: number;
   scale: number;
+  /**
+   * Forward only: where the keys and values sit in k and v when those are rows of a larger store (a
+   * preallocated KV cache): key row j of key/value entry e is at element kvOffset + e·kvStride + j·d.
+   * Default 0 and tk·d (contiguous). The backward never gets them.
+   */
+  kvOffset?: number;
+  kvStride?: number;
 }
 
 /**

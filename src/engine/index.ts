@@ -10,6 +10,7 @@ registerBackend('cuda', () => new CudaBackend());
 export * from './ops.js';
 export * from './autodiff.js';
 export * from './attention.js';
+export * from './kv-store.js';
 export * from './norm.js';
 export * from './optim.js';
 export * from './rope.js';

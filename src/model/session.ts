@@ -11,10 +11,10 @@ import {
   threefry2x32, add,
 } from '../engine/index.js';
 import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
-import type { ModelConfig } from './config.js';
+import { type ModelConfig, layerKinds } from './config.js';
 import { miniBatchStep, perSequence } from './ttt-e2e.js';
 import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
-import type { MixerState } from './mixers/index.js';
+import { type MixerState, getMixer } from './mixers/index.js';
 import { namedLeaves } from './reference.js';
 
 export interface SamplingOptions {
@@ -238,17 +238,21 @@ export class Session {
         for (const k of ['w1', 'w2', 'w3'] as const) put(`fast_delta.${j}.${k}`, sub(w[k], reshape(this.params.fast[j][k], w[k].shape)));
       });
     });
-    // Mixer states: tensors as tensors, plain numbers (cache start positions) in the metadata.
+    // Mixer states (without spare storage): tensors as tensors, plain numbers (cache positions) in the metadata.
     const numbers: Record<string, number> = {};
-    const putStates = (prefix: string, states: (MixerState | null)[]) => states.forEach((st, l) => {
+    const kinds = layerKinds(this.config);
+    const putStates = (prefix: string, states: (MixerState | null)[], firstLayer: number) => states.forEach((st, l) => {
       if (!st) return;
-      for (const [k, v] of Object.entries(st)) {
+      const mixer = getMixer(kinds[firstLayer + l]);
+      for (const [k, v] of Object.entries(mixer.compact?.(st) ?? st)) {
         if (typeof v === 'number') numbers[`${prefix}.${l}.${k}`] = v;
         else put(`${prefix}.${l}.${k}`, v);
       }
     });
-    putStates('state', s.caches);
-    putStates('chunk_state', s.chunkCaches);
+    tidy(() => {
+      putStates('state', s.caches, 0);
+      putStates('chunk_state', s.chunkCaches, suffixStart(this.config));
+    });
     if (s.pendingX) put('pending_x', s.pendingX);
     if (s.nextLogProbs) put('next_log_probs', s.nextLogProbs);
     writeSafetensors(path, tensors, {

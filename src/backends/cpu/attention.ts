@@ -43,13 +43,15 @@ function* blocks(job: AttentionJob): Generator<Block> {
   const groups = job.groups ?? 1;
   const qOff = new Int32Array(batch);
   const kOff = new Int32Array(batch);
+  const kvOffset = job.kvOffset ?? 0;
+  const kvStride = job.kvStride ?? tk * d;
   for (let i0 = 0; i0 < tq; i0 += BLOCK) {
     const m = Math.min(BLOCK, tq - i0);
     const lo = bandLo(job, i0);
     const nk = bandHi(job, i0 + m - 1) - lo + 1;
     for (let b = 0; b < batch; b++) {
       qOff[b] = (b * tq + i0) * d;
-      kOff[b] = (Math.floor(b / groups) * tk + lo) * d;
+      kOff[b] = kvOffset + Math.floor(b / groups) * kvStride + lo * d;
     }
     yield { i0, m, lo, nk, qOff, kOff };
   }
@@ -152,6 +154,7 @@ export function attentionBackward(
   const lse = lsed as FloatArray;
   const dO = dod as FloatArray;
   const { batch, tq, tk, d, scale } = job;
+  if (job.kvOffset !== undefined || job.kvStride !== undefined) throw new Error('cpu backend: the attention backward takes contiguous k and v only');
   const groups = job.groups ?? 1;
   const kvBatch = batch / groups;
   const dq = pool.alloc(dtype, batch * tq * d, false) as FloatArray; // outputs: every element is written below

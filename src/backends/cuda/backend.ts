@@ -806,6 +806,11 @@ export class CudaBackend implements Backend {
     const lse = this.allocator.alloc(rows * attentionLseBytes(dt));
     if (rows === 0 || job.tk === 0) return { out, lse };
     const [tq, tk, d, qs, ks, w] = this.attentionArgs(job);
+    // keys and values may be rows of a larger store (a preallocated KV cache): an offset and a stride
+    const kvStride = job.kvStride ?? tk * d;
+    const kvAt = (job.kvOffset ?? 0) * BYTES[dt];
+    const kPtr = buf(k).ptr + kvAt;
+    const vPtr = buf(v).ptr + kvAt;
     const band = Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
     if (this.attentionKernels === 'fused' && tq <= DECODE_MAX_TQ && band >= DECODE_MIN_KEYS && d <= FA_MAX_D) {
       // decoding: split the long band across blocks (flash-decoding), then merge the chunks
@@ -813,8 +818,8 @@ export class CudaBackend implements Backend {
       const A = attentionAccBytes(dt);
       const po = this.allocator.alloc(rows * splits * d * A);
       const pml = this.allocator.alloc(rows * splits * 2 * A);
-      const a1 = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(po.ptr).ptr(pml.ptr);
-      a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups);
+      const a1 = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(po.ptr).ptr(pml.ptr);
+      a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
       this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, 0, a2, ATT_DECODE_COMBINE);
@@ -823,12 +828,12 @@ export class CudaBackend implements Backend {
       return { out, lse };
     }
     const fused = this.fusedAttention(dt, 'fwd', d);
-    const a = this.args.reset().ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(out.ptr).ptr(lse.ptr);
+    const a = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(out.ptr).ptr(lse.ptr);
     if (fused) {
-      a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), fused.plan.threads, fused.plan.shared, a, fused.plan.name);
     } else {
-      a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
     }
     return { out, lse };
@@ -843,6 +848,7 @@ export class CudaBackend implements Backend {
   ): { dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
     const dt = this.attentionDType(dtype, job);
     const { batch, d } = job;
+    if (job.kvOffset !== undefined || job.kvStride !== undefined) throw new Error('cuda backend: the attention backward takes contiguous k and v only');
     const groups = job.groups ?? 1;
     const qRows = batch * job.tq;
     const kRows = (batch / groups) * job.tk; // key/value entries: batch / groups

@@ -1,24 +1,23 @@
 /**
  * Multi-head attention with QK-norm and RoPE (SPEC §1), causal, full or sliding-window. The state is
- * a KV cache: every earlier position for full attention, the last k-1 for a window of k.
+ * a KV cache: every earlier position for full attention, the last k-1 for a window of k, kept as rows
+ * of preallocated storage (`appendKv`) so that reading one more token does not copy the cache.
  */
-import { type Tensor, concat, matmul, reshape, slice } from '../../engine/index.js';
+import { type KvRows, type Tensor, appendKv, dropOldestRows, kvRows, matmul, reshape } from '../../engine/index.js';
 import { attend, inDType, mergeHeads, rmsNorm, rope, splitHeads } from '../../nn/layers.js';
 import { type ModelConfig, headDim } from '../config.js';
 import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
-export interface KvCache extends MixerState {
-  k: Tensor; // [B, H, len, D]
+export interface KvCache extends MixerState, KvRows {
+  k: Tensor; // storage [B, H, capacity, D]; rows [first, first + count) are the cached positions
   v: Tensor;
-  start: number; // absolute position of the first cached entry
+  start: number; // absolute position of row `first`
 }
 
-/** Drop cached positions no future query can see (SWA: keep the last window-1). */
-function trimCache(cache: KvCache, window: number | undefined): KvCache {
-  const len = cache.k.shape[2];
-  if (window === undefined || len <= window - 1) return cache;
-  const drop = len - (window - 1);
-  return { k: slice(cache.k, [0, 0, drop]), v: slice(cache.v, [0, 0, drop]), start: cache.start + drop };
+/** A cache as rows of its storage (memories saved before `first`/`count` existed hold exactly their rows). */
+function cachedRows(cache: KvCache | null): KvRows | null {
+  if (!cache) return null;
+  return { k: cache.k, v: cache.v, first: cache.first ?? 0, count: cache.count ?? cache.k.shape[2] };
 }
 
 function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer {
@@ -33,6 +32,12 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         qNorm: init.full([headDim(c)], 1),
         kNorm: init.full([headDim(c)], 1),
       };
+    },
+    /** The cache without spare capacity (what a saved memory holds). */
+    compact(state) {
+      const cache = state as KvCache;
+      const rows = cachedRows(cache)!;
+      return { ...kvRows(rows), first: 0, count: rows.count, start: cache.start };
     },
     /** Attention over [cache; current] for the current positions. */
     forward(c, w, h, positions, state) {
@@ -49,13 +54,14 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
       }
       q = splitHeads(reshape(rope(q, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
       k = splitHeads(reshape(rope(k, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
-      const kAll = cache ? concat([cache.k, k], 2) : k;
-      const vAll = cache ? concat([cache.v, v], 2) : v;
+      checkConsecutive('attention', positions);
       const start = cache ? cache.start : positions[0];
       const window = windowOf(c);
-      checkConsecutive('attention', positions);
-      const out = lin(mergeHeads(attend(q, kAll, vAll, { qStart: positions[0], kStart: start, window })), w.wo);
-      return { out, state: trimCache({ k: kAll, v: vAll, start }, window) };
+      const rows = appendKv(cachedRows(cache), k, v);
+      const out = lin(mergeHeads(attend(q, rows.k, rows.v, { qStart: positions[0], kStart: start, window, keyRows: rows })), w.wo);
+      // a window of k: later queries see only the last k-1 of these positions
+      const kept = window === undefined ? rows : dropOldestRows(rows, window - 1);
+      return { out, state: { ...kept, start: start + (kept.first - rows.first) } };
     },
   };
 }

@@ -30,6 +30,8 @@ export interface Mixer {
   init(c: ModelConfig, layer: number, init: MixerInit): Record<string, Tensor>;
   /** h [B, T, D] at absolute `positions` (consecutive) → out [B, T, D] and the state after them. */
   forward(c: ModelConfig, p: Record<string, Tensor>, h: Tensor, positions: number[], state: MixerState | null): { out: Tensor; state: MixerState };
+  /** The same state without storage kept for later (what a saved memory holds); default: as is. */
+  compact?(state: MixerState): MixerState;
 }
 
 const mixers = new Map<string, Mixer>();

@@ -315,7 +315,7 @@ __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i6
  */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8, KD = DP / 16;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -324,8 +324,8 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const bf16* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
-  const bf16* vb = v + (b / groups) * tk * d;
+  const bf16* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
+  const bf16* vb = v + (b / groups) * kvStride;
   const float sc = (float)(scaleD * FA_LOGC);
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
   // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads

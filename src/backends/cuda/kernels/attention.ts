@@ -301,7 +301,7 @@ __device__ __forceinline__ A fa_max16(A v) {
 /* Forward: grid = batch * ceil(tq / BQ) blocks, the heaviest (last) query tiles first. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* out, L* lse,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -312,8 +312,8 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const T* qb = q + b * tq * d;
-  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
-  const T* vb = v + (b / groups) * tk * d;
+  const T* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * kvStride;
   const A sc = (A)(scaleD * FA_LOGC);
   fa_load<BQ, DP, LDQ>(Qs, qb, i0, iend, d);
   i64 lo[RM], hi[RM];
@@ -562,7 +562,7 @@ function fusedEntries(dtype: AttnDType): string {
       const fn = p.tensorCores ? 'fm' : 'fa';
       const head = `extern "C" __global__ void __launch_bounds__(${p.threads}) ${p.name}`;
       if (p.kernel === 'fwd') {
-        return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}); }`;
+        return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride); }`;
       }
       if (p.kernel === 'dkv') {
         return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}); }`;
@@ -577,14 +577,14 @@ const ROW = String.raw`
 __device__ __forceinline__ A dotp(const A* a, const T* b, i64 d) { A s = 0; for (i64 c = 0; c < d; c++) s += a[c] * att_ld(b[c]); return s; }
 
 extern "C" __global__ void ${ATT_FWD}(const T* q, const T* k, const T* v, T* out, L* lse,
-    i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = (A*)smem; A* ps = qs + 2 * d; A* red = ps + ${ATT_THREADS};
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const T* kb = k + (b / groups) * tk * d; const T* vb = v + (b / groups) * tk * d;
+    const T* kb = k + (b / groups) * kvStride; const T* vb = v + (b / groups) * kvStride;
     for (i64 c = t; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
     __syncthreads();
     i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
@@ -722,7 +722,7 @@ export const DECODE_MIN_KEYS = 512;
  */
 const DECODE = String.raw`
 extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PARTIAL}(const T* q, const T* k, const T* v, A* po, A* pml,
-    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups) {
+    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups, i64 kvStride) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = reinterpret_cast<A*>(smem);   // [d]
   A* wo = qs + d;                       // [4][d] per-warp outputs
@@ -740,8 +740,8 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   A o[8];
 #pragma unroll
   for (int t = 0; t < 8; t++) o[t] = 0;
-  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
-  const T* vb = v + (b / groups) * tk * d;
+  const T* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * kvStride;
   for (i64 j = j0 + warp; j <= j1; j += 4) {
     A s = 0;
     for (i64 c = lane; c < d; c += 32) s += qs[c] * att_ld(kb[j * d + c]);

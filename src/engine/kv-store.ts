@@ -1,0 +1,102 @@
+/**
+ * Key/value caches that grow by appending. Tensors are immutable values, so a cache built by
+ * `concat([cache, new])` copies its whole history at every step: at 128 K positions that copy, not
+ * the attention, was most of a decode step. A `KvRows` is instead a view, rows [first, first + count)
+ * along axis -2 of storage tensors k and v whose capacity runs ahead of the rows in use.
+ *
+ * Appending writes the new rows in place only when the view ends where its storage was last written
+ * (its frontier): rows an older view can see are never overwritten, so views stay valid values (a
+ * session's snapshot at the start of a mini-batch, a branch taken from it). Any other append copies
+ * into fresh storage with room to grow (twice the rows), and dropping the oldest rows (a sliding
+ * window) only moves `first`, so the copies amortise to O(1) per appended row.
+ *
+ * While any autodiff transform is active (training, the TTT inner step), appending is the plain
+ * differentiable concat: no storage is shared, nothing is written in place, and a checkpoint's
+ * recomputation takes the same path as its first run whatever it tracks.
+ */
+import { concat, slice } from './ops.js';
+import { fromData, traceDepth } from './runtime.js';
+import { fmt, sizeOf, stridesOf } from './shape.js';
+import type { Tensor } from './tensor.js';
+
+export interface KvRows {
+  /** Storage [..., capacity, D]; only rows [first, first + count) of axis -2 are keys. */
+  readonly k: Tensor;
+  readonly v: Tensor;
+  readonly first: number;
+  readonly count: number;
+}
+
+/** Per storage tensor k: the end of the rows written into it (appends in place continue from here). */
+const frontier = new WeakMap<Tensor, number>();
+
+/** The smallest storage worth allocating, in rows. */
+const MIN_CAPACITY = 64;
+
+/** `rows` as contiguous tensors [..., count, D] (copies unless the view is the whole storage). */
+export function kvRows(rows: KvRows): { k: Tensor; v: Tensor } {
+  const cap = rows.k.shape[rows.k.rank - 2];
+  if (rows.first === 0 && rows.count === cap) return { k: rows.k, v: rows.v };
+  const lo = [...rows.k.shape.slice(0, -2).map(() => 0), rows.first, 0];
+  const hi = [...rows.k.shape.slice(0, -2), rows.first + rows.count, rows.k.shape[rows.k.rank - 1]];
+  return { k: slice(rows.k, lo, hi), v: slice(rows.v, lo, hi) };
+}
+
+/** Keeps only the newest `keep` rows (no copy). */
+export function dropOldestRows(rows: KvRows, keep: number): KvRows {
+  if (rows.count <= keep) return rows;
+  const drop = rows.count - keep;
+  return { ...rows, first: rows.first + drop, count: keep };
+}
+
+/** rows followed by k, v ([..., n, D], the same leading axes and D). */
+export function appendKv(rows: KvRows | null, k: Tensor, v: Tensor): KvRows {
+  const r = k.rank;
+  if (r < 2 || v.rank !== r || fmt(v.shape) !== fmt(k.shape) || v.dtype !== k.dtype) {
+    throw new Error(`appendKv: k and v must have the same shape [..., n, D] and dtype, got k ${fmt(k.shape)} ${k.dtype}, v ${fmt(v.shape)} ${v.dtype}`);
+  }
+  const n = k.shape[r - 2];
+  if (rows) {
+    const s = rows.k.shape;
+    if (s.length !== r || s.some((d, i) => i !== r - 2 && d !== k.shape[i]) || rows.k.dtype !== k.dtype) {
+      throw new Error(`appendKv: new rows ${fmt(k.shape)} ${k.dtype} do not match the cache's storage ${fmt(s)} ${rows.k.dtype}`);
+    }
+  }
+  if (traceDepth() > 0) {
+    if (!rows) return { k, v, first: 0, count: n };
+    const prev = kvRows(rows);
+    return { k: concat([prev.k, k], r - 2), v: concat([prev.v, v], r - 2), first: 0, count: rows.count + n };
+  }
+  if (rows) {
+    const end = rows.first + rows.count;
+    if (frontier.get(rows.k) === end && end + n <= rows.k.shape[r - 2]) {
+      writeRows(rows.k, end, k);
+      writeRows(rows.v, end, v);
+      frontier.set(rows.k, end + n);
+      return { ...rows, count: rows.count + n };
+    }
+  }
+  const count = (rows?.count ?? 0) + n;
+  const shape = [...k.shape.slice(0, -2), Math.max(2 * count, MIN_CAPACITY), k.shape[r - 1]];
+  const store = (src: Tensor | undefined, add: Tensor): Tensor => {
+    const t = fromData(add.backend.empty(sizeOf(shape), add.dtype), shape, add.dtype, add.backend);
+    if (rows && src) copyRows(src, rows.first, rows.count, t, 0);
+    writeRows(t, rows?.count ?? 0, add);
+    return t;
+  };
+  const next = { k: store(rows?.k, k), v: store(rows?.v, v), first: 0, count };
+  frontier.set(next.k, count);
+  return next;
+}
+
+/** src ([..., n, D], any layout the engine made contiguous) into rows [at, at + n) of dst. */
+function writeRows(dst: Tensor, at: number, src: Tensor): void {
+  copyRows(src, 0, src.shape[src.rank - 2], dst, at);
+}
+
+function copyRows(src: Tensor, from: number, n: number, dst: Tensor, at: number): void {
+  const r = src.rank;
+  const rowLen = src.shape[r - 1];
+  const shape = [...src.shape.slice(0, -2), n, rowLen];
+  dst.backend.copy(src.data, from * rowLen, stridesOf(src.shape), dst.data, at * rowLen, stridesOf(dst.shape), shape, dst.dtype);
+}

@@ -1,0 +1,138 @@
+/**
+ * KV caches as rows of preallocated storage (src/engine/kv-store.ts) and attention over such rows
+ * (`keyRows`): appends write in place only at the storage's frontier, so every older view keeps its
+ * values; dropping rows moves `first`; under an autodiff transform appending is a differentiable
+ * concat; and attention over rows of a store equals attention over those rows alone, bit for bit,
+ * never reading the rows outside them (they hold NaN here). Runs on the CPU, and on the GPU under
+ * `npm run test:cuda`.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  type DType, type KvRows, type Tensor, appendKv, compositeAttention, concat, dropOldestRows, getBackend, grad, kvRows, mul,
+  scaledDotAttention, slice, sum, tensor, tidy,
+} from '../src/index.js';
+import { rn, seededValues } from './helpers/check.js';
+
+const FLOAT: DType = getBackend().name === 'cpu' ? 'float64' : 'float32';
+
+const same = (a: Tensor, b: Tensor, what: string) => {
+  assert.deepEqual(a.shape, b.shape, `${what}: shape`);
+  const x = a.toArray();
+  const y = b.toArray();
+  assert.ok(x.every((v, i) => Object.is(v, y[i])), `${what}: values differ`);
+};
+
+/** [lead..., n, d] rows with values from `seed`. */
+const rows = (seed: number, n: number, lead = [1, 2], d = 4, dtype: DType = FLOAT) => rn(seed, [...lead, n, d], dtype);
+
+describe('KV store: appendKv, kvRows, dropOldestRows', () => {
+  test('appends equal the concatenation of every chunk; in place at the frontier, a copy with room to grow otherwise', () => {
+    tidy(() => {
+      const chunks = [3, 1, 1, 40, 1, 64, 2].map((n, i) => [rows(10 + 2 * i, n), rows(11 + 2 * i, n)] as const);
+      let store: KvRows | null = null;
+      let copies = 0;
+      for (const [k, v] of chunks) {
+        const next: KvRows = appendKv(store, k, v);
+        if (!store || next.k !== store.k) copies++;
+        else assert.equal(next.v, store.v, 'k and v storage move together');
+        store = next;
+      }
+      assert.ok(copies <= 3, `${copies} reallocations for 112 rows appended (capacity doubles)`);
+      const got = kvRows(store!);
+      same(got.k, concat(chunks.map((c) => c[0]), 2), 'k');
+      same(got.v, concat(chunks.map((c) => c[1]), 2), 'v');
+    });
+  });
+
+  test('older views keep their values: a branch from an old view copies instead of overwriting', () => {
+    tidy(() => {
+      const base = appendKv(null, rows(1, 5), rows(2, 5));
+      const a = appendKv(base, rows(3, 2), rows(4, 2)); // in place: base ends at the frontier
+      assert.equal(a.k, base.k);
+      const b = appendKv(base, rows(5, 3), rows(6, 3)); // base no longer ends at the frontier
+      assert.notEqual(b.k, base.k);
+      same(kvRows(base).k, rows(1, 5), 'base after two branches');
+      same(kvRows(a).k, concat([rows(1, 5), rows(3, 2)], 2), 'branch a');
+      same(kvRows(b).v, concat([rows(2, 5), rows(6, 3)], 2), 'branch b');
+    });
+  });
+
+  test('dropOldestRows keeps the newest rows without copying; appends continue after them', () => {
+    tidy(() => {
+      let s = appendKv(null, rows(1, 6), rows(2, 6));
+      s = dropOldestRows(s, 4);
+      assert.deepEqual([s.first, s.count], [2, 4]);
+      assert.equal(dropOldestRows(s, 10), s);
+      s = appendKv(s, rows(3, 1), rows(4, 1));
+      same(kvRows(s).k, concat([slice(rows(1, 6), [0, 0, 2]), rows(3, 1)], 2), 'k after drop and append');
+    });
+  });
+
+  test('under grad, appending is a differentiable concat (no shared storage)', () => {
+    tidy(() => {
+      const k0 = rows(1, 3);
+      const w = rows(9, 5);
+      const f = (k: Tensor) => {
+        const s = appendKv(appendKv(null, k, k), rows(2, 2), rows(3, 2));
+        assert.deepEqual(s.k.shape, [1, 2, 5, 4], 'exactly the rows: no spare capacity under a transform');
+        return sum(mul(kvRows(s).k, w));
+      };
+      same(grad(f)(k0) as Tensor, slice(w, [0, 0, 0], [1, 2, 3, 4]), 'gradient reaches the appended rows');
+    });
+  });
+
+  test('errors: mismatched shapes and dtypes', () => {
+    tidy(() => {
+      assert.throws(() => appendKv(null, rows(1, 2), rows(2, 3)), /same shape/);
+      const s = appendKv(null, rows(1, 2), rows(2, 2));
+      assert.throws(() => appendKv(s, rows(1, 2, [1, 3]), rows(2, 2, [1, 3])), /do not match the cache's storage/);
+    });
+  });
+});
+
+describe('attention over rows of a store (keyRows)', () => {
+  // rows [first, first + count) of a store of `cap` rows whose other rows are NaN
+  const CASES = [
+    { name: 'chunk after a cache, window', lead: [2], kvLead: [2], tq: 5, count: 12, first: 3, cap: 20, opts: { qStart: 20, kStart: 12, window: 6 } },
+    { name: 'causal, one query', lead: [1, 3], kvLead: [1, 3], tq: 1, count: 9, first: 0, cap: 16, opts: { qStart: 8, kStart: 0 } },
+    { name: 'grouped-query, 4 heads over 2', lead: [1, 4], kvLead: [1, 2], tq: 4, count: 7, first: 5, cap: 13, opts: { qStart: 10, kStart: 7 } },
+  ];
+  const dtypes: DType[] = getBackend().name === 'cuda' ? ['float32', 'bfloat16'] : ['float64', 'float32'];
+
+  for (const cs of CASES) {
+    test(`${cs.name}: equals attention over the rows alone, bit for bit (fused and composite)`, () => {
+      for (const dtype of dtypes) {
+        tidy(() => {
+          const d = 8;
+          const n = cs.kvLead.reduce((a, b) => a * b, 1);
+          const store = (seed: number) => {
+            const vals = seededValues(seed, n * cs.cap * d, -1, 1);
+            for (let h = 0; h < n; h++) {
+              for (let r = 0; r < cs.cap; r++) if (r < cs.first || r >= cs.first + cs.count) vals.fill(NaN, (h * cs.cap + r) * d, (h * cs.cap + r + 1) * d);
+            }
+            return tensor(vals, [...cs.kvLead, cs.cap, d], dtype);
+          };
+          const q = rn(7, [...cs.lead, cs.tq, d], dtype);
+          const [ks, vs] = [store(1), store(2)];
+          const view = kvRows({ k: ks, v: vs, first: cs.first, count: cs.count });
+          const keyRows = { first: cs.first, count: cs.count };
+          same(scaledDotAttention(q, ks, vs, { ...cs.opts, keyRows }), scaledDotAttention(q, view.k, view.v, cs.opts), `${dtype} fused`);
+          same(compositeAttention(q, ks, vs, { ...cs.opts, keyRows }), compositeAttention(q, view.k, view.v, cs.opts), `${dtype} composite`);
+          // differentiated: through a copy of the rows, the same gradient as the rows alone
+          const gq = (k: Tensor, v: Tensor, kr?: typeof keyRows) => grad((x: Tensor) => sum(scaledDotAttention(x, k, v, { ...cs.opts, keyRows: kr })))(q) as Tensor;
+          same(gq(ks, vs, keyRows), gq(view.k, view.v), `${dtype} dq`);
+        });
+      }
+    });
+  }
+
+  test('keyRows outside the store throws, naming the rows and the shape', () => {
+    tidy(() => {
+      const q = rows(1, 2);
+      const k = rows(2, 6);
+      assert.throws(() => scaledDotAttention(q, k, k, { qStart: 5, kStart: 0, keyRows: { first: 3, count: 4 } }), /keyRows 3\+4 do not fit in the 6 rows of k \[1,2,6,4\]/);
+      assert.throws(() => compositeAttention(q, k, k, { qStart: 5, kStart: 0, keyRows: { first: -1, count: 2 } }), /keyRows -1\+2/);
+    });
+  });
+});
