@@ -58,6 +58,11 @@ export function modelHash(c: ModelConfig, params: Params): string {
 
 /** Most tokens one forward pass of a prefill reads (bounds activation and logit memory). */
 const MAX_GROUP = 2048;
+/**
+ * The same without scores (logits for the last position only): bigger groups fill a large GPU (an
+ * attention launch over 2048 queries of 12 heads had 192 blocks for 132 SMs).
+ */
+const MAX_UNSCORED_GROUP = 16384;
 
 export class Session {
   private state: State;
@@ -115,8 +120,10 @@ export class Session {
    * Reads tokens. Returns the NLL of each token given everything before it (NaN for the first token
    * of the document, which has no context). With `score: false` only the distribution after the
    * last token is computed (no logits for the others) and the result is empty: the fast way to read
-   * a long prompt. Long inputs go through in pieces of at most MAX_GROUP tokens (a mini-batch for
-   * TTT models), so memory stays bounded whatever the length.
+   * a long prompt. Long inputs go through in groups of at most MAX_GROUP tokens (MAX_UNSCORED_GROUP
+   * without scores), so memory stays bounded whatever the length. The blocks before the TTT suffix
+   * never change, so they read a whole group at once; the suffix reads it a mini-batch at a time,
+   * taking an inner step at each mini-batch's end.
    */
   prefill(tokens: readonly number[], opts: { score?: boolean } = {}): number[] {
     this.checkLive('prefill');
@@ -125,16 +132,23 @@ export class Session {
       if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
     }
     const nll: number[] = [];
-    let i = 0;
-    while (i < tokens.length) {
-      const s = this.state;
-      const b = this.config.miniBatch;
-      if (this.config.suffixLen > 0 && s.position === s.chunkStart + b) this.learn(tokens[i]);
-      // Read up to the end of the current mini-batch in one forward pass.
-      const room = this.config.suffixLen > 0 ? this.state.chunkStart + b - this.state.position : MAX_GROUP;
-      const group = tokens.slice(i, i + Math.max(1, Math.min(room, MAX_GROUP)));
-      nll.push(...this.read(group, score));
-      i += group.length;
+    const groupSize = score ? MAX_GROUP : Number(process.env.TTT_GROUP ?? MAX_UNSCORED_GROUP);
+    const b = this.config.miniBatch;
+    const ttt = this.config.suffixLen > 0;
+    for (let g = 0; g < tokens.length; g += groupSize) {
+      const group = tokens.slice(g, g + groupSize);
+      const x = this.readPrefix(group);
+      let i = 0;
+      while (i < group.length) {
+        const s = this.state;
+        if (ttt && s.position === s.chunkStart + b) this.learn(group[i]);
+        // the suffix reads up to the end of the current mini-batch in one forward pass
+        const room = ttt ? this.state.chunkStart + b - this.state.position : group.length;
+        const n = Math.max(1, Math.min(room, group.length - i));
+        nll.push(...this.readSuffix(group.slice(i, i + n), x, i, score));
+        i += n;
+      }
+      if (this.state.pendingX !== x) x.dispose();
     }
     return nll;
   }
@@ -180,10 +194,27 @@ export class Session {
   }
 
   /**
-   * Forward pass of `tokens` (all inside one mini-batch) through every block; returns their NLLs
-   * (`score`), or nothing, computing logits for the last position only.
+   * The blocks before the TTT suffix over `tokens` (all of them for models without one): advances
+   * their caches and returns their output [1, n, D] for `readSuffix`.
    */
-  private read(tokens: number[], score = true): number[] {
+  private readPrefix(tokens: number[]): Tensor {
+    const s = this.state;
+    const c = this.config;
+    const ss = suffixStart(c);
+    const r = tidy(() => {
+      const x = embed(c, this.params, tensor(tokens, [1, tokens.length], 'int32'));
+      return runBlocks(c, this.params, 0, ss, x, range(s.position, tokens.length), s.caches.slice(0, ss), []);
+    });
+    this.commit({ ...s, caches: [...r.states, ...s.caches.slice(ss)] });
+    return r.x;
+  }
+
+  /**
+   * The suffix blocks and the output over `tokens` (all inside one mini-batch), whose prefix outputs
+   * are rows [from, from + n) of `x`; returns their NLLs (`score`), or nothing, computing logits for
+   * the last position only.
+   */
+  private readSuffix(tokens: number[], x: Tensor, from: number, score: boolean): number[] {
     const s = this.state;
     const c = this.config;
     const ss = suffixStart(c);
@@ -191,14 +222,13 @@ export class Session {
     const firstNll = score && s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
     const n = tokens.length;
     const r = tidy(() => {
-      const x = embed(c, this.params, tensor(tokens, [1, n], 'int32'));
-      const prefix = runBlocks(c, this.params, 0, ss, x, positions, s.caches.slice(0, ss), []);
-      const suffix = runBlocks(c, this.params, ss, c.nLayers, prefix.x, positions, s.caches.slice(ss), s.fast);
+      const prefixX = slice(x, [0, from, 0], [1, from + n, c.dModel]);
+      const suffix = runBlocks(c, this.params, ss, c.nLayers, prefixX, positions, s.caches.slice(ss), s.fast);
       const h = score ? suffix.x : slice(suffix.x, [0, n - 1, 0]);
       const logp = logSoftmax(reshape(logits(c, this.params, h), [h.shape[1], c.vocabSize]));
-      const pendingX = c.suffixLen > 0 ? (s.pendingX ? concat([s.pendingX, prefix.x], 1) : prefix.x) : null;
+      const pendingX = c.suffixLen > 0 ? (s.pendingX ? concat([s.pendingX, prefixX], 1) : prefixX) : null;
       const last = reshape(slice(logp, [h.shape[1] - 1, 0]), [c.vocabSize]);
-      return { logp, caches: [...prefix.states, ...suffix.states], pendingX, last };
+      return { logp, caches: suffix.states, pendingX, last };
     });
     let nll: number[] = [];
     if (score) {
@@ -209,7 +239,7 @@ export class Session {
     this.commit({
       ...s,
       position: s.position + tokens.length,
-      caches: r.caches,
+      caches: [...s.caches.slice(0, ss), ...r.caches],
       pendingX: r.pendingX,
       pendingTokens: c.suffixLen > 0 ? [...s.pendingTokens, ...tokens] : [],
       nextLogProbs: r.last,

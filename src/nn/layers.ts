@@ -108,31 +108,79 @@ export function compositeRope(x: Tensor, cosTable: Tensor, sinTable: Tensor): Te
 }
 
 /**
- * RoPE's cos/sin tables (flat [T·D/2], angles in float64 on the host), computed once per (first
- * position, count, D, theta, dtype, backend) for consecutive positions: every layer and step of a
- * model uses the same few, and computing them (and uploading them to a GPU) each time was most of
- * a training step's host time.
+ * RoPE's cos/sin tables (flat [T·D/2], angles in float64 on the host). For consecutive positions a
+ * call's rows are a device-side slice of one table per (backend, dtype, D, theta) covering positions
+ * [0, capacity), grown by doubling (only new rows are computed on the host); the slices are cached per
+ * (first position, count), since every layer of a step uses the same. Computing each chunk's table on
+ * the host was most of a training step's host time, and later most of a long prefill's.
  */
 const ropeCache = new TensorCache(512);
+/** The whole-range tables on their backends (one per key and capacity; older capacities age out). */
+const ropeFull = new TensorCache(8);
+/** Host values of the whole-range tables, per key: cos and sin of positions [0, capacity). */
+const ropeHost = new Map<string, { capacity: number; cos: Float64Array; sin: Float64Array }>();
+/** The smallest whole-range table, in positions. */
+const ROPE_MIN_CAPACITY = 4096;
+
+/** theta^(−2i/D) for i < D/2, per (D, theta). */
+const ropeFreqs = new Map<string, Float64Array>();
+function ropeAngles(D: number, theta: number): Float64Array {
+  const key = `${D}/${theta}`;
+  let f = ropeFreqs.get(key);
+  if (!f) ropeFreqs.set(key, (f = Float64Array.from({ length: D / 2 }, (_, i) => Math.pow(theta, (-2 * i) / D))));
+  return f;
+}
 
 export function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
   const T = positions.length;
   const half = D / 2;
-  const table = (f: (angle: number) => number) => () => {
-    const values = new Float64Array(T * half);
-    positions.forEach((p, t) => {
-      for (let i = 0; i < half; i++) values[t * half + i] = f(p * Math.pow(theta, (-2 * i) / D));
-    });
-    return tensor(values, [T * half], dtype);
+  const freq = ropeAngles(D, theta);
+  const first = positions[0] ?? 0;
+  if (!positions.every((p, i) => p === first + i) || first < 0) {
+    const table = (f: (angle: number) => number) => {
+      const values = new Float64Array(T * half);
+      positions.forEach((p, t) => {
+        for (let i = 0; i < half; i++) values[t * half + i] = f(p * freq[i]);
+      });
+      return tensor(values, [T * half], dtype);
+    };
+    return { cos: table(Math.cos), sin: table(Math.sin) };
+  }
+  const base = `${getBackend().name}/${dtype}/${D}/${theta}`;
+  const hostKey = `${D}/${theta}`;
+  let host = ropeHost.get(hostKey);
+  if (!host || host.capacity < first + T) {
+    let capacity = Math.max(ROPE_MIN_CAPACITY, host?.capacity ?? 0);
+    while (capacity < first + T) capacity *= 2;
+    const next = { capacity, cos: new Float64Array(capacity * half), sin: new Float64Array(capacity * half) };
+    const done = host?.capacity ?? 0;
+    if (host) {
+      next.cos.set(host.cos);
+      next.sin.set(host.sin);
+    }
+    for (let p = done; p < capacity; p++) {
+      for (let i = 0; i < half; i++) {
+        next.cos[p * half + i] = Math.cos(p * freq[i]);
+        next.sin[p * half + i] = Math.sin(p * freq[i]);
+      }
+    }
+    ropeHost.set(hostKey, (host = next));
+  }
+  const { capacity } = host;
+  const rows = (kind: 'cos' | 'sin') => () => {
+    const full = ropeFull.get(`${base}/${capacity}/${kind}`, () => tensor(host![kind], [capacity * half], dtype));
+    const part = slice(full, [first * half], [(first + T) * half]);
+    if (part !== full) full.dispose();
+    return part;
   };
-  if (!positions.every((p, i) => p === positions[0] + i)) return { cos: table(Math.cos)(), sin: table(Math.sin)() };
-  const key = `${getBackend().name}/${dtype}/${D}/${theta}/${positions[0]}/${T}`;
-  return { cos: ropeCache.get(`${key}/cos`, table(Math.cos)), sin: ropeCache.get(`${key}/sin`, table(Math.sin)) };
+  return { cos: ropeCache.get(`${base}/${first}/${T}/cos`, rows('cos')), sin: ropeCache.get(`${base}/${first}/${T}/sin`, rows('sin')) };
 }
 
 /** Frees the cached RoPE tables (tests that count live tensors, or to return device memory). */
 export function clearRopeCache(): void {
   ropeCache.clear();
+  ropeFull.clear();
+  ropeHost.clear();
 }
 
 /**
