@@ -673,6 +673,12 @@ describe('shape ops', () => {
     check(mT(m), refTranspose(vals(m), [3, 5], [1, 0]), 'float64', 'mT 2d');
     const i = tensor([1, 2, 3, 4, 5, 6], [2, 3], 'int32');
     assert.deepEqual(vals(transpose(i)), [1, 4, 2, 5, 3, 6]);
+    // moving only size-1 axes keeps the memory order: the result shares x's storage (no copy)
+    const step = rn(1303, [2, 1, 3, 4], 'float64');
+    const moved = transpose(step, [0, 2, 1, 3]);
+    check(moved, refTranspose(vals(step), [2, 1, 3, 4], [0, 2, 1, 3]), 'float64', 'transpose of a size-1 axis');
+    assert.equal(moved.storage, step.storage, 'a size-1 axis moved: an alias of the same storage');
+    assert.notEqual(transpose(step, [2, 1, 0, 3]).storage, step.storage, 'a real permutation copies');
   });
 
   test('broadcastTo', () => {

@@ -482,6 +482,10 @@ export function transpose(x: Tensor, perm?: number[]): Tensor {
     throw new Error(`transpose: ${JSON.stringify(p)} is not a permutation of the axes of ${fmt(x.shape)}`);
   }
   if (p.every((v, i) => v === i)) return x;
+  const moved = p.filter((i) => x.shape[i] !== 1);
+  // axes of size 1 carry no order: when the others keep theirs, the memory order is the same (a
+  // decode step's [B, 1, H, D] -> [B, H, 1, D])
+  if (moved.every((v, i) => i === 0 || moved[i - 1] < v)) return reshape(x, p.map((i) => x.shape[i]));
   const st = stridesOf(x.shape);
   const y = gatherStrided(x, p.map((i) => x.shape[i]), 0, p.map((i) => st[i]));
   record('transpose', [x], [y], ([g]) => [transpose(g!, invertPerm(p))]);
