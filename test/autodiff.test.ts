@@ -113,6 +113,34 @@ describe('transforms', () => {
     const leaky = (w: Tensor) => T.sum(T.checkpoint((h: Tensor) => T.mul(h, w))(T.tanh(w)));
     assert.throws(() => T.grad(leaky)(T.ones([3, 4], 'float64')), /closes over/);
   });
+
+  test('checkpoint: inputs its outputs do not reach and outputs the loss ignores carry no zero tensors', () => {
+    const W = T.randn(T.randomKey(5), [4, 4], 'float64');
+    const unused = T.randn(T.randomKey(6), [4, 4], 'float64');
+    const x = T.randn(T.randomKey(7), [3, 4], 'float64');
+    // two outputs, the second ignored; `u` reaches only the ignored one, `spare` reaches nothing
+    const ck = T.checkpoint((w: Tensor, u: Tensor, spare: Tensor) => [T.tanh(T.matmul(x, w)), T.matmul(x, u), T.mul(spare, 0)]);
+    const f = (w: Tensor, u: Tensor) => T.sum(T.square(ck(w, u, T.ones([2], 'float64'))[0]));
+    const [gw, gu] = T.grad(f, [0, 1])(W, unused) as Tensor[];
+    close(gw.toArray(), T.grad((w: Tensor) => T.sum(T.square(T.tanh(T.matmul(x, w)))))(W).toArray(), 1e-14, 'gradient of the used input');
+    assert.deepEqual(gu.toArray(), new Array(16).fill(0), 'an input reaching only an ignored output gets zeros at the end');
+    const live = T.liveTensorCount();
+    // count zero fills during the gradient: only the final zeros for `unused` (the transform's own)
+    const backend = T.getBackend();
+    const fill = backend.fill.bind(backend);
+    let zeroFills = 0;
+    (backend as { fill: typeof fill }).fill = (size, dtype, value) => {
+      if (value === 0) zeroFills++;
+      return fill(size, dtype, value);
+    };
+    try {
+      T.tidy(() => void T.grad(f, [0, 1])(W, unused));
+    } finally {
+      (backend as { fill: typeof fill }).fill = fill;
+    }
+    assert.ok(zeroFills <= 1, `${zeroFills} zero tensors were made`);
+    assert.equal(T.liveTensorCount(), live, 'no tensor leaks from the null cotangents');
+  });
 });
 
 describe('meta-learning smoke test (gradient through inner SGD steps)', () => {

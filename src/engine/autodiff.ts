@@ -303,8 +303,12 @@ export function checkpoint<F extends AnyFn>(f: F): F {
         let k = 0;
         return leaves(f(...mapLeaves(args, () => flat[k++])));
       };
-      const [again, pullback] = vjp(rerun, ...tracked);
-      return pullback(again.map((o, i) => cts[i] ?? zerosLike(o)));
+      // Straight through trace and backward rather than vjp: outputs without a cotangent and inputs
+      // the rerun's gradient does not reach stay null instead of becoming zero tensors (a TTT-E2E
+      // mini-batch's checkpoint takes every parameter; most get nothing from its outputs' cotangents).
+      const t = trace(rerun, tracked, tracked.map((_, i) => i));
+      setTraceDepth(t.level);
+      return backward(t.out as Tensor[], cts, t.vars, t.level);
     });
     return out;
   }) as F;
