@@ -52,14 +52,35 @@ describe('fused token NLL', () => {
     });
   });
 
-  test('second order goes through the composite and agrees; finite differences', () => {
+  test('second order: one fused softmax Hessian-vector pass (tokenNllGrad), agreeing with the composite; third order; finite differences', () => {
     T.tidy(() => {
       const logits = R(8, [4, 6]);
       const targets = targetsFor(9, [4], 6);
       const v = R(10, [4, 6]);
       const inner = (f: typeof T.fusedTokenNll) => (x: T.Tensor) => T.sum(T.square(f(x, targets)));
       const hvp = (f: typeof T.fusedTokenNll) => T.grad((x: T.Tensor) => T.sum(T.mul(T.grad(inner(f))(x) as T.Tensor, v)))(logits) as T.Tensor;
-      assert.ok(relDiff(hvp(T.fusedTokenNll).toArray(), hvp(T.compositeTokenNll).toArray()) < 1e-13, 'Hessian-vector product');
+      const { result: fused, calls } = countingCalls('tokenNllGradBackward', () => hvp(T.fusedTokenNll));
+      assert.equal(calls, 1, 'the second order runs the Hessian-vector kernel once');
+      assert.ok(relDiff(fused.toArray(), hvp(T.compositeTokenNll).toArray()) < 1e-13, 'Hessian-vector product');
+      // both cotangents of tokenNllGrad (logits and g), against the composite's
+      for (const [ls, ts] of CASES) {
+        const x = R(14, ls);
+        const tg = targetsFor(15, ts, ls[ls.length - 1]);
+        const g0 = R(16, ts);
+        const u = R(17, ls);
+        const lse = T.logsumexp(x, -1);
+        const viaOp = (a: T.Tensor, b: T.Tensor) => T.sum(T.mul(T.tokenNllGrad(a, tg, b, T.reshape(lse, [sizeOf(ts)])), u));
+        const viaComposite = (a: T.Tensor, b: T.Tensor) =>
+          T.sum(T.mul(T.vjp((y: T.Tensor) => T.compositeTokenNll(y, tg), a)[1](b)[0] as T.Tensor, u));
+        const got = T.grad(viaOp, [0, 1])(x, g0) as T.Tensor[];
+        const want = T.grad(viaComposite, [0, 1])(x, g0) as T.Tensor[];
+        assert.ok(relDiff(got[0].toArray(), want[0].toArray()) < 1e-13, `${ls}: d logits ${relDiff(got[0].toArray(), want[0].toArray())}`);
+        assert.ok(relDiff(got[1].toArray(), want[1].toArray()) < 1e-13, `${ls}: d g ${relDiff(got[1].toArray(), want[1].toArray())}`);
+      }
+      // third order: a directional derivative of the Hessian-vector product, through the composite fallback
+      const third = (f: typeof T.fusedTokenNll) => T.sum(T.mul(T.grad((x: T.Tensor) => T.sum(T.mul(hvpAt(f, x), v)))(logits) as T.Tensor, v)).item();
+      const hvpAt = (f: typeof T.fusedTokenNll, at: T.Tensor) => T.grad((x: T.Tensor) => T.sum(T.mul(T.grad(inner(f))(x) as T.Tensor, v)))(at) as T.Tensor;
+      assert.ok(Math.abs(third(T.fusedTokenNll) - third(T.compositeTokenNll)) < 1e-11 * (1 + Math.abs(third(T.compositeTokenNll))), 'third order');
       const h = 1e-6;
       const at = (s: number) => inner(T.fusedTokenNll)(T.add(logits, T.mul(v, s))).item();
       const dir = T.sum(T.mul(T.grad(inner(T.fusedTokenNll))(logits) as T.Tensor, v)).item();

@@ -13,13 +13,17 @@ import type { Tensor } from './tensor.js';
 /**
  * Records the fused op `name` (inputs → y). `kernel(g)` returns one cotangent buffer per input (in
  * that input's shape, dtype and backend); the ones the trace does not need are freed. `saved`: tensors
- * the kernel reads besides the inputs (kept alive like them).
+ * the kernel reads besides the inputs (kept alive like them). `differentiable(g)`, where given, is the
+ * backward to record when it will be differentiated, in place of the composite's: ops an outer trace
+ * differentiates more cheaply (the token NLL's backward is an op with its own fused second order).
  */
 export function recordFused(
   name: string, inputs: Tensor[], y: Tensor, composite: (...xs: Tensor[]) => Tensor, kernel: (g: Tensor) => BackendData[], saved: Tensor[] = [],
+  differentiable?: (g: Tensor) => Tensor[],
 ): void {
   record(name, inputs, [y], ([g], needs) => {
     if (inputs.some(isTracked) || isTracked(y) || isTracked(g!)) {
+      if (differentiable) return differentiable(g!).map((c, i) => (needs[i] ? c : null));
       const [, pullback] = vjp(composite, ...inputs);
       const cts = pullback(g!) as Tensor[];
       return cts.map((c, i) => (needs[i] ? c : null));

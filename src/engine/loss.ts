@@ -5,6 +5,7 @@
  * 128256-token vocabulary each one is half a gigabyte per 1024 positions. As for RMSNorm, the
  * composite is the truth, and the backward falls back to it when it will itself be differentiated.
  */
+import { vjp } from './autodiff.js';
 import { recordFused } from './fused.js';
 import { expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
 import { fromData, isTracked } from './runtime.js';
@@ -39,6 +40,26 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
   const lse = fromData(r.lse, [rows], lseDType, backend);
   recordFused('tokenNll', [logits], nll, (x) => compositeTokenNll(x, targets), (g) => [
     backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype),
-  ], [targets, lse]);
+  ], [targets, lse], (g) => [tokenNllGrad(logits, targets, g, lse)]);
   return nll;
+}
+
+/**
+ * The NLL's backward as an op of its own: dlogits = (softmax(logits) − onehot(target)) · g, given the
+ * rows' logsumexp from the forward. A second-order trace (the TTT inner step inside the outer one)
+ * differentiates it in one fused pass per row (a softmax Hessian-vector product) instead of through
+ * the composite's chain of [rows, V] tensors; a third-order one through the composite.
+ */
+export function tokenNllGrad(logits: Tensor, targets: Tensor, g: Tensor, lse: Tensor): Tensor {
+  const { backend, dtype } = logits;
+  const V = logits.shape[logits.rank - 1];
+  const rows = targets.size;
+  const dlogits = fromData(backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype), logits.shape, dtype, backend);
+  if (!isTracked(logits) && !isTracked(g)) return dlogits;
+  const composite = (x: Tensor, gg: Tensor) => vjp((y: Tensor) => compositeTokenNll(y, targets), x)[1](gg)[0] as Tensor;
+  recordFused('tokenNllGrad', [logits, g], dlogits, composite, (u) => {
+    const r = backend.tokenNllGradBackward(logits.data, targets.data, lse.data, g.data, u.data, rows, V, dtype);
+    return [r.dLogits, r.dG];
+  }, [targets, lse]);
+  return dlogits;
 }

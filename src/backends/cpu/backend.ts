@@ -338,6 +338,21 @@ export class CpuBackend implements Backend {
     }
     return dx;
   }
+  tokenNllGradBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, ud: unknown, rows: number, V: number, dtype: DType): { dLogits: Arr; dG: Arr } {
+    const [x, t, lse, g, u] = [xd, td, ld, gd, ud] as Arr[];
+    const dLogits = pool.alloc(dtype, rows * V, false);
+    const dG = pool.alloc(dtype, rows, false);
+    for (let r = 0; r < rows; r++) {
+      const base = r * V;
+      const l = lse[r];
+      let s = 0;
+      for (let i = 0; i < V; i++) s += Math.exp(x[base + i] - l) * u[base + i];
+      const gr = g[r];
+      for (let i = 0; i < V; i++) dLogits[base + i] = gr * Math.exp(x[base + i] - l) * (u[base + i] - s);
+      dG[r] = s - u[base + t[r]];
+    }
+    return { dLogits, dG };
+  }
   // In double, rounded once per output, like the CPU's other fused kernels.
   swigluForward(ad: unknown, bd: unknown, size: number, dtype: DType): Arr {
     const [a, b] = [ad, bd] as Arr[];

@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, NLL_BWD, NLL_FWD, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -527,6 +527,19 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(dx.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).i64(rows).i64(V);
     this.launch(this.fn('reduce', dt, NLL_BWD), this.blocksFor(rows * V), THREADS, 0, a, NLL_BWD);
     return dx;
+  }
+
+  tokenNllGradBackward(
+    logits: unknown, targets: unknown, lse: unknown, g: unknown, u: unknown, rows: number, V: number, dtype: DType,
+  ): { dLogits: DeviceBuffer; dG: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
+    const dLogits = this.alloc(dt, rows * V);
+    const dG = this.alloc(dt, rows);
+    if (rows === 0) return { dLogits, dG };
+    const a = this.args.reset().ptr(dLogits.ptr).ptr(dG.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).ptr(buf(u).ptr).i64(rows).i64(V);
+    this.launch(this.fn('reduce', dt, NLL_HVP), this.rowBlocks(rows), THREADS, 0, a, NLL_HVP);
+    return { dLogits, dG };
   }
 
   // ---- SwiGLU gate --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ export const LOGSUMEXP = 'logsumexp_rows';
 export const CUMSUM = 'cumsum_mid';
 export const NLL_FWD = 'token_nll_fwd';
 export const NLL_BWD = 'token_nll_bwd';
+export const NLL_HVP = 'token_nll_hvp';
 export const RMSNORM_FWD = 'rmsnorm_fwd';
 export const RMSNORM_BWD = 'rmsnorm_bwd';
 /** Rows per block of the RMSNorm kernels (one warp each). */
@@ -41,7 +42,8 @@ export const RMSNORM_ROWS = 8;
 /**
  * Token NLL from logits (fusedTokenNll): forward one block per row (row_lse, as logsumexp_rows), nll
  * and the row's lse (float, or double for float64) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
- * thread per logit: (exp(x − lse) − [j = target]) · g.
+ * thread per logit: (exp(x − lse) − [j = target]) · g. Its second order (token_nll_hvp) one block per row:
+ * s = Σ p·u, then dx = g·p·(u − s) and dg = s − u[target].
  */
 function tokenNllSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
@@ -71,6 +73,20 @@ extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, c
     const i64 o = k / V, j = k % V;
     const double p = exp(${ld('x[k]')} - (double)lse[o]);
     dx[k] = ${st(`(p - (j == tgt[o] ? 1.0 : 0.0)) * ${ld('g[o]')}`)};
+  }
+}
+extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${T}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${T}* g, const ${T}* u, i64 rows, i64 V) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
+    const ${T}* xr = x + o * V;
+    const ${T}* ur = u + o * V;
+    const double l = (double)lse[o];
+    double s = 0.0;
+    for (i64 j = threadIdx.x; j < V; j += blockDim.x) s += exp(${ld('xr[j]')} - l) * ${ld('ur[j]')};
+    s = block_dsum(s, red);
+    const double gr = ${ld('g[o]')};
+    for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[o * V + j] = ${st(`gr * exp(${ld('xr[j]')} - l) * (${ld('ur[j]')} - s)`)};
+    if (threadIdx.x == 0) { const int r = tgt[o]; dg[o] = ${st(`s - (r >= 0 && r < V ? ${ld('ur[r]')} : 0.0)`)}; }
   }
 }`;
 }
