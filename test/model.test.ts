@@ -429,3 +429,27 @@ describe('batch of sequences', () => {
     });
   }
 });
+
+// ---- output layer in pieces ------------------------------------------------------------------
+
+describe('output layer in pieces (outputNll)', () => {
+  test('more than 2048 positions: the checkpointed pieces give the one-pass NLL and gradients', () => {
+    T.tidy(() => {
+      const c = cfg('swa', { vocabSize: 11, dModel: 8, nHeads: 2, ffnDim: 8, nLayers: 1 });
+      const p = paramsFor(c, 3, 3);
+      const [B, Tn] = [2, 1500]; // 3000 positions: two pieces of 1024 per sequence and one of 476
+      const tokens = T.randint(T.randomKey(4), [B, Tn], 0, c.vocabSize);
+      const targets = T.randint(T.randomKey(5), [B, Tn], 0, c.vocabSize);
+      const onePass = (q: Params) => {
+        const h = runBlocks(c, q, 0, c.nLayers, embed(c, q, tokens), range(0, Tn), [], q.fast).x;
+        return T.mean(tokenNll(logits(c, q, h), targets));
+      };
+      const [a, ga] = T.valueAndGrad((q: Params) => lmLoss(c, q, tokens, targets))(p) as [Tensor, Params];
+      const [b, gb] = T.valueAndGrad(onePass)(p) as [Tensor, Params];
+      assert.ok(Math.abs(a.item() - b.item()) < 1e-12, `loss ${a.item()} vs ${b.item()}`);
+      for (const [x, y] of [[ga.embed, gb.embed], [ga.finalNorm, gb.finalNorm], [ga.blocks[0].mlp.w1, gb.blocks[0].mlp.w1]]) {
+        assert.ok(maxAbsDiff(x.toArray(), y.toArray()) < 1e-12, `gradient differs by ${maxAbsDiff(x.toArray(), y.toArray())}`);
+      }
+    });
+  });
+});

@@ -111,7 +111,7 @@ export function innerLoop(
   const chunks = range(0, Math.ceil(T / b)).map((i) => [i * b, Math.min(T, (i + 1) * b)] as const);
   const cut = (t: Tensor | undefined, lo: number, hi: number) => t && slice(t, [0, lo], [B, hi]);
   if (c.suffixLen === 0) {
-    const nll = tokenNll(logits(c, params, prefix.x), targets);
+    const nll = outputNll(c, params, prefix.x, targets);
     const losses = chunks.map(([lo, hi]) => mean(perSequenceLoss(cut(nll, lo, hi)!, cut(opts.mask, lo, hi))));
     return { tokenNll: nll, losses, fast: [] };
   }
@@ -148,7 +148,30 @@ export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, tar
 export function lmLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, mask?: Tensor): Tensor {
   const T = tokens.shape[1];
   const h = runBlocks(c, params, 0, c.nLayers, embed(c, params, tokens), range(0, T), [], params.fast).x;
-  return mean(perSequenceLoss(tokenNll(logits(c, params, h), targets), mask));
+  return mean(perSequenceLoss(outputNll(c, params, h, targets), mask));
+}
+
+/** Positions (rows of all sequences together) whose logits one piece of `outputNll` holds at a time. */
+const OUTPUT_ROWS = 2048;
+
+/**
+ * Per-token NLL [B, T] of the output layer over hidden states h [B, T, D], in pieces of about
+ * OUTPUT_ROWS positions, each checkpointed: the backward recomputes one piece's logits at a time.
+ * At a 128256-token vocabulary the logits of 8192 positions, their float32 copy and their gradient
+ * were 12 GB of a 19 GB training step; one extra output GEMM in the backward is the price.
+ */
+export function outputNll(c: ModelConfig, params: Params, h: Tensor, targets: Tensor): Tensor {
+  const [B, T, D] = h.shape;
+  const per = Math.max(1, Math.floor(OUTPUT_ROWS / B));
+  if (T <= per) return tokenNll(logits(c, params, h), targets);
+  const piece = checkpoint((head: Pick<Params, 'embed' | 'finalNorm'>, hp: Tensor, tp: Tensor) => tokenNll(logits(c, head as Params, hp), tp));
+  const head = { embed: params.embed, finalNorm: params.finalNorm };
+  const nlls: Tensor[] = [];
+  for (let lo = 0; lo < T; lo += per) {
+    const hi = Math.min(T, lo + per);
+    nlls.push(piece(head, slice(h, [0, lo, 0], [B, hi, D]), slice(targets, [0, lo], [B, hi])));
+  }
+  return concat(nlls, 1);
 }
 
 /** The training objective of a variant: meta-learning for e2e, plain LM loss for the others. */
