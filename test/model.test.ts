@@ -13,7 +13,7 @@ import {
   type ModelConfig, type ModelConfigInput, type Variant, PRESETS, VARIANTS, layerKinds, makeConfig, preset,
 } from '../src/model/config.js';
 import { type FastWeights, type Params, embed, initParams, logits, range, runBlocks, suffixStart } from '../src/model/transformer.js';
-import { e2eOuterLoss, innerLoop, lmLoss, miniBatchStep, perSequence } from '../src/model/ttt-e2e.js';
+import { e2eOuterLoss, innerLoop, lmLoss, miniBatchStep, perSequence, setOutputRows } from '../src/model/ttt-e2e.js';
 import { tokenNll } from '../src/nn/layers.js';
 
 // ---- helpers ---------------------------------------------------------------------------------
@@ -446,6 +446,13 @@ describe('output layer in pieces (outputNll)', () => {
       };
       const [a, ga] = T.valueAndGrad((q: Params) => lmLoss(c, q, tokens, targets))(p) as [Tensor, Params];
       const [b, gb] = T.valueAndGrad(onePass)(p) as [Tensor, Params];
+      const before = setOutputRows(0);
+      try {
+        assert.ok(Math.abs(lmLoss(c, p, tokens, targets).item() - b.item()) < 1e-12, 'setOutputRows(0): one pass, the same value');
+      } finally {
+        setOutputRows(before);
+      }
+      assert.throws(() => setOutputRows(-1), /whole number >= 0/);
       assert.ok(Math.abs(a.item() - b.item()) < 1e-12, `loss ${a.item()} vs ${b.item()}`);
       for (const [x, y] of [[ga.embed, gb.embed], [ga.finalNorm, gb.finalNorm], [ga.blocks[0].mlp.w1, gb.blocks[0].mlp.w1]]) {
         assert.ok(maxAbsDiff(x.toArray(), y.toArray()) < 1e-12, `gradient differs by ${maxAbsDiff(x.toArray(), y.toArray())}`);
