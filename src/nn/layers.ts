@@ -121,6 +121,8 @@ const ropeFull = new TensorCache(8);
 const ropeHost = new Map<string, { capacity: number; cos: Float64Array; sin: Float64Array }>();
 /** The smallest whole-range table, in positions. */
 const ROPE_MIN_CAPACITY = 4096;
+/** The fewest positions of a request that grows the whole-range table (smaller ones past its end are computed alone). */
+const ROPE_GROW_MIN = 64;
 
 /** theta^(−2i/D) for i < D/2, per (D, theta). */
 const ropeFreqs = new Map<string, Float64Array>();
@@ -136,7 +138,13 @@ export function ropeTables(positions: readonly number[], D: number, theta: numbe
   const half = D / 2;
   const freq = ropeAngles(D, theta);
   const first = positions[0] ?? 0;
-  if (!positions.every((p, i) => p === first + i) || first < 0) {
+  const base = `${getBackend().name}/${dtype}/${D}/${theta}`;
+  const hostKey = `${D}/${theta}`;
+  let host = ropeHost.get(hostKey);
+  // A few positions past the table's end (decoding after a long prompt) are computed directly:
+  // growing the table there would compute every position up to twice the end at once.
+  const beyond = (host?.capacity ?? 0) < first + T && T < ROPE_GROW_MIN;
+  if (!positions.every((p, i) => p === first + i) || first < 0 || beyond) {
     const table = (f: (angle: number) => number) => {
       const values = new Float64Array(T * half);
       positions.forEach((p, t) => {
@@ -144,11 +152,9 @@ export function ropeTables(positions: readonly number[], D: number, theta: numbe
       });
       return tensor(values, [T * half], dtype);
     };
-    return { cos: table(Math.cos), sin: table(Math.sin) };
+    if (!beyond) return { cos: table(Math.cos), sin: table(Math.sin) };
+    return { cos: ropeCache.get(`${base}/${first}/${T}/cos`, () => table(Math.cos)), sin: ropeCache.get(`${base}/${first}/${T}/sin`, () => table(Math.sin)) };
   }
-  const base = `${getBackend().name}/${dtype}/${D}/${theta}`;
-  const hostKey = `${D}/${theta}`;
-  let host = ropeHost.get(hostKey);
   if (!host || host.capacity < first + T) {
     let capacity = Math.max(ROPE_MIN_CAPACITY, host?.capacity ?? 0);
     while (capacity < first + T) capacity *= 2;

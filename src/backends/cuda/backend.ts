@@ -26,7 +26,7 @@ import {
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
   ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
-  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
+  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
 
@@ -825,9 +825,10 @@ export class CudaBackend implements Backend {
     const kPtr = buf(k).ptr + kvAt;
     const vPtr = buf(v).ptr + kvAt;
     const band = Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
-    if (this.attentionKernels === 'fused' && tq <= DECODE_MAX_TQ && band >= DECODE_MIN_KEYS && d <= FA_MAX_D) {
+    const splits = Math.ceil(band / DECODE_CHUNK);
+    // (the merge keeps a weight per chunk in shared memory: up to ~3 M keys in float32)
+    if (this.attentionKernels === 'fused' && tq <= DECODE_MAX_TQ && band >= DECODE_MIN_KEYS && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits) <= 48 * 1024) {
       // decoding: split the long band across blocks (flash-decoding), then merge the chunks
-      const splits = Math.ceil(band / DECODE_CHUNK);
       const A = attentionAccBytes(dt);
       const po = this.allocator.alloc(rows * splits * d * A);
       const pml = this.allocator.alloc(rows * splits * 2 * A);
@@ -835,7 +836,7 @@ export class CudaBackend implements Backend {
       a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
-      this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, 0, a2, ATT_DECODE_COMBINE);
+      this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, decodeCombineSharedBytes(dt, splits), a2, ATT_DECODE_COMBINE);
       this.allocator.free(po); // stream-ordered
       this.allocator.free(pml);
       return { out, lse };

@@ -785,19 +785,32 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   if (threadIdx.x == 0) { pml[2 * slot] = M; pml[2 * slot + 1] = sum; }
 }
 
-extern "C" __global__ void ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
+extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
+  // one block per row; the chunks' weights exp(m_s − M) go to shared memory once, then each output
+  // column sums its chunks in order (a block-wide max and sum first, both in a fixed tree order)
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* w = reinterpret_cast<A*>(smem);    // [splits]
+  A* red = w + splits;                  // [blockDim.x]
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+    const A* ml = pml + 2 * row * splits;
     A M = FA_NEG_INF;
-    for (i64 s = 0; s < splits; s++) M = fa_max(M, pml[2 * (row * splits + s)]);
-    A sum = 0;
-    for (i64 s = 0; s < splits; s++) { const A ms = pml[2 * (row * splits + s)]; if (ms != FA_NEG_INF) sum += pml[2 * (row * splits + s) + 1] * fa_exp(ms - M); }
+    for (i64 s = threadIdx.x; s < splits; s += blockDim.x) M = fa_max(M, ml[2 * s]);
+    M = att_max(M, red);
+    A part = 0;
+    for (i64 s = threadIdx.x; s < splits; s += blockDim.x) {
+      const A ws = ml[2 * s] == FA_NEG_INF ? (A)0 : fa_exp(ml[2 * s] - M);
+      w[s] = ws;
+      part += ml[2 * s + 1] * ws;
+    }
+    const A sum = att_sum(part, red); // its barriers also publish w
     const A inv = (A)1 / sum;
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
       A acc = 0;
-      for (i64 s = 0; s < splits; s++) { const A ms = pml[2 * (row * splits + s)]; if (ms != FA_NEG_INF) acc += po[(row * splits + s) * d + c] * fa_exp(ms - M); }
+      for (i64 s = 0; s < splits; s++) acc += po[(row * splits + s) * d + c] * w[s];
       out[row * d + c] = att_st(acc * inv);
     }
     if (threadIdx.x == 0) lse[row] = (L)((M + fa_log(sum)) * (A)FA_INV_LOGC);
+    __syncthreads(); // w is rewritten for the next row
   }
 }
 `;
@@ -805,6 +818,11 @@ extern "C" __global__ void ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* o
 /** Dynamic shared memory of the decode partial kernel (q row, four warps' outputs, their max and sum). */
 export function decodeSharedBytes(dtype: AttnDType, d: number): number {
   return (5 * d + 8) * attentionAccBytes(dtype);
+}
+
+/** Dynamic shared memory of the decode combine kernel: a weight per chunk and the block reduction's scratch. */
+export function decodeCombineSharedBytes(dtype: AttnDType, splits: number): number {
+  return (splits + DECODE_THREADS) * attentionAccBytes(dtype);
 }
 
 /**
