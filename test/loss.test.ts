@@ -88,6 +88,30 @@ describe('fused token NLL', () => {
     });
   });
 
+  test('bfloat16 logits (GPU): float32 NLL equal to the composite on the widened logits; the gradient in bf16; second order', { skip: T.getBackend().name === 'cpu' && 'bfloat16 compute is for the GPU' }, () => {
+    T.tidy(() => {
+      const logits = T.cast(R(21, [6, 300], 'float32'), 'bfloat16');
+      const targets = targetsFor(22, [6], 300);
+      const nll = T.fusedTokenNll(logits, targets);
+      assert.equal(nll.dtype, 'float32');
+      const want = T.compositeTokenNll(T.cast(logits, 'float32'), targets);
+      assert.ok(relDiff(nll.toArray(), want.toArray()) < 1e-6, `nll ${relDiff(nll.toArray(), want.toArray())}`);
+      const w = R(23, [6], 'float32');
+      const f = (fn: typeof T.fusedTokenNll) => (x: T.Tensor) => T.sum(T.mul(fn(x, targets), w));
+      const g = T.grad(f(T.fusedTokenNll))(logits) as T.Tensor;
+      assert.equal(g.dtype, 'bfloat16');
+      const gw = T.grad((x: T.Tensor) => T.sum(T.mul(T.compositeTokenNll(x, targets), w)))(T.cast(logits, 'float32')) as T.Tensor;
+      const scaled = (a: number[], b: number[]) => a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0) / b.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
+      assert.ok(scaled(g.toArray(), gw.toArray()) < 1e-2, `gradient ${scaled(g.toArray(), gw.toArray())}`);
+      const v = R(24, [6, 300], 'float32');
+      const hvp = (fn: typeof T.fusedTokenNll, x0: T.Tensor) =>
+        T.grad((x: T.Tensor) => T.sum(T.mul(T.cast(T.grad(f(fn))(x) as T.Tensor, 'float32'), v)))(x0) as T.Tensor;
+      const got = hvp(T.fusedTokenNll, logits).toArray();
+      const ref = hvp(T.compositeTokenNll, T.cast(logits, 'float32')).toArray();
+      assert.ok(scaled(got, ref) < 2e-2, `Hessian-vector product ${scaled(got, ref)}`);
+    });
+  });
+
   test('the model path: tokenNll() forced fused and forced composite agree', () => {
     T.tidy(() => {
       const logits = R(11, [3, 5, 17], 'float32');

@@ -111,8 +111,9 @@ export interface Backend {
   rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
   /**
    * Per row of logits [rows, V] with an int32 target: nll = logsumexp − logits[target], and the
-   * logsumexp (float32 for float32 and bfloat16 logits, float64 for float64) for the backward. A
-   * target outside [0, V) throws, at once or (on a device) at the next sync.
+   * logsumexp for the backward, both float32 for float32 and bfloat16 logits (float64 for float64). A
+   * target outside [0, V) throws, at once or (on a device) at the next sync. The g and dG of the
+   * backward kernels below are in that dtype too.
    */
   tokenNllForward(logits: BackendData, targets: BackendData, rows: number, V: number, dtype: DType): { nll: BackendData; lse: BackendData };
   /** dlogits = (exp(logits − lse) − onehot(target)) · g[row], in the logits' dtype. */

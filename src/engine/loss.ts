@@ -7,18 +7,26 @@
  */
 import { vjp } from './autodiff.js';
 import { recordFused } from './fused.js';
-import { expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
+import { cast, expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
 import { fromData, isTracked } from './runtime.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
 
-/** The definition, from differentiable ops only: logits [..., V], targets int32 [...] → [...]. */
+/**
+ * The definition, from differentiable ops only: logits [..., V], targets int32 [...] → [...]. bfloat16
+ * logits are widened to float32 first (a logsumexp in bf16 would lose the loss), so the NLL is float32.
+ */
 export function compositeTokenNll(logits: Tensor, targets: Tensor): Tensor {
-  const picked = reshape(takeAlongAxis(logits, expandDims(targets, -1), -1), targets.shape);
-  return sub(logsumexp(logits, -1), picked);
+  const x = logits.dtype === 'bfloat16' ? cast(logits, 'float32') : logits;
+  const picked = reshape(takeAlongAxis(x, expandDims(targets, -1), -1), targets.shape);
+  return sub(logsumexp(x, -1), picked);
 }
 
-/** Same values as `compositeTokenNll` up to rounding; a target outside [0, V) throws (on a GPU at the next sync). */
+/**
+ * Same values as `compositeTokenNll` up to rounding; a target outside [0, V) throws (on a GPU at the next
+ * sync). The NLL is float32 for float32 and bfloat16 logits (float64 for float64); the gradient comes back in
+ * the logits' dtype.
+ */
 export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
   const V = logits.shape[logits.rank - 1];
   if (logits.rank !== targets.rank + 1 || targets.shape.some((d, i) => d !== logits.shape[i])) {
@@ -31,8 +39,9 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
   const { backend, dtype } = logits;
   const rows = targets.size;
   const r = backend.tokenNllForward(logits.data, targets.data, rows, V, dtype);
-  const nll = fromData(r.nll, targets.shape, dtype, backend);
+  // the NLL and the row logsumexp in float32 (float64 for float64 logits): bf16 logits need no widened copy
   const lseDType = dtype === 'float64' ? 'float64' : 'float32';
+  const nll = fromData(r.nll, targets.shape, lseDType, backend);
   if (!isTracked(logits)) {
     backend.free(r.lse, lseDType, rows);
     return nll;

@@ -76,9 +76,17 @@ export function embed(c: ModelConfig, params: Params, tokens: Tensor): Tensor {
   return c.computeDType ? inDType(x, c.computeDType) : x;
 }
 
-/** Final norm and tied output projection: logits = norm(h) @ Eᵀ, in float32 or wider for the loss. */
+/**
+ * Final norm and tied output projection in the compute dtype: logits = norm(h) @ Eᵀ. The losses take
+ * these directly (the token NLL widens bf16 itself, and the fused one needs no float32 copy of them).
+ */
+export function outputLogits(c: ModelConfig, params: Params, h: Tensor): Tensor {
+  return matmul(rmsNorm(h, params.finalNorm, c.normEps), inDType(params.embed, h.dtype), { transB: true });
+}
+
+/** The same logits in float32 or wider (for log-probabilities and sampling). */
 export function logits(c: ModelConfig, params: Params, h: Tensor): Tensor {
-  const z = matmul(rmsNorm(h, params.finalNorm, c.normEps), inDType(params.embed, h.dtype), { transB: true });
+  const z = outputLogits(c, params, h);
   return z.dtype === 'bfloat16' ? inDType(z, params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : z;
 }
 

@@ -15,7 +15,7 @@ import { tokenNll } from '../nn/layers.js';
 import { type ModelConfig } from './config.js';
 import type { MixerState } from './mixers/index.js';
 import {
-  type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart,
+  type FastWeights, type Params, embed, outputLogits, range, runBlocks, suffixStart,
 } from './transformer.js';
 
 export interface InnerLoopOptions {
@@ -76,7 +76,7 @@ export function miniBatchStep(
   const s = suffixStart(c);
   const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: (MixerState | null)[] }] => {
     const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
-    const nll = tokenNll(logits(c, params, r.x), targets);
+    const nll = tokenNll(outputLogits(c, params, r.x), targets);
     const perSeq = perSequenceLoss(nll, mask);
     // Summing over sequences keeps each sequence's gradient its own (W has a batch axis).
     return [sum(perSeq), { nll, perSeq, caches: r.states }];
@@ -178,8 +178,8 @@ export function setOutputRows(rows: number): number {
 export function outputNll(c: ModelConfig, params: Params, h: Tensor, targets: Tensor): Tensor {
   const [B, T, D] = h.shape;
   const per = Math.max(1, Math.floor(outputRows / B));
-  if (outputRows === 0 || T <= per) return tokenNll(logits(c, params, h), targets);
-  const piece = checkpoint((head: Pick<Params, 'embed' | 'finalNorm'>, hp: Tensor, tp: Tensor) => tokenNll(logits(c, head as Params, hp), tp));
+  if (outputRows === 0 || T <= per) return tokenNll(outputLogits(c, params, h), targets);
+  const piece = checkpoint((head: Pick<Params, 'embed' | 'finalNorm'>, hp: Tensor, tp: Tensor) => tokenNll(outputLogits(c, head as Params, hp), tp));
   const head = { embed: params.embed, finalNorm: params.finalNorm };
   const nlls: Tensor[] = [];
   for (let lo = 0; lo < T; lo += per) {

@@ -317,7 +317,7 @@ export class CpuBackend implements Backend {
   }
   tokenNllForward(xd: unknown, td: unknown, rows: number, V: number, dtype: DType): { nll: Arr; lse: Arr } {
     const [x, t] = [xd, td] as Arr[];
-    const nll = pool.alloc(dtype, rows, false);
+    const nll = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
     const lse = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
     for (let r = 0; r < rows; r++) {
       const target = t[r];
@@ -341,7 +341,7 @@ export class CpuBackend implements Backend {
   tokenNllGradBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, ud: unknown, rows: number, V: number, dtype: DType): { dLogits: Arr; dG: Arr } {
     const [x, t, lse, g, u] = [xd, td, ld, gd, ud] as Arr[];
     const dLogits = pool.alloc(dtype, rows * V, false);
-    const dG = pool.alloc(dtype, rows, false);
+    const dG = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
     for (let r = 0; r < rows; r++) {
       const base = r * V;
       const l = lse[r];

@@ -510,7 +510,7 @@ export class CudaBackend implements Backend {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
     this.checkHostRange('tokenNll', targets, V, rows);
-    const nll = this.alloc(dt, rows);
+    const nll = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
     const lse = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
     if (rows === 0) return { nll, lse };
     const a = this.args.reset().ptr(nll.ptr).ptr(lse.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(this.status.ptr).i64(rows).i64(V);
@@ -535,7 +535,7 @@ export class CudaBackend implements Backend {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
     const dLogits = this.alloc(dt, rows * V);
-    const dG = this.alloc(dt, rows);
+    const dG = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
     if (rows === 0) return { dLogits, dG };
     const a = this.args.reset().ptr(dLogits.ptr).ptr(dG.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).ptr(buf(u).ptr).i64(rows).i64(V);
     this.launch(this.fn('reduce', dt, NLL_HVP), this.rowBlocks(rows), THREADS, 0, a, NLL_HVP);

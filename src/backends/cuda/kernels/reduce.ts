@@ -41,7 +41,7 @@ export const RMSNORM_ROWS = 8;
 
 /**
  * Token NLL from logits (fusedTokenNll): forward one block per row (row_lse, as logsumexp_rows), nll
- * and the row's lse (float, or double for float64) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
+ * and the row's lse (both float, or double for float64; so is the cotangent g) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
  * thread per logit: (exp(x − lse) − [j = target]) · g. Its second order (token_nll_hvp) one block per row:
  * s = Σ p·u, then dx = g·p·(u − s) and dg = s − u[target].
  */
@@ -50,7 +50,7 @@ function tokenNllSource(dtype: CudaDType): string {
   const L = dtype === 'float64' ? 'double' : 'float';
   const ld = (e: string) => load(dtype, e, 'double');
   const st = STORE[dtype];
-  return `extern "C" __global__ void ${NLL_FWD}(${T}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V) {
+  return `extern "C" __global__ void ${NLL_FWD}(${L}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V) {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
     const ${T}* row = x + o * V;
@@ -60,22 +60,22 @@ function tokenNllSource(dtype: CudaDType): string {
       lse[o] = (${L})l;
       if (r < 0 || r >= V) {
         if (atomicCAS(status, 0, 3) == 0) { status[1] = r; status[2] = (int)V; }
-        nll[o] = ${st('__longlong_as_double(0x7ff8000000000000LL)')};
+        nll[o] = (${L})__longlong_as_double(0x7ff8000000000000LL);
       } else {
-        nll[o] = ${st(`l - ${ld('row[r]')}`)};
+        nll[o] = (${L})(l - ${ld('row[r]')});
       }
     }
   }
 }
-extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${T}* g, i64 rows, i64 V) {
+extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, i64 rows, i64 V) {
   const i64 n = rows * V;
   for (i64 k = gtid(); k < n; k += gstride()) {
     const i64 o = k / V, j = k % V;
     const double p = exp(${ld('x[k]')} - (double)lse[o]);
-    dx[k] = ${st(`(p - (j == tgt[o] ? 1.0 : 0.0)) * ${ld('g[o]')}`)};
+    dx[k] = ${st(`(p - (j == tgt[o] ? 1.0 : 0.0)) * (double)g[o]`)};
   }
 }
-extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${T}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${T}* g, const ${T}* u, i64 rows, i64 V) {
+extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, const ${T}* u, i64 rows, i64 V) {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
     const ${T}* xr = x + o * V;
@@ -84,9 +84,9 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${T}* dg, const ${T}* x, const i
     double s = 0.0;
     for (i64 j = threadIdx.x; j < V; j += blockDim.x) s += exp(${ld('xr[j]')} - l) * ${ld('ur[j]')};
     s = block_dsum(s, red);
-    const double gr = ${ld('g[o]')};
+    const double gr = (double)g[o];
     for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[o * V + j] = ${st(`gr * exp(${ld('xr[j]')} - l) * (${ld('ur[j]')} - s)`)};
-    if (threadIdx.x == 0) { const int r = tgt[o]; dg[o] = ${st(`s - (r >= 0 && r < V ? ${ld('ur[r]')} : 0.0)`)}; }
+    if (threadIdx.x == 0) { const int r = tgt[o]; dg[o] = (${L})(s - (r >= 0 && r < V ? ${ld('ur[r]')} : 0.0)); }
   }
 }`;
 }
