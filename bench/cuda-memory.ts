@@ -26,7 +26,7 @@ function site(): string {
     .filter((l) => /src\//.test(l) && !/backends\/|engine\/(runtime|tensor|cache)\./.test(l))
     .map((l) => l.replace(/\(.*\/src\//, '(').replace(/:\d+\)$/, ')'));
   const model = frames.filter((f) => /\((model|nn)\//.test(f)).slice(0, 2);
-  return [...model, ...frames.slice(0, Number(process.env.FRAMES ?? 3)).filter((f) => !model.includes(f))].join(' < ');
+  return [...model, ...frames.slice(0, 3).filter((f) => !model.includes(f))].join(' < ');
 }
 
 export async function main(): Promise<unknown> {
