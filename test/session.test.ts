@@ -44,6 +44,23 @@ describe('Session', () => {
     assert.ok(maxDiff(frozen.nextLogProbs(), before) > 1e-6, 'updates after the first mini-batch change the prediction');
   });
 
+  test('e2e: a whole mini-batch whose next token is known is read and learned from in one pass', () => {
+    const c = cfg('e2e');
+    const proto = Session.prototype as unknown as { readAndLearn: (...a: unknown[]) => number[] };
+    const original = proto.readAndLearn;
+    let calls = 0;
+    proto.readAndLearn = function (this: unknown, ...a: unknown[]) {
+      calls++;
+      return original.apply(this, a);
+    };
+    try {
+      new Session(c, scaled(c)).prefill(randomTokens(4 * c.miniBatch + 1, c.vocabSize, 8), { score: false });
+    } finally {
+      proto.readAndLearn = original;
+    }
+    assert.equal(calls, 4, 'four whole mini-batches, each followed by a known token');
+  });
+
   test('decode: greedy is deterministic, sampling is seeded', () => {
     const c = cfg('e2e');
     const params = scaled(c);

@@ -132,7 +132,7 @@ export class Session {
       if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
     }
     const nll: number[] = [];
-    const groupSize = score ? MAX_GROUP : Number(process.env.TTT_GROUP ?? MAX_UNSCORED_GROUP);
+    const groupSize = score ? MAX_GROUP : MAX_UNSCORED_GROUP;
     const b = this.config.miniBatch;
     const ttt = this.config.suffixLen > 0;
     for (let g = 0; g < tokens.length; g += groupSize) {
@@ -145,7 +145,9 @@ export class Session {
         // the suffix reads up to the end of the current mini-batch in one forward pass
         const room = ttt ? this.state.chunkStart + b - this.state.position : group.length;
         const n = Math.max(1, Math.min(room, group.length - i));
-        nll.push(...this.readSuffix(group.slice(i, i + n), x, i, score));
+        const whole = ttt && n === b && this.state.position === this.state.chunkStart && i + n < group.length;
+        // a whole mini-batch whose next token is known: one pass reads it and takes the inner step
+        nll.push(...(whole ? this.readAndLearn(group.slice(i, i + n), x, i, group[i + n], score) : this.readSuffix(group.slice(i, i + n), x, i, score)));
         i += n;
       }
       if (this.state.pendingX !== x) x.dispose();
@@ -191,6 +193,33 @@ export class Session {
     const ss = suffixStart(c);
     const caches = [...s.caches.slice(0, ss), ...next.caches];
     this.commit({ ...s, fast: next.fast, caches, chunkStart: s.position, pendingX: null, pendingTokens: [], chunkCaches: next.caches });
+  }
+
+  /**
+   * `readSuffix` of a whole mini-batch followed at once by `learn(nextToken)`, in one pass: the inner
+   * step's forward under W_{i-1} is the reading pass (its NLLs, caches and last log-probabilities), so
+   * the suffix is not run twice. The state after it is the one the two calls leave.
+   */
+  private readAndLearn(tokens: number[], x: Tensor, from: number, nextToken: number, score: boolean): number[] {
+    const s = this.state;
+    const c = this.config;
+    const ss = suffixStart(c);
+    const n = tokens.length;
+    const firstNll = score && s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const r = tidy(() => {
+      const prefixX = slice(x, [0, from, 0], [1, from + n, c.dModel]);
+      const targets = tensor([...tokens.slice(1), nextToken], [1, n], 'int32');
+      const step = miniBatchStep(c, this.params, s.fast, s.caches.slice(ss), prefixX, targets, range(s.position, n), this.lr, undefined, true, true);
+      return { nll: step.nll, fast: step.fast, caches: step.caches, last: step.last! };
+    });
+    const nll = score ? [firstNll, ...Array.from(r.nll.toTyped()).slice(0, n - 1)] : [];
+    r.nll.dispose();
+    const position = s.position + n;
+    this.commit({
+      ...s, position, caches: [...s.caches.slice(0, ss), ...r.caches], fast: r.fast, chunkStart: position,
+      pendingX: null, pendingTokens: [], chunkCaches: r.caches, nextLogProbs: r.last,
+    });
+    return nll;
   }
 
   /**

@@ -86,7 +86,11 @@ export function outputLogits(c: ModelConfig, params: Params, h: Tensor): Tensor 
 
 /** The same logits in float32 or wider (for log-probabilities and sampling). */
 export function logits(c: ModelConfig, params: Params, h: Tensor): Tensor {
-  const z = outputLogits(c, params, h);
+  return widenLogits(params, outputLogits(c, params, h));
+}
+
+/** bf16 logits in the parameters' float dtype (float32 at least); others as they are. */
+export function widenLogits(params: Params, z: Tensor): Tensor {
   return z.dtype === 'bfloat16' ? inDType(z, params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : z;
 }
 

@@ -7,7 +7,7 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, broadcastTo, checkpoint, concat, div, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sub, sum,
+  type Tensor, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sub, sum,
   valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
@@ -15,7 +15,7 @@ import { tokenNll } from '../nn/layers.js';
 import { type ModelConfig } from './config.js';
 import type { MixerState } from './mixers/index.js';
 import {
-  type FastWeights, type Params, embed, outputLogits, range, runBlocks, suffixStart,
+  type FastWeights, type Params, embed, outputLogits, range, runBlocks, suffixStart, widenLogits,
 } from './transformer.js';
 
 export interface InnerLoopOptions {
@@ -62,6 +62,8 @@ interface StepOut {
   nll: Tensor;
   fast: FastWeights;
   caches: (MixerState | null)[];
+  /** With `wantLast`: log-probabilities [V] after the last position of the first sequence, under W_{i-1}. */
+  last?: Tensor;
 }
 
 /**
@@ -71,19 +73,23 @@ interface StepOut {
  */
 export function miniBatchStep(
   c: ModelConfig, params: Params, fast: FastWeights, caches: (MixerState | null)[], x: Tensor, targets: Tensor,
-  positions: number[], lr: number, mask?: Tensor, update = true,
+  positions: number[], lr: number, mask?: Tensor, update = true, wantLast = false,
 ): StepOut {
   const s = suffixStart(c);
-  const lossOf = (w: FastWeights): [Tensor, { nll: Tensor; perSeq: Tensor; caches: (MixerState | null)[] }] => {
+  type Aux = { nll: Tensor; perSeq: Tensor; caches: (MixerState | null)[]; last?: Tensor };
+  const lossOf = (w: FastWeights): [Tensor, Aux] => {
     const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
-    const nll = tokenNll(outputLogits(c, params, r.x), targets);
+    const z = outputLogits(c, params, r.x);
+    const nll = tokenNll(z, targets);
     const perSeq = perSequenceLoss(nll, mask);
+    const [, n, V] = z.shape;
+    const last = wantLast ? stopGradient(logSoftmax(reshape(widenLogits(params, slice(z, [0, n - 1, 0], [1, n, V])), [V]))) : undefined;
     // Summing over sequences keeps each sequence's gradient its own (W has a batch axis).
-    return [sum(perSeq), { nll, perSeq, caches: r.states }];
+    return [sum(perSeq), { nll, perSeq, caches: r.states, last }];
   };
   if (!update || lr === 0) {
     const [, aux] = lossOf(fast);
-    return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches };
+    return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches, last: aux.last };
   }
   const [[, aux], g] = valueAndGrad(lossOf, { hasAux: true })(fast);
   let step = clipPerSequence(g as FastWeights, c.innerClip);
@@ -93,7 +99,7 @@ export function miniBatchStep(
     w2: sub(w.w2, mul(step[j].w2, lr)),
     w3: sub(w.w3, mul(step[j].w3, lr)),
   }));
-  return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches };
+  return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches, last: aux.last };
 }
 
 /**
