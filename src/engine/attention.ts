@@ -134,7 +134,9 @@ export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
     k = repeat(k);
     v = repeat(v);
   }
-  const scores = add(div(matmul(q, k, { transB: true }), Math.sqrt(job.d)), attentionBandBias(job.tq, job.tk, opts, q.dtype));
+  // q scaled before the product: a [Tq, D] op instead of a third [Tq, Tk] tensor (and its cotangent) on the tape
+  // of a second-order trace, where this composite is what the fused op's backward falls back to
+  const scores = add(matmul(div(q, Math.sqrt(job.d)), k, { transB: true }), attentionBandBias(job.tq, job.tk, opts, q.dtype));
   return matmul(softmax(scores, -1), v);
 }
 
