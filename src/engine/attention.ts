@@ -162,7 +162,7 @@ export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
     return y;
   }
   const lse = fromData(r.lse, [job.batch, job.tq], dtype, backend);
-  recordFused('scaledDotAttention', [q, k, v], y, (a, b, c) => compositeAttention(a, b, c, opts), (g) => {
+  recordFused('scaledDotAttention', [q, k, v], y, { composite: (a, b, c) => compositeAttention(a, b, c, opts) }, (g) => {
     const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g.data, job, dtype);
     return [d.dq, d.dk, d.dv];
   }, [lse]);

@@ -2,8 +2,8 @@
  * The shared backward of the fused ops (attention, RMSNorm, the SwiGLU gate, the token NLL): the
  * backend's backward kernel, unless that backward will itself be differentiated (an input, the
  * output or the cotangent is traced by an outer grad, as in the TTT inner loop inside the outer
- * one). Then the cotangents come from the op's composite definition instead: the same values, built
- * from ops an outer trace can record.
+ * one). Then the cotangents come from ops an outer trace can record instead: the vjp of the op's
+ * composite definition (the same values), or a backward the op names for that case.
  */
 import { vjp } from './autodiff.js';
 import type { BackendData } from './backend.js';
@@ -11,21 +11,23 @@ import { fromData, isTracked, record } from './runtime.js';
 import type { Tensor } from './tensor.js';
 
 /**
+ * How the backward is recorded when it will itself be differentiated: through the vjp of the op's
+ * composite definition, or (where that chain is costly, as for the token NLL) through a backward
+ * written in ops an outer trace differentiates more cheaply.
+ */
+export type DifferentiableBackward = { composite: (...xs: Tensor[]) => Tensor } | { backward: (g: Tensor) => Tensor[] };
+
+/**
  * Records the fused op `name` (inputs → y). `kernel(g)` returns one cotangent buffer per input (in
  * that input's shape, dtype and backend); the ones the trace does not need are freed. `saved`: tensors
- * the kernel reads besides the inputs (kept alive like them). `differentiable(g)`, where given, is the
- * backward to record when it will be differentiated, in place of the composite's: ops an outer trace
- * differentiates more cheaply (the token NLL's backward is an op with its own fused second order).
+ * the kernel reads besides the inputs (kept alive like them).
  */
 export function recordFused(
-  name: string, inputs: Tensor[], y: Tensor, composite: (...xs: Tensor[]) => Tensor, kernel: (g: Tensor) => BackendData[], saved: Tensor[] = [],
-  differentiable?: (g: Tensor) => Tensor[],
+  name: string, inputs: Tensor[], y: Tensor, differentiable: DifferentiableBackward, kernel: (g: Tensor) => BackendData[], saved: Tensor[] = [],
 ): void {
   record(name, inputs, [y], ([g], needs) => {
     if (inputs.some(isTracked) || isTracked(y) || isTracked(g!)) {
-      if (differentiable) return differentiable(g!).map((c, i) => (needs[i] ? c : null));
-      const [, pullback] = vjp(composite, ...inputs);
-      const cts = pullback(g!) as Tensor[];
+      const cts = 'backward' in differentiable ? differentiable.backward(g!) : (vjp(differentiable.composite, ...inputs)[1](g!) as Tensor[]);
       return cts.map((c, i) => (needs[i] ? c : null));
     }
     return kernel(g!).map((data, i) => {

@@ -3,7 +3,7 @@
  * per row, forward in one pass over each row (kept: the row's logsumexp), backward writing
  * dlogits = (softmax − onehot(target)) · g in one pass, so no other [rows, V] buffer is made: at a
  * 128256-token vocabulary each one is half a gigabyte per 1024 positions. As for RMSNorm, the
- * composite is the truth, and the backward falls back to it when it will itself be differentiated.
+ * composite is the truth; a backward that will itself be differentiated is the op tokenNllGrad.
  */
 import { vjp } from './autodiff.js';
 import { recordFused } from './fused.js';
@@ -47,9 +47,10 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
     return nll;
   }
   const lse = fromData(r.lse, [rows], lseDType, backend);
-  recordFused('tokenNll', [logits], nll, (x) => compositeTokenNll(x, targets), (g) => [
+  // differentiated, the backward is the op tokenNllGrad (its second order is one fused pass), not the composite's chain
+  recordFused('tokenNll', [logits], nll, { backward: (g) => [tokenNllGrad(logits, targets, g, lse)] }, (g) => [
     backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype),
-  ], [targets, lse], (g) => [tokenNllGrad(logits, targets, g, lse)]);
+  ], [targets, lse]);
   return nll;
 }
 
@@ -66,7 +67,7 @@ export function tokenNllGrad(logits: Tensor, targets: Tensor, g: Tensor, lse: Te
   const dlogits = fromData(backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype), logits.shape, dtype, backend);
   if (!isTracked(logits) && !isTracked(g)) return dlogits;
   const composite = (x: Tensor, gg: Tensor) => vjp((y: Tensor) => compositeTokenNll(y, targets), x)[1](gg)[0] as Tensor;
-  recordFused('tokenNllGrad', [logits, g], dlogits, composite, (u) => {
+  recordFused('tokenNllGrad', [logits, g], dlogits, { composite }, (u) => {
     const r = backend.tokenNllGradBackward(logits.data, targets.data, lse.data, g.data, u.data, rows, V, dtype);
     return [r.dLogits, r.dG];
   }, [targets, lse]);

@@ -33,7 +33,7 @@ export function fusedRmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
     return y;
   }
   const rstd = fromData(r.rstd, [rows], dtype, backend);
-  recordFused('rmsNorm', [x, w], y, (a, b) => compositeRmsNorm(a, b, eps), (g) => {
+  recordFused('rmsNorm', [x, w], y, { composite: (a, b) => compositeRmsNorm(a, b, eps) }, (g) => {
     const grads = backend.rmsNormBackward(x.data, w.data, rstd.data, g.data, rows, d, dtype);
     return [grads.dx, grads.dw];
   }, [rstd]);

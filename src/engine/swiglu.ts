@@ -23,7 +23,7 @@ export function fusedSwigluGate(a: Tensor, b: Tensor): Tensor {
   if (a.dtype !== 'float32' && a.dtype !== 'float64' && a.dtype !== 'bfloat16') throw new Error(`swigluGate: needs a floating-point tensor, got ${a.dtype}${fmt(a.shape)}`);
   const { backend, dtype, shape, size } = a;
   const y = fromData(backend.swigluForward(a.data, b.data, size, dtype), shape, dtype, backend);
-  recordFused('swigluGate', [a, b], y, compositeSwigluGate, (g) => {
+  recordFused('swigluGate', [a, b], y, { composite: compositeSwigluGate }, (g) => {
     const grads = backend.swigluBackward(a.data, b.data, g.data, size, dtype);
     return [grads.da, grads.db];
   });
