@@ -190,9 +190,19 @@ export class Session {
       const r = miniBatchStep(c, this.params, s.fast, s.chunkCaches, s.pendingX!, targets, range(s.chunkStart, s.pendingTokens.length), this.lr);
       return { fast: r.fast, caches: r.caches };
     });
-    const ss = suffixStart(c);
-    const caches = [...s.caches.slice(0, ss), ...next.caches];
-    this.commit({ ...s, fast: next.fast, caches, chunkStart: s.position, pendingX: null, pendingTokens: [], chunkCaches: next.caches });
+    this.commit({ ...s, ...this.learned(next.fast, next.caches, s.position) });
+  }
+
+  /** The state an inner step leaves: new fast weights and suffix caches, a new mini-batch starting at `chunkStart`. */
+  private learned(fast: FastWeights, suffixCaches: (MixerState | null)[], chunkStart: number): Pick<State, 'fast' | 'caches' | 'chunkStart' | 'pendingX' | 'pendingTokens' | 'chunkCaches'> {
+    const prefixCaches = this.state.caches.slice(0, suffixStart(this.config));
+    return { fast, caches: [...prefixCaches, ...suffixCaches], chunkStart, pendingX: null, pendingTokens: [], chunkCaches: suffixCaches };
+  }
+
+  /** NLL of the first of `tokens` under the distribution left by the last read (NaN without one, or without `score`). */
+  private firstNll(tokens: number[], score: boolean): number {
+    const p = this.state.nextLogProbs;
+    return score && p ? -p.toTyped()[tokens[0]] : NaN;
   }
 
   /**
@@ -205,7 +215,7 @@ export class Session {
     const c = this.config;
     const ss = suffixStart(c);
     const n = tokens.length;
-    const firstNll = score && s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const firstNll = this.firstNll(tokens, score);
     const r = tidy(() => {
       const prefixX = slice(x, [0, from, 0], [1, from + n, c.dModel]);
       const targets = tensor([...tokens.slice(1), nextToken], [1, n], 'int32');
@@ -215,10 +225,7 @@ export class Session {
     const nll = score ? [firstNll, ...Array.from(r.nll.toTyped()).slice(0, n - 1)] : [];
     r.nll.dispose();
     const position = s.position + n;
-    this.commit({
-      ...s, position, caches: [...s.caches.slice(0, ss), ...r.caches], fast: r.fast, chunkStart: position,
-      pendingX: null, pendingTokens: [], chunkCaches: r.caches, nextLogProbs: r.last,
-    });
+    this.commit({ ...s, ...this.learned(r.fast, r.caches, position), position, nextLogProbs: r.last });
     return nll;
   }
 
@@ -248,7 +255,7 @@ export class Session {
     const c = this.config;
     const ss = suffixStart(c);
     const positions = range(s.position, tokens.length);
-    const firstNll = score && s.nextLogProbs ? -s.nextLogProbs.toTyped()[tokens[0]] : NaN;
+    const firstNll = this.firstNll(tokens, score);
     const n = tokens.length;
     const r = tidy(() => {
       const prefixX = slice(x, [0, from, 0], [1, from + n, c.dModel]);
