@@ -133,6 +133,17 @@ function ropeAngles(D: number, theta: number): Float64Array {
   return f;
 }
 
+/** f(position · freq[i]) for T positions (position of row t: `at(t)`), flat [T · D/2], in float64. */
+function ropeValues(f: (angle: number) => number, freq: Float64Array, T: number, at: (t: number) => number): Float64Array {
+  const half = freq.length;
+  const values = new Float64Array(T * half);
+  for (let t = 0; t < T; t++) {
+    const p = at(t);
+    for (let i = 0; i < half; i++) values[t * half + i] = f(p * freq[i]);
+  }
+  return values;
+}
+
 export function ropeTables(positions: readonly number[], D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
   const T = positions.length;
   const half = D / 2;
@@ -145,13 +156,7 @@ export function ropeTables(positions: readonly number[], D: number, theta: numbe
   // growing the table there would compute every position up to twice the end at once.
   const beyond = (host?.capacity ?? 0) < first + T && T < ROPE_GROW_MIN;
   if (!positions.every((p, i) => p === first + i) || first < 0 || beyond) {
-    const table = (f: (angle: number) => number) => {
-      const values = new Float64Array(T * half);
-      positions.forEach((p, t) => {
-        for (let i = 0; i < half; i++) values[t * half + i] = f(p * freq[i]);
-      });
-      return tensor(values, [T * half], dtype);
-    };
+    const table = (f: (angle: number) => number) => tensor(ropeValues(f, freq, T, (t) => positions[t]), [T * half], dtype);
     if (!beyond) return { cos: table(Math.cos), sin: table(Math.sin) };
     return { cos: ropeCache.get(`${base}/${first}/${T}/cos`, () => table(Math.cos)), sin: ropeCache.get(`${base}/${first}/${T}/sin`, () => table(Math.sin)) };
   }
@@ -164,12 +169,8 @@ export function ropeTables(positions: readonly number[], D: number, theta: numbe
       next.cos.set(host.cos);
       next.sin.set(host.sin);
     }
-    for (let p = done; p < capacity; p++) {
-      for (let i = 0; i < half; i++) {
-        next.cos[p * half + i] = Math.cos(p * freq[i]);
-        next.sin[p * half + i] = Math.sin(p * freq[i]);
-      }
-    }
+    next.cos.set(ropeValues(Math.cos, freq, capacity - done, (t) => done + t), done * half);
+    next.sin.set(ropeValues(Math.sin, freq, capacity - done, (t) => done + t), done * half);
     ropeHost.set(hostKey, (host = next));
   }
   const { capacity } = host;
