@@ -10,6 +10,14 @@ export function isFloat(dtype: DType): boolean {
 }
 
 /** Host array type used to move values of `dtype` in and out of a backend (bf16 travels as float32). */
+/**
+ * Where per-row statistics and losses of a float tensor are kept (logsumexp, the token NLL, RMSNorm's
+ * rstd, their cotangents): float64 for float64, else float32 (a bf16 statistic would lose the loss).
+ */
+export function statDType(dtype: DType): 'float32' | 'float64' {
+  return dtype === 'float64' ? 'float64' : 'float32';
+}
+
 export function hostArray(dtype: DType, size: number): HostArray {
   switch (dtype) {
     case 'float32':

@@ -9,6 +9,7 @@ import { vjp } from './autodiff.js';
 import { recordFused } from './fused.js';
 import { cast, expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
 import { fromData, isTracked } from './runtime.js';
+import { statDType } from './dtype.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -40,7 +41,7 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
   const rows = targets.size;
   const r = backend.tokenNllForward(logits.data, targets.data, rows, V, dtype);
   // the NLL and the row logsumexp in float32 (float64 for float64 logits): bf16 logits need no widened copy
-  const lseDType = dtype === 'float64' ? 'float64' : 'float32';
+  const lseDType = statDType(dtype);
   const nll = fromData(r.nll, targets.shape, lseDType, backend);
   if (!isTracked(logits)) {
     backend.free(r.lse, lseDType, rows);

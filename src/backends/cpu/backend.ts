@@ -6,7 +6,7 @@
  * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
 import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
-import type { DType, HostArray } from '../../engine/dtype.js';
+import { type DType, type HostArray, statDType } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
 import { TYPE_TAG, makeFlatKernel, makeStridedKernel } from './elementwise.js';
@@ -317,8 +317,8 @@ export class CpuBackend implements Backend {
   }
   tokenNllForward(xd: unknown, td: unknown, rows: number, V: number, dtype: DType): { nll: Arr; lse: Arr } {
     const [x, t] = [xd, td] as Arr[];
-    const nll = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
-    const lse = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
+    const nll = pool.alloc(statDType(dtype), rows, false);
+    const lse = pool.alloc(statDType(dtype), rows, false);
     for (let r = 0; r < rows; r++) {
       const target = t[r];
       if (!(target >= 0 && target < V)) throw new Error(`tokenNll: index ${target} out of range [0, ${V})`);
@@ -341,7 +341,7 @@ export class CpuBackend implements Backend {
   tokenNllGradBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, ud: unknown, rows: number, V: number, dtype: DType): { dLogits: Arr; dG: Arr } {
     const [x, t, lse, g, u] = [xd, td, ld, gd, ud] as Arr[];
     const dLogits = pool.alloc(dtype, rows * V, false);
-    const dG = pool.alloc(dtype === 'float64' ? 'float64' : 'float32', rows, false);
+    const dG = pool.alloc(statDType(dtype), rows, false);
     for (let r = 0; r < rows; r++) {
       const base = r * V;
       const l = lse[r];

@@ -9,7 +9,7 @@
  * accumulation through cublasGemm*Ex).
  */
 import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
-import { type DType, type HostArray, fromBfloat16Bits, hostArray, toBfloat16Bits } from '../../engine/dtype.js';
+import { type DType, type HostArray, fromBfloat16Bits, hostArray, statDType, toBfloat16Bits } from '../../engine/dtype.js';
 import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
 import { KernelCompiler, cacheDir } from './compiler.js';
@@ -510,8 +510,8 @@ export class CudaBackend implements Backend {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
     this.checkHostRange('tokenNll', targets, V, rows);
-    const nll = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
-    const lse = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
+    const nll = this.alloc(statDType(dt), rows);
+    const lse = this.alloc(statDType(dt), rows);
     if (rows === 0) return { nll, lse };
     const a = this.args.reset().ptr(nll.ptr).ptr(lse.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(this.status.ptr).i64(rows).i64(V);
     this.launch(this.fn('reduce', dt, NLL_FWD), this.rowBlocks(rows), THREADS, 0, a, NLL_FWD);
@@ -535,7 +535,7 @@ export class CudaBackend implements Backend {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
     const dLogits = this.alloc(dt, rows * V);
-    const dG = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
+    const dG = this.alloc(statDType(dt), rows);
     if (rows === 0) return { dLogits, dG };
     const a = this.args.reset().ptr(dLogits.ptr).ptr(dG.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).ptr(buf(u).ptr).i64(rows).i64(V);
     this.launch(this.fn('reduce', dt, NLL_HVP), this.rowBlocks(rows), THREADS, 0, a, NLL_HVP);
@@ -596,7 +596,7 @@ export class CudaBackend implements Backend {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
     const y = this.alloc(dt, rows * d);
-    const rstd = this.alloc(dt === 'float64' ? 'float64' : 'float32', rows);
+    const rstd = this.alloc(statDType(dt), rows);
     if (rows === 0) return { y, rstd };
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(y.ptr).ptr(rstd.ptr).i64(rows).i64(d).f64(eps);
     this.launch(this.fn('reduce', dt, RMSNORM_FWD), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, RMSNORM_FWD);
@@ -606,7 +606,7 @@ export class CudaBackend implements Backend {
   rmsNormBackward(x: unknown, w: unknown, rstd: unknown, dy: unknown, rows: number, d: number, dtype: DType): { dx: DeviceBuffer; dw: DeviceBuffer } {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
-    const acc: DType = dt === 'float64' ? 'float64' : 'float32';
+    const acc: DType = statDType(dt);
     const dx = this.alloc(dt, rows * d);
     if (rows === 0) return { dx, dw: this.fill(d, dt, 0) };
     const gxr = this.alloc(acc, rows * d);
