@@ -26,6 +26,13 @@ export interface AttentionOptions {
    * `appendKv`); kStart is the position of row `first`. Default: every row.
    */
   keyRows?: { first: number; count: number };
+  /**
+   * Positions held on the device, for a step replayed at every position (src/engine/launch-plan.ts):
+   * `keys` int32 [Tk] is each key row's absolute position (negative: an empty row) and `query` int32 [1]
+   * that of query row 0; they replace kStart + j and qStart + i, so keys may sit in any order (a ring
+   * buffer). Forward only (fused op, nothing tracked); the host cannot check that every query sees a key.
+   */
+  positions?: { keys: Tensor; query: Tensor };
 }
 
 /** Whether a query at absolute position `qPos` sees the key at `kPos`. */
@@ -66,7 +73,13 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
   }
   if (!Number.isInteger(qStart) || !Number.isInteger(kStart)) throw new Error(`${op}: qStart and kStart must be integers, got ${qStart} and ${kStart}`);
   if (window !== undefined && !(Number.isInteger(window) && window >= 1)) throw new Error(`${op}: window must be a positive integer, got ${window}`);
-  if (tq > 0) {
+  if (opts.positions) {
+    const { keys, query } = opts.positions;
+    if (opts.keyRows) throw new Error(`${op}: positions and keyRows cannot be combined`);
+    if (keys.dtype !== 'int32' || keys.size !== tk || query.dtype !== 'int32' || query.size !== 1 || keys.backend !== q.backend || query.backend !== q.backend) {
+      throw new Error(`${op}: positions must be int32 [${tk}] (one per key row) and int32 [1] on q's backend, got ${keys.dtype}${fmt(keys.shape)} and ${query.dtype}${fmt(query.shape)}`);
+    }
+  } else if (tq > 0) {
     // Visibility only shrinks at the ends: the first query is the one that can precede every key,
     // the last the one whose window can have slid past every key.
     const first = qStart;
@@ -79,6 +92,7 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
     }
   }
   const job: AttentionJob = { batch: sizeOf(lead), groups, tq, tk, d, qStart, kStart, window: window ?? Infinity, scale: 1 / Math.sqrt(d) };
+  if (opts.positions) return { ...job, keyPositions: opts.positions.keys.data, queryPosition: opts.positions.query.data };
   return rows.count === stored ? job : { ...job, kvOffset: rows.first * d, kvStride: stored * d };
 }
 
@@ -120,6 +134,7 @@ export function clearBandBiasCache(): void {
  * only (so it can be differentiated to any order).
  */
 export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
+  if (opts.positions) throw new Error('compositeAttention: positions held on the device are for the fused forward only');
   if (opts.keyRows) return compositeAttention(q, ...keysOf(q, k, v, opts, 'compositeAttention'), { ...opts, keyRows: undefined });
   const job = attentionJob('compositeAttention', q, k, v, opts);
   const groups = job.groups ?? 1;
@@ -149,6 +164,7 @@ export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
  */
 export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
   const tracked = isTracked(q) || isTracked(k) || isTracked(v);
+  if (opts.positions && tracked) throw new Error('scaledDotAttention: positions held on the device are forward only (nothing may be differentiated)');
   if (opts.keyRows && tracked) {
     // the backward takes contiguous keys: differentiate through a copy of the rows
     return scaledDotAttention(q, ...keysOf(q, k, v, opts, 'scaledDotAttention'), { ...opts, keyRows: undefined });

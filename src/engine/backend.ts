@@ -50,6 +50,22 @@ export interface AttentionJob {
    */
   kvOffset?: number;
   kvStride?: number;
+  /**
+   * Forward only: positions read where the kernel runs (a launch plan replays one step at every
+   * position). keyPositions int32 [tk] gives each key row's absolute position (negative: an empty
+   * row, never visible) and queryPosition int32 [1] that of query row 0, replacing kStart + j and
+   * qStart + i in the visibility rule; keys may then sit in any order (a ring buffer).
+   */
+  keyPositions?: BackendData;
+  queryPosition?: BackendData;
+}
+
+/** Device work recorded once and replayed (a CUDA graph). */
+export interface CapturedWork {
+  /** Queues the recorded work again, reading and writing the same memory. */
+  replay(): void;
+  /** Frees the recording and the memory its intermediates used. */
+  dispose(): void;
 }
 
 /**
@@ -88,6 +104,17 @@ export interface Backend {
   matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType): BackendData;
   /** Strided copy of `shape` elements from src into an existing dst (the only mutating kernel). */
   copy(src: BackendData, srcOffset: number, srcStrides: number[], dst: BackendData, dstOffset: number, dstStrides: number[], shape: number[], dtype: DType): void;
+  /**
+   * In place: row i of src [outer, n, rowLen] into row (at[0] + i) mod `rows` of dst [outer, rows, rowLen];
+   * `at` is int32 [1], read where the copy runs (so a replayed launch plan writes where the position is then).
+   */
+  writeRowsAt(dst: BackendData, src: BackendData, at: BackendData, outer: number, n: number, rows: number, rowLen: number, dtype: DType): void;
+  /**
+   * Records the device work `fn` queues without running it, for replay; absent where ops run as they
+   * are called (the CPU). While recording, nothing may be read back to the host, and memory freed by
+   * `fn` stays with the recording (its kernels write there on every replay).
+   */
+  captureWork?(fn: () => void): CapturedWork;
   /** x: [outer, n, inner], indices: int32 [count] in [0, n) → [outer, count, inner]. Throws on an index out of range. */
   gather(x: BackendData, indices: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
   /** Returns base + scatter of updates ([outer, count, inner]) into rows `indices` of [outer, n, inner]. */

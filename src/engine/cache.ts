@@ -5,7 +5,7 @@
  * (`engineCacheEntry`); callers get their own alias of an entry's storage, so evicting or clearing
  * an entry never breaks a tensor still in use.
  */
-import { alias } from './runtime.js';
+import { alias, pinWhileRecording } from './runtime.js';
 import { type Tensor, engineCacheEntry } from './tensor.js';
 
 export class TensorCache {
@@ -27,6 +27,7 @@ export class TensorCache {
       }
     }
     this.entries.set(key, t);
+    pinWhileRecording(t);
     return alias(t);
   }
 

@@ -11,6 +11,7 @@ export * from './ops.js';
 export * from './autodiff.js';
 export * from './attention.js';
 export * from './kv-store.js';
+export * from './launch-plan.js';
 export * from './norm.js';
 export * from './optim.js';
 export * from './rope.js';

@@ -15,7 +15,7 @@
  * recomputation takes the same path as its first run whatever it tracks.
  */
 import { concat, slice } from './ops.js';
-import { fromData, traceDepth } from './runtime.js';
+import { fromData, isTracked, traceDepth } from './runtime.js';
 import { fmt, sizeOf, stridesOf } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -99,4 +99,25 @@ function copyRows(src: Tensor, from: number, n: number, dst: Tensor, at: number)
   const rowLen = src.shape[r - 1];
   const shape = [...src.shape.slice(0, -2), n, rowLen];
   dst.backend.copy(src.data, from * rowLen, stridesOf(src.shape), dst.data, at * rowLen, stridesOf(dst.shape), shape, dst.dtype);
+}
+
+/**
+ * In place: rows i of `rows` [..., n, D] into rows (at[0] + i) mod R of `store` [..., R, D] (the same
+ * leading axes and D, the same dtype), with `at` an int32 [1] tensor read where the copy runs: a ring
+ * buffer written at a position held on the device, so a recorded launch plan (src/engine/launch-plan.ts)
+ * writes at the current position on every replay. Not differentiable (a store, like appendKv's).
+ */
+export function writeRowsAt(store: Tensor, rows: Tensor, at: Tensor): void {
+  const r = store.rank;
+  const bad = r < 2 || rows.rank !== r || rows.dtype !== store.dtype || rows.backend !== store.backend || store.shape.some((d, i) => i !== r - 2 && d !== rows.shape[i]);
+  if (bad) throw new Error(`writeRowsAt: rows ${fmt(rows.shape)} ${rows.dtype} do not fit the store ${fmt(store.shape)} ${store.dtype} ([..., n, D] into [..., R, D])`);
+  if (at.dtype !== 'int32' || at.size !== 1 || at.backend !== store.backend) throw new Error(`writeRowsAt: the position must be one int32 on the store's backend, got ${at.dtype}${fmt(at.shape)}`);
+  if (isTracked(store) || isTracked(rows)) throw new Error('writeRowsAt: writes in place and cannot be differentiated');
+  const R = store.shape[r - 2];
+  const n = rows.shape[r - 2];
+  if (n > R) throw new Error(`writeRowsAt: ${n} rows do not fit a ring of ${R}`);
+  const D = store.shape[r - 1];
+  const outer = R === 0 || D === 0 ? 0 : store.size / (R * D);
+  if (outer * n * D === 0) return;
+  store.backend.writeRowsAt(store.data, rows.data, at.data, outer, n, R, D, store.dtype);
 }

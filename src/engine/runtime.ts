@@ -45,6 +45,28 @@ export function alias(t: Tensor, shape: Shape = t.shape): Tensor {
   return new Tensor(t.storage.retain(), shape);
 }
 
+// ---- launch plans ----------------------------------------------------------------------------
+
+/**
+ * Aliases of engine-cache entries (scalar constants, RoPE tables) handed out while a launch plan
+ * records: the recording reads their memory on every replay, so it must outlive any eviction.
+ */
+let pinned: Tensor[] | null = null;
+
+export function startPinning(): void {
+  if (pinned) throw new Error('launch plan: recordings do not nest');
+  pinned = [];
+}
+export function stopPinning(): Tensor[] {
+  const out = pinned ?? [];
+  pinned = null;
+  return out;
+}
+/** Called by the engine's caches for each entry they hand out. */
+export function pinWhileRecording(t: Tensor): void {
+  if (pinned) pinned.push(alias(t));
+}
+
 // ---- traces --------------------------------------------------------------------------------
 
 /**

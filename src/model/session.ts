@@ -16,6 +16,7 @@ import { miniBatchStep, perSequence } from './ttt-e2e.js';
 import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
 import { type MixerState, getMixer } from './mixers/index.js';
 import { namedLeaves } from './reference.js';
+import { DecodePlan, planSupports } from './decode-plan.js';
 
 export interface SamplingOptions {
   /** 0 (default) = greedy. */
@@ -63,14 +64,26 @@ const MAX_GROUP = 2048;
  * attention launch over 2048 queries of 12 heads had 192 blocks for 132 SMs).
  */
 const MAX_UNSCORED_GROUP = 16384;
+/**
+ * The fewest tokens a `decode` call generates through a launch plan: building one copies the caches
+ * into rings and records a step, worth it only over several tokens.
+ */
+const PLAN_MIN_TOKENS = 8;
 
 export class Session {
   private state: State;
   private readonly lr: number;
   private hashCache: string | null = null;
 
-  constructor(readonly config: ModelConfig, readonly params: Params, opts: { ilrScale?: number } = {}) {
+  private readonly launchPlans: boolean;
+
+  /**
+   * `launchPlans` (default true, or TTT_LAUNCH_PLANS=0 to turn off): decode through a recorded step
+   * (src/model/decode-plan.ts) where the model allows it; false reads each token like a prefill.
+   */
+  constructor(readonly config: ModelConfig, readonly params: Params, opts: { ilrScale?: number; launchPlans?: boolean } = {}) {
     this.lr = config.innerLr * (opts.ilrScale ?? 1);
+    this.launchPlans = opts.launchPlans ?? process.env.TTT_LAUNCH_PLANS !== '0';
     this.state = this.initialState();
   }
 
@@ -170,6 +183,7 @@ export class Session {
     if (!Number.isInteger(n) || n < 0) throw new Error(`decode: n must be a non-negative integer, got ${n}`);
     const out: number[] = [];
     let key: Key = randomKey(sampling.seed ?? 0);
+    if (this.launchPlans && n >= PLAN_MIN_TOKENS && planSupports(this.config)) return this.decodeWithPlan(n, sampling, key, onToken);
     for (let i = 0; i < n; i++) {
       key = foldIn(key, this.state.position);
       if (!this.state.nextLogProbs) throw new Error('decode: the session has not read any token yet');
@@ -177,6 +191,27 @@ export class Session {
       this.prefill([token], { score: false });
       out.push(token);
       onToken?.(token);
+    }
+    return out;
+  }
+
+  /** `decode` through a launch plan: the same tokens and state, one recorded step per token. */
+  private decodeWithPlan(n: number, sampling: SamplingOptions, key: Key, onToken?: (token: number) => void): number[] {
+    if (!this.state.nextLogProbs) throw new Error('decode: the session has not read any token yet');
+    const out: number[] = [];
+    const plan = new DecodePlan(this.config, this.params, this.lr, this.state, n);
+    try {
+      let logProbs: ArrayLike<number> = this.state.nextLogProbs.toTyped();
+      for (let i = 0; i < n; i++) {
+        key = foldIn(key, plan.position);
+        const token = sample(logProbs, sampling, key);
+        logProbs = plan.read(token);
+        out.push(token);
+        onToken?.(token);
+      }
+    } finally {
+      // the state the tokens read so far left (also when a callback threw)
+      this.commit({ ...this.state, ...plan.finish() });
     }
     return out;
   }

@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, TensorCache, compositeRmsNorm, compositeSwigluGate, compositeTokenNll, fusedRmsNorm, fusedTokenNll, fusedRope, fusedSwigluGate, getBackend,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, TensorCache, compositeRmsNorm, compositeSwigluGate, compositeTokenNll, fusedRmsNorm, fusedTokenNll, fusedRope, fusedSwigluGate, gather, getBackend,
   greater, log, matmul, mean, mul, neg, reshape, scaledDotAttention, slice, stack, sub, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -90,6 +90,25 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
   const tables = ropeTables(positions, D, theta, x.dtype);
   return useFused('rope', x) ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
+}
+
+/**
+ * RoPE of one token x [..., 1, H, D] at the position held on the device in `position` (int32 [1]),
+ * with `tables` covering positions [0, capacity) (`ropeTablesUpTo`): the rows are gathered where the
+ * op runs, so a launch plan recorded once rotates by the right angles at every replay.
+ */
+export function ropeAt(x: Tensor, position: Tensor, tables: { cos: Tensor; sin: Tensor }): Tensor {
+  const [T, , D] = x.shape.slice(-3);
+  if (T !== 1) throw new Error(`ropeAt: reads one token at a time, got x ${x.shape.join('x')}`);
+  const half = D / 2;
+  const row = (t: Tensor) => gather(reshape(t, [t.size / half, half]), position, 0);
+  const [cos, sin] = [row(tables.cos), row(tables.sin)];
+  return useFused('rope', x) ? fusedRope(x, cos, sin) : compositeRope(x, cos, sin);
+}
+
+/** RoPE tables [capacity · D/2] of positions [0, capacity), for `ropeAt`. */
+export function ropeTablesUpTo(capacity: number, D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
+  return ropeTables(Array.from({ length: capacity }, (_, i) => i), D, theta, dtype);
 }
 
 /** RoPE in engine ops, from cos/sin tables [T·D/2]: the definition `fusedRope` matches. */

@@ -118,6 +118,7 @@ export function attentionForward(qd: unknown, kd: unknown, vd: unknown, job: Att
   const q = qd as FloatArray;
   const k = kd as FloatArray;
   const v = vd as FloatArray;
+  if (job.keyPositions) return attentionAtPositions(q, k, v, job, dtype);
   const { batch, tq, tk, d } = job;
   // Outputs come from the backend's pool (every element is written below); so does scratch (given
   // back at the end), which puts it in the wasm arena where the gemm and probability kernels use it
@@ -136,6 +137,55 @@ export function attentionForward(qd: unknown, kd: unknown, vd: unknown, job: Att
   }
   pool.release(p, dtype, p.length);
   pool.release(o, dtype, o.length);
+  return { out, lse };
+}
+
+/**
+ * The forward with positions read from memory (`AttentionJob.keyPositions`): keys in any order, so
+ * every key's visibility is tested on its own. Decode-sized work (a launch plan's step: a query row
+ * against a ring of keys), in double, one row at a time.
+ */
+function attentionAtPositions(q: FloatArray, k: FloatArray, v: FloatArray, job: AttentionJob, dtype: DType): { out: FloatArray; lse: FloatArray } {
+  const { batch, tq, tk, d, window, scale } = job;
+  const keyPos = job.keyPositions as Int32Array;
+  const q0 = (job.queryPosition as Int32Array)[0];
+  const groups = job.groups ?? 1;
+  const kvOffset = job.kvOffset ?? 0;
+  const kvStride = job.kvStride ?? tk * d;
+  const out = pool.alloc(dtype, batch * tq * d, false) as FloatArray;
+  const lse = pool.alloc(dtype, batch * tq, false) as FloatArray;
+  const s = new Float64Array(tk);
+  const acc = new Float64Array(d);
+  for (let b = 0; b < batch; b++) {
+    const kb = kvOffset + Math.floor(b / groups) * kvStride;
+    for (let i = 0; i < tq; i++) {
+      const qp = q0 + i;
+      const qo = (b * tq + i) * d;
+      let m = -Infinity;
+      for (let j = 0; j < tk; j++) {
+        const kp = keyPos[j];
+        if (kp < 0 || kp > qp || qp - kp >= window) {
+          s[j] = -Infinity;
+          continue;
+        }
+        let dot = 0;
+        for (let c = 0; c < d; c++) dot += q[qo + c] * k[kb + j * d + c];
+        s[j] = dot * scale;
+        if (s[j] > m) m = s[j];
+      }
+      acc.fill(0);
+      let sum = 0;
+      for (let j = 0; j < tk; j++) {
+        if (s[j] === -Infinity) continue;
+        const p = Math.exp(s[j] - m);
+        sum += p;
+        for (let c = 0; c < d; c++) acc[c] += p * v[kb + j * d + c];
+      }
+      // a row that sees no key (which the host cannot rule out here) gives NaN, not a silent zero
+      for (let c = 0; c < d; c++) out[qo + c] = sum > 0 ? acc[c] / sum : NaN;
+      lse[b * tq + i] = sum > 0 ? m + Math.log(sum) : NaN;
+    }
+  }
   return { out, lse };
 }
 

@@ -236,6 +236,18 @@ export class CpuBackend implements Backend {
     gemm(gemmJobFor(a as Arr, b as Arr, c, job));
     return c;
   }
+  writeRowsAt(dst: unknown, src: unknown, at: unknown, outer: number, n: number, rows: number, rowLen: number): void {
+    const [d, s] = [dst as Arr, src as Arr];
+    const a = (at as Int32Array)[0];
+    for (let o = 0; o < outer; o++) {
+      for (let i = 0; i < n; i++) {
+        const r = (((a + i) % rows) + rows) % rows;
+        const from = (o * n + i) * rowLen;
+        d.set(s.subarray(from, from + rowLen) as never, (o * rows + r) * rowLen);
+      }
+    }
+  }
+
   copy(src: unknown, srcOffset: number, ss: number[], dst: unknown, dstOffset: number, ds: number[], shape: number[]): void {
     const s = src as Arr;
     const d = dst as Arr;

@@ -77,10 +77,40 @@ export class CachingAllocator {
     return new DeviceBuffer(ptr, size);
   }
 
+  /**
+   * While recording device work for replay (a CUDA graph), a freed block may not be handed out again:
+   * the recording's later kernels and every replay still write there. Such frees are held here and
+   * belong to the recording, which gives them back (`release`) when it is disposed.
+   */
+  private held: DeviceBuffer[] | null = null;
+
+  holdFrees(): void {
+    if (this.held) throw new Error('cuda backend: internal: recordings do not nest');
+    this.held = [];
+  }
+  /** Stops holding frees; returns the blocks held since holdFrees(). */
+  endHold(): DeviceBuffer[] {
+    const held = this.held ?? [];
+    this.held = null;
+    return held;
+  }
+  /** Frees blocks a recording held (once nothing that writes them is queued any more). */
+  release(blocks: DeviceBuffer[]): void {
+    for (const b of blocks) this.put(b);
+  }
+
   free(buf: DeviceBuffer): void {
     if (buf.freed) throw new Error('cuda backend: internal: device buffer freed twice');
     buf.freed = true;
     if (buf.bytes === 0) return;
+    if (this.held) {
+      this.held.push(buf);
+      return;
+    }
+    this.put(buf);
+  }
+
+  private put(buf: DeviceBuffer): void {
     let list = this.free_.get(buf.bytes);
     if (!list) this.free_.set(buf.bytes, (list = []));
     list.push(buf.ptr);

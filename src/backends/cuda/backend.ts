@@ -14,14 +14,14 @@ import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
 import { KernelCompiler, cacheDir } from './compiler.js';
 import {
-  ArgPacker, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+  ArgPacker, CU_STREAM_CAPTURE_MODE_RELAXED, CU_STREAM_NON_BLOCKING, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError,
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -31,6 +31,8 @@ import {
 } from './kernels/attention.js';
 
 const NULL_STREAM = null;
+/** cuBLAS's workspace while recording (set explicitly, or it allocates one per recording). */
+const CAPTURE_WORKSPACE_BYTES = 32 << 20;
 
 interface LoadedModule {
   module: Handle;
@@ -64,6 +66,16 @@ export class CudaBackend implements Backend {
   private driverVersion: number;
   private paths: Record<string, string>;
   private launches = 0;
+  /**
+   * Where kernels, memsets and device copies are queued: the legacy default stream, except while
+   * recording (captureWork), when they go to a side stream whose work becomes a graph. Uploads stay on
+   * the legacy stream: during a recording they happen at once, into memory the recording keeps.
+   */
+  private stream: unknown = NULL_STREAM;
+  private captureStream: unknown = null;
+  private captureWorkspace: DeviceBuffer | null = null;
+  private recording = false;
+  private graphs = { recorded: 0, replays: 0 };
   private ixWords = new Float64Array(1 + 4 * MAX_RANK);
   /** Scalars cuBLAS reads through host pointers. */
   private one32 = new Float32Array([1]);
@@ -152,6 +164,7 @@ export class CudaBackend implements Backend {
       libraries: this.paths,
       kernelCache: cacheDir(),
       kernels: { ...this.compiler.stats, modules: this.modules.size, launches: this.launches },
+      graphs: { ...this.graphs },
       memory: this.memoryStats(),
     };
   }
@@ -170,6 +183,7 @@ export class CudaBackend implements Backend {
   }
   /** Waits for every queued kernel, and reports a device-side index error if one happened. */
   synchronize(): void {
+    this.notRecording('synchronize');
     this.cu('cuCtxSynchronize', this.drv.cuCtxSynchronize());
     this.checkStatus();
   }
@@ -242,7 +256,7 @@ export class CudaBackend implements Backend {
 
   private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {
     this.launches++;
-    const run = () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, NULL_STREAM, a.params(), null));
+    const run = () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, this.stream, a.params(), null));
     if (this.profile) this.timed(what, run);
     else run();
   }
@@ -323,6 +337,86 @@ export class CudaBackend implements Backend {
     }
   }
 
+  // ---- recorded work (CUDA graphs) ----------------------------------------------------------------
+
+  private notRecording(what: string): void {
+    if (this.recording) throw new Error(`cuda backend: ${what} is not possible while recording device work for replay (the recorded kernels have not run)`);
+  }
+
+  /**
+   * Records fn's device work into a CUDA graph by stream capture. The side stream is non-blocking, so
+   * uploads on the legacy stream (constants fn makes) land at once instead of breaking the capture;
+   * memory fn frees stays with the graph (allocator.holdFrees). Replays go to the legacy stream, in
+   * order with everything else.
+   */
+  captureWork(fn: () => void): { replay(): void; dispose(): void } {
+    this.notRecording('recording');
+    if (this.profile) throw new Error('cuda backend: recording device work is not possible with TTT_CUDA_PROFILE (it synchronises around every op)');
+    this.synchronize();
+    const cu = this.cu;
+    if (this.captureStream === null) {
+      const st: [unknown] = [null];
+      cu('cuStreamCreate', this.drv.cuStreamCreate(st, CU_STREAM_NON_BLOCKING));
+      this.captureStream = st[0];
+    }
+    this.captureWorkspace ??= this.allocator.alloc(CAPTURE_WORKSPACE_BYTES);
+    // cublasSetStream resets the workspace to cuBLAS's own, so the workspace is set after it
+    checkCublas('cublasSetStream', this.blas.cublasSetStream(this.blasHandle, this.captureStream));
+    checkCublas('cublasSetWorkspace', this.blas.cublasSetWorkspace(this.blasHandle, this.captureWorkspace.ptr, CAPTURE_WORKSPACE_BYTES));
+    this.stream = this.captureStream;
+    this.recording = true;
+    this.allocator.holdFrees();
+    const graph: [unknown] = [null];
+    let failure: unknown = null;
+    try {
+      cu('cuStreamBeginCapture', this.drv.cuStreamBeginCapture(this.captureStream, CU_STREAM_CAPTURE_MODE_RELAXED));
+      try {
+        fn();
+      } catch (e) {
+        failure = e;
+      }
+      // always ended, so a failed recording leaves the stream usable
+      const ended = this.drv.cuStreamEndCapture(this.captureStream, graph) as number;
+      if (failure === null) cu('cuStreamEndCapture', ended);
+    } finally {
+      this.recording = false;
+      this.stream = NULL_STREAM;
+      checkCublas('cublasSetStream', this.blas.cublasSetStream(this.blasHandle, NULL_STREAM));
+    }
+    let held = this.allocator.endHold();
+    if (failure !== null) {
+      if (graph[0]) this.drv.cuGraphDestroy(graph[0]);
+      this.allocator.release(held);
+      throw failure;
+    }
+    const exec: [unknown] = [null];
+    try {
+      cu('cuGraphInstantiate', this.drv.cuGraphInstantiate(exec, graph[0], 0));
+    } finally {
+      cu('cuGraphDestroy', this.drv.cuGraphDestroy(graph[0]));
+    }
+    this.graphs.recorded++;
+    let live = true;
+    return {
+      replay: () => {
+        if (!live) throw new Error('cuda backend: a recorded graph was replayed after dispose()');
+        this.notRecording('replaying a recording');
+        this.graphs.replays++;
+        cu('cuGraphLaunch', this.drv.cuGraphLaunch(exec[0], NULL_STREAM));
+        this.statusPending = true; // its gathers report bad indices like any other
+      },
+      dispose: () => {
+        if (!live) return;
+        live = false;
+        // the held blocks may be reused once the last replay has run
+        this.synchronize();
+        cu('cuGraphExecDestroy', this.drv.cuGraphExecDestroy(exec[0]));
+        this.allocator.release(held);
+        held = [];
+      },
+    };
+  }
+
   // ---- memory -----------------------------------------------------------------------------------
 
   upload(values: HostArray, dtype: DType): DeviceBuffer {
@@ -351,6 +445,7 @@ export class CudaBackend implements Backend {
   }
 
   download(data: unknown, dtype: DType, size: number): HostArray {
+    this.notRecording('reading a tensor back');
     const dt = dtype;
     if (dt === 'bfloat16') {
       const bits = new Uint16Array(size);
@@ -373,15 +468,27 @@ export class CudaBackend implements Backend {
   }
 
   fill(size: number, dtype: DType, value: number): DeviceBuffer {
+    const out = this.alloc(dtype, size);
+    if (size === 0 || !this.recording) return this.fillWith(out, size, dtype, value);
+    // a constant made while recording is filled now, on the legacy stream, like an upload: cached
+    // scalars made here are also read outside the graph, before any replay could have filled them
+    this.stream = NULL_STREAM;
+    try {
+      return this.fillWith(out, size, dtype, value);
+    } finally {
+      this.stream = this.captureStream;
+    }
+  }
+
+  private fillWith(out: DeviceBuffer, size: number, dtype: DType, value: number): DeviceBuffer {
     const dt = dtype;
-    const out = this.alloc(dt, size);
     if (size === 0) return out;
     if (dt === 'bool' || (value === 0 && !Object.is(value, -0))) {
       const byte = dt === 'bool' ? (value !== 0 ? 1 : 0) : 0;
-      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(out.ptr, byte, size * BYTES[dt], NULL_STREAM));
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(out.ptr, byte, size * BYTES[dt], this.stream));
     } else if (dt === 'float32' || dt === 'int32') {
       const bits = new Uint32Array(dt === 'float32' ? new Float32Array([value]).buffer : new Int32Array([value]).buffer)[0];
-      this.cu('cuMemsetD32Async', this.drv.cuMemsetD32Async(out.ptr, bits, size, NULL_STREAM));
+      this.cu('cuMemsetD32Async', this.drv.cuMemsetD32Async(out.ptr, bits, size, this.stream));
     } else {
       const a = this.args.reset().ptr(out.ptr).f64(value).i64(size);
       this.launch(this.fn('indexing', dt, FILL), this.blocksFor(size), THREADS, 0, a, FILL);
@@ -636,7 +743,7 @@ export class CudaBackend implements Backend {
     const c = this.alloc(dt, batch * m * n);
     if (batch * m * n === 0) return c;
     if (k === 0) {
-      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * E, NULL_STREAM));
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * E, this.stream));
       return c;
     }
     const A = buf(a).ptr;
@@ -693,6 +800,15 @@ export class CudaBackend implements Backend {
 
   // ---- data movement ------------------------------------------------------------------------------
 
+  writeRowsAt(dst: unknown, src: unknown, at: unknown, outer: number, n: number, rows: number, rowLen: number, dtype: DType): void {
+    const total = outer * n * rowLen;
+    if (total === 0) return;
+    const E = BYTES[dtype];
+    buf(dst).range = null;
+    const a = this.args.reset().ptr(buf(dst).ptr).ptr(buf(src).ptr).ptr(buf(at).ptr).i64(outer).i64(n).i64(rows).i64(rowLen);
+    this.launch(this.fn('movement', dtype, writeRowsAtName(E)), this.blocksFor(total), THREADS, 0, a, writeRowsAtName(E));
+  }
+
   copy(src: unknown, srcOffset: number, ss: number[], dst: unknown, dstOffset: number, ds: number[], shape: number[], dtype: DType): void {
     const dt = dtype;
     const n = sizeOf(shape);
@@ -729,7 +845,7 @@ export class CudaBackend implements Backend {
     const size = outer * n * inner;
     const out = this.alloc(dt, size);
     if (size === 0) return out;
-    this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(base).ptr, size * BYTES[dt], NULL_STREAM));
+    this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(base).ptr, size * BYTES[dt], this.stream));
     const total = outer * count * inner;
     if (total === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(indices).ptr).ptr(buf(updates).ptr).ptr(this.status.ptr).i64(outer).i64(n).i64(inner).i64(count);
@@ -744,7 +860,7 @@ export class CudaBackend implements Backend {
     const out = this.alloc(t, size);
     if (size === 0) return out;
     if (f === t) {
-      this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(x).ptr, size * BYTES[t], NULL_STREAM));
+      this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(x).ptr, size * BYTES[t], this.stream));
       return out;
     }
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
@@ -824,16 +940,21 @@ export class CudaBackend implements Backend {
     const kvAt = (job.kvOffset ?? 0) * BYTES[dt];
     const kPtr = buf(k).ptr + kvAt;
     const vPtr = buf(v).ptr + kvAt;
-    const band = Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
+    // with positions read on the device (a launch plan's ring), every key row is a candidate
+    const ring = job.keyPositions !== undefined;
+    const band = ring ? tk : Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
     const splits = Math.ceil(band / DECODE_CHUNK);
     // (the merge keeps a weight per chunk in shared memory: up to ~3 M keys in float32)
-    if (this.attentionKernels === 'fused' && tq <= DECODE_MAX_TQ && band >= DECODE_MIN_KEYS && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits) <= 48 * 1024) {
+    const decodable = tq <= DECODE_MAX_TQ && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits) <= 48 * 1024;
+    if (ring && !decodable) throw new Error(`cuda backend: attention at device-held positions serves up to ${DECODE_MAX_TQ} query rows of head dim <= ${FA_MAX_D} (got ${tq} rows, d ${d}, ${tk} keys)`);
+    if (ring || (this.attentionKernels === 'fused' && decodable && band >= DECODE_MIN_KEYS)) {
       // decoding: split the long band across blocks (flash-decoding), then merge the chunks
       const A = attentionAccBytes(dt);
       const po = this.allocator.alloc(rows * splits * d * A);
       const pml = this.allocator.alloc(rows * splits * 2 * A);
       const a1 = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(po.ptr).ptr(pml.ptr);
       a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups).i64(kvStride);
+      a1.ptr(ring ? buf(job.keyPositions).ptr : 0).ptr(ring ? buf(job.queryPosition).ptr : 0);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
       this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, decodeCombineSharedBytes(dt, splits), a2, ATT_DECODE_COMBINE);
@@ -872,7 +993,7 @@ export class CudaBackend implements Backend {
     if (kRows * d === 0) return { dq, dk, dv };
     if (qRows === 0) {
       // no query sees any key: zero gradients
-      for (const g of [dk, dv]) this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(g.ptr, 0, kRows * d * BYTES[dt], NULL_STREAM));
+      for (const g of [dk, dv]) this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(g.ptr, 0, kRows * d * BYTES[dt], this.stream));
       return { dq, dk, dv };
     }
     const [tq, tk, dd, qs, ks, w] = this.attentionArgs(job);

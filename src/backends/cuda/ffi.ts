@@ -16,6 +16,10 @@ export const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
 export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 export const CUDA_ERROR_OUT_OF_MEMORY = 2;
+/** cuStreamCreate flag: no implicit synchronisation with the legacy default stream. */
+export const CU_STREAM_NON_BLOCKING = 1;
+/** CUstreamCaptureMode: other threads' and this thread's unsafe calls (cuMemAlloc) are not refused. */
+export const CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 /** CUfunction_attribute: the dynamic shared memory a launch may ask for (above 48 KiB needs it raised). */
 export const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 export const CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3;
@@ -62,6 +66,13 @@ export interface Driver {
   cuOccupancyMaxActiveBlocksPerMultiprocessor: Fn;
   cuLaunchKernel: Fn;
   cuStreamSynchronize: Fn;
+  cuStreamCreate: Fn;
+  cuStreamBeginCapture: Fn;
+  cuStreamEndCapture: Fn;
+  cuGraphInstantiate: Fn;
+  cuGraphLaunch: Fn;
+  cuGraphDestroy: Fn;
+  cuGraphExecDestroy: Fn;
   cuCtxSynchronize: Fn;
   cuGetErrorName: Fn;
   cuGetErrorString: Fn;
@@ -86,6 +97,7 @@ export interface Cublas {
   cublasDestroy: Fn;
   cublasSetStream: Fn;
   cublasSetMathMode: Fn;
+  cublasSetWorkspace: Fn;
   cublasGetVersion: Fn;
   cublasSgemmStridedBatched: Fn;
   cublasDgemmStridedBatched: Fn;
@@ -130,6 +142,13 @@ export function loadDriver(): Driver {
     cuLaunchKernel:
       'int cuLaunchKernel(void *f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz, unsigned int shmem, void *stream, void *params, void *extra)',
     cuStreamSynchronize: 'int cuStreamSynchronize(void *stream)',
+    cuStreamCreate: 'int cuStreamCreate(_Out_ void **stream, unsigned int flags)',
+    cuStreamBeginCapture: 'int cuStreamBeginCapture_v2(void *stream, int mode)',
+    cuStreamEndCapture: 'int cuStreamEndCapture(void *stream, _Out_ void **graph)',
+    cuGraphInstantiate: 'int cuGraphInstantiateWithFlags(_Out_ void **exec, void *graph, unsigned long long flags)',
+    cuGraphLaunch: 'int cuGraphLaunch(void *exec, void *stream)',
+    cuGraphDestroy: 'int cuGraphDestroy(void *graph)',
+    cuGraphExecDestroy: 'int cuGraphExecDestroy(void *exec)',
     cuCtxSynchronize: 'int cuCtxSynchronize()',
     cuGetErrorName: 'int cuGetErrorName(int err, _Out_ const char **s)',
     cuGetErrorString: 'int cuGetErrorString(int err, _Out_ const char **s)',
@@ -166,6 +185,7 @@ export function loadCublas(): Cublas {
     cublasDestroy: 'int cublasDestroy_v2(void *h)',
     cublasSetStream: 'int cublasSetStream_v2(void *h, void *stream)',
     cublasSetMathMode: 'int cublasSetMathMode(void *h, int mode)',
+    cublasSetWorkspace: 'int cublasSetWorkspace_v2(void *h, uint64_t workspace, size_t bytes)',
     cublasGetVersion: 'int cublasGetVersion_v2(void *h, _Out_ int *v)',
     cublasSgemmStridedBatched: `int cublasSgemmStridedBatched(${gemmArgs('float')})`,
     cublasDgemmStridedBatched: `int cublasDgemmStridedBatched(${gemmArgs('double')})`,

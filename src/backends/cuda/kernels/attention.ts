@@ -722,7 +722,8 @@ export const DECODE_MIN_KEYS = 512;
  */
 const DECODE = String.raw`
 extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PARTIAL}(const T* q, const T* k, const T* v, A* po, A* pml,
-    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups, i64 kvStride) {
+    i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups, i64 kvStride,
+    const int* keyPos, const int* qPos) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = reinterpret_cast<A*>(smem);   // [d]
   A* wo = qs + d;                       // [4][d] per-warp outputs
@@ -731,7 +732,11 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   const i64 row = (i64)blockIdx.x / splits, sp = (i64)blockIdx.x % splits;
   const i64 b = row / tq, i = row % tq;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const i64 lo = band_lo(i, qStart, kStart, window), hi = band_hi(i, qStart, kStart, tk);
+  // keyPos (a launch plan's ring of keys): every row is a candidate, visibility tested per key from
+  // positions read here; otherwise the band from qStart and kStart
+  const bool ring = keyPos != nullptr;
+  const i64 qp = ring ? (i64)qPos[0] + i : 0;
+  const i64 lo = ring ? 0 : band_lo(i, qStart, kStart, window), hi = ring ? tk - 1 : band_hi(i, qStart, kStart, tk);
   const i64 j0 = lo + sp * ${DECODE_CHUNK}, j1 = j0 + ${DECODE_CHUNK} - 1 < hi ? j0 + ${DECODE_CHUNK} - 1 : hi;
   for (i64 c = threadIdx.x; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
   __syncthreads();
@@ -743,6 +748,10 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   const T* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
   const T* vb = v + (b / groups) * kvStride;
   for (i64 j = j0 + warp; j <= j1; j += 4) {
+    if (ring) {
+      const i64 kp = keyPos[j]; // the same j across the warp: the skip is warp-uniform
+      if (kp < 0 || kp > qp || qp - kp >= window) continue;
+    }
     A s = 0;
     for (i64 c = lane; c < d; c += 32) s += qs[c] * att_ld(kb[j * d + c]);
 #pragma unroll

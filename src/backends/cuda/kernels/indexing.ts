@@ -9,6 +9,7 @@
 import { CTYPE, CUDA_DTYPES, type CudaDType, STORE, load } from './common.js';
 
 export const copyName = (bytes: number) => `copy_strided_${bytes}`;
+export const writeRowsAtName = (bytes: number) => `write_rows_at_${bytes}`;
 export const FILL = 'fill_value';
 export const GATHER = 'gather_mid';
 export const SCATTER_ADD = 'scatter_add_mid';
@@ -29,6 +30,19 @@ export function movementSource(): string {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 os, od, unused; offsets(ix, i, os, od, unused);
     dst[dOff + od] = src[sOff + os];
+  }
+}`);
+  }
+  for (const b of COPY_WIDTHS) {
+    // a ring buffer's rows at a position read on the device: row i of src goes to row (at + i) mod rows
+    parts.push(`extern "C" __global__ void ${writeRowsAtName(b)}(${UINT[b]}* dst, const ${UINT[b]}* src, const int* at, i64 outer, i64 n, i64 rows, i64 rowLen) {
+  const i64 a = (i64)at[0];
+  const i64 total = outer * n * rowLen;
+  for (i64 t = gtid(); t < total; t += gstride()) {
+    const i64 c = t % rowLen, i = (t / rowLen) % n, o = t / (rowLen * n);
+    i64 r = (a + i) % rows;
+    if (r < 0) r += rows;
+    dst[(o * rows + r) * rowLen + c] = src[t];
   }
 }`);
   }

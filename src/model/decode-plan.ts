@@ -1,0 +1,179 @@
+/**
+ * Decoding through a launch plan (src/engine/launch-plan.ts): the step that reads one token (every
+ * block, the output layer and the log-softmax) is recorded once and replayed per token, so a token
+ * costs one graph launch instead of a few hundred kernel launches behind the engine's host logic.
+ *
+ * What a replay cannot take from the host lives on the device: the token and its position (written
+ * before each replay), KV caches as rings written at that position (mixers/attention.ts `KvRing`),
+ * RoPE rows gathered at it, and, for TTT models, the suffix-entry states of the current mini-batch
+ * (row = position mod b) and the fast weights. The inner step that ends each mini-batch runs as usual
+ * between replays and writes the new fast weights into the plan's copies in place.
+ *
+ * Rings are sized so that nothing a later step or the inner step needs is overwritten: a window of k
+ * keeps k + b rows (the inner step re-reads the mini-batch from the caches as they were at its start,
+ * k − 1 positions before it), full attention every position the plan reaches.
+ */
+import {
+  type LaunchPlan, type Tensor, copyInto, keep, launchPlan, leaves, logSoftmax, reshape, slice, tensor, tidy, writeHost, writeRowsAt, full,
+} from '../engine/index.js';
+import { ropeTablesUpTo } from '../nn/layers.js';
+import { type ModelConfig, headDim, layerKinds } from './config.js';
+import { type KvCache, type KvRing, kvRing, ringRows } from './mixers/attention.js';
+import type { MixerState } from './mixers/index.js';
+import { miniBatchStep } from './ttt-e2e.js';
+import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
+
+/** What a session carries between calls (see session.ts), as far as decoding reads and leaves it. */
+export interface DecodeState {
+  position: number;
+  caches: (MixerState | null)[];
+  fast: FastWeights;
+  chunkStart: number;
+  pendingX: Tensor | null;
+  pendingTokens: number[];
+  chunkCaches: (MixerState | null)[];
+  nextLogProbs: Tensor | null;
+}
+
+/** Whether a model decodes through a plan: attention layers only (the baselines' recurrent mixers do not). */
+export function planSupports(c: ModelConfig): boolean {
+  return !c.attentionFree && layerKinds(c).every((k) => k === 'full' || k === 'swa');
+}
+
+export class DecodePlan {
+  position: number;
+  private chunkStart: number;
+  private pendingTokens: number[];
+  /** First position each layer's ring holds (later ones drop out only for windows). */
+  private readonly earliest: number[];
+  private readonly token: Tensor;
+  private readonly at: Tensor;
+  private readonly rope: { cos: Tensor; sin: Tensor };
+  private readonly rings: KvRing[];
+  private readonly pending: Tensor | null;
+  private readonly fast: FastWeights;
+  private readonly out: Tensor;
+  private plan: LaunchPlan | null = null;
+  private finished = false;
+
+  /** A plan continuing from `state` that can read up to `tokens` more tokens. */
+  constructor(
+    private readonly c: ModelConfig, private readonly params: Params, private readonly lr: number, state: DecodeState, tokens: number,
+  ) {
+    const dtype = c.computeDType ?? params.embed.dtype;
+    const kinds = layerKinds(c);
+    const ttt = c.suffixLen > 0;
+    const capacity = state.position + tokens;
+    this.position = state.position;
+    this.chunkStart = state.chunkStart;
+    this.pendingTokens = [...state.pendingTokens];
+    const ss = suffixStart(c);
+    // a suffix layer's ring also holds the caches as they were at the mini-batch's start (the inner
+    // step reads those; the window may have slid past them since)
+    const sources = kinds.map((_, l) => [...(ttt && l >= ss ? [state.chunkCaches[l - ss]] : []), state.caches[l]] as (KvCache | null)[]);
+    this.earliest = sources.map((list) => Math.min(state.position, ...list.map((s) => s?.start ?? Infinity)));
+    const made = tidy(() => {
+      const token = full([1, 1], 0, 'int32');
+      const at = full([1], 0, 'int32');
+      const rope = ropeTablesUpTo(Math.max(capacity, 1), headDim(c), c.ropeTheta, dtype);
+      const rings = kinds.map((kind, l) => {
+        const suffix = l >= ss;
+        const rows = kind === 'full' ? capacity : c.window + (ttt && suffix ? c.miniBatch : 0);
+        return kvRing(c, sources[l], rows, dtype, at, rope);
+      });
+      let pending: Tensor | null = null;
+      if (ttt) {
+        pending = full([1, c.miniBatch, c.dModel], 0, dtype);
+        if (state.pendingX) writeRowsAt(pending, state.pendingX, tensor([state.chunkStart], [1], 'int32'));
+      }
+      // own copies: the state's fast weights may be views of W_0, and the plan writes in place
+      const fast = state.fast.map((w) => ({ w1: copyOf(w.w1), w2: copyOf(w.w2), w3: copyOf(w.w3) }));
+      // the dtype `logits` widens to (see widenLogits)
+      const out = full([c.vocabSize], 0, dtype === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : dtype);
+      return { token, at, rope, rings, pending, fast, out };
+    });
+    for (const t of leaves(made as unknown)) keep(t);
+    ({ token: this.token, at: this.at, rope: this.rope, rings: this.rings, pending: this.pending, fast: this.fast, out: this.out } = made);
+  }
+
+  /**
+   * Reads `token` at the current position: first the inner step if a mini-batch is complete (its last
+   * target is this token), then the recorded step. Returns the log-probabilities of the next token.
+   */
+  read(token: number): Float32Array | Float64Array {
+    if (this.finished) throw new Error('decode plan: read after finish()');
+    const c = this.c;
+    if (!Number.isInteger(token) || token < 0 || token >= c.vocabSize) throw new Error(`decode: token ${token} outside the vocabulary [0, ${c.vocabSize})`);
+    if (c.suffixLen > 0 && this.position === this.chunkStart + c.miniBatch) this.learn(token);
+    writeHost(this.token, [token]);
+    writeHost(this.at, [this.position]);
+    if (this.plan) this.plan.replay();
+    else this.plan = launchPlan(() => this.step()); // runs the step once, then records it
+    this.position++;
+    if (c.suffixLen > 0) this.pendingTokens.push(token);
+    return this.out.toTyped() as Float32Array | Float64Array;
+  }
+
+  /** The recorded step: one token through every block and the output layer. */
+  private step(): void {
+    const c = this.c;
+    const ss = suffixStart(c);
+    const x = embed(c, this.params, this.token);
+    const prefix = runBlocks(c, this.params, 0, ss, x, [0], this.rings.slice(0, ss), []);
+    if (this.pending) writeRowsAt(this.pending, prefix.x, this.at);
+    const h = runBlocks(c, this.params, ss, c.nLayers, prefix.x, [0], this.rings.slice(ss), this.fast).x;
+    copyInto(this.out, logSoftmax(reshape(logits(c, this.params, h), [c.vocabSize])));
+  }
+
+  /** The inner step on the completed mini-batch, as the session's `learn` takes it; new fast weights in place. */
+  private learn(nextToken: number): void {
+    const c = this.c;
+    const b = c.miniBatch;
+    const ss = suffixStart(c);
+    tidy(() => {
+      const caches = range(ss, c.suffixLen).map((l) => this.cacheOf(l, this.chunkStart));
+      const targets = tensor([...this.pendingTokens.slice(1), nextToken], [1, b], 'int32');
+      const r = miniBatchStep(c, this.params, this.fast, caches, this.pending!, targets, range(this.chunkStart, b), this.lr);
+      r.fast.forEach((w, j) => {
+        copyInto(this.fast[j].w1, w.w1);
+        copyInto(this.fast[j].w2, w.w2);
+        copyInto(this.fast[j].w3, w.w3);
+      });
+    });
+    this.chunkStart = this.position;
+    this.pendingTokens = [];
+  }
+
+  /** Layer l's ordinary cache as it was when `upTo` positions had been read (what the generic path carries). */
+  private cacheOf(l: number, upTo: number): KvCache | null {
+    const window = layerKinds(this.c)[l] === 'swa' ? this.c.window : undefined;
+    const from = window === undefined ? this.earliest[l] : Math.max(this.earliest[l], upTo - (window - 1));
+    return ringRows(this.rings[l], from, upTo);
+  }
+
+  /** The session state the plan leaves (ordinary caches again), and frees everything else the plan holds. */
+  finish(): Omit<DecodeState, 'nextLogProbs'> & { nextLogProbs: Tensor } {
+    if (this.finished) throw new Error('decode plan: finish() called twice');
+    this.finished = true;
+    const c = this.c;
+    const ss = suffixStart(c);
+    const ttt = c.suffixLen > 0;
+    const state = tidy(() => ({
+      caches: range(0, c.nLayers).map((l) => this.cacheOf(l, this.position)),
+      chunkCaches: ttt ? range(ss, c.suffixLen).map((l) => this.cacheOf(l, this.chunkStart)) : [],
+      pendingX: this.pending && this.position > this.chunkStart ? slice(this.pending, [0, 0, 0], [1, this.position - this.chunkStart, c.dModel]) : null,
+    }));
+    this.plan?.dispose();
+    for (const t of [this.token, this.at, this.rope.cos, this.rope.sin, ...this.rings.flatMap((r) => [r.k, r.v, r.keyPositions])]) t.dispose();
+    this.pending?.dispose();
+    return {
+      ...state, position: this.position, chunkStart: this.chunkStart, pendingTokens: this.pendingTokens, fast: this.fast, nextLogProbs: this.out,
+    };
+  }
+}
+
+function copyOf(t: Tensor): Tensor {
+  const out = full(t.shape, 0, t.dtype);
+  copyInto(out, t);
+  return out;
+}
