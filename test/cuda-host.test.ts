@@ -124,4 +124,81 @@ describe('cuda backend host side (stand-in libraries)', () => {
       assert.throws(() => backend.tokenNllForward(logits, bad, 3, 10, dt), /tokenNll: index 10 out of range \[0, 10\)/);
     }
   });
+
+  test('recording: launches go to the capture stream, constants and uploads land at once, frees stay with the graph', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const count = (name: string) => calls.counts.get(name) ?? 0;
+    const a = backend.fill(1000, 'float32', 2);
+    const inUse = () => backend.memoryStats().inUse;
+    const before = inUse();
+    let scratch: unknown = null;
+    const work = backend.captureWork(() => {
+      const t = backend.binary('mul', a, [1], a, [1], [1000], 'float32');
+      assert.deepEqual(calls.lastLaunch![8], { stream: true }, 'kernels are captured');
+      backend.fill(10, 'float32', 3);
+      assert.equal(calls.last.get('cuMemsetD32Async')![3], null, 'a constant is filled at once, on the legacy stream');
+      backend.upload(Float32Array.from([1, 2]), 'float32');
+      assert.equal(calls.last.get('cuMemcpyHtoDAsync')![3], null, 'uploads are not captured');
+      assert.throws(() => backend.download(a, 'float32', 1000), /not possible while recording/);
+      assert.throws(() => backend.synchronize(), /not possible while recording/);
+      backend.free(t);
+      scratch = backend.fill(1000, 'float32', 0);
+      assert.notEqual((scratch as { ptr: number }).ptr, (t as { ptr: number }).ptr, 'a block freed while recording is not handed out again');
+    });
+    assert.deepEqual([count('cuStreamBeginCapture'), count('cuStreamEndCapture'), count('cuGraphInstantiate'), count('cuGraphDestroy')], [1, 1, 1, 1]);
+    assert.equal(calls.last.get('cuStreamBeginCapture')![1], 2, 'relaxed capture mode');
+    assert.deepEqual(calls.last.get('cublasSetStream')![1], null, 'cuBLAS is back on the legacy stream');
+    backend.binary('add', a, [1], a, [1], [1000], 'float32');
+    assert.equal(calls.lastLaunch![8], null, 'after recording, kernels run on the legacy stream again');
+    const held = inUse();
+    assert.ok(held > before, 'the graph holds the memory its kernels use');
+    work.replay();
+    work.replay();
+    assert.equal(count('cuGraphLaunch'), 2);
+    assert.equal(calls.last.get('cuGraphLaunch')![1], null);
+    work.dispose();
+    assert.equal(count('cuGraphExecDestroy'), 1);
+    assert.ok(inUse() < held, 'dispose gives the held blocks back');
+    assert.throws(() => work.replay(), /replayed after dispose/);
+    assert.ok(backend.info().graphs, 'info() reports graphs');
+  });
+
+  test('a recording that throws ends the capture and gives its memory back', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const a = backend.fill(100, 'float32', 1);
+    const before = backend.memoryStats().inUse;
+    assert.throws(() => backend.captureWork(() => {
+      backend.free(backend.binary('mul', a, [1], a, [1], [100], 'float32'));
+      throw new Error('step failed');
+    }), /step failed/);
+    assert.equal(calls.counts.get('cuStreamEndCapture'), 1);
+    assert.equal(calls.counts.get('cuGraphInstantiate') ?? 0, 0);
+    assert.equal(backend.memoryStats().inUse - before, 32 << 20, 'only cuBLAS\'s recording workspace (kept for later recordings) stays');
+    backend.binary('add', a, [1], a, [1], [100], 'float32');
+    assert.equal(calls.lastLaunch![8], null);
+  });
+
+  test('ring writes and attention at device-held positions launch the position-reading kernels', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    for (const [dt, width] of [['bfloat16', 2], ['float32', 4], ['int32', 4], ['float64', 8]] as const) {
+      const dst = backend.fill(2 * 8 * 4, dt, 0);
+      const src = backend.fill(2 * 1 * 4, dt, 1);
+      const at = backend.fill(1, 'int32', 5);
+      backend.writeRowsAt(dst, src, at, 2, 1, 8, 4, dt);
+      const [fn, , , , , , , , , params] = calls.lastLaunch as [{ name: string }, ...unknown[]];
+      assert.equal(fn.name, `write_rows_at_${width}`);
+      assert.ok(params);
+    }
+    // 12 keys: far fewer than the decode path's usual minimum, still the decode kernels
+    const q = backend.fill(2 * 16, 'bfloat16', 1);
+    const kv = backend.fill(2 * 12 * 16, 'bfloat16', 1);
+    const keys = backend.fill(12, 'int32', 0);
+    const query = backend.fill(1, 'int32', 0);
+    const job = { batch: 2, tq: 1, tk: 12, d: 16, qStart: 0, kStart: 0, window: Infinity, scale: 0.25, keyPositions: keys, queryPosition: query };
+    const launches = calls.counts.get('cuLaunchKernel') ?? 0;
+    backend.attentionForward(q, kv, kv, job, 'bfloat16');
+    assert.equal((calls.counts.get('cuLaunchKernel') ?? 0) - launches, 2);
+    assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'attn_decode_combine');
+    assert.throws(() => backend.attentionForward(backend.fill(2 * 9 * 16, 'bfloat16', 1), kv, kv, { ...job, tq: 9 }, 'bfloat16'), /serves up to 8 query rows/);
+  });
 });

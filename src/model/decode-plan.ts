@@ -165,7 +165,7 @@ export class DecodePlan {
     }));
     this.plan?.dispose();
     for (const t of [this.token, this.at, this.rope.cos, this.rope.sin, ...this.rings.flatMap((r) => [r.k, r.v, r.keyPositions])]) t.dispose();
-    this.pending?.dispose();
+    if (state.pendingX !== this.pending) this.pending?.dispose(); // (a whole mini-batch's slice is the buffer itself)
     return {
       ...state, position: this.position, chunkStart: this.chunkStart, pendingTokens: this.pendingTokens, fast: this.fast, nextLogProbs: this.out,
     };

@@ -13,15 +13,18 @@ export interface StandInCalls {
   counts: Map<string, number>;
   /** Arguments of the last cuLaunchKernel (function handle, grid, block, shared, params). */
   lastLaunch: unknown[] | null;
+  /** Arguments of the last call per function name. */
+  last: Map<string, unknown[]>;
 }
 
 export function standInLibraries(): { driver: Driver; nvrtc: Nvrtc; cublas: Cublas; calls: StandInCalls } {
-  const calls: StandInCalls = { counts: new Map(), lastLaunch: null };
+  const calls: StandInCalls = { counts: new Map(), lastLaunch: null, last: new Map() };
   let nextAddress = 0x7f0000000000;
   const ok =
     (name: string, body?: (...args: unknown[]) => void) =>
     (...args: unknown[]): number => {
       calls.counts.set(name, (calls.counts.get(name) ?? 0) + 1);
+      calls.last.set(name, args);
       body?.(...args);
       return 0;
     };
