@@ -5,8 +5,13 @@
  *   prefill: a Session reads the whole context (`prefill(tokens, { score: false })`: no per-token
  *     logits; for TTT-E2E every completed mini-batch takes its inner gradient step, which is the
  *     paper's prefill of TTT-E2E);
- *   decode: then generates DECODE tokens greedily; the time per token is their mean (for TTT-E2E an
- *     inner step falls every 1024 tokens, so within DECODE tokens at most one does; see `innerSteps`).
+ *   decode: then generates DECODE tokens greedily through a launch plan (one recorded CUDA graph per
+ *     token, src/model/decode-plan.ts). Reported: the median time between consecutive tokens (steady
+ *     state), the time to the first token (building the plan: caches copied into rings, one step run
+ *     and one recorded), and the mean over all DECODE tokens including that. Then DECODE more tokens
+ *     without a plan (each token read like a prefill: the path before plans), median between tokens.
+ *     For TTT-E2E an inner step falls every 1024 tokens, so within DECODE tokens at most one does;
+ *     see `innerSteps`.
  * Weights are random (latency does not depend on them). A variant stops growing its context once one
  * prefill takes longer than MAX_PREFILL_S. Each variant first runs an unrecorded warm-up (kernel
  * compilation and loading). Writes bench/results/latency-<backend>.json.
@@ -32,8 +37,26 @@ interface Row {
   context: number;
   prefillS: number;
   prefillTokensPerS: number;
+  /** Median time between consecutive tokens decoded through the launch plan. */
   decodeMsPerToken: number;
+  /** Time to the first planned token (building the plan) and the mean over all DECODE planned tokens. */
+  decodeFirstTokenMs: number;
+  decodeMeanMs: number;
+  /** Median time between consecutive tokens without a plan. */
+  decodeNoPlanMsPerToken: number;
   innerStepsDuringDecode: number;
+}
+
+/** Decodes n tokens; returns the time to the first token, the median gap between tokens and the mean. */
+function timedDecode(session: Session, n: number): { firstMs: number; medianMs: number; meanMs: number } {
+  const stamps: number[] = [];
+  sync();
+  const t0 = performance.now();
+  session.decode(n, {}, () => stamps.push(performance.now()));
+  sync();
+  const total = performance.now() - t0;
+  const gaps = stamps.slice(1).map((t, i) => t - stamps[i]).sort((a, b) => a - b);
+  return { firstMs: stamps[0] - t0, medianMs: gaps[Math.floor(gaps.length / 2)], meanMs: total / n };
 }
 
 export async function main(): Promise<unknown> {
@@ -49,7 +72,7 @@ export async function main(): Promise<unknown> {
   const file = resultsPath(`latency-${getBackend().name}.json`);
   const save = () => writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), backend: getBackend().info(), preset: '125m', compute: 'bfloat16', decodeTokens: DECODE, rows }, null, 1));
   console.log(`latency vs context, 125m, batch 1, bf16 compute, ${getBackend().info().device ?? getBackend().name}`);
-  console.log('variant  context   prefill s   prefill tok/s   decode ms/token');
+  console.log('variant  context   prefill s   prefill tok/s   decode ms/token   first token ms   mean ms   no plan ms/token');
   for (const variant of variants) {
     const c = preset('125m', variant, { computeDType: 'bfloat16' });
     const params = bf16InferenceParams(c);
@@ -60,6 +83,7 @@ export async function main(): Promise<unknown> {
       try {
         warm.prefill(tidy(() => randint(randomKey(1), [2 * c.miniBatch], 0, c.vocabSize).toArray()), { score: false });
         warm.decode(4);
+        warm.decode(8); // through a launch plan: records a graph once
         sync();
       } finally {
         warm.dispose();
@@ -75,16 +99,21 @@ export async function main(): Promise<unknown> {
         sync();
         const prefillS = (performance.now() - t0) / 1e3;
         const before = session.tokensRead;
-        const t1 = performance.now();
-        session.decode(DECODE);
-        sync();
-        const decodeMs = (performance.now() - t1) / DECODE;
+        const planned = timedDecode(session, DECODE);
+        session.launchPlans = false;
+        const plain = timedDecode(session, DECODE);
         const b = c.miniBatch;
         const innerSteps = variant === 'e2e' ? Math.floor((before + DECODE) / b) - Math.floor(before / b) : 0;
-        const row = { variant, context, prefillS, prefillTokensPerS: context / prefillS, decodeMsPerToken: decodeMs, innerStepsDuringDecode: innerSteps };
+        const row: Row = {
+          variant, context, prefillS, prefillTokensPerS: context / prefillS, decodeMsPerToken: planned.medianMs, decodeFirstTokenMs: planned.firstMs,
+          decodeMeanMs: planned.meanMs, decodeNoPlanMsPerToken: plain.medianMs, innerStepsDuringDecode: innerSteps,
+        };
         rows.push(row);
         save(); // after every row, so a run cut short by a time limit keeps what it measured
-        console.log(`${variant.padEnd(8)} ${String(context).padStart(7)} ${prefillS.toFixed(3).padStart(11)} ${row.prefillTokensPerS.toFixed(0).padStart(15)} ${decodeMs.toFixed(2).padStart(17)}`);
+        const f = (v: number, d: number, w: number) => v.toFixed(d).padStart(w);
+        console.log(
+          `${variant.padEnd(8)} ${String(context).padStart(7)} ${f(prefillS, 3, 11)} ${f(row.prefillTokensPerS, 0, 15)} ${f(planned.medianMs, 2, 17)} ${f(planned.firstMs, 1, 16)} ${f(planned.meanMs, 2, 9)} ${f(plain.medianMs, 2, 18)}`,
+        );
         if (prefillS > MAX_PREFILL_S) break;
       } catch (e) {
         console.log(`${variant.padEnd(8)} ${String(context).padStart(7)}   failed: ${(e as Error).message.split('\n')[0].slice(0, 160)}`);

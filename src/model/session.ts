@@ -75,12 +75,13 @@ export class Session {
   private readonly lr: number;
   private hashCache: string | null = null;
 
-  private readonly launchPlans: boolean;
-
   /**
-   * `launchPlans` (default true, or TTT_LAUNCH_PLANS=0 to turn off): decode through a recorded step
-   * (src/model/decode-plan.ts) where the model allows it; false reads each token like a prefill.
+   * Whether `decode` goes through a launch plan (src/model/decode-plan.ts: one recorded step per token)
+   * where the model allows it; false reads each token like a prefill. Default true (TTT_LAUNCH_PLANS=0
+   * turns it off); the same tokens and state either way.
    */
+  launchPlans: boolean;
+
   constructor(readonly config: ModelConfig, readonly params: Params, opts: { ilrScale?: number; launchPlans?: boolean } = {}) {
     this.lr = config.innerLr * (opts.ilrScale ?? 1);
     this.launchPlans = opts.launchPlans ?? process.env.TTT_LAUNCH_PLANS !== '0';
