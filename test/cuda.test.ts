@@ -266,6 +266,16 @@ describe('cuda vs cpu: kernels', gpu, () => {
       check(`logsumexp ${dtype}`, () => [T.logsumexp(R(53, [5, 40], -30, 30, dtype)), T.logsumexp(R(54, [5, 4, 3], -3, 3, dtype), [0, 2])]);
       check(`logSoftmax ${dtype}`, () => T.logSoftmax(R(55, [4, 11], -5, 5, dtype)));
       check(`logsumexp ±inf ${dtype}`, () => T.logsumexp(T.tensor([-Infinity, -Infinity, 1, Infinity, 0, 0], [3, 2], dtype)));
+      // few long rows take the chunked path (a decoded token's logits): values, ±inf and NaN rows
+      check(`logsumexp few long rows ${dtype}`, () => [T.logsumexp(R(59, [1, 128256], -20, 20, dtype)), T.logSoftmax(R(60, [3, 50000], -9, 9, dtype))]);
+      check(`logsumexp long rows ±inf, NaN ${dtype}`, () => {
+        const v = seededValues(61, 4 * 20000, -5, 5);
+        for (let i = 0; i < 20000; i++) v[i] = -Infinity; // row 0: all -inf
+        v[20000 + 17000] = Infinity; // row 1: one +inf in a late chunk
+        v[40000 + 9] = NaN; // row 2: a NaN
+        v[60000 + 19999] = -Infinity; // row 3: one -inf
+        return T.logsumexp(T.tensor(v, [4, 20000], dtype), 1);
+      });
       for (const axis of [0, 1, 2]) {
         check(`cumsum axis ${axis} ${dtype}`, () => T.cumsum(R(56, [4, 5, 6], -2, 2, dtype), axis));
         check(`cumsum reverse axis ${axis} ${dtype}`, () => T.cumsum(R(57, [4, 5, 6], -2, 2, dtype), axis, true));

@@ -16,7 +16,7 @@
 import {
   type LaunchPlan, type Tensor, copyInto, keep, launchPlan, leaves, logSoftmax, reshape, slice, tensor, tidy, writeHost, writeRowsAt, full,
 } from '../engine/index.js';
-import { ropeTablesUpTo } from '../nn/layers.js';
+import { ropeRowsAt, ropeTablesUpTo } from '../nn/layers.js';
 import { type ModelConfig, headDim, layerKinds } from './config.js';
 import { type KvCache, type KvRing, kvRing, ringRows } from './mixers/attention.js';
 import type { MixerState } from './mixers/index.js';
@@ -48,7 +48,10 @@ export class DecodePlan {
   private readonly earliest: number[];
   private readonly token: Tensor;
   private readonly at: Tensor;
+  /** RoPE tables of every position the plan reaches, and their rows at the current position (set by each step). */
   private readonly rope: { cos: Tensor; sin: Tensor };
+  private readonly ropeRows: { cos: Tensor; sin: Tensor };
+  private readonly keyPositions: Tensor[];
   private readonly rings: KvRing[];
   private readonly pending: Tensor | null;
   private readonly fast: FastWeights;
@@ -76,10 +79,12 @@ export class DecodePlan {
       const token = full([1, 1], 0, 'int32');
       const at = full([1], 0, 'int32');
       const rope = ropeTablesUpTo(Math.max(capacity, 1), headDim(c), c.ropeTheta, dtype);
+      const ropeRows = { cos: full([headDim(c) / 2], 0, dtype), sin: full([headDim(c) / 2], 0, dtype) };
+      const keyPositions = new Map<string, Tensor>();
       const rings = kinds.map((kind, l) => {
         const suffix = l >= ss;
         const rows = kind === 'full' ? capacity : c.window + (ttt && suffix ? c.miniBatch : 0);
-        return kvRing(c, sources[l], rows, dtype, at, rope);
+        return kvRing(c, kind, sources[l], rows, dtype, { position: at, rope: ropeRows, keyPositions });
       });
       let pending: Tensor | null = null;
       if (ttt) {
@@ -90,10 +95,10 @@ export class DecodePlan {
       const fast = state.fast.map((w) => ({ w1: copyOf(w.w1), w2: copyOf(w.w2), w3: copyOf(w.w3) }));
       // the dtype `logits` widens to (see widenLogits)
       const out = full([c.vocabSize], 0, dtype === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : dtype);
-      return { token, at, rope, rings, pending, fast, out };
+      return { token, at, rope, ropeRows, keyPositions: [...keyPositions.values()], rings, pending, fast, out };
     });
     for (const t of leaves(made as unknown)) keep(t);
-    ({ token: this.token, at: this.at, rope: this.rope, rings: this.rings, pending: this.pending, fast: this.fast, out: this.out } = made);
+    ({ token: this.token, at: this.at, rope: this.rope, ropeRows: this.ropeRows, keyPositions: this.keyPositions, rings: this.rings, pending: this.pending, fast: this.fast, out: this.out } = made);
   }
 
   /**
@@ -118,6 +123,9 @@ export class DecodePlan {
   private step(): void {
     const c = this.c;
     const ss = suffixStart(c);
+    const rows = ropeRowsAt(this.rope, this.at, headDim(c));
+    copyInto(this.ropeRows.cos, rows.cos);
+    copyInto(this.ropeRows.sin, rows.sin);
     const x = embed(c, this.params, this.token);
     const prefix = runBlocks(c, this.params, 0, ss, x, [0], this.rings.slice(0, ss), []);
     if (this.pending) writeRowsAt(this.pending, prefix.x, this.at);
@@ -164,7 +172,8 @@ export class DecodePlan {
       pendingX: this.pending && this.position > this.chunkStart ? slice(this.pending, [0, 0, 0], [1, this.position - this.chunkStart, c.dModel]) : null,
     }));
     this.plan?.dispose();
-    for (const t of [this.token, this.at, this.rope.cos, this.rope.sin, ...this.rings.flatMap((r) => [r.k, r.v, r.keyPositions])]) t.dispose();
+    const owned = [this.token, this.at, this.rope.cos, this.rope.sin, this.ropeRows.cos, this.ropeRows.sin, ...this.keyPositions, ...this.rings.flatMap((r) => [r.k, r.v])];
+    for (const t of owned) t.dispose();
     if (state.pendingX !== this.pending) this.pending?.dispose(); // (a whole mini-batch's slice is the buffer itself)
     return {
       ...state, position: this.position, chunkStart: this.chunkStart, pendingTokens: this.pendingTokens, fast: this.fast, nextLogProbs: this.out,

@@ -93,20 +93,25 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
 }
 
 /**
- * RoPE of one token x [..., 1, H, D] at the position held on the device in `position` (int32 [1]),
- * with `tables` covering positions [0, capacity) (`ropeTablesUpTo`): the rows are gathered where the
- * op runs, so a launch plan recorded once rotates by the right angles at every replay.
+ * RoPE with tables made elsewhere: cos and sin [T·D/2] for x [..., T, H, D]'s positions (a launch
+ * plan's rows, gathered at a position held on the device by `ropeRowsAt`).
  */
-export function ropeAt(x: Tensor, position: Tensor, tables: { cos: Tensor; sin: Tensor }): Tensor {
-  const [T, , D] = x.shape.slice(-3);
-  if (T !== 1) throw new Error(`ropeAt: reads one token at a time, got x ${x.shape.join('x')}`);
-  const half = D / 2;
-  const row = (t: Tensor) => gather(reshape(t, [t.size / half, half]), position, 0);
-  const [cos, sin] = [row(tables.cos), row(tables.sin)];
-  return useFused('rope', x) ? fusedRope(x, cos, sin) : compositeRope(x, cos, sin);
+export function ropeWith(x: Tensor, tables: { cos: Tensor; sin: Tensor }): Tensor {
+  return useFused('rope', x) ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
 }
 
-/** RoPE tables [capacity · D/2] of positions [0, capacity), for `ropeAt`. */
+/**
+ * The rows [1 · D/2] of `tables` (positions [0, capacity), `ropeTablesUpTo`) at the position held on
+ * the device in `position` (int32 [1]): gathered where the op runs, so a launch plan recorded once
+ * rotates by the right angles at every replay.
+ */
+export function ropeRowsAt(tables: { cos: Tensor; sin: Tensor }, position: Tensor, D: number): { cos: Tensor; sin: Tensor } {
+  const half = D / 2;
+  const row = (t: Tensor) => reshape(gather(reshape(t, [t.size / half, half]), position, 0), [half]);
+  return { cos: row(tables.cos), sin: row(tables.sin) };
+}
+
+/** RoPE tables [capacity · D/2] of positions [0, capacity), for `ropeRowsAt`. */
 export function ropeTablesUpTo(capacity: number, D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
   return ropeTables(Array.from({ length: capacity }, (_, i) => i), D, theta, dtype);
 }

@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -31,6 +31,8 @@ import {
 } from './kernels/attention.js';
 
 const NULL_STREAM = null;
+/** The shortest piece of a row that logsumexp gives its own block (below: one block per row). */
+const LSE_MIN_CHUNK = 4096;
 /** cuBLAS's workspace while recording (set explicitly, or it allocates one per recording). */
 const CAPTURE_WORKSPACE_BYTES = 32 << 20;
 
@@ -598,7 +600,18 @@ export class CudaBackend implements Backend {
   }
 
   logsumexp(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
-    return this.rowKernel(LOGSUMEXP, x, outer, n, outer, dtype);
+    const chunks = Math.min(Math.ceil(n / LSE_MIN_CHUNK), Math.ceil((2 * this.sms) / Math.max(outer, 1)));
+    if (chunks < 2 || !CUDA_FLOATS.has(dtype)) return this.rowKernel(LOGSUMEXP, x, outer, n, outer, dtype);
+    // few long rows (one block per row would leave the GPU idle): chunks on separate blocks, then a merge
+    const out = this.alloc(dtype, outer);
+    const len = Math.ceil(n / chunks);
+    const ws = this.allocator.alloc(outer * chunks * 2 * 8);
+    const a = this.args.reset().ptr(ws.ptr).ptr(buf(x).ptr).i64(outer).i64(n).i64(chunks).i64(len);
+    this.launch(this.fn('reduce', dtype, LSE_PARTIAL), Math.min(outer * chunks, 65535 * 16), THREADS, 0, a, LSE_PARTIAL);
+    const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(outer).i64(chunks);
+    this.launch(this.fn('reduce', dtype, LSE_FINAL), this.blocksFor(outer), THREADS, 0, f, LSE_FINAL);
+    this.allocator.free(ws); // stream-ordered
+    return out;
   }
 
   cumsum(x: unknown, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): DeviceBuffer {

@@ -9,7 +9,7 @@
 import {
   type KvRows, type Tensor, appendKv, dropOldestRows, full, gather, kvRows, matmul, reshape, scaledDotAttention, tensor, writeRowsAt,
 } from '../../engine/index.js';
-import { attend, inDType, mergeHeads, rmsNorm, rope, ropeAt, splitHeads } from '../../nn/layers.js';
+import { attend, inDType, mergeHeads, rmsNorm, rope, ropeWith, splitHeads } from '../../nn/layers.js';
 import { type ModelConfig, headDim } from '../config.js';
 import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
@@ -22,17 +22,26 @@ export interface KvCache extends MixerState, KvRows {
 /**
  * A launch plan's cache: position p lives in row p mod R of k and v [1, H, R, D], and keyPositions
  * (int32 [R], -1 while empty) says which position each row holds, so attention needs no order. The
- * token read is at `position` (int32 [1], on the device, shared by every layer), and RoPE's tables
- * cover every position the plan reaches.
+ * token read is at `position` (int32 [1], on the device), with RoPE rows `ropeCos`/`ropeSin` [D/2]
+ * for it; these are the plan's, shared by every layer. Rings of one kind and size hold the same
+ * positions and share keyPositions: the first of them (`writesPositions` 1) writes it.
  */
 export interface KvRing extends MixerState {
   ring: 1;
   k: Tensor;
   v: Tensor;
   keyPositions: Tensor;
+  writesPositions: 0 | 1;
   position: Tensor;
   ropeCos: Tensor;
   ropeSin: Tensor;
+}
+
+/** What every ring of a plan shares: the position, its RoPE rows, and key positions per (kind, size). */
+export interface RingShared {
+  position: Tensor;
+  rope: { cos: Tensor; sin: Tensor };
+  keyPositions: Map<string, Tensor>;
 }
 
 export function isRing(state: MixerState | null): state is KvRing {
@@ -47,15 +56,16 @@ function cachedRows(cache: KvCache | null): KvRows | null {
 
 /**
  * A ring of `rows` rows holding the positions of `caches` (written in order, so where two hold the
- * same position the later wins; each keeps its newest `rows`). `position` and the RoPE tables are
- * the plan's, shared by every layer.
+ * same position the later wins; each keeps its newest `rows`).
  */
-export function kvRing(
-  c: ModelConfig, caches: (KvCache | null)[], rows: number, dtype: Tensor['dtype'], position: Tensor, rope: { cos: Tensor; sin: Tensor },
-): KvRing {
+export function kvRing(c: ModelConfig, kind: string, caches: (KvCache | null)[], rows: number, dtype: Tensor['dtype'], shared: RingShared): KvRing {
   const shape = [1, c.nHeads, rows, headDim(c)];
+  const group = `${kind}/${rows}`;
+  const first = !shared.keyPositions.has(group);
+  if (first) shared.keyPositions.set(group, full([rows], -1, 'int32'));
   const ring: KvRing = {
-    ring: 1, k: full(shape, 0, dtype), v: full(shape, 0, dtype), keyPositions: full([rows], -1, 'int32'), position, ropeCos: rope.cos, ropeSin: rope.sin,
+    ring: 1, k: full(shape, 0, dtype), v: full(shape, 0, dtype), keyPositions: shared.keyPositions.get(group)!, writesPositions: first ? 1 : 0,
+    position: shared.position, ropeCos: shared.rope.cos, ropeSin: shared.rope.sin,
   };
   for (const cache of caches) {
     const held = cachedRows(cache);
@@ -66,7 +76,7 @@ export function kvRing(
     const at = tensor([start], [1], 'int32');
     writeRowsAt(ring.k, k, at);
     writeRowsAt(ring.v, v, at);
-    writeRowsAt(reshape(ring.keyPositions, [rows, 1]), tensor(Array.from({ length: keep.count }, (_, i) => start + i), [keep.count, 1], 'int32'), at);
+    if (first) writeRowsAt(reshape(ring.keyPositions, [rows, 1]), tensor(Array.from({ length: keep.count }, (_, i) => start + i), [keep.count, 1], 'int32'), at);
   }
   return ring;
 }
@@ -113,7 +123,7 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         k = rmsNorm(k, w.kNorm, c.normEps);
       }
       const window = windowOf(c);
-      const rotate = (x: Tensor) => splitHeads(reshape(isRing(state) ? ropeAt(x, state.position, { cos: state.ropeCos, sin: state.ropeSin }) : rope(x, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
+      const rotate = (x: Tensor) => splitHeads(reshape(isRing(state) ? ropeWith(x, { cos: state.ropeCos, sin: state.ropeSin }) : rope(x, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
       q = rotate(q);
       k = rotate(k);
       if (isRing(state)) {
@@ -122,7 +132,7 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         const R = state.k.shape[2];
         writeRowsAt(state.k, k, state.position);
         writeRowsAt(state.v, v, state.position);
-        writeRowsAt(reshape(state.keyPositions, [R, 1]), reshape(state.position, [1, 1]), state.position);
+        if (state.writesPositions) writeRowsAt(reshape(state.keyPositions, [R, 1]), reshape(state.position, [1, 1]), state.position);
         const o = scaledDotAttention(q, state.k, state.v, { qStart: 0, kStart: 0, window, positions: { keys: state.keyPositions, query: state.position } });
         return { out: lin(mergeHeads(o), w.wo), state };
       }

@@ -705,9 +705,11 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, co
 
 export const ATT_DECODE_PARTIAL = 'attn_decode_partial';
 export const ATT_DECODE_COMBINE = 'attn_decode_combine';
-/** Threads (4 warps, one key per warp at a time) of the partial kernel; keys per split. */
+/** Threads (4 warps, DECODE_UNROLL keys per warp at a time) of the partial kernel; keys per split. */
 export const DECODE_THREADS = 128;
-export const DECODE_CHUNK = 256;
+export const DECODE_CHUNK = 128;
+/** Keys a warp of the partial kernel reads at once. */
+export const DECODE_UNROLL = 4;
 /** The decode path serves at most this many query rows per batch entry, over bands of at least DECODE_MIN_KEYS. */
 export const DECODE_MAX_TQ = 8;
 export const DECODE_MIN_KEYS = 512;
@@ -715,8 +717,8 @@ export const DECODE_MIN_KEYS = 512;
 /**
  * Decoding reads one (or a few) query rows against a long band of keys: the fused kernel would run
  * one block per batch entry over all of them. Here the band is split into chunks of DECODE_CHUNK
- * keys, one block per (row, chunk): each warp takes a key at a time (lanes across d, a shuffle
- * sum), keeps its own online-softmax state, and the block writes the chunk's unnormalised output,
+ * keys, one block per (row, chunk): each warp takes DECODE_UNROLL keys at a time (lanes across d,
+ * shuffle sums side by side), keeps its own online-softmax state, and the block writes the chunk's unnormalised output,
  * max and sum (base-2 units, like the fused kernels). The combine kernel merges a row's chunks in
  * order (deterministic) into out and lse.
  */
@@ -747,25 +749,49 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   for (int t = 0; t < 8; t++) o[t] = 0;
   const T* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
   const T* vb = v + (b / groups) * kvStride;
-  for (i64 j = j0 + warp; j <= j1; j += 4) {
-    if (ring) {
-      const i64 kp = keyPos[j]; // the same j across the warp: the skip is warp-uniform
-      if (kp < 0 || kp > qp || qp - kp >= window) continue;
-    }
-    A s = 0;
-    for (i64 c = lane; c < d; c += 32) s += qs[c] * att_ld(kb[j * d + c]);
+  // each warp takes DECODE_UNROLL keys at a time: their loads issue together and their dot products
+  // reduce side by side, instead of one dependent load, shuffle tree and exp per key (a warp waiting
+  // on memory most of the time)
+  for (i64 j = j0 + warp * ${DECODE_UNROLL}; j <= j1; j += 4 * ${DECODE_UNROLL}) {
+    A s[${DECODE_UNROLL}];
+    bool vis[${DECODE_UNROLL}];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    s *= sc;
-    const A mn = fa_max(m, s);
-    const A alpha = fa_exp(m - mn), p = fa_exp(s - mn);
-    l = l * alpha + p;
+    for (int u = 0; u < ${DECODE_UNROLL}; u++) {
+      const i64 jj = j + u; // the same across the warp: visibility is warp-uniform
+      vis[u] = jj <= j1;
+      if (vis[u] && ring) {
+        const i64 kp = keyPos[jj];
+        vis[u] = kp >= 0 && kp <= qp && qp - kp < window;
+      }
+      s[u] = 0;
+      if (vis[u]) for (i64 c = lane; c < d; c += 32) s[u] += qs[c] * att_ld(kb[jj * d + c]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < ${DECODE_UNROLL}; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+    }
+    A mx = m;
+#pragma unroll
+    for (int u = 0; u < ${DECODE_UNROLL}; u++) if (vis[u]) { s[u] *= sc; mx = fa_max(mx, s[u]); }
+    if (mx == FA_NEG_INF) continue; // nothing visible yet
+    const A alpha = fa_exp(m - mx);
+    A p[${DECODE_UNROLL}];
+    A psum = 0;
+#pragma unroll
+    for (int u = 0; u < ${DECODE_UNROLL}; u++) { p[u] = vis[u] ? fa_exp(s[u] - mx) : (A)0; psum += p[u]; }
+    l = l * alpha + psum;
 #pragma unroll
     for (int t = 0; t < 8; t++) {
       const i64 c = lane + 32 * t;
-      if (c < d) o[t] = o[t] * alpha + p * att_ld(vb[j * d + c]);
+      if (c < d) {
+        A acc = o[t] * alpha;
+#pragma unroll
+        for (int u = 0; u < ${DECODE_UNROLL}; u++) if (vis[u]) acc += p[u] * att_ld(vb[(j + u) * d + c]);
+        o[t] = acc;
+      }
     }
-    m = mn;
+    m = mx;
   }
 #pragma unroll
   for (int t = 0; t < 8; t++) {
@@ -815,6 +841,7 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_COM
     const A inv = (A)1 / sum;
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
       A acc = 0;
+#pragma unroll 8
       for (i64 s = 0; s < splits; s++) acc += po[(row * splits + s) * d + c] * w[s];
       out[row * d + c] = att_st(acc * inv);
     }

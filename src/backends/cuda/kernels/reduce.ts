@@ -30,6 +30,8 @@ export const reduceFinalName = (op: ReduceOp) => `reduce_final_${op}`;
 export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
+export const LSE_PARTIAL = 'logsumexp_partial';
+export const LSE_FINAL = 'logsumexp_final';
 export const CUMSUM = 'cumsum_mid';
 export const NLL_FWD = 'token_nll_fwd';
 export const NLL_BWD = 'token_nll_bwd';
@@ -251,6 +253,34 @@ export function reduceSource(dtype: CudaDType): string {
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
     const double l = row_lse(x + o * n, n, red);
     if (threadIdx.x == 0) out[o] = ${store('l')};
+  }
+}`);
+    // a few long rows (a decoded token's 128 K logits): chunks of a row on separate blocks, each its
+    // max and sum of exp (ws: [outer, chunks, 2]), merged in chunk order by one thread per row
+    parts.push(`extern "C" __global__ void ${LSE_PARTIAL}(double* ws, const ${T}* x, i64 outer, i64 n, i64 chunks, i64 len) {
+  __shared__ double red[1024];
+  for (i64 blk = blockIdx.x; blk < outer * chunks; blk += gridDim.x) {
+    const i64 o = blk / chunks, ch = blk % chunks;
+    const ${T}* row = x + o * n;
+    const i64 lo = ch * len, hi = lo + len < n ? lo + len : n;
+    double m = NEG_INF_D;
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
+    m = block_fmax(m, red);
+    double s = 0.0;
+    if (m != NEG_INF_D && m != POS_INF_D) for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) s += exp(${ld('row[i]')} - m);
+    s = block_dsum(s, red);
+    if (threadIdx.x == 0) { ws[2 * blk] = m; ws[2 * blk + 1] = s; }
+  }
+}`);
+    parts.push(`extern "C" __global__ void ${LSE_FINAL}(${T}* out, const double* ws, i64 outer, i64 chunks) {
+  for (i64 o = gtid(); o < outer; o += gstride()) {
+    const double* w = ws + 2 * o * chunks;
+    double m = NEG_INF_D;
+    for (i64 c = 0; c < chunks; c++) m = fmax(m, w[2 * c]);
+    if (m == NEG_INF_D || m == POS_INF_D) { out[o] = ${store('m')}; continue; }
+    double s = 0.0;
+    for (i64 c = 0; c < chunks; c++) if (w[2 * c] != NEG_INF_D) s += w[2 * c + 1] * exp(w[2 * c] - m);
+    out[o] = ${store('m + log(s)')};
   }
 }`);
   }
