@@ -2,19 +2,19 @@
  * Where a decoded token's time goes (issue #6: decode latency), `125m` preset, batch 1, bf16 compute,
  * random weights. For each variant and context: a Session prefills the context, then a decode plan
  * (src/model/decode-plan.ts) reads tokens, and the bench times, as medians over REPS tokens:
- *   token:   one `read` as `Session.decode` does it (inputs written, graph replayed, log-probs read back)
- *            plus the greedy pick on the host;
+ *   token:   one greedy token as `Session.decode` takes it (the step's pick read back, inputs written,
+ *            graph replayed);
  *   replay:  the recorded graph alone, REPS replays queued back to back then one sync, per replay
  *            (the GPU's time for a step, launch cost hidden behind it);
  *   eager:   the same step run op by op (what the plan records; the engine's host logic per op);
- *   readback + pick: copying the 128256 log-probs to the host and the argmax over them.
+ *   readback + pick: what sampling adds: the 128256 log-probs copied to the host and a pick over them.
  * With `--profile`, the eager step once more under TTT_CUDA_PROFILE (every op synchronised and timed):
  * the top ops of one token. Writes bench/results/cuda-decode.json.
  * Usage: node dist/bench/cuda-decode.js [contexts] [variants] [--profile]
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { type LaunchPlan, type Tensor, getBackend, randint, randomKey, setBackend, tidy } from '../src/index.js';
+import { type LaunchPlan, getBackend, randint, randomKey, setBackend, tidy } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { type Variant, preset } from '../src/model/config.js';
 import { DecodePlan } from '../src/model/decode-plan.js';
@@ -54,9 +54,7 @@ export async function main(): Promise<unknown> {
       const plan = new DecodePlan(c, params, c.innerLr, state, 4 * REPS + 8);
       // the plan's recording, reached for timing its replays alone
       const recorded = () => (plan as unknown as { plan: LaunchPlan }).plan;
-      let logp: ArrayLike<number> = state.nextLogProbs!.toTyped();
-      const pick = () => sample(logp, {}, randomKey(0));
-      logp = plan.read(pick()); // builds the plan: one step run, one recorded
+      plan.read(sample(state.nextLogProbs!.toTyped(), {}, randomKey(0))); // builds the plan: one step run, one recorded
       sync();
       const row: Record<string, unknown> = { variant, context, recorded: recorded()?.recorded ?? false };
       if (profile) {
@@ -72,7 +70,7 @@ export async function main(): Promise<unknown> {
         for (let i = 0; i < REPS; i++) {
           sync();
           const t0 = performance.now();
-          logp = plan.read(pick());
+          plan.read(plan.greedyToken());
           token.push(performance.now() - t0);
         }
         sync();
@@ -83,8 +81,7 @@ export async function main(): Promise<unknown> {
         const readback: number[] = [];
         for (let i = 0; i < REPS; i++) {
           const t0 = performance.now();
-          logp = (plan as unknown as { out: Tensor }).out.toTyped();
-          pick();
+          sample(plan.logProbs(), {}, randomKey(0));
           readback.push(performance.now() - t0);
         }
         row.tokenMs = median(token);

@@ -14,7 +14,8 @@
  * k − 1 positions before it), full attention every position the plan reaches.
  */
 import {
-  type LaunchPlan, type Tensor, copyInto, keep, launchPlan, leaves, logSoftmax, reshape, slice, tensor, tidy, writeHost, writeRowsAt, full,
+  type LaunchPlan, type Tensor, arange, cast, copyInto, equal, full, keep, launchPlan, leaves, logSoftmax, max, min, reshape, slice, tensor, tidy, where,
+  writeHost, writeRowsAt,
 } from '../engine/index.js';
 import { ropeRowsAt, ropeTablesUpTo } from '../nn/layers.js';
 import { type ModelConfig, headDim, layerKinds } from './config.js';
@@ -56,6 +57,9 @@ export class DecodePlan {
   private readonly pending: Tensor | null;
   private readonly fast: FastWeights;
   private readonly out: Tensor;
+  /** 0 .. V-1 (float32), and the step's greedy pick. */
+  private readonly indices: Tensor;
+  private readonly greedy: Tensor;
   private plan: LaunchPlan | null = null;
   private finished = false;
 
@@ -95,17 +99,29 @@ export class DecodePlan {
       const fast = state.fast.map((w) => ({ w1: copyOf(w.w1), w2: copyOf(w.w2), w3: copyOf(w.w3) }));
       // the dtype `logits` widens to (see widenLogits)
       const out = full([c.vocabSize], 0, dtype === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : dtype);
-      return { token, at, rope, ropeRows, keyPositions: [...keyPositions.values()], rings, pending, fast, out };
+      const indices = arange(0, c.vocabSize, 1, 'float32'); // exact: vocabularies stay far below 2^24
+      const greedy = full([1], 0, 'int32');
+      return { token, at, indices, greedy, rope, ropeRows, keyPositions: [...keyPositions.values()], rings, pending, fast, out };
     });
     for (const t of leaves(made as unknown)) keep(t);
-    ({ token: this.token, at: this.at, rope: this.rope, ropeRows: this.ropeRows, keyPositions: this.keyPositions, rings: this.rings, pending: this.pending, fast: this.fast, out: this.out } = made);
+    ({ token: this.token, at: this.at, indices: this.indices, greedy: this.greedy, rope: this.rope, ropeRows: this.ropeRows, keyPositions: this.keyPositions, rings: this.rings, pending: this.pending, fast: this.fast, out: this.out } = made);
+  }
+
+  /** The log-probabilities of the next token, after the last `read` (a copy of 128 K values on the host at 125m). */
+  logProbs(): Float32Array | Float64Array {
+    return this.out.toTyped() as Float32Array | Float64Array;
+  }
+
+  /** The most likely next token after the last `read` (the step computes it: one number comes back). */
+  greedyToken(): number {
+    return this.greedy.toTyped()[0];
   }
 
   /**
    * Reads `token` at the current position: first the inner step if a mini-batch is complete (its last
-   * target is this token), then the recorded step. Returns the log-probabilities of the next token.
+   * target is this token), then the recorded step.
    */
-  read(token: number): Float32Array | Float64Array {
+  read(token: number): void {
     if (this.finished) throw new Error('decode plan: read after finish()');
     const c = this.c;
     if (!Number.isInteger(token) || token < 0 || token >= c.vocabSize) throw new Error(`decode: token ${token} outside the vocabulary [0, ${c.vocabSize})`);
@@ -116,7 +132,6 @@ export class DecodePlan {
     else this.plan = launchPlan(() => this.step()); // runs the step once, then records it
     this.position++;
     if (c.suffixLen > 0) this.pendingTokens.push(token);
-    return this.out.toTyped() as Float32Array | Float64Array;
   }
 
   /** The recorded step: one token through every block and the output layer. */
@@ -130,7 +145,11 @@ export class DecodePlan {
     const prefix = runBlocks(c, this.params, 0, ss, x, [0], this.rings.slice(0, ss), []);
     if (this.pending) writeRowsAt(this.pending, prefix.x, this.at);
     const h = runBlocks(c, this.params, ss, c.nLayers, prefix.x, [0], this.rings.slice(ss), this.fast).x;
-    copyInto(this.out, logSoftmax(reshape(logits(c, this.params, h), [c.vocabSize])));
+    const logProbs = logSoftmax(reshape(logits(c, this.params, h), [c.vocabSize]));
+    copyInto(this.out, logProbs);
+    // the greedy pick, as `sample` makes it on the host: the first index of the maximum
+    const best = min(where(equal(logProbs, max(logProbs)), this.indices, c.vocabSize));
+    copyInto(this.greedy, reshape(cast(best, 'int32'), [1]));
   }
 
   /** The inner step on the completed mini-batch, as the session's `learn` takes it; new fast weights in place. */
@@ -172,7 +191,7 @@ export class DecodePlan {
       pendingX: this.pending && this.position > this.chunkStart ? slice(this.pending, [0, 0, 0], [1, this.position - this.chunkStart, c.dModel]) : null,
     }));
     this.plan?.dispose();
-    const owned = [this.token, this.at, this.rope.cos, this.rope.sin, this.ropeRows.cos, this.ropeRows.sin, ...this.keyPositions, ...this.rings.flatMap((r) => [r.k, r.v])];
+    const owned = [this.token, this.at, this.indices, this.greedy, this.rope.cos, this.rope.sin, this.ropeRows.cos, this.ropeRows.sin, ...this.keyPositions, ...this.rings.flatMap((r) => [r.k, r.v])];
     for (const t of owned) t.dispose();
     if (state.pendingX !== this.pending) this.pending?.dispose(); // (a whole mini-batch's slice is the buffer itself)
     return {

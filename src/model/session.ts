@@ -201,12 +201,13 @@ export class Session {
     if (!this.state.nextLogProbs) throw new Error('decode: the session has not read any token yet');
     const out: number[] = [];
     const plan = new DecodePlan(this.config, this.params, this.lr, this.state, n);
+    // greedy: the plan's step picks the token on the device, and only that number comes back
+    const greedy = !((sampling.temperature ?? 0) > 0);
     try {
-      let logProbs: ArrayLike<number> = this.state.nextLogProbs.toTyped();
       for (let i = 0; i < n; i++) {
         key = foldIn(key, plan.position);
-        const token = sample(logProbs, sampling, key);
-        logProbs = plan.read(token);
+        const token = i > 0 && greedy ? plan.greedyToken() : sample(i === 0 ? this.state.nextLogProbs.toTyped() : plan.logProbs(), sampling, key);
+        plan.read(token);
         out.push(token);
         onToken?.(token);
       }

@@ -26,7 +26,7 @@ import {
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
   ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
-  DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
+  DECODE_COMBINE_THREADS, DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
 
@@ -958,7 +958,7 @@ export class CudaBackend implements Backend {
     const band = ring ? tk : Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
     const splits = Math.ceil(band / DECODE_CHUNK);
     // (the merge keeps a weight per chunk in shared memory: up to ~3 M keys in float32)
-    const decodable = tq <= DECODE_MAX_TQ && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits) <= 48 * 1024;
+    const decodable = tq <= DECODE_MAX_TQ && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits, d) <= 48 * 1024;
     if (ring && !decodable) throw new Error(`cuda backend: attention at device-held positions serves up to ${DECODE_MAX_TQ} query rows of head dim <= ${FA_MAX_D} (got ${tq} rows, d ${d}, ${tk} keys)`);
     if (ring || (this.attentionKernels === 'fused' && decodable && band >= DECODE_MIN_KEYS)) {
       // decoding: split the long band across blocks (flash-decoding), then merge the chunks
@@ -970,7 +970,7 @@ export class CudaBackend implements Backend {
       a1.ptr(ring ? buf(job.keyPositions).ptr : 0).ptr(ring ? buf(job.queryPosition).ptr : 0);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
-      this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_THREADS, decodeCombineSharedBytes(dt, splits), a2, ATT_DECODE_COMBINE);
+      this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d), a2, ATT_DECODE_COMBINE);
       this.allocator.free(po); // stream-ordered
       this.allocator.free(pml);
       return { out, lse };

@@ -708,6 +708,8 @@ export const ATT_DECODE_COMBINE = 'attn_decode_combine';
 /** Threads (4 warps, DECODE_UNROLL keys per warp at a time) of the partial kernel; keys per split. */
 export const DECODE_THREADS = 128;
 export const DECODE_CHUNK = 128;
+/** Threads of the combine kernel (a warp per share of the chunks). */
+export const DECODE_COMBINE_THREADS = 256;
 /** Keys a warp of the partial kernel reads at once. */
 export const DECODE_UNROLL = 4;
 /** The decode path serves at most this many query rows per batch entry, over bands of at least DECODE_MIN_KEYS. */
@@ -820,33 +822,54 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   if (threadIdx.x == 0) { pml[2 * slot] = M; pml[2 * slot + 1] = sum; }
 }
 
-extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
-  // one block per row; the chunks' weights exp(m_s − M) go to shared memory once, then each output
-  // column sums its chunks in order (a block-wide max and sum first, both in a fixed tree order)
+extern "C" __global__ void __launch_bounds__(${DECODE_COMBINE_THREADS}) ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
+  // one block per row; the chunks' weights exp(m_s − M) go to shared memory once. Each warp then sums
+  // every (blockDim/32)-th chunk for all columns (lanes across d) and the warps' sums are added in warp
+  // order: a row of a 128 K-key band has 1024 chunks, which one thread per column summed too slowly.
+  // (a block-wide max and sum first, both in a fixed tree order: deterministic)
   extern __shared__ __align__(16) unsigned char smem[];
   A* w = reinterpret_cast<A*>(smem);    // [splits]
   A* red = w + splits;                  // [blockDim.x]
+  A* part = red + blockDim.x;           // [warps][d]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     const A* ml = pml + 2 * row * splits;
     A M = FA_NEG_INF;
     for (i64 s = threadIdx.x; s < splits; s += blockDim.x) M = fa_max(M, ml[2 * s]);
     M = att_max(M, red);
-    A part = 0;
+    A part_sum = 0;
     for (i64 s = threadIdx.x; s < splits; s += blockDim.x) {
       const A ws = ml[2 * s] == FA_NEG_INF ? (A)0 : fa_exp(ml[2 * s] - M);
       w[s] = ws;
-      part += ml[2 * s + 1] * ws;
+      part_sum += ml[2 * s + 1] * ws;
     }
-    const A sum = att_sum(part, red); // its barriers also publish w
+    const A sum = att_sum(part_sum, red); // its barriers also publish w
+    A acc[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t] = 0;
+    for (i64 s = warp; s < splits; s += warps) {
+      const A ws = w[s];
+      const A* p = po + (row * splits + s) * d;
+#pragma unroll
+      for (int t = 0; t < 8; t++) {
+        const i64 c = lane + 32 * t;
+        if (c < d) acc[t] += p[c] * ws;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+      const i64 c = lane + 32 * t;
+      if (c < d) part[warp * d + c] = acc[t];
+    }
+    __syncthreads();
     const A inv = (A)1 / sum;
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
-      A acc = 0;
-#pragma unroll 8
-      for (i64 s = 0; s < splits; s++) acc += po[(row * splits + s) * d + c] * w[s];
-      out[row * d + c] = att_st(acc * inv);
+      A total = 0;
+      for (int k = 0; k < warps; k++) total += part[k * d + c];
+      out[row * d + c] = att_st(total * inv);
     }
     if (threadIdx.x == 0) lse[row] = (L)((M + fa_log(sum)) * (A)FA_INV_LOGC);
-    __syncthreads(); // w is rewritten for the next row
+    __syncthreads(); // w and part are rewritten for the next row
   }
 }
 `;
@@ -856,9 +879,9 @@ export function decodeSharedBytes(dtype: AttnDType, d: number): number {
   return (5 * d + 8) * attentionAccBytes(dtype);
 }
 
-/** Dynamic shared memory of the decode combine kernel: a weight per chunk and the block reduction's scratch. */
-export function decodeCombineSharedBytes(dtype: AttnDType, splits: number): number {
-  return (splits + DECODE_THREADS) * attentionAccBytes(dtype);
+/** Dynamic shared memory of the decode combine kernel: a weight per chunk, the block reduction's scratch and the warps' column sums. */
+export function decodeCombineSharedBytes(dtype: AttnDType, splits: number, d: number): number {
+  return (splits + DECODE_COMBINE_THREADS + (DECODE_COMBINE_THREADS / 32) * d) * attentionAccBytes(dtype);
 }
 
 /**
