@@ -2,8 +2,8 @@
  * Where a decoded token's time goes (issue #6: decode latency), `125m` preset, batch 1, bf16 compute,
  * random weights. For each variant and context: a Session prefills the context, then a decode plan
  * (src/model/decode-plan.ts) reads tokens, and the bench times, as medians over REPS tokens:
- *   token:   one greedy token as `Session.decode` takes it (the step's pick read back, inputs written,
- *            graph replayed);
+ *   token:   one greedy token as `Session.decode` takes it (inputs written, graph replayed, the step's
+ *            pick read back);
  *   replay:  the recorded graph alone, REPS replays queued back to back then one sync, per replay
  *            (the GPU's time for a step, launch cost hidden behind it);
  *   eager:   the same step run op by op (what the plan records; the engine's host logic per op);
@@ -67,10 +67,12 @@ export async function main(): Promise<unknown> {
         for (const r of report.slice(0, 15)) console.log(`  ${r.ms.toFixed(3).padStart(8)} ms ${String(r.calls).padStart(5)}  ${r.what}`);
       } else {
         const token: number[] = [];
+        let next = plan.greedyToken();
         for (let i = 0; i < REPS; i++) {
           sync();
           const t0 = performance.now();
-          plan.read(plan.greedyToken());
+          plan.read(next);
+          next = plan.greedyToken(); // waits for the step
           token.push(performance.now() - t0);
         }
         sync();
