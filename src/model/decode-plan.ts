@@ -22,7 +22,7 @@ import { type ModelConfig, headDim, layerKinds } from './config.js';
 import { type KvCache, type KvRing, kvRing, ringRows } from './mixers/attention.js';
 import type { MixerState } from './mixers/index.js';
 import { miniBatchStep } from './ttt-e2e.js';
-import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
+import { type FastWeights, type Params, embed, logits, logitsDType, range, runBlocks, suffixStart } from './transformer.js';
 
 /** What a session carries between calls (see session.ts), as far as decoding reads and leaves it. */
 export interface DecodeState {
@@ -97,8 +97,7 @@ export class DecodePlan {
       }
       // own copies: the state's fast weights may be views of W_0, and the plan writes in place
       const fast = state.fast.map((w) => ({ w1: copyOf(w.w1), w2: copyOf(w.w2), w3: copyOf(w.w3) }));
-      // the dtype `logits` widens to (see widenLogits)
-      const out = full([c.vocabSize], 0, dtype === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : dtype);
+      const out = full([c.vocabSize], 0, logitsDType(c, params));
       const indices = arange(0, c.vocabSize, 1, 'float32'); // exact: vocabularies stay far below 2^24
       const greedy = full([1], 0, 'int32');
       return { token, at, indices, greedy, rope, ropeRows, keyPositions: [...keyPositions.values()], rings, pending, fast, out };
