@@ -169,7 +169,8 @@ export class Session {
           const whole = ttt && n === b && this.state.position === this.state.chunkStart && next < tokens.length;
           const chunk = group.slice(i, i + n);
           if (whole && !plan && this.launchPlans && (tokens.length - next) / b >= PLAN_MIN_MINI_BATCHES && learnPlanFits(this.config, this.state)) {
-            plan = new LearnPlan(this.config, this.params, this.lr, this.state, score, this.state.position + tokens.length - (g + i) + b);
+            // RoPE rows up to this prefill's last position (the whole-range table grows no further than the prefix's reads)
+            plan = new LearnPlan(this.config, this.params, this.lr, this.state, score, this.state.position + tokens.length - (g + i));
           }
           if (whole && plan) {
             // the recorded inner step: the session's suffix state lives in the plan until it is flushed

@@ -111,10 +111,22 @@ export function ropeRowsAt(tables: { cos: Tensor; sin: Tensor }, position: Tenso
   return { cos: row(tables.cos), sin: row(tables.sin) };
 }
 
-/** RoPE tables [capacity · D/2] of positions [0, capacity), for `ropeRowsAt`. */
+/**
+ * RoPE tables [capacity · D/2] of positions [0, capacity), for `ropeRowsAt`. A few positions past the
+ * shared whole-range table (a decode plan's tokens after a long prompt) are computed on their own and
+ * appended, instead of doubling that table (at 128 K, half a second of host time).
+ */
 export function ropeTablesUpTo(capacity: number, D: number, theta: number, dtype: DType): { cos: Tensor; sin: Tensor } {
-  return ropeTables(Array.from({ length: capacity }, (_, i) => i), D, theta, dtype);
+  const have = ropeHost.get(`${D}/${theta}`)?.capacity ?? 0;
+  const extra = capacity - have;
+  if (have === 0 || extra <= 0 || extra > ROPE_APPEND_MAX) return ropeTables(Array.from({ length: capacity }, (_, i) => i), D, theta, dtype);
+  const freq = ropeAngles(D, theta);
+  const shared = ropeTables(Array.from({ length: have }, (_, i) => i), D, theta, dtype);
+  const own = (f: (angle: number) => number) => tensor(ropeValues(f, freq, extra, (t) => have + t), [extra * (D / 2)], dtype);
+  return { cos: concat([shared.cos, own(Math.cos)], 0), sin: concat([shared.sin, own(Math.sin)], 0) };
 }
+/** The most positions `ropeTablesUpTo` appends to the shared table rather than growing it. */
+const ROPE_APPEND_MAX = 8192;
 
 /** RoPE in engine ops, from cos/sin tables [T·D/2]: the definition `fusedRope` matches. */
 export function compositeRope(x: Tensor, cosTable: Tensor, sinTable: Tensor): Tensor {
