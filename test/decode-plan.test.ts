@@ -14,7 +14,6 @@ import { type Variant, makeConfig, preset } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { Session } from '../src/model/session.js';
 import { DecodePlan, planSupports } from '../src/model/decode-plan.js';
-import { LearnPlan } from '../src/model/learn-plan.js';
 
 const cfg = (variant: Variant, extra = {}) =>
   makeConfig({ variant, vocabSize: 29, dModel: 16, nLayers: 4, nHeads: 2, ffnDim: 24, window: 6, miniBatch: 4, innerLr: 2, ...extra });
@@ -125,42 +124,4 @@ describe('decode through a launch plan', () => {
     else assert.ok(same >= 3, `the greedy continuations part at token ${same}`);
   });
 
-  for (const variant of ['e2e', 'naive'] as Variant[]) {
-    test(`${variant}: a prefill's inner steps through a learn plan give the NLLs and state of op-by-op steps`, () => {
-      const c = cfg(variant);
-      const params = scaled(c);
-      const doc = T.tidy(() => T.randint(T.randomKey(3), [43], 0, c.vocabSize).toArray());
-      for (const score of [true, false]) {
-        const run = (launchPlans: boolean) => {
-          const s = new Session(c, params, { launchPlans });
-          const { result: nll, reads } = planReads(() => s.prefill(doc, { score }), LearnPlan);
-          const next = s.nextLogProbs();
-          const later = s.prefill([3, 4, 5, 6, 7, 8, 9, 10, 2]);
-          const tokens = s.decode(9, { temperature: 1, seed: 2 });
-          s.dispose();
-          return { nll, reads, next, later, tokens };
-        };
-        const plain = run(false);
-        const planned = run(true);
-        assert.equal(plain.reads, 0);
-        // windows of 6 are full from position 5; mini-batches of 4 from 8 on, while 4 or more remain
-        assert.equal(planned.reads, 8, 'mini-batches read through the plan');
-        assert.equal(planned.nll.length, score ? doc.length : 0);
-        assert.ok(maxDiff(planned.nll.slice(1), plain.nll.slice(1)) < 1e-9, `NLLs differ by ${maxDiff(planned.nll.slice(1), plain.nll.slice(1))}`);
-        assert.ok(maxDiff(planned.next, plain.next) < 1e-9);
-        assert.ok(maxDiff(planned.later.slice(1), plain.later.slice(1)) < 1e-9, 'the state after the plan reads on the same');
-        assert.deepEqual(planned.tokens, plain.tokens);
-      }
-    });
-  }
-
-  test('a learn plan carries the state across prefill groups (2048 scored tokens each)', () => {
-    const c = cfg('e2e', { window: 16, miniBatch: 16 });
-    const params = scaled(c);
-    const doc = T.tidy(() => T.randint(T.randomKey(4), [2100], 0, c.vocabSize).toArray());
-    const plain = new Session(c, params, { launchPlans: false }).prefill(doc);
-    const { result: planned, reads } = planReads(() => new Session(c, params).prefill(doc), LearnPlan);
-    assert.ok(reads > 128, `${reads} planned mini-batches`);
-    assert.ok(maxDiff(planned.slice(1), plain.slice(1)) < 1e-9, `NLLs differ by ${maxDiff(planned.slice(1), plain.slice(1))}`);
-  });
 });

@@ -30,6 +30,16 @@ describe('Session', () => {
     });
   }
 
+  test('e2e: a prefill longer than one group (2048 scored tokens) gives the inner loop\'s NLL across the boundary', () => {
+    const c = cfg('e2e', { miniBatch: 16, window: 16 });
+    const params = scaled(c);
+    const doc = randomTokens(2100, c.vocabSize, 6);
+    const n = doc.length - 1;
+    const ref = T.tidy(() => innerLoop(c, params, T.tensor(doc.slice(0, -1), [1, n], 'int32'), T.tensor(doc.slice(1), [1, n], 'int32')).tokenNll.toArray());
+    const nll = new Session(c, params).prefill(doc);
+    assert.ok(maxDiff(nll.slice(1), ref) < 1e-9, `session vs innerLoop: ${maxDiff(nll.slice(1), ref)}`);
+  });
+
   test('e2e: the fast weights change every b tokens, also while decoding', () => {
     const c = cfg('e2e');
     const s = new Session(c, scaled(c));

@@ -17,7 +17,6 @@ import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixS
 import { type MixerState, getMixer } from './mixers/index.js';
 import { namedLeaves } from './reference.js';
 import { DecodePlan, planSupports } from './decode-plan.js';
-import { LearnPlan, learnPlanFits } from './learn-plan.js';
 
 export interface SamplingOptions {
   /** 0 (default) = greedy. */
@@ -70,8 +69,6 @@ const MAX_UNSCORED_GROUP = 16384;
  * into rings and records a step, worth it only over several tokens.
  */
 const PLAN_MIN_TOKENS = 8;
-/** The fewest whole mini-batches left in a prefill for which its inner steps go through a launch plan. */
-const PLAN_MIN_MINI_BATCHES = 4;
 
 export class Session {
   private state: State;
@@ -80,8 +77,7 @@ export class Session {
 
   /**
    * Whether `decode` goes through a launch plan (src/model/decode-plan.ts: one recorded step per token)
-   * where the model allows it, and long prefills take their inner steps through one once the windows
-   * are full (src/model/learn-plan.ts); false runs every step op by op. Default true (TTT_LAUNCH_PLANS=0
+   * where the model allows it; false reads each token like a prefill. Default true (TTT_LAUNCH_PLANS=0
    * turns it off); the same tokens and state either way.
    */
   launchPlans: boolean;
@@ -153,55 +149,26 @@ export class Session {
     const groupSize = score ? MAX_GROUP : MAX_UNSCORED_GROUP;
     const b = this.config.miniBatch;
     const ttt = this.config.suffixLen > 0;
-    let plan: LearnPlan | null = null;
-    try {
-      for (let g = 0; g < tokens.length; g += groupSize) {
-        const group = tokens.slice(g, g + groupSize);
-        const x = this.readPrefix(group);
-        let i = 0;
-        while (i < group.length) {
-          const s = this.state;
-          if (ttt && s.position === s.chunkStart + b) this.learn(group[i]);
-          // the suffix reads up to the end of the current mini-batch in one forward pass
-          const room = ttt ? this.state.chunkStart + b - this.state.position : group.length;
-          const n = Math.max(1, Math.min(room, group.length - i));
-          const next = g + i + n; // the token after these (maybe in the next group)
-          const whole = ttt && n === b && this.state.position === this.state.chunkStart && next < tokens.length;
-          const chunk = group.slice(i, i + n);
-          if (whole && !plan && this.launchPlans && (tokens.length - next) / b >= PLAN_MIN_MINI_BATCHES && learnPlanFits(this.config, this.state)) {
-            // RoPE rows up to this prefill's last position (the whole-range table grows no further than the prefix's reads)
-            plan = new LearnPlan(this.config, this.params, this.lr, this.state, score, this.state.position + tokens.length - (g + i));
-          }
-          if (whole && plan) {
-            // the recorded inner step: the session's suffix state lives in the plan until it is flushed
-            const first = score ? -plan.lastLogProbs.toTyped()[chunk[0]] : NaN;
-            const r = plan.read(chunk, x, i, tokens[next]);
-            if (score) nll.push(first, ...Array.from(r!).slice(0, n - 1));
-            this.state = { ...this.state, position: plan.position, chunkStart: plan.position };
-          } else {
-            if (plan) plan = this.flush(plan);
-            // a whole mini-batch whose next token is known: one pass reads it and takes the inner step
-            nll.push(...(whole ? this.readAndLearn(chunk, x, i, tokens[next], score) : this.readSuffix(chunk, x, i, score)));
-          }
-          i += n;
-        }
-        if (this.state.pendingX !== x) x.dispose();
+    for (let g = 0; g < tokens.length; g += groupSize) {
+      const group = tokens.slice(g, g + groupSize);
+      const x = this.readPrefix(group);
+      let i = 0;
+      while (i < group.length) {
+        const s = this.state;
+        if (ttt && s.position === s.chunkStart + b) this.learn(group[i]);
+        // the suffix reads up to the end of the current mini-batch in one forward pass
+        const room = ttt ? this.state.chunkStart + b - this.state.position : group.length;
+        const n = Math.max(1, Math.min(room, group.length - i));
+        const next = g + i + n; // the token after these (maybe in the next group)
+        const whole = ttt && n === b && this.state.position === this.state.chunkStart && next < tokens.length;
+        const chunk = group.slice(i, i + n);
+        // a whole mini-batch whose next token is known: one pass reads it and takes the inner step
+        nll.push(...(whole ? this.readAndLearn(chunk, x, i, tokens[next], score) : this.readSuffix(chunk, x, i, score)));
+        i += n;
       }
-    } finally {
-      if (plan) this.flush(plan);
+      if (this.state.pendingX !== x) x.dispose();
     }
     return nll;
-  }
-
-  /** Takes back the suffix state a learn plan carried (its caches, fast weights and last log-probabilities). */
-  private flush(plan: LearnPlan): null {
-    const f = plan.finish();
-    const ss = suffixStart(this.config);
-    this.commit({
-      ...this.state, position: f.position, chunkStart: f.position, caches: [...this.state.caches.slice(0, ss), ...f.suffixCaches], chunkCaches: f.suffixCaches,
-      fast: f.fast, nextLogProbs: f.nextLogProbs, pendingX: null, pendingTokens: [],
-    });
-    return null;
   }
 
   /** The distribution over the next token, as log-probabilities (after at least one token). */

@@ -17,8 +17,6 @@ export interface KvCache extends MixerState, KvRows {
   k: Tensor; // storage [B, H, capacity, D]; rows [first, first + count) are the cached positions
   v: Tensor;
   start: number; // absolute position of row `first`
-  // A cache may also carry `ropeCos`/`ropeSin`: RoPE tables [T · D/2] for the positions the next call
-  // reads, when a launch plan gathers them at a device-held position (src/model/learn-plan.ts).
 }
 
 /**
@@ -125,8 +123,7 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         k = rmsNorm(k, w.kNorm, c.normEps);
       }
       const window = windowOf(c);
-      const given = state && state.ropeCos !== undefined ? { cos: state.ropeCos as Tensor, sin: state.ropeSin as Tensor } : null;
-      const rotate = (x: Tensor) => splitHeads(reshape(given ? ropeWith(x, given) : rope(x, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
+      const rotate = (x: Tensor) => splitHeads(reshape(isRing(state) ? ropeWith(x, { cos: state.ropeCos, sin: state.ropeSin }) : rope(x, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
       q = rotate(q);
       k = rotate(k);
       if (isRing(state)) {
