@@ -98,6 +98,37 @@ describe('Session', () => {
     assert.throws(() => sample(lp, { temperature: 1, topP: 0 }, T.randomKey(0)), /topP/);
   });
 
+  test('sample: draws follow the filtered, renormalised distribution; ties rank the lower index first', () => {
+    const p = [0.05, 0.5, 0.15, 0.3];
+    const lp = p.map(Math.log);
+    const freq = (opts: object, draws = 4000) => {
+      const f = [0, 0, 0, 0];
+      for (let s = 0; s < draws; s++) f[sample(lp, opts, T.randomKey(s))] += 1 / draws;
+      return f;
+    };
+    const near = (got: number[], want: number[]) => got.forEach((g, i) => assert.ok(Math.abs(g - want[i]) < 0.03, `token ${i}: ${g.toFixed(3)} vs ${want[i]}`));
+    near(freq({ temperature: 1 }), p);
+    near(freq({ temperature: 1, topK: 2 }), [0, 0.5 / 0.8, 0, 0.3 / 0.8]);
+    // top-p 0.6: 0.5 is not enough, 0.5 + 0.3 is
+    near(freq({ temperature: 1, topP: 0.6 }), [0, 0.5 / 0.8, 0, 0.3 / 0.8]);
+    // temperature 0.5 squares the probabilities before renormalising
+    const sq = p.map((x) => x * x);
+    near(freq({ temperature: 0.5 }), sq.map((x) => x / sq.reduce((a, b) => a + b)));
+    const ties = [Math.log(0.1), Math.log(0.3), Math.log(0.3), Math.log(0.3)];
+    for (let s = 0; s < 40; s++) assert.ok([1, 2].includes(sample(ties, { temperature: 1, topK: 2 }, T.randomKey(s))));
+  });
+
+  test('sample: a 128256-token vocabulary with temperature, top-k and top-p', () => {
+    const V = 128256;
+    const lp = Array.from({ length: V }, (_, i) => (i === 777 ? 0 : -12 - (i % 97) / 10));
+    for (const opts of [{ temperature: 1 }, { temperature: 0.7, topK: 40 }, { temperature: 0.9, topP: 0.5 }, {}]) {
+      const a = sample(lp, opts, T.randomKey(3));
+      assert.ok(Number.isInteger(a) && a >= 0 && a < V);
+      assert.equal(sample(lp, opts, T.randomKey(3)), a, 'seeded');
+    }
+    assert.equal(sample(lp, { temperature: 0.9, topP: 0.5 }, T.randomKey(5)), 777, 'token 777 alone holds over half the mass');
+  });
+
   test('memory: save, load into a fresh session, continue exactly; another model is refused', () => {
     const c = cfg('e2e');
     const params = scaled(c);

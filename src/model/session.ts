@@ -420,46 +420,99 @@ function releaseState(old: State, next: State): void {
   for (const t of leaves(old as unknown)) if (!live.has(t)) t.dispose();
 }
 
-/** Picks a token from log-probabilities: greedy, or temperature with top-k / top-p filtering. */
+/**
+ * Picks a token from log-probabilities: greedy (the first maximum), or a draw from softmax(logProbs /
+ * temperature), restricted to the topK most likely tokens (renormalised) and then to the fewest of
+ * those, most likely first, whose probability reaches topP (renormalised). Without topK and topP the
+ * draw walks the vocabulary in index order; with them, in order of probability (ties: lower index
+ * first). Only as many candidates as the filters need are ranked: a full sort of a 128 K vocabulary
+ * per token cost tens of milliseconds.
+ */
 export function sample(logProbs: ArrayLike<number>, opts: SamplingOptions, key: Key): number {
   const { temperature = 0, topK, topP } = opts;
   if (temperature < 0) throw new Error(`sampling: temperature must be >= 0, got ${temperature}`);
   if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new Error(`sampling: topK must be a positive integer, got ${topK}`);
   if (topP !== undefined && !(topP > 0 && topP <= 1)) throw new Error(`sampling: topP must be in (0, 1], got ${topP}`);
+  const V = logProbs.length;
   if (temperature === 0) {
-    // argmax in one pass (a sort of a 128K vocabulary costs tens of ms per token); the first wins ties, as the stable sort did
     let best = 0;
-    for (let i = 1; i < logProbs.length; i++) if (logProbs[i] > logProbs[best]) best = i;
+    for (let i = 1; i < V; i++) if (logProbs[i] > logProbs[best]) best = i;
     return best;
   }
-  const order = Array.from({ length: logProbs.length }, (_, i) => i).sort((a, b) => logProbs[b] - logProbs[a]);
-  let kept = order.slice(0, topK ?? order.length);
-  const scaled = kept.map((i) => logProbs[i] / temperature);
-  const m = Math.max(...scaled);
-  let probs = scaled.map((v) => Math.exp(v - m));
-  let total = probs.reduce((a, b) => a + b, 0);
-  probs = probs.map((p) => p / total);
-  if (topP !== undefined) {
-    let acc = 0;
-    let cut = probs.length;
-    for (let i = 0; i < probs.length; i++) {
-      acc += probs[i];
-      if (acc >= topP) {
-        cut = i + 1;
-        break;
+  let top = -Infinity;
+  for (let i = 0; i < V; i++) if (logProbs[i] > top) top = logProbs[i];
+  const weight = (i: number) => Math.exp((logProbs[i] - top) / temperature);
+  let candidates: number[] | null = null; // null: every index, in order
+  if (topK !== undefined || topP !== undefined) {
+    // the normaliser of the set topP is measured against: the top k, or the whole vocabulary
+    let total = 0;
+    let ranked: number[];
+    if (topK !== undefined) {
+      ranked = topIndices(logProbs, Math.min(topK, V));
+      for (const i of ranked) total += weight(i);
+    } else {
+      for (let i = 0; i < V; i++) total += weight(i);
+      ranked = [];
+    }
+    if (topP === undefined) {
+      candidates = ranked;
+    } else {
+      // grow the ranked prefix until its mass reaches topP (within the top k, when given)
+      for (let want = Math.min(64, V); ; want = Math.min(2 * want, V)) {
+        if (topK === undefined) ranked = topIndices(logProbs, want);
+        let acc = 0;
+        const cut = ranked.findIndex((i) => (acc += weight(i) / total) >= topP);
+        if (cut >= 0 || topK !== undefined || want === V) {
+          candidates = ranked.slice(0, cut >= 0 ? cut + 1 : ranked.length);
+          break;
+        }
       }
     }
-    kept = kept.slice(0, cut);
-    probs = probs.slice(0, cut);
-    total = probs.reduce((a, b) => a + b, 0);
-    probs = probs.map((p) => p / total);
   }
-  const u = threefry2x32(key, 0, 0)[0] / 2 ** 32;
+  const chosen = candidates;
+  const n = chosen ? chosen.length : V;
+  const at = (j: number) => (chosen ? chosen[j] : j);
+  let mass = 0;
+  for (let j = 0; j < n; j++) mass += weight(at(j));
+  const u = (threefry2x32(key, 0, 0)[0] / 2 ** 32) * mass;
   let acc = 0;
-  for (let i = 0; i < probs.length; i++) {
-    acc += probs[i];
-    if (u < acc) return kept[i];
+  for (let j = 0; j < n; j++) {
+    acc += weight(at(j));
+    if (u < acc) return at(j);
   }
-  return kept[kept.length - 1];
+  return at(n - 1);
 }
 
+/** The k indices of the largest values, largest first (ties: lower index first), by a bounded min-heap. */
+function topIndices(values: ArrayLike<number>, k: number): number[] {
+  const above = (a: number, b: number) => values[a] > values[b] || (values[a] === values[b] && a < b);
+  const heap: number[] = []; // heap[0]: the lowest-ranked kept index
+  const down = (at: number) => {
+    for (;;) {
+      const l = 2 * at + 1;
+      const r = l + 1;
+      let low = at;
+      if (l < heap.length && above(heap[low], heap[l])) low = l;
+      if (r < heap.length && above(heap[low], heap[r])) low = r;
+      if (low === at) return;
+      [heap[at], heap[low]] = [heap[low], heap[at]];
+      at = low;
+    }
+  };
+  for (let i = 0; i < values.length; i++) {
+    if (Number.isNaN(values[i])) continue;
+    if (heap.length < k) {
+      heap.push(i);
+      for (let at = heap.length - 1; at > 0; ) {
+        const parent = (at - 1) >> 1;
+        if (!above(heap[parent], heap[at])) break;
+        [heap[at], heap[parent]] = [heap[parent], heap[at]];
+        at = parent;
+      }
+    } else if (k > 0 && above(i, heap[0])) {
+      heap[0] = i;
+      down(0);
+    }
+  }
+  return heap.sort((a, b) => (above(a, b) ? -1 : 1));
+}
