@@ -13,6 +13,7 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cuda-train': () => import('./cuda-train.js'),
   'cuda-profile': () => import('./cuda-profile.js'),
   'cuda-latency': () => import('./cuda-latency.js'),
+  'cuda-decode': () => import('./cuda-decode.js'),
   'cuda-memory': () => import('./cuda-memory.js'),
 };
 
