@@ -18,7 +18,7 @@ import { type LaunchPlan, getBackend, randint, randomKey, setBackend, tidy } fro
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { type Variant, preset } from '../src/model/config.js';
 import { DecodePlan } from '../src/model/decode-plan.js';
-import { Session, sample } from '../src/model/session.js';
+import { Session, type SessionState, sample } from '../src/model/session.js';
 import { bf16InferenceParams, resultsPath } from './common.js';
 
 const REPS = 40;
@@ -50,7 +50,7 @@ export async function main(): Promise<unknown> {
     for (const context of contexts) {
       const session = new Session(c, params);
       session.prefill(tidy(() => randint(randomKey(context), [context], 0, c.vocabSize).toArray()), { score: false });
-      const state = (session as unknown as { state: ConstructorParameters<typeof DecodePlan>[3] }).state;
+      const state = (session as unknown as { state: SessionState }).state;
       const plan = new DecodePlan(c, params, c.innerLr, state, 4 * REPS + 8);
       // the plan's recording, reached for timing its replays alone
       const recorded = () => (plan as unknown as { plan: LaunchPlan }).plan;
@@ -101,7 +101,7 @@ export async function main(): Promise<unknown> {
       const context = contexts[0];
       const session = new Session(c, params);
       session.prefill(tidy(() => randint(randomKey(context), [context], 0, c.vocabSize).toArray()), { score: false });
-      const state = (session as unknown as { state: ConstructorParameters<typeof DecodePlan>[3] }).state;
+      const state = (session as unknown as { state: SessionState }).state;
       const plan = new DecodePlan(c, params, c.innerLr, state, 2 * REPS + 8);
       plan.read(1);
       const eager: number[] = [];

@@ -14,6 +14,7 @@ import { type Variant, makeConfig, preset } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { Session } from '../src/model/session.js';
 import { DecodePlan, planSupports } from '../src/model/decode-plan.js';
+import { countCalls } from './helpers/spy.js';
 
 const cfg = (variant: Variant, extra = {}) =>
   makeConfig({ variant, vocabSize: 29, dModel: 16, nLayers: 4, nHeads: 2, ffnDim: 24, window: 6, miniBatch: 4, innerLr: 2, ...extra });
@@ -23,20 +24,10 @@ const scaled = (c: ReturnType<typeof cfg>, seed = 1): Params =>
 const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
 const DOC = [1, 5, 7, 3, 2, 8, 9, 11, 4, 6, 3, 17, 20];
 
-/** Counts DecodePlan.read (or LearnPlan.read) calls while `fn` runs. */
-function planReads<R>(fn: () => R, plan: { prototype: unknown } = DecodePlan): { result: R; reads: number } {
-  const proto = plan.prototype as { read: (...a: unknown[]) => unknown };
-  const original = proto.read;
-  let reads = 0;
-  proto.read = function (this: unknown, ...a: unknown[]) {
-    reads++;
-    return original.apply(this, a);
-  };
-  try {
-    return { result: fn(), reads };
-  } finally {
-    proto.read = original;
-  }
+/** Counts DecodePlan.read calls while `fn` runs. */
+function planReads<R>(fn: () => R): { result: R; reads: number } {
+  const { result, calls } = countCalls(DecodePlan.prototype, 'read', fn);
+  return { result, reads: calls };
 }
 
 describe('decode through a launch plan', () => {

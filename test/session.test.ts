@@ -7,6 +7,7 @@ import * as T from '../src/index.js';
 import { type Variant, makeConfig } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { checkReadingEquivalence } from './helpers/session-check.js';
+import { countCalls } from './helpers/spy.js';
 import { Session, sample } from '../src/model/session.js';
 import { readSafetensors } from '../src/io/safetensors.js';
 import { innerLoop } from '../src/model/ttt-e2e.js';
@@ -56,18 +57,8 @@ describe('Session', () => {
 
   test('e2e: a whole mini-batch whose next token is known is read and learned from in one pass', () => {
     const c = cfg('e2e');
-    const proto = Session.prototype as unknown as { readAndLearn: (...a: unknown[]) => number[] };
-    const original = proto.readAndLearn;
-    let calls = 0;
-    proto.readAndLearn = function (this: unknown, ...a: unknown[]) {
-      calls++;
-      return original.apply(this, a);
-    };
-    try {
-      new Session(c, scaled(c)).prefill(randomTokens(4 * c.miniBatch + 1, c.vocabSize, 8), { score: false });
-    } finally {
-      proto.readAndLearn = original;
-    }
+    const { calls } = countCalls(Session.prototype, 'readAndLearn', () =>
+      new Session(c, scaled(c)).prefill(randomTokens(4 * c.miniBatch + 1, c.vocabSize, 8), { score: false }));
     assert.equal(calls, 4, 'four whole mini-batches, each followed by a known token');
   });
 

@@ -20,21 +20,9 @@ import {
 import { ropeRowsAt, ropeTablesUpTo } from '../nn/layers.js';
 import { type ModelConfig, headDim, layerKinds } from './config.js';
 import { type KvCache, type KvRing, kvRing, ringRows } from './mixers/attention.js';
-import type { MixerState } from './mixers/index.js';
+import type { SessionState } from './session.js';
 import { miniBatchStep } from './ttt-e2e.js';
 import { type FastWeights, type Params, embed, logits, logitsDType, range, runBlocks, suffixStart } from './transformer.js';
-
-/** What a session carries between calls (see session.ts), as far as decoding reads and leaves it. */
-export interface DecodeState {
-  position: number;
-  caches: (MixerState | null)[];
-  fast: FastWeights;
-  chunkStart: number;
-  pendingX: Tensor | null;
-  pendingTokens: number[];
-  chunkCaches: (MixerState | null)[];
-  nextLogProbs: Tensor | null;
-}
 
 /** Whether a model decodes through a plan: attention layers only (the baselines' recurrent mixers do not). */
 export function planSupports(c: ModelConfig): boolean {
@@ -65,7 +53,7 @@ export class DecodePlan {
 
   /** A plan continuing from `state` that can read up to `tokens` more tokens. */
   constructor(
-    private readonly c: ModelConfig, private readonly params: Params, private readonly lr: number, state: DecodeState, tokens: number,
+    private readonly c: ModelConfig, private readonly params: Params, private readonly lr: number, state: SessionState, tokens: number,
   ) {
     const dtype = c.computeDType ?? params.embed.dtype;
     const kinds = layerKinds(c);
@@ -178,7 +166,7 @@ export class DecodePlan {
   }
 
   /** The session state the plan leaves (ordinary caches again), and frees everything else the plan holds. */
-  finish(): Omit<DecodeState, 'nextLogProbs'> & { nextLogProbs: Tensor } {
+  finish(): Omit<SessionState, 'nextLogProbs'> & { nextLogProbs: Tensor } {
     if (this.finished) throw new Error('decode plan: finish() called twice');
     this.finished = true;
     const c = this.c;

@@ -26,8 +26,8 @@ export interface SamplingOptions {
   seed?: number;
 }
 
-/** Everything a session carries between calls. */
-interface State {
+/** Everything a session carries between calls (a decode plan takes it over while it runs). */
+export interface SessionState {
   /** Positions read so far. */
   position: number;
   /** Per-layer mixer states: KV caches for attention, recurrent states for the baselines (null before the first token). */
@@ -71,7 +71,7 @@ const MAX_UNSCORED_GROUP = 16384;
 const PLAN_MIN_TOKENS = 8;
 
 export class Session {
-  private state: State;
+  private state: SessionState;
   private readonly lr: number;
   private hashCache: string | null = null;
 
@@ -88,7 +88,7 @@ export class Session {
     this.state = this.initialState();
   }
 
-  private initialState(): State {
+  private initialState(): SessionState {
     return {
       position: 0,
       caches: Array(this.config.nLayers).fill(null),
@@ -233,7 +233,7 @@ export class Session {
   }
 
   /** The state an inner step leaves: new fast weights and suffix caches, a new mini-batch starting at `chunkStart`. */
-  private learned(fast: FastWeights, suffixCaches: (MixerState | null)[], chunkStart: number): Pick<State, 'fast' | 'caches' | 'chunkStart' | 'pendingX' | 'pendingTokens' | 'chunkCaches'> {
+  private learned(fast: FastWeights, suffixCaches: (MixerState | null)[], chunkStart: number): Pick<SessionState, 'fast' | 'caches' | 'chunkStart' | 'pendingX' | 'pendingTokens' | 'chunkCaches'> {
     const prefixCaches = this.state.caches.slice(0, suffixStart(this.config));
     return { fast, caches: [...prefixCaches, ...suffixCaches], chunkStart, pendingX: null, pendingTokens: [], chunkCaches: suffixCaches };
   }
@@ -322,7 +322,7 @@ export class Session {
     return nll;
   }
 
-  private commit(next: State): void {
+  private commit(next: SessionState): void {
     const old = this.state;
     this.state = next;
     releaseState(old, next);
@@ -391,7 +391,7 @@ export class Session {
       return Object.keys(st).length ? st : null;
     };
     const c = this.config;
-    const next: State = tidy(() => ({
+    const next: SessionState = tidy(() => ({
       position: Number(metadata.tokens_read),
       caches: range(0, c.nLayers).map((l) => stateOf(`state.${l}`)),
       fast: this.params.fast.map((w0, j) => {
@@ -414,7 +414,7 @@ function keepTree<T>(tree: T): T {
 }
 
 /** Keeps the new state's tensors and disposes the old state's tensors that are no longer used. */
-function releaseState(old: State, next: State): void {
+function releaseState(old: SessionState, next: SessionState): void {
   const live = new Set(leaves(next as unknown));
   for (const t of live) keep(t);
   for (const t of leaves(old as unknown)) if (!live.has(t)) t.dispose();
