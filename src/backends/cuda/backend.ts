@@ -25,7 +25,7 @@ import {
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
-  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_BLOCKS_PER_SM, DECODE_CHUNK,
+  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
   DECODE_COMBINE_THREADS, DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
@@ -956,9 +956,7 @@ export class CudaBackend implements Backend {
     // with positions read on the device (a launch plan's ring), every key row is a candidate
     const ring = job.keyPositions !== undefined;
     const band = ring ? tk : Math.min(tk, Number.isFinite(job.window) ? job.window : tk);
-    // chunks of DECODE_CHUNK keys, longer where that would give more blocks than DECODE_BLOCKS_PER_SM per SM
-    const chunk = Math.max(DECODE_CHUNK, Math.ceil(band / Math.max(1, Math.floor((DECODE_BLOCKS_PER_SM * this.sms) / Math.max(rows, 1)))));
-    const splits = Math.ceil(band / chunk);
+    const splits = Math.ceil(band / DECODE_CHUNK);
     // (the merge keeps a weight per chunk in shared memory: up to ~3 M keys in float32)
     const decodable = tq <= DECODE_MAX_TQ && d <= FA_MAX_D && decodeCombineSharedBytes(dt, splits, d) <= 48 * 1024;
     if (ring && !decodable) throw new Error(`cuda backend: attention at device-held positions serves up to ${DECODE_MAX_TQ} query rows of head dim <= ${FA_MAX_D} (got ${tq} rows, d ${d}, ${tk} keys)`);
@@ -969,7 +967,7 @@ export class CudaBackend implements Backend {
       const pml = this.allocator.alloc(rows * splits * 2 * A);
       const a1 = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(po.ptr).ptr(pml.ptr);
       a1.i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(splits).i64(groups).i64(kvStride);
-      a1.ptr(ring ? buf(job.keyPositions).ptr : 0).ptr(ring ? buf(job.queryPosition).ptr : 0).i64(chunk);
+      a1.ptr(ring ? buf(job.keyPositions).ptr : 0).ptr(ring ? buf(job.queryPosition).ptr : 0);
       this.launch(this.fn('attention', dt, ATT_DECODE_PARTIAL), rows * splits, DECODE_THREADS, decodeSharedBytes(dt, d), a1, ATT_DECODE_PARTIAL);
       const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
       this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d), a2, ATT_DECODE_COMBINE);

@@ -708,23 +708,17 @@ export const ATT_DECODE_COMBINE = 'attn_decode_combine';
 /** Threads (4 warps, DECODE_UNROLL keys per warp at a time) of the partial kernel; keys per split. */
 export const DECODE_THREADS = 128;
 export const DECODE_CHUNK = 128;
-/**
- * Blocks per SM the split aims at: a long band gets chunks longer than DECODE_CHUNK so that the merge
- * has fewer of them (at 128 K keys and 12 heads, 1024 chunks per head made the merge 110 µs of ncu
- * time per layer against 513 µs for the chunks themselves).
- */
-export const DECODE_BLOCKS_PER_SM = 16;
 /** Threads of the combine kernel (a warp per share of the chunks). */
 export const DECODE_COMBINE_THREADS = 256;
 /** Keys a warp of the partial kernel reads at once. */
-export const DECODE_UNROLL = 8;
+export const DECODE_UNROLL = 4;
 /** The decode path serves at most this many query rows per batch entry, over bands of at least DECODE_MIN_KEYS. */
 export const DECODE_MAX_TQ = 8;
 export const DECODE_MIN_KEYS = 512;
 
 /**
  * Decoding reads one (or a few) query rows against a long band of keys: the fused kernel would run
- * one block per batch entry over all of them. Here the band is split into chunks of DECODE_CHUNK (or more)
+ * one block per batch entry over all of them. Here the band is split into chunks of DECODE_CHUNK
  * keys, one block per (row, chunk): each warp takes DECODE_UNROLL keys at a time (lanes across d,
  * shuffle sums side by side), keeps its own online-softmax state, and the block writes the chunk's unnormalised output,
  * max and sum (base-2 units, like the fused kernels). The combine kernel merges a row's chunks in
@@ -733,7 +727,7 @@ export const DECODE_MIN_KEYS = 512;
 const DECODE = String.raw`
 extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PARTIAL}(const T* q, const T* k, const T* v, A* po, A* pml,
     i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 splits, i64 groups, i64 kvStride,
-    const int* keyPos, const int* qPos, i64 chunk) {
+    const int* keyPos, const int* qPos) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = reinterpret_cast<A*>(smem);   // [d]
   A* wo = qs + d;                       // [4][d] per-warp outputs
@@ -747,7 +741,7 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   const bool ring = keyPos != nullptr;
   const i64 qp = ring ? (i64)qPos[0] + i : 0;
   const i64 lo = ring ? 0 : band_lo(i, qStart, kStart, window), hi = ring ? tk - 1 : band_hi(i, qStart, kStart, tk);
-  const i64 j0 = lo + sp * chunk, j1 = j0 + chunk - 1 < hi ? j0 + chunk - 1 : hi;
+  const i64 j0 = lo + sp * ${DECODE_CHUNK}, j1 = j0 + ${DECODE_CHUNK} - 1 < hi ? j0 + ${DECODE_CHUNK} - 1 : hi;
   for (i64 c = threadIdx.x; c < d; c += blockDim.x) qs[c] = att_ld(q[row * d + c]);
   __syncthreads();
   const A sc = (A)(scaleD * FA_LOGC);
