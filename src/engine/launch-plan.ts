@@ -11,6 +11,7 @@
  * tensors made before it (`copyInto`). Everything it creates itself is an intermediate of one replay.
  */
 import type { CapturedWork } from './backend.js';
+import { hostArray } from './dtype.js';
 import { getBackend, isTracked, startPinning, stopPinning } from './runtime.js';
 import { fmt, stridesOf } from './shape.js';
 import type { Tensor } from './tensor.js';
@@ -74,8 +75,9 @@ export function writeHost(dst: Tensor, values: ArrayLike<number>): void {
   if (isTracked(dst)) throw new Error('writeHost: writes in place and cannot be differentiated');
   if (dst.size === 0) return;
   const b = dst.backend;
-  const host = Array.from(values);
-  const data = b.upload(dst.dtype === 'int32' ? Int32Array.from(host) : dst.dtype === 'float64' ? Float64Array.from(host) : Float32Array.from(host), dst.dtype);
+  const host = hostArray(dst.dtype, dst.size);
+  host.set(values as ArrayLike<number>);
+  const data = b.upload(host, dst.dtype);
   const strides = stridesOf(dst.shape);
   b.copy(data, 0, strides, dst.data, 0, strides, [...dst.shape], dst.dtype);
   b.free(data, dst.dtype, dst.size);

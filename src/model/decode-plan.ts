@@ -21,7 +21,7 @@ import { ropeRowsAt, ropeTablesUpTo } from '../nn/layers.js';
 import { type ModelConfig, headDim, layerKinds } from './config.js';
 import { type KvCache, type KvRing, kvRing, ringRows } from './mixers/attention.js';
 import type { SessionState } from './session.js';
-import { miniBatchStep } from './ttt-e2e.js';
+import { learnMiniBatch } from './ttt-e2e.js';
 import { type FastWeights, type Params, embed, logits, logitsDType, range, runBlocks, suffixStart } from './transformer.js';
 
 /** Whether a model decodes through a plan: attention layers only (the baselines' recurrent mixers do not). */
@@ -142,12 +142,10 @@ export class DecodePlan {
   /** The inner step on the completed mini-batch, as the session's `learn` takes it; new fast weights in place. */
   private learn(nextToken: number): void {
     const c = this.c;
-    const b = c.miniBatch;
     const ss = suffixStart(c);
     tidy(() => {
       const caches = range(ss, c.suffixLen).map((l) => this.cacheOf(l, this.chunkStart));
-      const targets = tensor([...this.pendingTokens.slice(1), nextToken], [1, b], 'int32');
-      const r = miniBatchStep(c, this.params, this.fast, caches, this.pending!, targets, range(this.chunkStart, b), this.lr);
+      const r = learnMiniBatch(c, this.params, this.fast, caches, this.pending!, this.pendingTokens, nextToken, this.chunkStart, this.lr);
       r.fast.forEach((w, j) => {
         copyInto(this.fast[j].w1, w.w1);
         copyInto(this.fast[j].w2, w.w2);

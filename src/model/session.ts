@@ -12,7 +12,7 @@ import {
 } from '../engine/index.js';
 import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
 import { type ModelConfig, layerKinds } from './config.js';
-import { miniBatchStep, perSequence } from './ttt-e2e.js';
+import { learnMiniBatch, miniBatchStep, perSequence } from './ttt-e2e.js';
 import { type FastWeights, type Params, embed, logits, range, runBlocks, suffixStart } from './transformer.js';
 import { type MixerState, getMixer } from './mixers/index.js';
 import { namedLeaves } from './reference.js';
@@ -225,8 +225,7 @@ export class Session {
     const s = this.state;
     const c = this.config;
     const next = tidy(() => {
-      const targets = tensor([...s.pendingTokens.slice(1), nextToken], [1, s.pendingTokens.length], 'int32');
-      const r = miniBatchStep(c, this.params, s.fast, s.chunkCaches, s.pendingX!, targets, range(s.chunkStart, s.pendingTokens.length), this.lr);
+      const r = learnMiniBatch(c, this.params, s.fast, s.chunkCaches, s.pendingX!, s.pendingTokens, nextToken, s.chunkStart, this.lr);
       return { fast: r.fast, caches: r.caches };
     });
     this.commit({ ...s, ...this.learned(next.fast, next.caches, s.position) });

@@ -89,15 +89,19 @@ export function logits(c: ModelConfig, params: Params, h: Tensor): Tensor {
   return widenLogits(params, outputLogits(c, params, h));
 }
 
+/** The dtype logits of `dtype` widen to: bf16 to the parameters' float dtype (float32 at least); others stay. */
+function widened(params: Params, dtype: Tensor['dtype']): Tensor['dtype'] {
+  return dtype === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : dtype;
+}
+
 /** The dtype of `logits` (and of log-probabilities made from them). */
 export function logitsDType(c: ModelConfig, params: Params): Tensor['dtype'] {
-  const z = c.computeDType ?? params.embed.dtype;
-  return z === 'bfloat16' ? (params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : z;
+  return widened(params, c.computeDType ?? params.embed.dtype);
 }
 
 /** bf16 logits in the parameters' float dtype (float32 at least); others as they are. */
 export function widenLogits(params: Params, z: Tensor): Tensor {
-  return z.dtype === 'bfloat16' ? inDType(z, params.embed.dtype === 'bfloat16' ? 'float32' : params.embed.dtype) : z;
+  return inDType(z, widened(params, z.dtype));
 }
 
 const pre = (c: ModelConfig, x: Tensor, w: Tensor) => (c.preNorm ? rmsNorm(x, w, c.normEps) : x);

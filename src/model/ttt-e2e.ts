@@ -8,7 +8,7 @@
  */
 import {
   type Tensor, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, square, stopGradient, sub, sum,
-  valueAndGrad,
+  tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
 import { tokenNll } from '../nn/layers.js';
@@ -100,6 +100,18 @@ export function miniBatchStep(
     w3: sub(w.w3, mul(step[j].w3, lr)),
   }));
   return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches, last: aux.last };
+}
+
+/**
+ * The inner step that ends a mini-batch read a token at a time (a session's, or a decode plan's):
+ * `tokens` at positions from `start`, whose suffix-entry states are x [1, n, D], with `next` the
+ * token after them (the last target).
+ */
+export function learnMiniBatch(
+  c: ModelConfig, params: Params, fast: FastWeights, caches: (MixerState | null)[], x: Tensor, tokens: number[], next: number, start: number, lr: number,
+): StepOut {
+  const targets = tensor([...tokens.slice(1), next], [1, tokens.length], 'int32');
+  return miniBatchStep(c, params, fast, caches, x, targets, range(start, tokens.length), lr);
 }
 
 /**

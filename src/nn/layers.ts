@@ -88,8 +88,7 @@ export function rope(x: Tensor, positions: readonly number[], theta: number): Te
   const D = x.shape[x.rank - 1];
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
-  const tables = ropeTables(positions, D, theta, x.dtype);
-  return useFused('rope', x) ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
+  return ropeWith(x, ropeTables(positions, D, theta, x.dtype));
 }
 
 /**
