@@ -426,7 +426,7 @@ describe('cuda fused attention vs cpu', gpu, () => {
     }
   });
 
-  test('keys as rows of a larger store (a KV cache): every kernel family gives the rows-alone result bit for bit, never reading outside', () => {
+  test('keys as rows of a larger store (a KV cache): every kernel family gives the rows-alone result bit for bit, never reading outside; so does dQ, and dK/dV of the last rows only (gradKeysFrom)', () => {
     // stores of first + tk + 37 rows per key/value entry, NaN outside the keys; 'row' and tensor-core
     // variants switched in turn, the decode path by its shapes
     const cases = [CASES[9], CASES[10], CASES[16], CASES[18], CASES[21], CASES[22], LONG[1]];
@@ -460,7 +460,25 @@ describe('cuda fused attention vs cpu', gpu, () => {
             const got = T.scaledDotAttention(q, ks, vs, { ...cs.opts, keyRows: { first, count: cs.tk } }).toArray();
             const want = T.scaledDotAttention(q, rows.k, rows.v, cs.opts).toArray();
             const same = got.every((x, i) => Object.is(x, want[i]));
-            assert.ok(same, `${cs.name} ${dt} ${kernels}${tc ? '' : ' simt'}: keyRows result differs from the rows alone${got.some(Number.isNaN) ? ' (NaN: read outside the rows)' : ''}`);
+            const what = `${cs.name} ${dt} ${kernels}${tc ? '' : ' simt'}`;
+            assert.ok(same, `${what}: keyRows result differs from the rows alone${got.some(Number.isNaN) ? ' (NaN: read outside the rows)' : ''}`);
+            // the backward over the store, gradients for its last m rows only (the TTT inner step's `fresh`
+            // rows): dQ bit for bit, dK and dV within the dtype's tolerance of the contiguous keys' rows
+            const m = Math.min(cs.tk, 7);
+            const tail = (t: Tensor) => T.slice(t, [...kvLead.map(() => 0), cs.tk - m, 0], [...kvLead, cs.tk, cs.d]);
+            const head = (t: Tensor) => T.slice(t, [...kvLead.map(() => 0), 0, 0], [...kvLead, cs.tk - m, cs.d]);
+            const [fk, fv] = [tail(rows.k), tail(rows.v)];
+            const w = T.tensor(valuesIn(dt, 4, q.size), q.shape, dt);
+            const viaStore = T.grad((a: Tensor, b: Tensor, c: Tensor) =>
+              T.sum(T.mul(T.scaledDotAttention(a, ks, vs, { ...cs.opts, keyRows: { first, count: cs.tk, fresh: { k: b, v: c } } }), w)), [0, 1, 2])(q, fk, fv) as Tensor[];
+            const viaConcat = T.grad((a: Tensor, b: Tensor, c: Tensor) =>
+              T.sum(T.mul(T.scaledDotAttention(a, T.concat([head(rows.k), b], kvLead.length), T.concat([head(rows.v), c], kvLead.length), cs.opts), w)), [0, 1, 2])(q, fk, fv) as Tensor[];
+            const dq = viaStore[0].toArray();
+            assert.ok(dq.every((x, i) => Object.is(x, viaConcat[0].toArray()[i])), `${what}: dq over the store differs from contiguous keys`);
+            for (const i of [1, 2]) {
+              const e = relErr(viaStore[i].toArray(), viaConcat[i].toArray(), 1e-3);
+              assert.ok(e <= 2 * TOL[dt], `${what}: ${'qkv'[i]} gradient of the last ${m} rows, error ${e}`);
+            }
           }));
         }
       }

@@ -105,8 +105,8 @@ describe('cuda backend host side (stand-in libraries)', () => {
     const launch = (run: () => void) => {
       const before = calls.counts.get('cuLaunchKernel') ?? 0;
       run();
-      const [fn, gx, , , bx] = calls.lastLaunch as [{ name: string }, number, number, number, number];
-      return { launches: (calls.counts.get('cuLaunchKernel') ?? 0) - before, name: fn.name, gx, bx };
+      const [fn, gx, gy, , bx] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      return { launches: (calls.counts.get('cuLaunchKernel') ?? 0) - before, name: fn.name, gx, bx, ...(gy > 1 ? { gy } : {}) };
     };
     for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
       const x = backend.fill(2 * 6 * 4 * 16, dt, 1);
@@ -118,7 +118,11 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const logits = backend.fill(3 * 10, dt, 0);
       const f = launch(() => backend.tokenNllForward(logits, targets, 3, 10, dt));
       assert.deepEqual([f.launches, f.name], [1, 'token_nll_fwd']);
-      assert.deepEqual(launch(() => backend.tokenNllBackward(logits, targets, logits, logits, 3, 10, dt)), { launches: 1, name: 'token_nll_bwd', gx: 1, bx: 256 });
+      // blocks along a row × one row of blocks per logits row
+      assert.deepEqual(launch(() => backend.tokenNllBackward(logits, targets, logits, logits, 3, 10, dt)), { launches: 1, name: 'token_nll_bwd', gx: 1, bx: 256, gy: 3 });
+      const wide = backend.fill(3 * 128256, dt, 0);
+      const perRow = Math.ceil(128256 / (16 / { float32: 4, float64: 8, bfloat16: 2 }[dt]) / 256);
+      assert.deepEqual(launch(() => backend.tokenNllBackward(wide, targets, logits, logits, 3, 128256, dt)), { launches: 1, name: 'token_nll_bwd', gx: perRow, bx: 256, gy: 3 });
       // targets uploaded from the host are range-checked at once, before any launch
       const bad = backend.upload(Int32Array.from([0, 10, 1]), 'int32');
       assert.throws(() => backend.tokenNllForward(logits, bad, 3, 10, dt), /tokenNll: index 10 out of range \[0, 10\)/);

@@ -10,7 +10,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   type DType, type KvRows, type Tensor, appendKv, compositeAttention, concat, dropOldestRows, getBackend, grad, kvRows, mul,
-  scaledDotAttention, slice, sum, tensor, tidy,
+  scaledDotAttention, slice, stopGradient, sum, tensor, tidy,
 } from '../src/index.js';
 import { rn, seededValues } from './helpers/check.js';
 
@@ -63,7 +63,7 @@ describe('KV store: appendKv, kvRows, dropOldestRows', () => {
       let s = appendKv(null, rows(1, 6), rows(2, 6));
       s = dropOldestRows(s, 4);
       assert.deepEqual([s.first, s.count], [2, 4]);
-      assert.equal(dropOldestRows(s, 10), s);
+      assert.deepEqual(dropOldestRows(s, 10), s);
       s = appendKv(s, rows(3, 1), rows(4, 1));
       same(kvRows(s).k, concat([slice(rows(1, 6), [0, 0, 2]), rows(3, 1)], 2), 'k after drop and append');
     });
@@ -79,6 +79,22 @@ describe('KV store: appendKv, kvRows, dropOldestRows', () => {
         return sum(mul(kvRows(s).k, w));
       };
       same(grad(f)(k0) as Tensor, slice(w, [0, 0, 0], [1, 2, 3, 4]), 'gradient reaches the appended rows');
+    });
+  });
+
+  test('under grad with an untracked cache: the new rows go in place and gradients reach them through `fresh`', () => {
+    tidy(() => {
+      const cache = appendKv(null, rows(1, 4), rows(2, 4));
+      const f = (k: Tensor) => {
+        const s = appendKv(cache, k, mul(k, 2));
+        assert.equal(s.k, cache.k, 'written into the cache\'s storage, not copied');
+        assert.ok(s.fresh && s.fresh.k === k, 'the tracked rows ride along');
+        same(kvRows(s).k, concat([rows(1, 4), stopGradient(k)], 2), 'stored values');
+        // a view of the result leaves `fresh` behind with the rows it may no longer name
+        assert.ok(!('fresh' in dropOldestRows(s, 3)));
+        return sum(s.fresh.v);
+      };
+      assert.ok((grad(f)(rows(3, 2)) as Tensor).toArray().every((x) => x === 2), 'd sum(2k) / dk');
     });
   });
 
@@ -126,6 +142,62 @@ describe('attention over rows of a store (keyRows)', () => {
       }
     });
   }
+
+  test('the TTT inner step\'s case: attention over an untracked cache plus tracked new rows (fresh) equals attention over their concat; dK, dV of the new rows only', () => {
+    const d = 8;
+    const tol: Record<string, number> = { float64: 1e-12, float32: 2e-5, bfloat16: 3e-2 };
+    for (const dtype of dtypes) {
+      tidy(() => {
+        // grouped-query: 4 query heads over 2 key/value heads; 10 cached rows (3 of them dropped by the window), 6 new
+        const cached = () => dropOldestRows(appendKv(null, rn(1, [1, 2, 13, d], dtype), rn(2, [1, 2, 13, d], dtype)), 10);
+        const q = rn(3, [1, 4, 6, d], dtype);
+        const k = rn(4, [1, 2, 6, d], dtype);
+        const v = rn(5, [1, 2, 6, d], dtype);
+        const w = rn(6, [1, 4, 6, d], dtype);
+        const opts = { qStart: 13, kStart: 3, window: 9 };
+        const viaStore = (attend: typeof scaledDotAttention) => (a: Tensor, b: Tensor, c: Tensor) => {
+          const s = appendKv(cached(), b, c);
+          return sum(mul(attend(a, s.k, s.v, { ...opts, keyRows: s }), w));
+        };
+        const viaConcat = (a: Tensor, b: Tensor, c: Tensor) => {
+          const held = kvRows(cached());
+          return sum(mul(scaledDotAttention(a, concat([held.k, b], 2), concat([held.v, c], 2), opts), w));
+        };
+        const spied: (number | undefined)[] = [];
+        const be = getBackend();
+        const original = be.attentionBackward.bind(be);
+        be.attentionBackward = (...args: Parameters<typeof original>) => {
+          spied.push(args[6].gradKeysFrom);
+          return original(...args);
+        };
+        let fused: Tensor[];
+        try {
+          fused = grad(viaStore(scaledDotAttention), [0, 1, 2])(q, k, v) as Tensor[];
+        } finally {
+          be.attentionBackward = original;
+        }
+        assert.deepEqual(spied, [10], 'one backward, dK and dV from key row 10 (the first new row)');
+        const want = grad(viaConcat, [0, 1, 2])(q, k, v) as Tensor[];
+        const composite = grad(viaStore(compositeAttention), [0, 1, 2])(q, k, v) as Tensor[];
+        for (const [name, got] of [['fused', fused], ['composite', composite]] as const) {
+          got.forEach((g, i) => {
+            assert.deepEqual(g.shape, want[i].shape);
+            const x = g.toArray();
+            const y = want[i].toArray();
+            const scale = Math.max(...y.map(Math.abs));
+            const e = Math.max(...x.map((a, j) => Math.abs(a - y[j]))) / scale;
+            assert.ok(e <= tol[dtype], `${dtype} ${name}: gradient ${'qkv'[i]} error ${e}`);
+          });
+        }
+        if (dtype === 'float64') {
+          // second order goes through the composite, with the cache still constant
+          const hv = (f: (a: Tensor, b: Tensor, c: Tensor) => Tensor) => grad((b: Tensor) => sum(mul(grad((a: Tensor) => f(a, b, v))(q) as Tensor, q)))(k) as Tensor;
+          const e = Math.max(...hv(viaStore(scaledDotAttention)).toArray().map((a, j, arr) => Math.abs(a - hv(viaConcat).toArray()[j]) / Math.max(1, ...arr.map(Math.abs))));
+          assert.ok(e < 1e-10, `second order ${e}`);
+        }
+      });
+    }
+  });
 
   test('keyRows outside the store throws, naming the rows and the shape', () => {
     tidy(() => {

@@ -16,8 +16,11 @@ const targetsFor = (seed: number, shape: number[], V: number) =>
   T.tensor(seededValues(seed, sizeOf(shape), 0, V).map(Math.floor), shape, 'int32');
 const relDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i]) / Math.max(1, Math.abs(b[i]))), 0);
 
-/** [logits shape, targets shape]: 1-d and 2-d leads, a vocabulary of 1, a long row, no rows. */
-const CASES: [number[], number[]][] = [[[3, 7], [3]], [[2, 4, 11], [2, 4]], [[5, 1], [5]], [[2, 3000], [2]], [[0, 5], [0]]];
+/**
+ * [logits shape, targets shape]: 1-d and 2-d leads, a vocabulary of 1, long rows (a multiple of 8: the
+ * GPU reads 16 bytes at a time; and not), no rows.
+ */
+const CASES: [number[], number[]][] = [[[3, 7], [3]], [[2, 4, 11], [2, 4]], [[5, 1], [5]], [[2, 3000], [2]], [[3, 2051], [3]], [[0, 5], [0]]];
 
 describe('fused token NLL', () => {
   test('values equal the composite definition (float64, float32)', () => {
@@ -88,10 +91,11 @@ describe('fused token NLL', () => {
     });
   });
 
-  test('bfloat16 logits (GPU): float32 NLL equal to the composite on the widened logits; the gradient in bf16; second order', { skip: T.getBackend().name === 'cpu' && 'bfloat16 compute is for the GPU' }, () => {
-    T.tidy(() => {
-      const logits = T.cast(R(21, [6, 300], 'float32'), 'bfloat16');
-      const targets = targetsFor(22, [6], 300);
+  test('bfloat16 logits (GPU), rows of 300 and 2048: float32 NLL equal to the composite on the widened logits; the gradient in bf16; second order', { skip: T.getBackend().name === 'cpu' && 'bfloat16 compute is for the GPU' }, () => {
+    // 300: element loads; 2048: 16-byte loads on the GPU
+    for (const V of [300, 2048]) T.tidy(() => {
+      const logits = T.cast(R(21, [6, V], 'float32'), 'bfloat16');
+      const targets = targetsFor(22, [6], V);
       const nll = T.fusedTokenNll(logits, targets);
       assert.equal(nll.dtype, 'float32');
       const want = T.compositeTokenNll(T.cast(logits, 'float32'), targets);
@@ -103,7 +107,7 @@ describe('fused token NLL', () => {
       const gw = T.grad((x: T.Tensor) => T.sum(T.mul(T.compositeTokenNll(x, targets), w)))(T.cast(logits, 'float32')) as T.Tensor;
       const scaled = (a: number[], b: number[]) => a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0) / b.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
       assert.ok(scaled(g.toArray(), gw.toArray()) < 1e-2, `gradient ${scaled(g.toArray(), gw.toArray())}`);
-      const v = R(24, [6, 300], 'float32');
+      const v = R(24, [6, V], 'float32');
       const hvp = (fn: typeof T.fusedTokenNll, x0: T.Tensor) =>
         T.grad((x: T.Tensor) => T.sum(T.mul(T.cast(T.grad(f(fn))(x) as T.Tensor, 'float32'), v)))(x0) as T.Tensor;
       const got = hvp(T.fusedTokenNll, logits).toArray();

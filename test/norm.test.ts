@@ -49,6 +49,32 @@ describe('fused RMSNorm', () => {
     });
   });
 
+  test('a gradient of x alone skips the gain\'s column sum (the backend returns no dw) and still equals the composite', () => {
+    T.tidy(() => {
+      const x = R(9, [5, 12]);
+      const w = R(10, [12]);
+      const g = R(11, [5, 12]);
+      const loss = (f: typeof T.fusedRmsNorm) => (a: T.Tensor) => T.sum(T.mul(f(a, w, 1e-6), g));
+      const be = T.getBackend();
+      const original = be.rmsNormBackward.bind(be);
+      const asked: boolean[] = [];
+      be.rmsNormBackward = (...args: Parameters<typeof original>) => {
+        asked.push(args[7]);
+        const r = original(...args);
+        assert.equal(r.dw === null, !args[7], 'dw exactly when asked for');
+        return r;
+      };
+      let fused: T.Tensor;
+      try {
+        fused = T.grad(loss(T.fusedRmsNorm))(x) as T.Tensor;
+      } finally {
+        be.rmsNormBackward = original;
+      }
+      assert.deepEqual(asked, [false]);
+      assert.ok(maxDiff(fused.toArray(), (T.grad(loss(T.compositeRmsNorm))(x) as T.Tensor).toArray()) < 1e-11);
+    });
+  });
+
   test('second order (grad of grad) goes through the composite and agrees', () => {
     T.tidy(() => {
       const x = R(6, [3, 8]);

@@ -7,7 +7,7 @@
 import { recordFused } from './fused.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
-import { add, broadcastTo, div, matmul, reshape, softmax, tensor } from './ops.js';
+import { add, broadcastTo, concat, div, matmul, reshape, softmax, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
 import { kvRows } from './kv-store.js';
 import { fromData, getBackend, isTracked } from './runtime.js';
@@ -23,9 +23,11 @@ export interface AttentionOptions {
   window?: number;
   /**
    * The keys and values are rows [first, first + count) of axis -2 of k and v (a cache's storage,
-   * `appendKv`); kStart is the position of row `first`. Default: every row.
+   * `appendKv`); kStart is the position of row `first`. Default: every row. With `fresh` (an append of
+   * tracked rows to an untracked cache, see KvRows), the last rows hold fresh.k and fresh.v, and
+   * gradients reach the keys and values through those alone.
    */
-  keyRows?: { first: number; count: number };
+  keyRows?: { first: number; count: number; fresh?: { k: Tensor; v: Tensor } };
   /**
    * Positions held on the device, for a step replayed at every position (src/engine/launch-plan.ts):
    * `keys` int32 [Tk] is each key row's absolute position (negative: an empty row) and `query` int32 [1]
@@ -96,12 +98,21 @@ function attentionJob(op: string, q: Tensor, k: Tensor, v: Tensor, opts: Attenti
   return rows.count === stored ? job : { ...job, kvOffset: rows.first * d, kvStride: stored * d };
 }
 
-/** Rows [first, first + count) of k and v as contiguous tensors (after the shape checks). */
+/**
+ * Rows [first, first + count) of k and v as contiguous tensors (after the shape checks); with `fresh`,
+ * the stored rows before it followed by the fresh tensors themselves (so gradients reach them).
+ */
 function keysOf(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, op: string): [Tensor, Tensor] {
   attentionJob(op, q, k, v, opts);
-  const rows = opts.keyRows!;
-  const r = kvRows({ k, v, first: rows.first, count: rows.count });
-  return [r.k, r.v];
+  const { first, count, fresh } = opts.keyRows!;
+  if (!fresh) {
+    const r = kvRows({ k, v, first, count });
+    return [r.k, r.v];
+  }
+  const n = fresh.k.shape[fresh.k.rank - 2];
+  const held = kvRows({ k, v, first, count: count - n });
+  const axis = k.rank - 2;
+  return n === count ? [fresh.k, fresh.v] : [concat([held.k, fresh.k], axis), concat([held.v, fresh.v], axis)];
 }
 
 /**
@@ -163,8 +174,10 @@ export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
  * only touch the visible band and keep no [Tq, Tk] tensor.
  */
 export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): Tensor {
-  const tracked = isTracked(q) || isTracked(k) || isTracked(v);
+  const fresh = opts.keyRows?.fresh;
+  const tracked = isTracked(q) || isTracked(k) || isTracked(v) || (fresh !== undefined && (isTracked(fresh.k) || isTracked(fresh.v)));
   if (opts.positions && tracked) throw new Error('scaledDotAttention: positions held on the device are forward only (nothing may be differentiated)');
+  if (fresh && tracked && !isTracked(k) && !isTracked(v)) return attentionOverFresh(q, k, v, fresh, opts);
   if (opts.keyRows && tracked) {
     // the backward takes contiguous keys: differentiate through a copy of the rows
     return scaledDotAttention(q, ...keysOf(q, k, v, opts, 'scaledDotAttention'), { ...opts, keyRows: undefined });
@@ -182,5 +195,33 @@ export function scaledDotAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
     const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g.data, job, dtype);
     return [d.dq, d.dk, d.dv];
   }, [lse]);
+  return y;
+}
+
+/**
+ * Attention over stored rows whose last rows are the tracked `fresh` keys and values (the rows before
+ * are constants): a fused op of q, fresh.k and fresh.v. The forward reads the store where it is; the
+ * backward takes dQ over every visible key and dK, dV for the fresh rows alone (`gradKeysFrom`), so
+ * the TTT inner step never copies the cache or differentiates through it.
+ */
+function attentionOverFresh(q: Tensor, k: Tensor, v: Tensor, fresh: { k: Tensor; v: Tensor }, opts: AttentionOptions): Tensor {
+  const job = attentionJob('scaledDotAttention', q, k, v, opts);
+  const n = fresh.k.shape[fresh.k.rank - 2];
+  const rows = opts.keyRows!;
+  const stored = fmt([...k.shape.slice(0, -2), n, k.shape[k.rank - 1]]);
+  if (fmt(fresh.k.shape) !== stored || fmt(fresh.v.shape) !== stored || fresh.k.dtype !== k.dtype || fresh.v.dtype !== k.dtype || n > rows.count) {
+    throw new Error(`scaledDotAttention: fresh rows k ${fmt(fresh.k.shape)}, v ${fmt(fresh.v.shape)} do not end the ${rows.count} key rows of ${fmt(k.shape)}`);
+  }
+  const { dtype, backend } = q;
+  const r = backend.attentionForward(q.data, k.data, v.data, job, dtype);
+  const y = fromData(r.out, q.shape, dtype, backend);
+  const lse = fromData(r.lse, [job.batch, job.tq], dtype, backend);
+  // the definition, as a function of the op's inputs: the stored rows before them are constants
+  const over = (b: Tensor, c: Tensor): AttentionOptions => ({ ...opts, keyRows: { first: rows.first, count: rows.count, fresh: { k: b, v: c } } });
+  const composite = (a: Tensor, b: Tensor, c: Tensor) => compositeAttention(a, ...keysOf(a, k, v, over(b, c), 'compositeAttention'), { ...opts, keyRows: undefined });
+  recordFused('scaledDotAttention', [q, fresh.k, fresh.v], y, { composite }, (g) => {
+    const d = backend.attentionBackward(q.data, k.data, v.data, y.data, lse.data, g.data, { ...job, gradKeysFrom: job.tk - n }, dtype);
+    return [d.dq, d.dk, d.dv];
+  }, [lse, k, v]);
   return y;
 }

@@ -44,12 +44,18 @@ export interface AttentionJob {
   window: number;
   scale: number;
   /**
-   * Forward only: where the keys and values sit in k and v when those are rows of a larger store (a
-   * preallocated KV cache): key row j of key/value entry e is at element kvOffset + e·kvStride + j·d.
-   * Default 0 and tk·d (contiguous). The backward never gets them.
+   * Where the keys and values sit in k and v when those are rows of a larger store (a preallocated KV
+   * cache): key row j of key/value entry e is at element kvOffset + e·kvStride + j·d. Default 0 and
+   * tk·d (contiguous). dK and dV are always contiguous.
    */
   kvOffset?: number;
   kvStride?: number;
+  /**
+   * Backward only: dK and dV are taken for key rows [gradKeysFrom, tk) alone (the rows before are
+   * constants: a KV cache read by the TTT inner step) and hold tk − gradKeysFrom rows per key/value
+   * entry. Default 0. dQ still sums over every visible key.
+   */
+  gradKeysFrom?: number;
   /**
    * Forward only: positions read where the kernel runs (a launch plan replays one step at every
    * position). keyPositions int32 [tk] gives each key row's absolute position (negative: an empty
@@ -134,8 +140,10 @@ export interface Backend {
    * (w of length d). Also returns rstd ([rows]; float32 for bfloat16 tensors), which the backward reuses.
    */
   rmsNormForward(x: BackendData, w: BackendData, rows: number, d: number, eps: number, dtype: DType): { y: BackendData; rstd: BackendData };
-  /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order) given dy. */
-  rmsNormBackward(x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType): { dx: BackendData; dw: BackendData };
+  /** Cotangents of x ([rows, d]) and w ([d], summed over rows in a fixed order; null unless wantDw) given dy. */
+  rmsNormBackward(
+    x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType, wantDw: boolean,
+  ): { dx: BackendData; dw: BackendData | null };
   /**
    * Per row of logits [rows, V] with an int32 target: nll = logsumexp − logits[target], and the
    * logsumexp for the backward, both float32 for float32 and bfloat16 logits (float64 for float64). A

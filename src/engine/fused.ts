@@ -18,22 +18,26 @@ import type { Tensor } from './tensor.js';
 export type DifferentiableBackward = { composite: (...xs: Tensor[]) => Tensor } | { backward: (g: Tensor) => Tensor[] };
 
 /**
- * Records the fused op `name` (inputs → y). `kernel(g)` returns one cotangent buffer per input (in
- * that input's shape, dtype and backend); the ones the trace does not need are freed. `saved`: tensors
+ * Records the fused op `name` (inputs → y). `kernel(g, needs)` returns one cotangent buffer per input (in
+ * that input's shape, dtype and backend), or null for an input the trace does not need (`needs[i]`
+ * false) where the kernel can skip that work; buffers for unneeded inputs are freed. `saved`: tensors
  * the kernel reads besides the inputs (kept alive like them).
  */
 export function recordFused(
-  name: string, inputs: Tensor[], y: Tensor, differentiable: DifferentiableBackward, kernel: (g: Tensor) => BackendData[], saved: Tensor[] = [],
+  name: string, inputs: Tensor[], y: Tensor, differentiable: DifferentiableBackward, kernel: (g: Tensor, needs: boolean[]) => (BackendData | null)[], saved: Tensor[] = [],
 ): void {
   record(name, inputs, [y], ([g], needs) => {
     if (inputs.some(isTracked) || isTracked(y) || isTracked(g!)) {
       const cts = 'backward' in differentiable ? differentiable.backward(g!) : (vjp(differentiable.composite, ...inputs)[1](g!) as Tensor[]);
       return cts.map((c, i) => (needs[i] ? c : null));
     }
-    return kernel(g!).map((data, i) => {
+    return kernel(g!, needs).map((data, i) => {
       const like = inputs[i];
-      if (needs[i]) return fromData(data, like.shape, like.dtype, like.backend);
-      like.backend.free(data, like.dtype, like.size);
+      if (needs[i]) {
+        if (data === null) throw new Error(`${name}: the backward kernel skipped a cotangent the trace needs (input ${i})`);
+        return fromData(data, like.shape, like.dtype, like.backend);
+      }
+      if (data !== null) like.backend.free(data, like.dtype, like.size);
       return null;
     });
   }, saved);

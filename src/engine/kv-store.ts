@@ -10,10 +10,14 @@
  * into fresh storage with room to grow (twice the rows), and dropping the oldest rows (a sliding
  * window) only moves `first`, so the copies amortise to O(1) per appended row.
  *
- * While any autodiff transform is active (training, the TTT inner step), appending is the plain
- * differentiable concat: no storage is shared, nothing is written in place, and a checkpoint's
- * recomputation takes the same path as its first run whatever it tracks.
+ * When the cache itself is tracked by an autodiff transform (training: it was computed from the
+ * parameters), appending is the plain differentiable concat: no storage is shared, nothing is written
+ * in place, and a checkpoint's recomputation takes the same path as its first run. When only the new
+ * rows are tracked (the TTT inner step over a session's cache, a constant of every trace), their values
+ * are appended in place as usual and the view carries them as `fresh`: attention then differentiates
+ * through those rows alone (dK and dV of the new rows only) instead of through a copy of the cache.
  */
+import { stopGradient } from './autodiff.js';
 import { concat, slice } from './ops.js';
 import { fromData, isTracked, traceDepth } from './runtime.js';
 import { fmt, sizeOf, stridesOf } from './shape.js';
@@ -25,6 +29,16 @@ export interface KvRows {
   readonly v: Tensor;
   readonly first: number;
   readonly count: number;
+}
+
+/** What `appendKv` returns: the view, and the appended rows when gradients reach the keys through them alone. */
+export interface AppendedKvRows extends KvRows {
+  /**
+   * Set when the appended rows are tracked but the cache before them is not: the last
+   * fresh.k.shape[-2] rows of the view hold the values of these tensors, through which gradients reach
+   * them; the rows before are constants.
+   */
+  readonly fresh?: { readonly k: Tensor; readonly v: Tensor };
 }
 
 /** Per storage tensor k: the end of the rows written into it (appends in place continue from here). */
@@ -42,15 +56,14 @@ export function kvRows(rows: KvRows): { k: Tensor; v: Tensor } {
   return { k: slice(rows.k, lo, hi), v: slice(rows.v, lo, hi) };
 }
 
-/** Keeps only the newest `keep` rows (no copy). */
+/** Keeps only the newest `keep` rows (no copy); the result is a plain view (an appended view's `fresh` is left behind). */
 export function dropOldestRows(rows: KvRows, keep: number): KvRows {
-  if (rows.count <= keep) return rows;
-  const drop = rows.count - keep;
-  return { ...rows, first: rows.first + drop, count: keep };
+  const drop = Math.max(0, rows.count - keep);
+  return { k: rows.k, v: rows.v, first: rows.first + drop, count: rows.count - drop };
 }
 
 /** rows followed by k, v ([..., n, D], the same leading axes and D). */
-export function appendKv(rows: KvRows | null, k: Tensor, v: Tensor): KvRows {
+export function appendKv(rows: KvRows | null, k: Tensor, v: Tensor): AppendedKvRows {
   const r = k.rank;
   if (r < 2 || v.rank !== r || fmt(v.shape) !== fmt(k.shape) || v.dtype !== k.dtype) {
     throw new Error(`appendKv: k and v must have the same shape [..., n, D] and dtype, got k ${fmt(k.shape)} ${k.dtype}, v ${fmt(v.shape)} ${v.dtype}`);
@@ -64,16 +77,26 @@ export function appendKv(rows: KvRows | null, k: Tensor, v: Tensor): KvRows {
   }
   if (traceDepth() > 0) {
     if (!rows) return { k, v, first: 0, count: n };
-    const prev = kvRows(rows);
-    return { k: concat([prev.k, k], r - 2), v: concat([prev.v, v], r - 2), first: 0, count: rows.count + n };
+    if (isTracked(rows.k) || isTracked(rows.v)) {
+      const prev = kvRows(rows);
+      return { k: concat([prev.k, k], r - 2), v: concat([prev.v, v], r - 2), first: 0, count: rows.count + n };
+    }
+    if (isTracked(k) || isTracked(v)) return { ...storeRows(rows, stopGradient(k), stopGradient(v)), fresh: { k, v } };
   }
+  return storeRows(rows, k, v);
+}
+
+/** The untracked append: in place at the storage's frontier, else into fresh storage. */
+function storeRows(rows: KvRows | null, k: Tensor, v: Tensor): KvRows {
+  const r = k.rank;
+  const n = k.shape[r - 2];
   if (rows) {
     const end = rows.first + rows.count;
     if (frontier.get(rows.k) === end && end + n <= rows.k.shape[r - 2]) {
       writeRows(rows.k, end, k);
       writeRows(rows.v, end, v);
       frontier.set(rows.k, end + n);
-      return { ...rows, count: rows.count + n };
+      return { k: rows.k, v: rows.v, first: rows.first, count: rows.count + n };
     }
   }
   const count = (rows?.count ?? 0) + n;

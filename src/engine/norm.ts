@@ -33,8 +33,10 @@ export function fusedRmsNorm(x: Tensor, w: Tensor, eps: number): Tensor {
     return y;
   }
   const rstd = fromData(r.rstd, [rows], dtype, backend);
-  recordFused('rmsNorm', [x, w], y, { composite: (a, b) => compositeRmsNorm(a, b, eps) }, (g) => {
-    const grads = backend.rmsNormBackward(x.data, w.data, rstd.data, g.data, rows, d, dtype);
+  recordFused('rmsNorm', [x, w], y, { composite: (a, b) => compositeRmsNorm(a, b, eps) }, (g, needs) => {
+    // the gain's gradient (a column sum over every row) only where the trace wants it: the TTT inner
+    // step differentiates through norms whose gains it does not update
+    const grads = backend.rmsNormBackward(x.data, w.data, rstd.data, g.data, rows, d, dtype, needs[1]);
     return [grads.dx, grads.dw];
   }, [rstd]);
   return y;

@@ -192,7 +192,8 @@ function attentionAtPositions(q: FloatArray, k: FloatArray, v: FloatArray, job: 
 /**
  * FlashAttention's backward per block: P is recomputed from q, k and the saved lse;
  * dV += Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K · scale, dK += dSᵀ Q · scale. A key
- * belongs to the bands of several blocks, so dK and dV accumulate in double across blocks.
+ * belongs to the bands of several blocks, so dK and dV accumulate in double across blocks. Keys may
+ * be rows of a store (kvOffset, kvStride); dK and dV cover rows from gradKeysFrom.
  */
 export function attentionBackward(
   qd: unknown, kd: unknown, vd: unknown, od: unknown, lsed: unknown, dod: unknown, job: AttentionJob, dtype: DType,
@@ -204,12 +205,12 @@ export function attentionBackward(
   const lse = lsed as FloatArray;
   const dO = dod as FloatArray;
   const { batch, tq, tk, d, scale } = job;
-  if (job.kvOffset !== undefined || job.kvStride !== undefined) throw new Error('cpu backend: the attention backward takes contiguous k and v only');
   const groups = job.groups ?? 1;
   const kvBatch = batch / groups;
+  const from = job.gradKeysFrom ?? 0;
   const dq = pool.alloc(dtype, batch * tq * d, false) as FloatArray; // outputs: every element is written below
-  const dk = pool.alloc(dtype, kvBatch * tk * d, false) as FloatArray;
-  const dv = pool.alloc(dtype, kvBatch * tk * d, false) as FloatArray;
+  const dk = pool.alloc(dtype, kvBatch * (tk - from) * d, false) as FloatArray;
+  const dv = pool.alloc(dtype, kvBatch * (tk - from) * d, false) as FloatArray;
   // a key/value head's gradient sums its query heads', in head order
   const dkAcc = new Float64Array(kvBatch * tk * d);
   const dvAcc = new Float64Array(kvBatch * tk * d);
@@ -244,10 +245,12 @@ export function attentionBackward(
         for (let x = 0; x < nk * d; x++) acc[to + x] += tmp[from + x] * mul;
       }
     };
-    gemm({ batch, m: nk, n: d, k: m, transA: true, transB: false, a: p, aOffsets: pOff, b: dO, bOffsets: qOff, c: tmp });
-    accumulate(dvAcc, 1);
-    gemm({ batch, m: nk, n: d, k: m, transA: true, transB: false, a: ds, aOffsets: pOff, b: q, bOffsets: qOff, c: tmp });
-    accumulate(dkAcc, scale);
+    if (lo + nk > from) {
+      gemm({ batch, m: nk, n: d, k: m, transA: true, transB: false, a: p, aOffsets: pOff, b: dO, bOffsets: qOff, c: tmp });
+      accumulate(dvAcc, 1);
+      gemm({ batch, m: nk, n: d, k: m, transA: true, transB: false, a: ds, aOffsets: pOff, b: q, bOffsets: qOff, c: tmp });
+      accumulate(dkAcc, scale);
+    }
     gemm({ batch, m, n: d, k: nk, transA: false, transB: false, a: ds, aOffsets: pOff, b: k, bOffsets: kOff, c: tmp });
     for (let b = 0; b < batch; b++) {
       const from = b * m * d;
@@ -256,7 +259,9 @@ export function attentionBackward(
     }
   }
   for (const a of [p, ds, tmp]) pool.release(a, dtype, a.length);
-  dk.set(dkAcc);
-  dv.set(dvAcc);
+  for (let e = 0; e < kvBatch; e++) {
+    dk.set(dkAcc.subarray((e * tk + from) * d, (e + 1) * tk * d), e * (tk - from) * d);
+    dv.set(dvAcc.subarray((e * tk + from) * d, (e + 1) * tk * d), e * (tk - from) * d);
+  }
   return { dq, dk, dv };
 }

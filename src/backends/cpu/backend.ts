@@ -445,7 +445,7 @@ export class CpuBackend implements Backend {
     }
     return { y, rstd };
   }
-  rmsNormBackward(xd: unknown, wd: unknown, rstdd: unknown, dyd: unknown, rows: number, d: number, dtype: DType): { dx: Arr; dw: Arr } {
+  rmsNormBackward(xd: unknown, wd: unknown, rstdd: unknown, dyd: unknown, rows: number, d: number, dtype: DType, wantDw: boolean): { dx: Arr; dw: Arr | null } {
     const [x, w, rstd, dy] = [xd, wd, rstdd, dyd] as Arr[];
     const dx = pool.alloc(dtype, rows * d, false);
     const dwSum = new Float64Array(d);
@@ -457,9 +457,10 @@ export class CpuBackend implements Backend {
       const k3 = (k * k * k * s) / d;
       for (let c = 0; c < d; c++) {
         dx[o + c] = k * dy[o + c] * w[c] - x[o + c] * k3;
-        dwSum[c] += dy[o + c] * x[o + c] * k;
+        if (wantDw) dwSum[c] += dy[o + c] * x[o + c] * k;
       }
     }
+    if (!wantDw) return { dx, dw: null };
     const dw = pool.alloc(dtype, d, false);
     dw.set(dwSum);
     return { dx, dw };

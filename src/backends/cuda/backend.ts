@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, nllVecWidth, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -256,9 +256,10 @@ export class CudaBackend implements Backend {
     return { regs: get(CU_FUNC_ATTRIBUTE_NUM_REGS), localBytes: get(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES), blocksPerSm: blocks[0]! };
   }
 
-  private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string): void {
+  /** A launch of `blocks` (× `blocksY`) blocks of `threads`. */
+  private launch(f: Handle, blocks: number, threads: number, shared: number, a: ArgPacker, what: string, blocksY = 1): void {
     this.launches++;
-    const run = () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, this.stream, a.params(), null));
+    const run = () => this.cu(`cuLaunchKernel(${what})`, this.drv.cuLaunchKernel(f, blocks, blocksY, 1, threads, 1, 1, shared, this.stream, a.params(), null));
     if (this.profile) this.timed(what, run);
     else run();
   }
@@ -634,6 +635,7 @@ export class CudaBackend implements Backend {
     const lse = this.alloc(statDType(dt), rows);
     if (rows === 0) return { nll, lse };
     const a = this.args.reset().ptr(nll.ptr).ptr(lse.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(this.status.ptr).i64(rows).i64(V);
+    a.i32(this.nllRowsAligned(logits, V, dt));
     this.launch(this.fn('reduce', dt, NLL_FWD), this.rowBlocks(rows), THREADS, 0, a, NLL_FWD);
     this.statusPending = true;
     return { nll, lse };
@@ -645,8 +647,17 @@ export class CudaBackend implements Backend {
     const dx = this.alloc(dt, rows * V);
     if (rows * V === 0) return dx;
     const a = this.args.reset().ptr(dx.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).i64(rows).i64(V);
-    this.launch(this.fn('reduce', dt, NLL_BWD), this.blocksFor(rows * V), THREADS, 0, a, NLL_BWD);
+    const vec = this.nllRowsAligned(logits, V, dt) & this.nllRowsAligned(dx, V, dt);
+    a.i32(vec);
+    // blocks along a row (each thread one 16-byte vector, or one element) × rows
+    const perRow = Math.ceil(V / (vec ? nllVecWidth(dt) : 1) / THREADS);
+    this.launch(this.fn('reduce', dt, NLL_BWD), Math.max(1, Math.min(perRow, 1024)), THREADS, 0, a, NLL_BWD, Math.min(rows, 65535));
     return dx;
+  }
+
+  /** 1 when every row of [rows, V] logits at this buffer starts 16-byte aligned (the NLL kernels' vector loads). */
+  private nllRowsAligned(x: unknown, V: number, dt: DType): number {
+    return buf(x).ptr % 16 === 0 && (V * BYTES[dt]) % 16 === 0 ? 1 : 0;
   }
 
   tokenNllGradBackward(
@@ -723,15 +734,19 @@ export class CudaBackend implements Backend {
     return { y, rstd };
   }
 
-  rmsNormBackward(x: unknown, w: unknown, rstd: unknown, dy: unknown, rows: number, d: number, dtype: DType): { dx: DeviceBuffer; dw: DeviceBuffer } {
+  rmsNormBackward(
+    x: unknown, w: unknown, rstd: unknown, dy: unknown, rows: number, d: number, dtype: DType, wantDw: boolean,
+  ): { dx: DeviceBuffer; dw: DeviceBuffer | null } {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
     const acc: DType = statDType(dt);
     const dx = this.alloc(dt, rows * d);
-    if (rows === 0) return { dx, dw: this.fill(d, dt, 0) };
-    const gxr = this.alloc(acc, rows * d);
-    const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr.ptr).i64(rows).i64(d);
+    if (rows === 0) return { dx, dw: wantDw ? this.fill(d, dt, 0) : null };
+    // gxr = dy·x·rstd per element, whose column sums are dw (not written without wantDw)
+    const gxr = wantDw ? this.alloc(acc, rows * d) : null;
+    const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr ? gxr.ptr : 0).i64(rows).i64(d);
     this.launch(this.fn('reduce', dt, RMSNORM_BWD), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, RMSNORM_BWD);
+    if (!gxr) return { dx, dw: null };
     // dw: column sums of gxr, in the deterministic split reduction, then to the tensors' dtype
     const dwAcc = this.reduce('sum', gxr, 1, rows, d, acc);
     this.allocator.free(gxr);
@@ -996,14 +1011,17 @@ export class CudaBackend implements Backend {
   ): { dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
     const dt = this.attentionDType(dtype, job);
     const { batch, d } = job;
-    if (job.kvOffset !== undefined || job.kvStride !== undefined) throw new Error('cuda backend: the attention backward takes contiguous k and v only');
     const groups = job.groups ?? 1;
     const qRows = batch * job.tq;
-    const kRows = (batch / groups) * job.tk; // key/value entries: batch / groups
+    // dK, dV for key rows [from, tk) only (before: constants); keys may be rows of a store
+    const from = job.gradKeysFrom ?? 0;
+    const kRows = (batch / groups) * (job.tk - from); // key/value entries: batch / groups
+    const kvStride = job.kvStride ?? job.tk * d;
+    const kvAt = (job.kvOffset ?? 0) * BYTES[dt];
     const dq = this.alloc(dt, qRows * d);
     const dk = this.alloc(dt, kRows * d);
     const dv = this.alloc(dt, kRows * d);
-    if (kRows * d === 0) return { dq, dk, dv };
+    if (job.tk * d === 0) return { dq, dk, dv };
     if (qRows === 0) {
       // no query sees any key: zero gradients
       for (const g of [dk, dv]) this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(g.ptr, 0, kRows * d * BYTES[dt], this.stream));
@@ -1016,21 +1034,26 @@ export class CudaBackend implements Backend {
     const a0 = this.args.reset().ptr(buf(o).ptr).ptr(buf(dout).ptr).ptr(delta.ptr).i64(qRows).i64(dd);
     const deltaBlocks = Math.max(1, Math.min(Math.ceil(qRows / (ATT_DELTA_THREADS / 32)), this.sms * 64));
     this.launch(this.fn('attention', dt, ATT_DELTA), deltaBlocks, ATT_DELTA_THREADS, 0, a0, ATT_DELTA);
-    const common = (a: ArgPacker) => a.ptr(buf(q).ptr).ptr(buf(k).ptr).ptr(buf(v).ptr).ptr(buf(dout).ptr).ptr(buf(lse).ptr).ptr(delta.ptr);
-    const a1 = common(this.args.reset()).ptr(dk.ptr).ptr(dv.ptr);
-    if (fdkv) {
-      a1.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
-      this.launch(fdkv.f, this.attnGrid(batch / groups, tk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
+    const common = (a: ArgPacker, keysAt: number) =>
+      a.ptr(buf(q).ptr).ptr(buf(k).ptr + keysAt).ptr(buf(v).ptr + keysAt).ptr(buf(dout).ptr).ptr(buf(lse).ptr).ptr(delta.ptr);
+    // dK/dV see only the keys from `from`: the same kernel over a shorter key range starting there
+    const nk = tk - from;
+    const a1 = common(this.args.reset(), kvAt + from * d * BYTES[dt]).ptr(dk.ptr).ptr(dv.ptr);
+    if (nk === 0) {
+      // no key takes a gradient
+    } else if (fdkv) {
+      a1.i64(batch).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
+      this.launch(fdkv.f, this.attnGrid(batch / groups, nk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
     } else {
-      a1.i64(kRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      a1.i64(kRows).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);
     }
-    const a2 = common(this.args.reset()).ptr(dq.ptr);
+    const a2 = common(this.args.reset(), kvAt).ptr(dq.ptr);
     if (fdq) {
-      a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
     } else {
-      a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups);
+      a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, attentionShared(dt, d), a2, ATT_BWD_DQ);
     }
     this.allocator.free(delta); // stream-ordered: reuse comes after these kernels

@@ -426,7 +426,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
 /* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles; MT = BQ / 64 row tiles per warp. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dq,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -438,8 +438,8 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const bf16* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
-  const bf16* vb = v + (b / groups) * tk * d;
+  const bf16* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
+  const bf16* vb = v + (b / groups) * kvStride;
   const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
@@ -497,7 +497,7 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
 /* dK, dV: grid = (batch / groups) * ceil(tk / BK) blocks, one per key tile of a key/value entry, over the query tiles (of each of its query entries) that see it; MT = BK / 64 key tiles per warp. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
 #ifdef FM_ENABLED
   constexpr int MT = BK / 64, LD = DP + 8, NQ = BQ / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -523,8 +523,8 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
     fa_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + qe * tq, delta + qe * tq, i0, iend);
   };
   if (steps > 0) fetch(0, 0);
-  fm_load<BK, DP, LD>(Ks, k + b * tk * d, j0, jend, d);
-  fm_load<BK, DP, LD>(Vs, v + b * tk * d, j0, jend, d);
+  fm_load<BK, DP, LD>(Ks, k + b * kvStride, j0, jend, d);
+  fm_load<BK, DP, LD>(Vs, v + b * kvStride, j0, jend, d);
   const float sc = (float)(scaleD * FA_LOGC);
   const int r0 = warp * MT * 16;
   float dka[MT][OT][4], dva[MT][OT][4];

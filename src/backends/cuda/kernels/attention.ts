@@ -388,7 +388,7 @@ __device__ __forceinline__ void fa_fwd(const T* q, const T* k, const T* v, T* ou
 /* dK, dV: grid = (batch / groups) * ceil(tk / BK) blocks, one per key tile of a key/value entry, over the query tiles (of each of its query entries) that see it. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   constexpr int RM = BK / 16, CM = BQ / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDP = BQ + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -406,8 +406,8 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
   const i64 b = (i64)blockIdx.x % kvBatch;
   const i64 j0 = ((i64)blockIdx.x / kvBatch) * BK;
   const i64 jend = j0 + BK < tk ? j0 + BK : tk;
-  fa_load<BK, DP, LDQ>(Ks, k + b * tk * d, j0, jend, d);
-  fa_load<BK, DP, LDQ>(Vs, v + b * tk * d, j0, jend, d);
+  fa_load<BK, DP, LDQ>(Ks, k + b * kvStride, j0, jend, d);
+  fa_load<BK, DP, LDQ>(Vs, v + b * kvStride, j0, jend, d);
   // Queries that see some key of the tile: i with s <= qStart + i < s + window for s in [kStart + j0, kStart + jend - 1].
   i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
   i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
@@ -471,7 +471,7 @@ __device__ __forceinline__ void fa_dkv(const T* q, const T* k, const T* v, const
 /* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles. */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   constexpr int RM = BQ / 16, CM = BK / 16, OC = DP / 16, OW = OC < FA_VW ? OC : FA_VW;
   constexpr int LDQ = DP + FA_VW, LDS = BK + FA_VW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -485,8 +485,8 @@ __device__ __forceinline__ void fa_dq(const T* q, const T* k, const T* v, const 
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
   const fa_tile tile = fa_query_tile<BQ>(batch, tq);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
-  const T* kb = k + (b / groups) * tk * d; // grouped-query attention: the kv entry of query entry b
-  const T* vb = v + (b / groups) * tk * d;
+  const T* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
+  const T* vb = v + (b / groups) * kvStride;
   fa_load<BQ, DP, LDQ>(Qs, q + b * tq * d, i0, iend, d);
   fa_load<BQ, DP, LDQ>(dOs, dout + b * tq * d, i0, iend, d);
   fa_load_rows<BQ>(Ls, Ds, lse + b * tq, delta + b * tq, i0, iend);
@@ -565,9 +565,9 @@ function fusedEntries(dtype: AttnDType): string {
         return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride); }`;
       }
       if (p.kernel === 'dkv') {
-        return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}); }`;
+        return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}, i64 kvStride) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}, kvStride); }`;
       }
-      return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}) { ${fn}_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}); }`;
+      return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}, i64 kvStride) { ${fn}_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}, kvStride); }`;
     })
     .join('\n');
 }
@@ -616,14 +616,14 @@ extern "C" __global__ void ${ATT_FWD}(const T* q, const T* k, const T* v, T* out
 
 /** dQ per query row (delta comes from ${ATT_DELTA}). */
 extern "C" __global__ void ${ATT_BWD_DQ}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
-    T* dq, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    T* dq, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* qs = (A*)smem; A* dos = qs + d; A* ps = dos + d;
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tq, i = row % tq;
-    const T* kb = k + (b / groups) * tk * d; const T* vb = v + (b / groups) * tk * d;
+    const T* kb = k + (b / groups) * kvStride; const T* vb = v + (b / groups) * kvStride;
     for (i64 c = t; c < d; c += blockDim.x) { qs[c] = att_ld(q[row * d + c]); dos[c] = att_ld(dout[row * d + c]); }
     __syncthreads();
     const A dl = delta[row];
@@ -654,14 +654,14 @@ extern "C" __global__ void ${ATT_BWD_DQ}(const T* q, const T* k, const T* v, con
 
 /** dK and dV per key row, over the queries that see that key. */
 extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta,
-    T* dk, T* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups) {
+    T* dk, T* dv, i64 rows, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
   extern __shared__ __align__(16) unsigned char smem[];
   A* ks = (A*)smem; A* vs = ks + d; A* ps = vs + d; A* dss = ps + ${ATT_THREADS};
   const A scale = (A)scaleD;
   int t = threadIdx.x;
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
     i64 b = row / tk, j = row % tk;
-    for (i64 c = t; c < d; c += blockDim.x) { ks[c] = att_ld(k[row * d + c]); vs[c] = att_ld(v[row * d + c]); }
+    for (i64 c = t; c < d; c += blockDim.x) { ks[c] = att_ld(k[b * kvStride + j * d + c]); vs[c] = att_ld(v[b * kvStride + j * d + c]); }
     __syncthreads();
     i64 s = kStart + j;
     i64 ilo = s - qStart; if (ilo < 0) ilo = 0;

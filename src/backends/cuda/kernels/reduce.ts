@@ -4,7 +4,7 @@
  * CPU backend's do; max and min propagate NaN like the CPU loops.
  */
 import type { ReduceOp } from '../../../engine/backend.js';
-import { CTYPE, CUDA_FLOATS, type CudaDType, STORE, blockReduce, load } from './common.js';
+import { BYTES, CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, blockReduce, load } from './common.js';
 
 const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D' };
 /** combine(a = accumulator, b = new value) */
@@ -41,22 +41,53 @@ export const RMSNORM_BWD = 'rmsnorm_bwd';
 /** Rows per block of the RMSNorm kernels (one warp each). */
 export const RMSNORM_ROWS = 8;
 
+/** Elements of a 16-byte vector of the NLL kernels (the host passes vec = 1 when every row is 16-byte aligned). */
+export const nllVecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
+// (vec implies V is a multiple of the width: rows of V · bytes are 16-byte multiples)
+
 /**
- * Token NLL from logits (fusedTokenNll): forward one block per row (row_lse, as logsumexp_rows), nll
- * and the row's lse (both float, or double for float64; so is the cotangent g) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read at the next sync) and gives NaN. Backward one
- * thread per logit: (exp(x − lse) − [j = target]) · g. Its second order (token_nll_hvp) one block per row:
- * s = Σ p·u, then dx = g·p·(u − s) and dg = s − u[target].
+ * Token NLL from logits (fusedTokenNll), memory-bound over [rows, V]: forward one block per row, one
+ * pass with a running (max, Σ exp) per thread (exp in the math type: float for float32 and bfloat16,
+ * sums in double), merged across the block; nll and the row's lse (float, or double for float64; so
+ * is the cotangent g) by thread 0; a target outside [0, V) sets the backend's status word (code 3, read
+ * at the next sync) and gives NaN. Backward over (column chunk, row) blocks: (exp(x − lse) − [j = target]) · g.
+ * Rows are read 16 bytes per load where aligned (vec). An infinite max passes through as lse, as in
+ * logsumexp_rows. Its second order (token_nll_hvp) one block per row: s = Σ p·u, then dx = g·p·(u − s)
+ * and dg = s − u[target].
  */
 function tokenNllSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const L = dtype === 'float64' ? 'double' : 'float';
+  const A = MATH[dtype];
+  const EXP = dtype === 'float64' ? 'exp' : 'expf';
+  const VW = nllVecWidth(dtype);
   const ld = (e: string) => load(dtype, e, 'double');
+  const la = (e: string) => load(dtype, e, A);
   const st = STORE[dtype];
-  return `extern "C" __global__ void ${NLL_FWD}(${L}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V) {
+  // runs body on v (the math type) for every element of `row` that thread t of nt owns
+  const eachOf = (body: string) => `if (vec) {
+      const uint4* rv = (const uint4*)row;
+      const i64 nv = V / ${VW};
+      for (i64 i = t; i < nv; i += nt) {
+        const uint4 u = rv[i];
+        const ${T}* e = (const ${T}*)&u;
+        #pragma unroll
+        for (int q = 0; q < ${VW}; q++) { const ${A} v = ${la('e[q]')}; ${body} }
+      }
+    } else {
+      for (i64 j = t; j < V; j += nt) { const ${A} v = ${la('row[j]')}; ${body} }
+    }`;
+  return `extern "C" __global__ void ${NLL_FWD}(${L}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V, int vec) {
   __shared__ double red[1024];
+  const i64 t = threadIdx.x, nt = blockDim.x;
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
     const ${T}* row = x + o * V;
-    const double l = row_lse(row, V, red);
+    ${A} m = (${A})NEG_INF_D;
+    double s = 0.0;
+    ${eachOf(`if (v > m) { s = (m == (${A})NEG_INF_D ? 0.0 : s * (double)${EXP}(m - v)) + 1.0; m = v; } else if (!(v == (${A})NEG_INF_D)) s += (double)${EXP}(v - m);`)}
+    const double M = block_fmax((double)m, red);
+    double l = M;
+    if (M != NEG_INF_D && M != POS_INF_D) l = M + log(block_dsum(m == (${A})NEG_INF_D ? 0.0 : s * exp((double)m - M), red));
     if (threadIdx.x == 0) {
       const int r = tgt[o];
       lse[o] = (${L})l;
@@ -69,12 +100,33 @@ function tokenNllSource(dtype: CudaDType): string {
     }
   }
 }
-extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, i64 rows, i64 V) {
-  const i64 n = rows * V;
-  for (i64 k = gtid(); k < n; k += gstride()) {
-    const i64 o = k / V, j = k % V;
-    const double p = exp(${ld('x[k]')} - (double)lse[o]);
-    dx[k] = ${st(`(p - (j == tgt[o] ? 1.0 : 0.0)) * (double)g[o]`)};
+extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, i64 rows, i64 V, int vec) {
+  const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x, nt = (i64)gridDim.x * blockDim.x;
+  for (i64 o = blockIdx.y; o < rows; o += gridDim.y) {
+    const ${T}* row = x + o * V;
+    ${T}* out = dx + o * V;
+    const double l = (double)lse[o];
+    const ${A} gr = (${A})g[o];
+    const i64 r = tgt[o];
+    if (vec) {
+      const uint4* rv = (const uint4*)row;
+      uint4* ov = (uint4*)out;
+      const i64 nv = V / ${VW};
+      for (i64 i = t; i < nv; i += nt) {
+        const uint4 u = rv[i];
+        const ${T}* e = (const ${T}*)&u;
+        uint4 w;
+        ${T}* f = (${T}*)&w;
+        #pragma unroll
+        for (int q = 0; q < ${VW}; q++) {
+          const ${A} p = ${EXP}((${A})(${ld('e[q]')} - l));
+          f[q] = ${st(`(p - (i * ${VW} + q == r ? (${A})1 : (${A})0)) * gr`)};
+        }
+        ov[i] = w;
+      }
+    } else {
+      for (i64 j = t; j < V; j += nt) out[j] = ${st(`(${EXP}((${A})(${ld('row[j]')} - l)) - (j == r ? (${A})1 : (${A})0)) * gr`)};
+    }
   }
 }
 extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, const ${T}* u, i64 rows, i64 V) {
@@ -130,7 +182,7 @@ extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${
   for (i64 c = lane; c < d; c += 32) {
     const ${A} g = ${ld('gr[c]')}, xv = ${ld('xr[c]')};
     dx[row * d + c] = ${st(`k * g * ${ld('w[c]')} - xv * k3`)};
-    gxr[row * d + c] = g * xv * k;
+    if (gxr) gxr[row * d + c] = g * xv * k;
   }
 }`;
 }
