@@ -80,6 +80,8 @@ const LONG: AttnCase[] = [
   c('T 1024 causal, d 64', [2], 1024, 1024, 64, 0, 0),
   c('T 2048 window 256, d 64', [2], 2048, 2048, 64, 0, 0, 256),
   c('T 700 window 129, d 128', [2], 700, 700, 128, 0, 0, 129),
+  // a TTT mini-batch's shape, smaller: few query tiles over a long band (the bf16 forward splits the keys)
+  c('256 queries after 4096 cached keys, window 4096, d 64', [2, 3], 256, 4352, 64, 4096, 0, 4096),
 ];
 
 /** Seeded host values in [lo, hi). */
@@ -291,6 +293,31 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
       ]);
       assert.equal(fwd.tensorCores, tc);
     }
+  });
+
+  test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged by the combine kernel', host, async () => {
+    const { backend, launches } = await standIn();
+    const slots = 2 * backend.info().multiprocessors!;
+    const d = 64;
+    // a TTT-E2E mini-batch of 125m: 12 heads, 1024 queries after 8192 cached keys, window 8192
+    const j = { batch: 12, tq: 1024, tk: 9216, d, qStart: 8192, kStart: 0, window: 8192, scale: 1 / 8 };
+    const q = backend.fill(12 * 1024 * d, 'bfloat16', 0);
+    const kv = backend.fill(12 * 9216 * d, 'bfloat16', 0);
+    const fwd = attentionPlan('bfloat16', 'fwd', d, true)!;
+    const tiles = 12 * Math.ceil(1024 / fwd.bq);
+    assert.ok(tiles < slots, 'the case leaves SMs idle without a split');
+    const splits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + fwd.bq) / (8 * fwd.bk)));
+    assert.ok(splits > 1);
+    launches.length = 0;
+    backend.attentionForward(q, kv, kv, j, 'bfloat16');
+    assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_decode_combine', 12 * 1024]]);
+    // enough query tiles to fill the GPU: one pass, no merge
+    const big = { ...j, tq: 16384, tk: 16384, qStart: 0 };
+    const qb = backend.fill(12 * 16384 * d, 'bfloat16', 0);
+    const kb = backend.fill(12 * 16384 * d, 'bfloat16', 0);
+    launches.length = 0;
+    backend.attentionForward(qb, kb, kb, big, 'bfloat16');
+    assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, 12 * Math.ceil(16384 / fwd.bq)]]);
   });
 
   test('row kernels where the device refuses the shared memory, above d 256, or when asked; errors beyond', host, async () => {

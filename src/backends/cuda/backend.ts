@@ -994,12 +994,40 @@ export class CudaBackend implements Backend {
     const a = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(out.ptr).ptr(lse.ptr);
     if (fused) {
       a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
-      this.launch(fused.f, this.attnGrid(job.batch, tq, fused.plan.bq), fused.plan.threads, fused.plan.shared, a, fused.plan.name);
+      const tiles = this.attnGrid(job.batch, tq, fused.plan.bq);
+      const splits = fused.plan.tensorCores ? this.forwardSplits(tiles, Math.min(tk, band + fused.plan.bq), fused.plan.bk) : 1;
+      if (!fused.plan.tensorCores) {
+        this.launch(fused.f, tiles, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
+        return { out, lse };
+      }
+      // few query tiles over long bands: each tile's keys split across blocks, then merged as in decoding
+      const A = attentionAccBytes(dt);
+      const po = splits > 1 ? this.allocator.alloc(rows * splits * d * A) : null;
+      const pml = splits > 1 ? this.allocator.alloc(rows * splits * 2 * A) : null;
+      a.i64(splits).ptr(po ? po.ptr : 0).ptr(pml ? pml.ptr : 0);
+      this.launch(fused.f, tiles * splits, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
+      if (po && pml) {
+        const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
+        this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d), a2, ATT_DECODE_COMBINE);
+        this.allocator.free(po); // stream-ordered
+        this.allocator.free(pml);
+      }
     } else {
       a.i64(rows).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_FWD), this.rowBlocks(rows), ATT_THREADS, attentionShared(dt, d), a, ATT_FWD);
     }
     return { out, lse };
+  }
+
+  /**
+   * Key splits of the tensor-core forward over `tiles` query tiles whose bands span up to `band` keys:
+   * 1 when the tiles fill the GPU (two blocks per SM fit), else enough for about four waves, each split
+   * keeping at least 8 key tiles of `bk` (below that, the partial outputs cost more than they save).
+   */
+  private forwardSplits(tiles: number, band: number, bk: number): number {
+    const slots = 2 * this.sms;
+    if (tiles >= slots) return 1;
+    return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(band / (8 * bk))));
   }
 
   /**

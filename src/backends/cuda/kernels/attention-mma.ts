@@ -302,6 +302,17 @@ __device__ __forceinline__ void fm_store_row(bf16* row, const float (&acc)[OT][4
   }
 }
 
+/* Store this thread's columns of accumulator row half h as floats (a split forward's unnormalised partial output). */
+template <int OT>
+__device__ __forceinline__ void fm_store_partial(float* row, const float (&acc)[OT][4], int h, int t, i64 d) {
+#pragma unroll
+  for (int ot = 0; ot < OT; ot++) {
+    const int c = ot * 8 + 2 * t;
+    if (c < d) row[c] = acc[ot][2 * h];
+    if (c + 1 < d) row[c + 1] = acc[ot][2 * h + 1];
+  }
+}
+
 /* Key j is visible from query row i (band_lo(i) <= j <= band_hi(i), i < tq assumed). */
 __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i64 window) {
   const i64 diff = qStart + i - kStart - j;
@@ -310,24 +321,36 @@ __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i6
 #endif
 
 /*
- * Forward: grid = batch * ceil(tq / BQ) blocks, the heaviest (last) query tiles first. Each of the 4
- * warps owns MT = BQ / 64 tiles of 16 query rows: every K and V fragment it loads serves all MT.
+ * Forward: grid = batch * ceil(tq / BQ) * splits blocks, the heaviest (last) query tiles first. Each of
+ * the 4 warps owns MT = BQ / 64 tiles of 16 query rows: every K and V fragment it loads serves all MT.
+ * With splits > 1 (few query tiles over long bands: the TTT inner step's 1024 queries over a window of
+ * 8 K keys would leave most SMs idle), block (tile, s) takes the s-th share of the tile's key tiles and
+ * writes its unnormalised output and (max, sum) to po and pml (the decode partials' layout, [row][split]),
+ * which the decode combine kernel merges into out and lse.
  */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride,
+    i64 splits, float* po, float* pml) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8, KD = DP / 16;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem); // [BQ][LD]
   bf16* KVs = Qs + BQ * LD;                 // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 sp = (i64)blockIdx.x % splits;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq, (i64)blockIdx.x / splits);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const bf16* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
   const bf16* vb = v + (b / groups) * kvStride;
   const float sc = (float)(scaleD * FA_LOGC);
-  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  if (splits > 1) {
+    // this split's share: whole key tiles from the band's start (possibly none)
+    const i64 per = ((jhi - jlo) / BK + splits) / splits;
+    jlo += sp * per * BK;
+    if (jlo + per * BK - 1 < jhi) jhi = jlo + per * BK - 1;
+  }
   // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
@@ -414,7 +437,12 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      if (row[mt][h] < iend) {
+      if (row[mt][h] >= iend) continue;
+      if (splits > 1) {
+        const i64 slot = (b * tq + row[mt][h]) * splits + sp;
+        fm_store_partial<OT>(po + slot * d, o[mt], h, t, d);
+        if (t == 0) { pml[2 * slot] = m[mt][h]; pml[2 * slot + 1] = l[mt][h]; }
+      } else {
         fm_store_row<OT>(out + (b * tq + row[mt][h]) * d, o[mt], h, 1.f / l[mt][h], t, d);
         if (t == 0) lse[b * tq + row[mt][h]] = (m[mt][h] + fa_log(l[mt][h])) * (float)FA_INV_LOGC;
       }

@@ -183,11 +183,12 @@ __device__ __forceinline__ A fa_max(A a, A b) { return a > b ? a : b; }
 /* This block's tile of query rows [i0, iend) of batch entry b: grid = batch * ceil(tq / BQ), the heaviest (last) tiles first. */
 struct fa_tile { i64 b, i0, iend; };
 template <int BQ>
-__device__ __forceinline__ fa_tile fa_query_tile(i64 batch, i64 tq) {
+__device__ __forceinline__ fa_tile fa_query_tile(i64 batch, i64 tq, i64 blk = -1) {
   const i64 nt = (tq + BQ - 1) / BQ;
+  if (blk < 0) blk = blockIdx.x;
   fa_tile r;
-  r.b = (i64)blockIdx.x % batch;
-  r.i0 = (nt - 1 - (i64)blockIdx.x / batch) * BQ;
+  r.b = blk % batch;
+  r.i0 = (nt - 1 - blk / batch) * BQ;
   r.iend = r.i0 + BQ < tq ? r.i0 + BQ : tq;
   return r;
 }
@@ -561,6 +562,10 @@ function fusedEntries(dtype: AttnDType): string {
       const tpl = `<${p.bq}, ${p.bk}, ${p.dp}>`;
       const fn = p.tensorCores ? 'fm' : 'fa';
       const head = `extern "C" __global__ void __launch_bounds__(${p.threads}) ${p.name}`;
+      if (p.kernel === 'fwd' && p.tensorCores) {
+        // (splits, po, pml: the split forward, see fm_fwd)
+        return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride, i64 splits, float* po, float* pml) { fm_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride, splits, po, pml); }`;
+      }
       if (p.kernel === 'fwd') {
         return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride); }`;
       }
