@@ -297,7 +297,7 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
 
   test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged by the combine kernel', host, async () => {
     const { backend, launches } = await standIn();
-    const slots = 2 * backend.info().multiprocessors!;
+    const slots = 2 * (backend.info().multiprocessors as number);
     const d = 64;
     // a TTT-E2E mini-batch of 125m: 12 heads, 1024 queries after 8192 cached keys, window 8192
     const j = { batch: 12, tq: 1024, tk: 9216, d, qStart: 8192, kStart: 0, window: 8192, scale: 1 / 8 };
