@@ -309,8 +309,16 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     const splits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + fwd.bq) / (8 * fwd.bk)));
     assert.ok(splits > 1);
     launches.length = 0;
-    backend.attentionForward(q, kv, kv, j, 'bfloat16');
+    const { out, lse } = backend.attentionForward(q, kv, kv, j, 'bfloat16');
     assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_decode_combine', 12 * 1024]]);
+    // its backward in the TTT inner step (dK, dV of the 1024 new rows only): dQ split the same way, then summed
+    launches.length = 0;
+    backend.attentionBackward(q, kv, kv, out, lse, q, { ...j, gradKeysFrom: 8192 }, 'bfloat16');
+    const [dkv, dq] = [attentionPlan('bfloat16', 'dkv', d, true)!, attentionPlan('bfloat16', 'dq', d, true)!];
+    const dqSplits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + dq.bq) / (8 * dq.bk)));
+    assert.ok(dqSplits > 1);
+    assert.deepEqual(launches.slice(1).map((l) => l.name), [dkv.name, dq.name, 'attn_split_sum']);
+    assert.deepEqual([launches[1].grid, launches[2].grid], [12 * (1024 / dkv.bk), tiles * dqSplits]);
     // enough query tiles to fill the GPU: one pass, no merge
     const big = { ...j, tq: 16384, tk: 16384, qStart: 0 };
     const qb = backend.fill(12 * 16384 * d, 'bfloat16', 0);

@@ -25,12 +25,14 @@ import {
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
-  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
+  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_SPLIT_SUM, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
   DECODE_COMBINE_THREADS, DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
 
 const NULL_STREAM = null;
+/** Threads of the merge after a split forward (few splits per row: ATT_DECODE_COMBINE with two warps). */
+const SPLIT_COMBINE_THREADS = 64;
 /** The shortest piece of a row that logsumexp gives its own block (below: one block per row). */
 const LSE_MIN_CHUNK = 4096;
 /** cuBLAS's workspace while recording (set explicitly, or it allocates one per recording). */
@@ -995,7 +997,7 @@ export class CudaBackend implements Backend {
     if (fused) {
       a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       const tiles = this.attnGrid(job.batch, tq, fused.plan.bq);
-      const splits = fused.plan.tensorCores ? this.forwardSplits(tiles, Math.min(tk, band + fused.plan.bq), fused.plan.bk) : 1;
+      const splits = fused.plan.tensorCores ? this.keySplits(tiles, Math.min(tk, band + fused.plan.bq), fused.plan.bk) : 1;
       if (!fused.plan.tensorCores) {
         this.launch(fused.f, tiles, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
         return { out, lse };
@@ -1007,8 +1009,9 @@ export class CudaBackend implements Backend {
       a.i64(splits).ptr(po ? po.ptr : 0).ptr(pml ? pml.ptr : 0);
       this.launch(fused.f, tiles * splits, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
       if (po && pml) {
+        // a few splits per row: two warps per row's block do (the decode merge's eight idle over 1024 chunks' worth of setup)
         const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
-        this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), DECODE_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d), a2, ATT_DECODE_COMBINE);
+        this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), SPLIT_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d, SPLIT_COMBINE_THREADS), a2, ATT_DECODE_COMBINE);
         this.allocator.free(po); // stream-ordered
         this.allocator.free(pml);
       }
@@ -1020,11 +1023,11 @@ export class CudaBackend implements Backend {
   }
 
   /**
-   * Key splits of the tensor-core forward over `tiles` query tiles whose bands span up to `band` keys:
+   * Key splits of the tensor-core forward and dQ over `tiles` query tiles whose bands span up to `band` keys:
    * 1 when the tiles fill the GPU (two blocks per SM fit), else enough for about four waves, each split
    * keeping at least 8 key tiles of `bk` (below that, the partial outputs cost more than they save).
    */
-  private forwardSplits(tiles: number, band: number, bk: number): number {
+  private keySplits(tiles: number, band: number, bk: number): number {
     const slots = 2 * this.sms;
     if (tiles >= slots) return 1;
     return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(band / (8 * bk))));
@@ -1079,7 +1082,22 @@ export class CudaBackend implements Backend {
     const a2 = common(this.args.reset(), kvAt).ptr(dq.ptr);
     if (fdq) {
       a2.i64(batch).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
-      this.launch(fdq.f, this.attnGrid(batch, tq, fdq.plan.bq), fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
+      const tiles = this.attnGrid(batch, tq, fdq.plan.bq);
+      if (!fdq.plan.tensorCores) {
+        this.launch(fdq.f, tiles, fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
+      } else {
+        // as in the forward: few query tiles over long bands split their keys, and the float partials are added up
+        const band = Math.min(tk, (Number.isFinite(job.window) ? job.window : tk) + fdq.plan.bq);
+        const splits = this.keySplits(tiles, band, fdq.plan.bk);
+        const part = splits > 1 ? this.allocator.alloc(splits * qRows * d * 4) : null;
+        a2.i64(splits).ptr(part ? part.ptr : 0);
+        this.launch(fdq.f, tiles * splits, fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
+        if (part) {
+          const a3 = this.args.reset().ptr(dq.ptr).ptr(part.ptr).i64(qRows * d).i64(splits);
+          this.launch(this.fn('attention', dt, ATT_SPLIT_SUM), this.blocksFor(qRows * d), THREADS, 0, a3, ATT_SPLIT_SUM);
+          this.allocator.free(part); // stream-ordered
+        }
+      }
     } else {
       a2.i64(qRows).i64(tq).i64(tk).i64(dd).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_BWD_DQ), this.rowBlocks(qRows), ATT_THREADS, attentionShared(dt, d), a2, ATT_BWD_DQ);

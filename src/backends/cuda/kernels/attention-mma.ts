@@ -302,15 +302,24 @@ __device__ __forceinline__ void fm_store_row(bf16* row, const float (&acc)[OT][4
   }
 }
 
-/* Store this thread's columns of accumulator row half h as floats (a split forward's unnormalised partial output). */
+/* Store this thread's columns of accumulator row half h as floats, times scale (a split kernel's partial output). */
 template <int OT>
-__device__ __forceinline__ void fm_store_partial(float* row, const float (&acc)[OT][4], int h, int t, i64 d) {
+__device__ __forceinline__ void fm_store_partial(float* row, const float (&acc)[OT][4], int h, float scale, int t, i64 d) {
 #pragma unroll
   for (int ot = 0; ot < OT; ot++) {
     const int c = ot * 8 + 2 * t;
-    if (c < d) row[c] = acc[ot][2 * h];
-    if (c + 1 < d) row[c + 1] = acc[ot][2 * h + 1];
+    if (c < d) row[c] = acc[ot][2 * h] * scale;
+    if (c + 1 < d) row[c + 1] = acc[ot][2 * h + 1] * scale;
   }
+}
+
+/* Split sp of the splits of a query tile's key range [jlo, jhi]: whole key tiles of BK from the start (possibly none). */
+template <int BK>
+__device__ __forceinline__ void fm_split_keys(i64& jlo, i64& jhi, i64 sp, i64 splits) {
+  if (splits <= 1) return;
+  const i64 per = ((jhi - jlo) / BK + splits) / splits;
+  jlo += sp * per * BK;
+  if (jlo + per * BK - 1 < jhi) jhi = jlo + per * BK - 1;
 }
 
 /* Key j is visible from query row i (band_lo(i) <= j <= band_hi(i), i < tq assumed). */
@@ -345,12 +354,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
   const bf16* vb = v + (b / groups) * kvStride;
   const float sc = (float)(scaleD * FA_LOGC);
   i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
-  if (splits > 1) {
-    // this split's share: whole key tiles from the band's start (possibly none)
-    const i64 per = ((jhi - jlo) / BK + splits) / splits;
-    jlo += sp * per * BK;
-    if (jlo + per * BK - 1 < jhi) jhi = jlo + per * BK - 1;
-  }
+  fm_split_keys<BK>(jlo, jhi, sp, splits);
   // key tile j0 goes to buffer ((j0 - jlo) / BK) & 1; the first one is on its way while Q loads
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
@@ -440,7 +444,7 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
       if (row[mt][h] >= iend) continue;
       if (splits > 1) {
         const i64 slot = (b * tq + row[mt][h]) * splits + sp;
-        fm_store_partial<OT>(po + slot * d, o[mt], h, t, d);
+        fm_store_partial<OT>(po + slot * d, o[mt], h, 1.f, t, d);
         if (t == 0) { pml[2 * slot] = m[mt][h]; pml[2 * slot + 1] = l[mt][h]; }
       } else {
         fm_store_row<OT>(out + (b * tq + row[mt][h]) * d, o[mt], h, 1.f / l[mt][h], t, d);
@@ -451,10 +455,15 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
 #endif
 }
 
-/* dQ: grid = batch * ceil(tq / BQ) blocks, one per query tile, over its key tiles; MT = BQ / 64 row tiles per warp. */
+/*
+ * dQ: grid = batch * ceil(tq / BQ) * splits blocks, one per (query tile, split), over its key tiles; MT = BQ / 64
+ * row tiles per warp. With splits > 1 (as in the forward) each block writes its share of dQ in float to
+ * part [splits][batch · tq][d], which attn_split_sum adds up in split order.
+ */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dq,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride,
+    i64 splits, float* part) {
 #ifdef FM_ENABLED
   constexpr int MT = BQ / 64, LD = DP + 8, NT = BK / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -464,11 +473,13 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
   float* Ds = Ls + BQ;                      // [BQ]: delta
   bf16* KVs = reinterpret_cast<bf16*>(Ds + BQ); // [2][2][BK][LD]: (K, V) of the current and the next key tile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const fa_tile tile = fa_query_tile<BQ>(batch, tq);
+  const i64 sp = (i64)blockIdx.x % splits;
+  const fa_tile tile = fa_query_tile<BQ>(batch, tq, (i64)blockIdx.x / splits);
   const i64 b = tile.b, i0 = tile.i0, iend = tile.iend;
   const bf16* kb = k + (b / groups) * kvStride; // grouped-query attention: the kv entry of query entry b
   const bf16* vb = v + (b / groups) * kvStride;
-  const i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  i64 jlo = band_lo(i0, qStart, kStart, window), jhi = band_hi(iend - 1, qStart, kStart, tk);
+  fm_split_keys<BK>(jlo, jhi, sp, splits);
   fm_fetch_pair<BK, DP, LD>(KVs, 0, kb, vb, jlo, jhi, d);
   fm_load<BQ, DP, LD>(Qs, q + b * tq * d, i0, iend, d);
   fm_load<BQ, DP, LD>(dOs, dout + b * tq * d, i0, iend, d);
@@ -516,7 +527,9 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const i64 i = i0 + r0 + 16 * mt + g + 8 * h;
-      if (i < iend) fm_store_row<OT>(dq + (b * tq + i) * d, dqa[mt], h, (float)scaleD, t, d);
+      if (i >= iend) continue;
+      if (splits > 1) fm_store_partial<OT>(part + (sp * batch * tq + b * tq + i) * d, dqa[mt], h, (float)scaleD, t, d);
+      else fm_store_row<OT>(dq + (b * tq + i) * d, dqa[mt], h, (float)scaleD, t, d);
     }
   }
 #endif

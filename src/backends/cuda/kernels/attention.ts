@@ -572,7 +572,11 @@ function fusedEntries(dtype: AttnDType): string {
       if (p.kernel === 'dkv') {
         return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}, i64 kvStride) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}, kvStride); }`;
       }
-      return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}, i64 kvStride) { ${fn}_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}, kvStride); }`;
+      if (p.tensorCores) {
+        // (splits, part: the split dQ, see fm_dq)
+        return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}, i64 kvStride, i64 splits, float* part) { fm_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}, kvStride, splits, part); }`;
+      }
+      return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dq, ${fwdArgs}, i64 kvStride) { fa_dq${tpl}(q, k, v, dout, lse, delta, dq, ${pass}, kvStride); }`;
     })
     .join('\n');
 }
@@ -710,6 +714,8 @@ extern "C" __global__ void ${ATT_BWD_DKV}(const T* q, const T* k, const T* v, co
 
 export const ATT_DECODE_PARTIAL = 'attn_decode_partial';
 export const ATT_DECODE_COMBINE = 'attn_decode_combine';
+/** dQ of a split backward: the splits' float partials [splits][n] added in split order. */
+export const ATT_SPLIT_SUM = 'attn_split_sum';
 /** Threads (4 warps, DECODE_UNROLL keys per warp at a time) of the partial kernel; keys per split. */
 export const DECODE_THREADS = 128;
 export const DECODE_CHUNK = 128;
@@ -827,6 +833,14 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   if (threadIdx.x == 0) { pml[2 * slot] = M; pml[2 * slot + 1] = sum; }
 }
 
+extern "C" __global__ void ${ATT_SPLIT_SUM}(T* out, const float* part, i64 n, i64 splits) {
+  for (i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (i64)gridDim.x * blockDim.x) {
+    float acc = 0.f;
+    for (i64 s = 0; s < splits; s++) acc += part[s * n + x];
+    out[x] = att_st((A)acc);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(${DECODE_COMBINE_THREADS}) ${ATT_DECODE_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
   // one block per row; the chunks' weights exp(m_s − M) go to shared memory once. Each warp then sums
   // every (blockDim/32)-th chunk for all columns (lanes across d) and the warps' sums are added in warp
@@ -885,8 +899,8 @@ export function decodeSharedBytes(dtype: AttnDType, d: number): number {
 }
 
 /** Dynamic shared memory of the decode combine kernel: a weight per chunk, the block reduction's scratch and the warps' column sums. */
-export function decodeCombineSharedBytes(dtype: AttnDType, splits: number, d: number): number {
-  return (splits + DECODE_COMBINE_THREADS + (DECODE_COMBINE_THREADS / 32) * d) * attentionAccBytes(dtype);
+export function decodeCombineSharedBytes(dtype: AttnDType, splits: number, d: number, threads = DECODE_COMBINE_THREADS): number {
+  return (splits + threads + (threads / 32) * d) * attentionAccBytes(dtype);
 }
 
 /**

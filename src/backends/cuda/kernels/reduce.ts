@@ -148,7 +148,9 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const i
 /**
  * RMSNorm, one warp per row: forward y = x · rstd · w (rstd kept for the backward: float for
  * float32/bfloat16, double for float64); backward dx = rstd·dy·w − x·rstd³·Σ(dy·w·x)/d, plus
- * gxr = dy·x·rstd (in the math type) whose column sum the backend takes as dw (fixed order).
+ * gxr = dy·x·rstd (in the math type) whose column sum the backend takes as dw (fixed order), written
+ * only when gxr is not null. The column loops are unrolled so that a warp's loads of a row go out together
+ * (one row per warp is latency-bound otherwise); the sums keep their order.
  */
 function rmsNormSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
@@ -162,9 +164,11 @@ function rmsNormSource(dtype: CudaDType): string {
   if (row >= rows) return;
   const ${T}* xr = x + row * d;
   ${A} acc = 0;
+  #pragma unroll 8
   for (i64 c = lane; c < d; c += 32) { ${A} v = ${ld('xr[c]')}; acc += v * v; }
   ${warpSum}
   const ${A} k = (${A})1 / sqrt(acc / (${A})d + (${A})eps);
+  #pragma unroll 8
   for (i64 c = lane; c < d; c += 32) y[row * d + c] = ${st(`${ld('xr[c]')} * k * ${ld('w[c]')}`)};
   if (lane == 0) rstd[row] = k;
 }
@@ -176,9 +180,11 @@ extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${
   const ${T}* gr = dy + row * d;
   const ${A} k = rstd[row];
   ${A} acc = 0;
+  #pragma unroll 8
   for (i64 c = lane; c < d; c += 32) acc += ${ld('gr[c]')} * ${ld('w[c]')} * ${ld('xr[c]')};
   ${warpSum}
   const ${A} k3 = k * k * k * acc / (${A})d;
+  #pragma unroll 8
   for (i64 c = lane; c < d; c += 32) {
     const ${A} g = ${ld('gr[c]')}, xv = ${ld('xr[c]')};
     dx[row * d + c] = ${st(`k * g * ${ld('w[c]')} - xv * k3`)};
@@ -254,6 +260,7 @@ export function reduceSource(dtype: CudaDType): string {
     parts.push(`extern "C" __global__ void ${reduceFinalName(op)}(${T}* out, const double* ws, i64 total, i64 chunks) {
   for (i64 t = gtid(); t < total; t += gstride()) {
     double acc = ${INIT[op]};
+    #pragma unroll 8
     for (i64 ch = 0; ch < chunks; ch++) { double a = acc; double b = ws[ch * total + t]; acc = ${COMBINE[op]}; }
     out[t] = ${store('acc')};
   }
