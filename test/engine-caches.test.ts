@@ -7,6 +7,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { clearRopeCache, rope } from '../src/nn/layers.js';
+import { CpuBackend } from '../src/backends/cpu/backend.js';
 
 /** How many times fn calls one method of the current backend. */
 function countCalls(method: 'fill' | 'upload', fn: () => unknown): number {
@@ -35,6 +36,27 @@ describe('engine caches', () => {
     assert.ok(Object.is(T.tidy(() => T.full([], 0).toArray()[0]), 0));
     assert.deepEqual(T.tidy(() => T.add(x, 0.5).toArray()), [1.5, 2.5, 3.5]);
     x.dispose();
+  });
+
+  test('two backend instances with one name (the cuda backend and its stand-in) never share cached scalars', () => {
+    const before = T.getBackend();
+    T.registerBackend('cpu-twin', () => new CpuBackend());
+    const twin = T.setBackend('cpu-twin');
+    try {
+      assert.equal(twin.name, before.name);
+      const y = T.tidy(() => {
+        const x = T.tensor([1, 2], [2]);
+        return T.add(x, 7.25);
+      });
+      assert.equal(y.backend, twin);
+      assert.deepEqual(y.toArray(), [8.25, 9.25]);
+      y.dispose();
+    } finally {
+      T.setBackend(before.name === 'cpu' ? 'cpu' : before.name);
+    }
+    // the same number on the first instance again: its own scalar, not the twin's
+    assert.deepEqual(T.tidy(() => T.add(T.tensor([1], [1]), 7.25).toArray()), [8.25]);
+    assert.notEqual(T.backendKey(twin), T.backendKey(T.getBackend()));
   });
 
   test('cache entries are not live tensors; an alias outlives the eviction of its entry', () => {

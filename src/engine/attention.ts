@@ -10,7 +10,7 @@ import { isFloat } from './dtype.js';
 import { add, broadcastTo, concat, div, matmul, reshape, softmax, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
 import { kvRows } from './kv-store.js';
-import { fromData, getBackend, isTracked } from './runtime.js';
+import { backendKey, fromData, isTracked } from './runtime.js';
 import { fmt, sizeOf } from './shape.js';
 import type { Tensor } from './tensor.js';
 
@@ -122,7 +122,7 @@ function keysOf(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, op: str
  * and handed out as an alias of a bounded cache's entry.
  */
 export function attentionBandBias(tq: number, tk: number, opts: AttentionOptions, dtype: Tensor['dtype']): Tensor {
-  const key = `${getBackend().name}/${dtype}/${tq}/${tk}/${opts.qStart - opts.kStart}/${opts.window ?? 'all'}`;
+  const key = `${backendKey()}/${dtype}/${tq}/${tk}/${opts.qStart - opts.kStart}/${opts.window ?? 'all'}`;
   return biasCache.get(key, () => {
     const values = new Float64Array(tq * tk);
     for (let i = 0; i < tq; i++) {

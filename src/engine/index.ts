@@ -20,7 +20,7 @@ export * from './loss.js';
 export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
-export { getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
+export { backendKey, getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
 export type { AdamWHyper, AttentionJob, Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';
 export { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from './dtype.js';

@@ -7,7 +7,7 @@ import { type DType, hostArray, isFloat } from './dtype.js';
 import {
   type Shape, broadcastShapes, broadcastStrides, fmt, normAxes, normAxis, shapesEqual, sizeOf, stridesOf,
 } from './shape.js';
-import { alias, fromData, getBackend, record } from './runtime.js';
+import { alias, backendKey, fromData, getBackend, record } from './runtime.js';
 import { TensorCache } from './cache.js';
 import { Tensor } from './tensor.js';
 
@@ -93,7 +93,7 @@ export function full(shape: Shape, value: number, dtype: DType = 'float32', like
 const scalarCache = new TensorCache(1024);
 
 function scalarConstant(backend: Backend, value: number, dtype: DType): Tensor {
-  const key = `${backend.name}/${dtype}/${Object.is(value, -0) ? '-0' : String(value)}`;
+  const key = `${backendKey(backend)}/${dtype}/${Object.is(value, -0) ? '-0' : String(value)}`;
   return scalarCache.get(key, () => fromData(backend.fill(1, dtype, value), [], dtype, backend));
 }
 

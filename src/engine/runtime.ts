@@ -36,6 +36,22 @@ export function getBackend(): Backend {
   return current ?? setBackend(process.env.TTT_DEVICE || 'cpu');
 }
 
+const backendIds = new WeakMap<Backend, number>();
+/**
+ * A key naming one backend instance in the engine's caches (its name and a serial number): two
+ * instances can share a name (the cuda backend over the real libraries and over the stand-ins), and a
+ * cached tensor must never go to the other one.
+ */
+export function backendKey(backend: Backend = getBackend()): string {
+  let id = backendIds.get(backend);
+  if (id === undefined) {
+    id = nextBackendId++;
+    backendIds.set(backend, id);
+  }
+  return `${backend.name}#${id}`;
+}
+let nextBackendId = 0;
+
 export function fromData(data: BackendData, shape: Shape, dtype: DType, backend: Backend = getBackend()): Tensor {
   return new Tensor(new Storage(backend, data, dtype, sizeOf(shape)), shape);
 }

@@ -3,7 +3,7 @@
  * like the reference implementation.
  */
 import {
-  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, TensorCache, compositeRmsNorm, compositeSwigluGate, compositeTokenNll, fusedRmsNorm, fusedTokenNll, fusedRope, fusedSwigluGate, gather, getBackend,
+  type AttentionOptions, type DType, type Tensor, add, cast, compositeAttention, concat, div, exp, TensorCache, compositeRmsNorm, compositeSwigluGate, compositeTokenNll, fusedRmsNorm, fusedTokenNll, fusedRope, fusedSwigluGate, backendKey, gather,
   greater, log, matmul, mean, mul, neg, reshape, scaledDotAttention, slice, stack, sub, tensor, transpose, where,
 } from '../engine/index.js';
 
@@ -184,7 +184,7 @@ export function ropeTables(positions: readonly number[], D: number, theta: numbe
   const half = D / 2;
   const freq = ropeAngles(D, theta);
   const first = positions[0] ?? 0;
-  const base = `${getBackend().name}/${dtype}/${D}/${theta}`;
+  const base = `${backendKey()}/${dtype}/${D}/${theta}`;
   const hostKey = `${D}/${theta}`;
   let host = ropeHost.get(hostKey);
   // A few positions past the table's end (decoding after a long prompt) are computed directly:
