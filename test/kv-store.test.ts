@@ -95,6 +95,13 @@ describe('KV store: appendKv, kvRows, dropOldestRows', () => {
         return sum(s.fresh.v);
       };
       assert.ok((grad(f)(rows(3, 2)) as Tensor).toArray().every((x) => x === 2), 'd sum(2k) / dk');
+      // inside an outer transform (training's checkpointed mini-batches) it stays the concat
+      const nested = (s: Tensor) => grad((k: Tensor) => {
+        const a = appendKv(cache, k, k);
+        assert.ok(!('fresh' in a) && a.k !== cache.k, 'a concat under two transforms');
+        return sum(mul(kvRows(a).k, s));
+      })(rows(3, 2)) as Tensor;
+      assert.equal(sum(grad((s: Tensor) => sum(nested(s)))(rows(5, 6)) as Tensor).toArray().length, 1);
     });
   });
 
