@@ -39,24 +39,24 @@ describe('engine caches', () => {
   });
 
   test('two backend instances with one name (the cuda backend and its stand-in) never share cached scalars', () => {
+    // two cpu instances (whichever backend the suite runs on)
     const before = T.getBackend();
+    const cpu = T.setBackend('cpu');
     T.registerBackend('cpu-twin', () => new CpuBackend());
-    const twin = T.setBackend('cpu-twin');
     try {
-      assert.equal(twin.name, before.name);
-      const y = T.tidy(() => {
-        const x = T.tensor([1, 2], [2]);
-        return T.add(x, 7.25);
-      });
+      const twin = T.setBackend('cpu-twin');
+      assert.equal(twin.name, cpu.name);
+      const y = T.tidy(() => T.add(T.tensor([1, 2], [2]), 7.25));
       assert.equal(y.backend, twin);
       assert.deepEqual(y.toArray(), [8.25, 9.25]);
       y.dispose();
+      // the same number on the first instance: its own scalar, not the twin's
+      T.setBackend('cpu');
+      assert.deepEqual(T.tidy(() => T.add(T.tensor([1], [1]), 7.25).toArray()), [8.25]);
+      assert.notEqual(T.backendKey(twin), T.backendKey(cpu));
     } finally {
-      T.setBackend(before.name === 'cpu' ? 'cpu' : before.name);
+      T.setBackend(before.name); // (registered under its own name: 'cpu' or 'cuda')
     }
-    // the same number on the first instance again: its own scalar, not the twin's
-    assert.deepEqual(T.tidy(() => T.add(T.tensor([1], [1]), 7.25).toArray()), [8.25]);
-    assert.notEqual(T.backendKey(twin), T.backendKey(T.getBackend()));
   });
 
   test('cache entries are not live tensors; an alias outlives the eviction of its entry', () => {
