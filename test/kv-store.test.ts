@@ -92,6 +92,9 @@ describe('KV store: appendKv, kvRows, dropOldestRows', () => {
         same(kvRows(s).k, concat([rows(1, 4), stopGradient(k)], 2), 'stored values');
         // a view of the result leaves `fresh` behind with the rows it may no longer name
         assert.ok(!('fresh' in dropOldestRows(s, 3)));
+        // untracked rows onto it: in place too, nothing rides along
+        const u = appendKv(s, rows(7, 1), rows(8, 1));
+        assert.ok(u.k === cache.k && !('fresh' in u), 'untracked rows in place');
         return sum(s.fresh.v);
       };
       assert.ok((grad(f)(rows(3, 2)) as Tensor).toArray().every((x) => x === 2), 'd sum(2k) / dk');

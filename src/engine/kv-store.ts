@@ -11,12 +11,12 @@
  * window) only moves `first`, so the copies amortise to O(1) per appended row.
  *
  * Under an autodiff transform appending is the plain differentiable concat (no storage is shared,
- * nothing is written in place), with one exception: a single transform whose tracked values reach only
- * the new rows (the TTT inner step over a session's cache, a constant). Then their values are appended
- * in place as usual and the view carries them as `fresh`: attention differentiates through those rows
- * alone (dK and dV of the new rows only) instead of through a copy of the cache. With an outer transform
- * active as well (training's checkpointed mini-batches: the cache is untracked in a checkpoint's first
- * pass and tracked in its recomputation) it stays the concat, so both passes take the same path.
+ * nothing is written in place), with one exception: a single transform and a cache it does not track
+ * (the TTT inner step over a session's cache, a constant). Then rows are appended in place as usual, and
+ * tracked new rows ride along as `fresh`: attention differentiates through those rows alone (dK and dV
+ * of the new rows only) instead of through a copy of the cache. With an outer transform active as well
+ * (training's checkpointed mini-batches: the cache is untracked in a checkpoint's first pass and tracked
+ * in its recomputation) it stays the concat, so both passes take the same path.
  */
 import { stopGradient } from './autodiff.js';
 import { concat, slice } from './ops.js';
@@ -78,10 +78,13 @@ export function appendKv(rows: KvRows | null, k: Tensor, v: Tensor): AppendedKvR
   }
   if (traceDepth() > 0) {
     if (!rows) return { k, v, first: 0, count: n };
-    const onlyNewRowsTracked = traceDepth() === 1 && !isTracked(rows.k) && !isTracked(rows.v) && (isTracked(k) || isTracked(v));
-    if (onlyNewRowsTracked) return { ...storeRows(rows, stopGradient(k), stopGradient(v)), fresh: { k, v } };
-    const prev = kvRows(rows);
-    return { k: concat([prev.k, k], r - 2), v: concat([prev.v, v], r - 2), first: 0, count: rows.count + n };
+    if (traceDepth() > 1 || isTracked(rows.k) || isTracked(rows.v)) {
+      const prev = kvRows(rows);
+      return { k: concat([prev.k, k], r - 2), v: concat([prev.v, v], r - 2), first: 0, count: rows.count + n };
+    }
+    // one transform and a constant cache: in place (the TTT inner step's suffix blocks; the first of
+    // them appends untracked rows too, since its keys come before any fast weight)
+    if (isTracked(k) || isTracked(v)) return { ...storeRows(rows, stopGradient(k), stopGradient(v)), fresh: { k, v } };
   }
   return storeRows(rows, k, v);
 }
