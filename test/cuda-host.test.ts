@@ -87,6 +87,40 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.deepEqual(launch(() => backend.binary('sub', a, [50, 1], b, [0, 1], [20, 50], 'float32')).name, 'binary_sub'); // row broadcast
   });
 
+  test('a strided copy whose rows are whole aligned 16-byte vectors on both sides moves 16 bytes per element', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const last = () => {
+      const [fn, gx] = calls.lastLaunch as [{ name: string }, number];
+      return { name: fn.name, gx };
+    };
+    const src = backend.fill(8 * 12 * 64, 'bfloat16', 0);
+    const dst = backend.fill(8 * 12 * 64, 'bfloat16', 0);
+    // a head split: [T 8, H 12, D 64] read as [H, T, D] (rows of 64 bf16 = 8 vectors)
+    backend.copy(src, 0, [64, 768, 1], dst, 0, [768, 64, 1], [12, 8, 64], 'bfloat16');
+    assert.deepEqual(last(), { name: 'copy_strided_16', gx: Math.ceil((8 * 12 * 64) / 8 / 256) });
+    // rows of 60: not whole vectors; an offset of 4 elements: not aligned; a float32 transpose of single elements
+    backend.copy(src, 0, [60, 720, 1], dst, 0, [720, 60, 1], [12, 8, 60], 'bfloat16');
+    assert.equal(last().name, 'copy_strided_2');
+    backend.copy(src, 4, [64, 768, 1], dst, 0, [768, 64, 1], [12, 7, 64], 'bfloat16');
+    assert.equal(last().name, 'copy_strided_2');
+    const f = backend.fill(64 * 64, 'float32', 0);
+    backend.copy(f, 0, [1, 64], f, 0, [64, 1], [64, 64], 'float32');
+    assert.equal(last().name, 'copy_strided_4');
+  });
+
+  test('a split reduction ends with a warp per output when each output has many partials, else a thread per output', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const reduce = (outer: number, n: number, inner: number) => {
+      const x = backend.fill(outer * n * inner, 'float32', 1);
+      const before = calls.counts.get('cuLaunchKernel') ?? 0;
+      backend.reduce('sum', x, outer, n, inner, 'float32');
+      assert.equal((calls.counts.get('cuLaunchKernel') ?? 0) - before, 2, 'partials, then the final pass');
+      return (calls.lastLaunch as [{ name: string }])[0].name;
+    };
+    assert.equal(reduce(1, 600_000, 1), 'reduce_final_warp_sum'); // 147 chunks of 4096
+    assert.equal(reduce(3, 50_000, 1), 'reduce_final_sum'); // 13 chunks each
+  });
+
   test('an AdamW update of one parameter is one kernel launch (float32, float64); other dtypes are refused', opts, async () => {
     const { backend, calls } = await standInBackend();
     const h = { beta1: 0.9, oneMinusBeta1: 0.1, beta2: 0.95, oneMinusBeta2: 0.05, c1: 0.1, c2: 0.05, eps: 1e-8, lr: 0.01, decay: true, shrink: 0.999 };

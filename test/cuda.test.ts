@@ -249,7 +249,14 @@ describe('cuda vs cpu: kernels', gpu, () => {
       check(`${op} split columns [2,3000,70] axis 1`, () => T[op](R(44, [2, 3000, 70]), 1), { rtol: 1e-6 });
       check(`${op} split rows [3,50000]`, () => T[op](R(45, [3, 50000]), 1), { rtol: 1e-6 });
       check(`${op} warp rows [5000,37]`, () => T[op](R(46, [5000, 37]), 1));
+      // hundreds of chunks per output: the final pass takes a warp per output
+      check(`${op} of 600k (warp final)`, () => T[op](R(48, [600_000])), { rtol: 1e-6 });
     }
+    check('NaN in a row of 600k (warp final)', () => {
+      const v = rand(49, 600_000);
+      v[432_101] = NaN;
+      return [T.max(T.tensor(v, [600_000])), T.min(T.tensor(v, [600_000])), T.sum(T.tensor(v, [600_000]))];
+    });
     check('NaN in a split column and a split row', () => {
       const nanAt = (shape: number[], at: number) => T.tensor(rand(47, sizeOf(shape)).map((v, i) => (i === at ? NaN : v)), shape);
       return [T.max(nanAt([1, 4000, 40], 2345 * 40 + 7), 1), T.min(nanAt([2, 60000], 70000), 1), T.sum(nanAt([2, 60000], 5), 1)];

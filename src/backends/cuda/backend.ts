@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, nllVecWidth, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, nllVecWidth, RMSNORM_BWD, RMSNORM_FWD, RMSNORM_ROWS, moduleSource, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -582,7 +582,10 @@ export class CudaBackend implements Backend {
       a.i64(chunks).i64(len);
       this.launch(this.fn('reduce', dt, name), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, name);
       const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(total).i64(chunks);
-      this.launch(this.fn('reduce', dt, reduceFinalName(op)), this.blocksFor(total), THREADS, 0, f, reduceFinalName(op));
+      // many partials per output (a whole tensor's sum: hundreds of chunks): a warp per output, not one thread
+      const final = chunks >= 32 ? reduceFinalWarpName(op) : reduceFinalName(op);
+      const blocks = chunks >= 32 ? Math.ceil(total / (THREADS / 32)) : this.blocksFor(total);
+      this.launch(this.fn('reduce', dt, final), blocks, THREADS, 0, f, final);
       this.allocator.free(ws); // stream-ordered: a later reuse runs after these kernels
     }
     return out;
@@ -845,8 +848,23 @@ export class CudaBackend implements Backend {
     if (n === 0) return;
     const E = BYTES[dt];
     buf(dst).range = null; // written on the device: no longer known on the host
-    const a = this.args.reset().ptr(buf(dst).ptr).i64(dstOffset).ptr(buf(src).ptr).i64(srcOffset).i64s(this.ix(shape, [ss, ds])).i64(n);
-    this.launch(this.fn('movement', dt, copyName(E)), this.blocksFor(n), THREADS, 0, a, copyName(E));
+    const ix = this.ix(shape, [ss, ds]);
+    // rows contiguous on both sides, in whole aligned 16-byte vectors (a head split's [T, H, D] → [H, T, D] rows of
+    // D, a concat's blocks): copied a vector at a time, with V times fewer index computations
+    const V = 16 / E;
+    const rank = ix[0];
+    const stride = (list: number, axis: number) => ix[1 + MAX_RANK * (list + 1) + axis];
+    let vec = rank > 0 && stride(0, rank - 1) === 1 && stride(1, rank - 1) === 1 && ix[rank] % V === 0;
+    vec &&= srcOffset % V === 0 && dstOffset % V === 0 && buf(src).ptr % 16 === 0 && buf(dst).ptr % 16 === 0;
+    for (let axis = 0; vec && axis < rank - 1; axis++) vec = stride(0, axis) % V === 0 && stride(1, axis) % V === 0;
+    const w = vec ? 16 : E;
+    if (vec) {
+      ix[rank] /= V;
+      for (let axis = 0; axis < rank - 1; axis++) for (const list of [0, 1]) ix[1 + MAX_RANK * (list + 1) + axis] /= V;
+    }
+    const units = vec ? n / V : n;
+    const a = this.args.reset().ptr(buf(dst).ptr).i64(vec ? dstOffset / V : dstOffset).ptr(buf(src).ptr).i64(vec ? srcOffset / V : srcOffset).i64s(ix).i64(units);
+    this.launch(this.fn('movement', dt, copyName(w)), this.blocksFor(units), THREADS, 0, a, copyName(w));
   }
 
   /** Indices uploaded from the host are checked here, at once and without a device sync. */

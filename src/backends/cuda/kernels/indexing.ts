@@ -15,9 +15,9 @@ export const GATHER = 'gather_mid';
 export const SCATTER_ADD = 'scatter_add_mid';
 export const castName = (from: CudaDType, to: CudaDType) => `cast_${from}_${to}`;
 
-const UINT: Record<number, string> = { 1: 'unsigned char', 2: 'unsigned short', 4: 'unsigned int', 8: 'unsigned long long' };
-/** Element sizes of the copy kernels (one per storage width). */
-export const COPY_WIDTHS = [1, 2, 4, 8] as const;
+const UINT: Record<number, string> = { 1: 'unsigned char', 2: 'unsigned short', 4: 'unsigned int', 8: 'unsigned long long', 16: 'uint4' };
+/** Element sizes of the copy kernels: one per storage width, and 16 bytes (rows copied a vector at a time). */
+export const COPY_WIDTHS = [1, 2, 4, 8, 16] as const;
 
 /**
  * Copy kernels for each element width, and every cast. A cast widens to double and converts from
@@ -33,7 +33,7 @@ export function movementSource(): string {
   }
 }`);
   }
-  for (const b of COPY_WIDTHS) {
+  for (const b of COPY_WIDTHS.filter((w) => w < 16)) {
     // a ring buffer's rows at a position read on the device: row i of src goes to row (at + i) mod rows
     parts.push(`extern "C" __global__ void ${writeRowsAtName(b)}(${UINT[b]}* dst, const ${UINT[b]}* src, const int* at, i64 outer, i64 n, i64 rows, i64 rowLen) {
   const i64 a = (i64)at[0];

@@ -26,6 +26,8 @@ export const reduceRowsWarpName = (op: ReduceOp) => `reduce_rows_warp_${op}`;
 export const reduceRowsPartialName = (op: ReduceOp) => `reduce_rows_partial_${op}`;
 export const reduceColsPartialName = (op: ReduceOp) => `reduce_cols_partial_${op}`;
 export const reduceFinalName = (op: ReduceOp) => `reduce_final_${op}`;
+/** The same with a warp per output, for many partials each (a fixed lane order and shuffle tree: deterministic). */
+export const reduceFinalWarpName = (op: ReduceOp) => `reduce_final_warp_${op}`;
 /** Columns per block of the split column reduction (a warp's width); THREADS / COL_TILE row lanes. */
 export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
@@ -264,6 +266,15 @@ export function reduceSource(dtype: CudaDType): string {
     for (i64 ch = 0; ch < chunks; ch++) { double a = acc; double b = ws[ch * total + t]; acc = ${COMBINE[op]}; }
     out[t] = ${store('acc')};
   }
+}`);
+    parts.push(`extern "C" __global__ void ${reduceFinalWarpName(op)}(${T}* out, const double* ws, i64 total, i64 chunks) {
+  const i64 t = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (t >= total) return;
+  double acc = ${INIT[op]};
+  for (i64 ch = lane; ch < chunks; ch += 32) { double a = acc; double b = ws[ch * total + t]; acc = ${COMBINE[op]}; }
+  for (int s = 16; s > 0; s >>= 1) { double a = acc; double b = __shfl_xor_sync(0xffffffffu, acc, s); acc = ${COMBINE[op]}; }
+  if (lane == 0) out[t] = ${store('acc')};
 }`);
     // inner > 1: one thread per output, walking n (reads coalesced across inner)
     parts.push(`extern "C" __global__ void ${reduceColsName(op)}(${T}* out, const ${T}* x, i64 outer, i64 n, i64 inner) {
