@@ -1088,12 +1088,10 @@ export class CudaBackend implements Backend {
     // dK/dV see only the keys from `from`: the same kernel over a shorter key range starting there
     const nk = tk - from;
     const a1 = common(this.args.reset(), kvAt + from * d * BYTES[dt]).ptr(dk.ptr).ptr(dv.ptr);
-    if (nk === 0) {
-      // no key takes a gradient
-    } else if (fdkv) {
+    if (nk > 0 && fdkv) {
       a1.i64(batch).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(fdkv.f, this.attnGrid(batch / groups, nk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
-    } else {
+    } else if (nk > 0) {
       a1.i64(kRows).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);
     }
