@@ -110,9 +110,10 @@ function keysOf(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, op: str
     return [r.k, r.v];
   }
   const n = fresh.k.shape[fresh.k.rank - 2];
+  if (n === count) return [fresh.k, fresh.v];
   const held = kvRows({ k, v, first, count: count - n });
   const axis = k.rank - 2;
-  return n === count ? [fresh.k, fresh.v] : [concat([held.k, fresh.k], axis), concat([held.v, fresh.v], axis)];
+  return [concat([held.k, fresh.k], axis), concat([held.v, fresh.v], axis)];
 }
 
 /**

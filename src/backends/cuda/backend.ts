@@ -583,8 +583,9 @@ export class CudaBackend implements Backend {
       this.launch(this.fn('reduce', dt, name), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, name);
       const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(total).i64(chunks);
       // many partials per output (a whole tensor's sum: hundreds of chunks): a warp per output, not one thread
-      const final = chunks >= 32 ? reduceFinalWarpName(op) : reduceFinalName(op);
-      const blocks = chunks >= 32 ? Math.ceil(total / (THREADS / 32)) : this.blocksFor(total);
+      const warpPerOutput = chunks >= 32;
+      const final = warpPerOutput ? reduceFinalWarpName(op) : reduceFinalName(op);
+      const blocks = warpPerOutput ? Math.ceil(total / (THREADS / 32)) : this.blocksFor(total);
       this.launch(this.fn('reduce', dt, final), blocks, THREADS, 0, f, final);
       this.allocator.free(ws); // stream-ordered: a later reuse runs after these kernels
     }
@@ -1015,12 +1016,12 @@ export class CudaBackend implements Backend {
     if (fused) {
       a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       const tiles = this.attnGrid(job.batch, tq, fused.plan.bq);
-      const splits = fused.plan.tensorCores ? this.keySplits(tiles, Math.min(tk, band + fused.plan.bq), fused.plan.bk) : 1;
       if (!fused.plan.tensorCores) {
         this.launch(fused.f, tiles, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
         return { out, lse };
       }
       // few query tiles over long bands: each tile's keys split across blocks, then merged as in decoding
+      const splits = this.keySplits(job, tiles, fused.plan);
       const A = attentionAccBytes(dt);
       const po = splits > 1 ? this.allocator.alloc(rows * splits * d * A) : null;
       const pml = splits > 1 ? this.allocator.alloc(rows * splits * 2 * A) : null;
@@ -1041,14 +1042,15 @@ export class CudaBackend implements Backend {
   }
 
   /**
-   * Key splits of the tensor-core forward and dQ over `tiles` query tiles whose bands span up to `band` keys:
-   * 1 when the tiles fill the GPU (two blocks per SM fit), else enough for about four waves, each split
-   * keeping at least 8 key tiles of `bk` (below that, the partial outputs cost more than they save).
+   * Key splits of the tensor-core forward and dQ (`plan`) over `tiles` query tiles: 1 when the tiles fill the
+   * GPU (two blocks per SM fit), else enough for about four waves, each split keeping at least 8 key tiles
+   * of the keys a query tile's band spans (below that, the partial outputs cost more than they save).
    */
-  private keySplits(tiles: number, band: number, bk: number): number {
+  private keySplits(job: AttentionJob, tiles: number, plan: AttnPlan): number {
     const slots = 2 * this.sms;
     if (tiles >= slots) return 1;
-    return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(band / (8 * bk))));
+    const tileBand = Math.min(job.tk, (Number.isFinite(job.window) ? job.window : job.tk) + plan.bq);
+    return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(tileBand / (8 * plan.bk))));
   }
 
   /**
@@ -1103,8 +1105,7 @@ export class CudaBackend implements Backend {
         this.launch(fdq.f, tiles, fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
       } else {
         // as in the forward: few query tiles over long bands split their keys, and the float partials are added up
-        const band = Math.min(tk, (Number.isFinite(job.window) ? job.window : tk) + fdq.plan.bq);
-        const splits = this.keySplits(tiles, band, fdq.plan.bk);
+        const splits = this.keySplits(job, tiles, fdq.plan);
         const part = splits > 1 ? this.allocator.alloc(splits * qRows * d * 4) : null;
         a2.i64(splits).ptr(part ? part.ptr : 0);
         this.launch(fdq.f, tiles * splits, fdq.plan.threads, fdq.plan.shared, a2, fdq.plan.name);
