@@ -209,6 +209,19 @@ describe('cuda attention: kernel sources and tile plans (no GPU needed)', () => 
     }
     assert.ok(!attentionSource('float32').includes('attn_mma_'), 'no tensor-core kernels in the float32 module');
   });
+
+  test('the wgmma forward: bfloat16, head dim 64, forward only, when asked for', () => {
+    const wg = attentionPlan('bfloat16', 'fwd', 64, true, true)!;
+    assert.ok(wg.wgmma && wg.tensorCores && wg.name.startsWith('attn_wg_fwd_d64'), JSON.stringify(wg));
+    assert.equal(wg.threads, 2 * wg.bq, 'a warpgroup of 128 threads per 64 query rows');
+    assert.ok(attentionSource('bfloat16').includes(` ${wg.name}(`));
+    assert.ok(wg.shared >= wg.bq * 128 + 4 * wg.bk * 128 + 1024, 'Q, two K/V buffers, 1 KB of alignment');
+    for (const [kind, d, dt] of [['dq', 64, 'bfloat16'], ['dkv', 64, 'bfloat16'], ['fwd', 32, 'bfloat16'], ['fwd', 128, 'bfloat16'], ['fwd', 63, 'bfloat16'], ['fwd', 64, 'float32']] as const) {
+      assert.equal(attentionPlan(dt, kind, d, true, true)!.wgmma, false, `${kind} d ${d} ${dt}`);
+    }
+    assert.equal(attentionPlan('bfloat16', 'fwd', 64, false, true)!.tensorCores, false, 'tensor cores off turns it off too');
+    assert.equal(attentionPlan('bfloat16', 'fwd', 64, true, false)!.wgmma, false);
+  });
 });
 
 // ---- host side over stand-in libraries -----------------------------------------------------------
@@ -284,9 +297,10 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
       launches.length = 0;
       const { out, lse } = backend.attentionForward(q, k, v, j, 'bfloat16');
       backend.attentionBackward(q, k, v, out, lse, buf(600 * d), j, 'bfloat16');
-      const [fwd, dkv, dq] = (['fwd', 'dkv', 'dq'] as const).map((kind) => attentionPlan('bfloat16', kind, d, tc)!);
+      const [fwd, dkv, dq] = (['fwd', 'dkv', 'dq'] as const).map((kind) => attentionPlan('bfloat16', kind, d, tc, backend.attentionWgmma)!);
+      assert.equal(fwd.wgmma, tc, 'the stand-in device is sm_90: the forward runs on warpgroup MMAs');
       assert.deepEqual(launches, [
-        { name: fwd.name, grid: 6 * Math.ceil(100 / fwd.bq), threads: tc ? 128 : 256, shared: fwd.shared },
+        { name: fwd.name, grid: 6 * Math.ceil(100 / fwd.bq), threads: fwd.threads, shared: fwd.shared },
         { name: ATT_DELTA, grid: Math.ceil(600 / 8), threads: 256, shared: 0 },
         { name: dkv.name, grid: 6 * Math.ceil(100 / dkv.bk), threads: tc ? 128 : 256, shared: dkv.shared },
         { name: dq.name, grid: 6 * Math.ceil(100 / dq.bq), threads: tc ? 128 : 256, shared: dq.shared },
@@ -297,14 +311,16 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
 
   test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged by the combine kernel', host, async () => {
     const { backend, launches } = await standIn();
-    const slots = 2 * (backend.info().multiprocessors as number);
+    const sms = backend.info().multiprocessors as number;
     const d = 64;
     // a TTT-E2E mini-batch of 125m: 12 heads, 1024 queries after 8192 cached keys, window 8192
     const j = { batch: 12, tq: 1024, tk: 9216, d, qStart: 8192, kStart: 0, window: 8192, scale: 1 / 8 };
     const q = backend.fill(12 * 1024 * d, 'bfloat16', 0);
     const kv = backend.fill(12 * 9216 * d, 'bfloat16', 0);
-    const fwd = attentionPlan('bfloat16', 'fwd', d, true)!;
+    const fwd = attentionPlan('bfloat16', 'fwd', d, true, true)!;
+    assert.ok(fwd.wgmma && fwd.blocksPerSm === 1);
     const tiles = 12 * Math.ceil(1024 / fwd.bq);
+    const slots = fwd.blocksPerSm * sms;
     assert.ok(tiles < slots, 'the case leaves SMs idle without a split');
     const splits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + fwd.bq) / (8 * fwd.bk)));
     assert.ok(splits > 1);
@@ -315,10 +331,12 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     launches.length = 0;
     backend.attentionBackward(q, kv, kv, out, lse, q, { ...j, gradKeysFrom: 8192 }, 'bfloat16');
     const [dkv, dq] = [attentionPlan('bfloat16', 'dkv', d, true)!, attentionPlan('bfloat16', 'dq', d, true)!];
-    const dqSplits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + dq.bq) / (8 * dq.bk)));
+    const dqSlots = dq.blocksPerSm * sms;
+    const dqTiles = 12 * Math.ceil(1024 / dq.bq);
+    const dqSplits = Math.min(Math.ceil((4 * dqSlots) / dqTiles), Math.floor(Math.min(9216, 8192 + dq.bq) / (8 * dq.bk)));
     assert.ok(dqSplits > 1);
     assert.deepEqual(launches.slice(1).map((l) => l.name), [dkv.name, dq.name, 'attn_split_sum']);
-    assert.deepEqual([launches[1].grid, launches[2].grid], [12 * (1024 / dkv.bk), tiles * dqSplits]);
+    assert.deepEqual([launches[1].grid, launches[2].grid], [12 * (1024 / dkv.bk), dqTiles * dqSplits]);
     // enough query tiles to fill the GPU: one pass, no merge
     const big = { ...j, tq: 16384, tk: 16384, qStart: 0 };
     const qb = backend.fill(12 * 16384 * d, 'bfloat16', 0);
@@ -326,6 +344,32 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     launches.length = 0;
     backend.attentionForward(qb, kb, kb, big, 'bfloat16');
     assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, 12 * Math.ceil(16384 / fwd.bq)]]);
+  });
+
+  test('bfloat16 forward: keys not 16-byte aligned, or TTT_CUDA_ATTENTION=mma, take the mma.sync kernel', host, async () => {
+    const d = 64;
+    const j = { batch: 2, tq: 64, tk: 200, d, qStart: 136, kStart: 0, window: Infinity, scale: 1 / 8 };
+    const mma = attentionPlan('bfloat16', 'fwd', d, true)!;
+    const wg = attentionPlan('bfloat16', 'fwd', d, true, true)!;
+    const run = async (job: typeof j & { kvOffset?: number; kvStride?: number }) => {
+      const { backend, launches } = await standIn();
+      const q = backend.fill(2 * 64 * d, 'bfloat16', 0);
+      const kv = backend.fill(2 * 208 * d, 'bfloat16', 0);
+      backend.attentionForward(q, kv, kv, job, 'bfloat16');
+      return launches[0].name;
+    };
+    assert.equal(await run(j), wg.name);
+    assert.equal(await run({ ...j, kvOffset: 8 * d, kvStride: 208 * d }), wg.name, 'a store offset of whole 16-byte chunks');
+    assert.equal(await run({ ...j, kvOffset: 4, kvStride: 208 * d }), mma.name, 'keys start 8 bytes into a chunk');
+    assert.equal(await run({ ...j, kvOffset: 0, kvStride: 200 * d + 4 }), mma.name, 'rows of a stride that is not whole chunks');
+    const before = process.env.TTT_CUDA_ATTENTION;
+    process.env.TTT_CUDA_ATTENTION = 'mma';
+    try {
+      assert.equal(await run(j), mma.name);
+    } finally {
+      if (before === undefined) delete process.env.TTT_CUDA_ATTENTION;
+      else process.env.TTT_CUDA_ATTENTION = before;
+    }
   });
 
   test('row kernels where the device refuses the shared memory, above d 256, or when asked; errors beyond', host, async () => {
@@ -433,6 +477,30 @@ describe('cuda fused attention vs cpu', gpu, () => {
     }
     // P and dS are rounded to bf16 before the second product on the tensor cores only: the results must differ somewhere
     assert.ok(differs > 0, 'tensor-core and SIMT results are bit-identical everywhere: did the tensor-core path run?');
+  });
+
+  test('bfloat16 forward on sm_90: the wgmma and mma.sync kernels both match the cpu, and each other', (t) => {
+    if (!cuda!.attentionWgmma) {
+      t.skip(`no wgmma forward on this device (${cuda!.info().arch ?? '?'}, TTT_CUDA_ATTENTION=${process.env.TTT_CUDA_ATTENTION ?? ''})`);
+      return;
+    }
+    // every d-64 shape the forward branches on: ragged tiles, windows inside and equal to a tile, GQA,
+    // many tiles with band skipping, a split band (few query tiles after a long cache)
+    const d64 = [...CASES, ...LONG].filter((cs) => cs.d === 64 && cs.tq > 8);
+    assert.ok(d64.length >= 6);
+    for (const cs of d64) {
+      const wg = checkAgainstCpu(cs, 'bfloat16');
+      cuda!.attentionWgmma = false;
+      let mma: AttnResult;
+      try {
+        mma = checkAgainstCpu(cs, 'bfloat16');
+      } finally {
+        cuda!.attentionWgmma = true;
+      }
+      const floor = mma.out.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
+      const e = relErr(wg.out, mma.out, floor);
+      assert.ok(e <= TOL.bfloat16, `${cs.name}: wgmma vs mma.sync forward error ${e}`);
+    }
   });
 
   test('deterministic: two runs are bit-identical (float32, bfloat16)', () => {

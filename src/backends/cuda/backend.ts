@@ -125,6 +125,7 @@ export class CudaBackend implements Backend {
     const major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
     this.arch = `${major}${attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)}`;
     this.attentionTensorCores = major >= 8 && process.env.TTT_CUDA_ATTENTION !== 'simt';
+    this.attentionWgmma = this.arch === '90' && this.attentionTensorCores && process.env.TTT_CUDA_ATTENTION !== 'mma';
     const nameBuf = Buffer.alloc(256);
     cu('cuDeviceGetName', drv.cuDeviceGetName(nameBuf, 256, dev[0]));
     this.deviceName = nameBuf.toString('utf8').replace(/\0.*$/s, '');
@@ -932,6 +933,11 @@ export class CudaBackend implements Backend {
    * turns it off at start; tests and benches switch it to compare the two.
    */
   attentionTensorCores: boolean;
+  /**
+   * The bfloat16 forward at head dim 64 on Hopper's warpgroup MMAs (attention-wgmma.ts) on sm_90, where rows
+   * are 16-byte aligned; else the mma.sync one. TTT_CUDA_ATTENTION=mma turns it off at start; benches switch it.
+   */
+  attentionWgmma: boolean;
   /** Per fused kernel: whether the driver granted its dynamic shared memory (asked once). */
   private attnSharedOk = new Map<string, boolean>();
 
@@ -950,9 +956,9 @@ export class CudaBackend implements Backend {
   }
 
   /** The fused kernel for head dim d with its shared memory granted, or null: run the row kernels. */
-  private fusedAttention(dt: AttnDType, kernel: AttnKernel, d: number): { f: Handle; plan: AttnPlan } | null {
+  private fusedAttention(dt: AttnDType, kernel: AttnKernel, d: number, wgmma = false): { f: Handle; plan: AttnPlan } | null {
     if (this.attentionKernels === 'row') return null;
-    const plan = attentionPlan(dt, kernel, d, this.attentionTensorCores);
+    const plan = attentionPlan(dt, kernel, d, this.attentionTensorCores, wgmma && this.attentionWgmma);
     if (!plan) return null;
     const f = this.fn('attention', dt, plan.name);
     if (plan.shared > 48 * 1024) {
@@ -1011,7 +1017,9 @@ export class CudaBackend implements Backend {
       this.allocator.free(pml);
       return { out, lse };
     }
-    const fused = this.fusedAttention(dt, 'fwd', d);
+    // the wgmma forward copies whole 16-byte chunks of 64-element rows
+    const aligned = [buf(q).ptr, kPtr, vPtr].every((p) => p % 16 === 0) && kvStride % 8 === 0;
+    const fused = this.fusedAttention(dt, 'fwd', d, aligned);
     const a = this.args.reset().ptr(buf(q).ptr).ptr(kPtr).ptr(vPtr).ptr(out.ptr).ptr(lse.ptr);
     if (fused) {
       a.i64(job.batch).i64(tq).i64(tk).i64(d).i64(qs).i64(ks).i64(w).f64(job.scale).i64(groups).i64(kvStride);
@@ -1043,11 +1051,11 @@ export class CudaBackend implements Backend {
 
   /**
    * Key splits of the tensor-core forward and dQ (`plan`) over `tiles` query tiles: 1 when the tiles fill the
-   * GPU (two blocks per SM fit), else enough for about four waves, each split keeping at least 8 key tiles
+   * GPU (the plan's blocks per SM on every SM), else enough for about four waves, each split keeping at least 8 key tiles
    * of the keys a query tile's band spans (below that, the partial outputs cost more than they save).
    */
   private keySplits(job: AttentionJob, tiles: number, plan: AttnPlan): number {
-    const slots = 2 * this.sms;
+    const slots = plan.blocksPerSm * this.sms;
     if (tiles >= slots) return 1;
     const tileBand = Math.min(job.tk, (Number.isFinite(job.window) ? job.window : job.tk) + plan.bq);
     return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(tileBand / (8 * plan.bk))));

@@ -34,7 +34,9 @@ export class KernelCompiler {
     const min: [number | null] = [null];
     checkNvrtc(nv, 'nvrtcVersion', nv.nvrtcVersion(maj, min));
     this.version = `${maj[0]}.${min[0]}`;
-    this.options = [`--gpu-architecture=sm_${arch}`, '--std=c++17'];
+    // sm_90 compiles as sm_90a: the Hopper-only instructions (wgmma) of the attention forward need it,
+    // and the device is exactly the one the CUBIN is built for anyway
+    this.options = [`--gpu-architecture=sm_${arch === '90' ? '90a' : arch}`, '--std=c++17'];
   }
 
   /** CUBIN of `source`; `name` only labels errors. */

@@ -313,6 +313,27 @@ __device__ __forceinline__ void fm_store_partial(float* row, const float (&acc)[
   }
 }
 
+/*
+ * The forward's end for a warp's 16-row tile: rows row[0], row[1] (of batch entry b) get out = o / l and
+ * their lse; with splits > 1, split sp's unnormalised o and (m, l) go to the partials po, pml instead.
+ */
+template <int OT>
+__device__ __forceinline__ void fm_finish_rows(const float (&o)[OT][4], const float (&m)[2], const float (&l)[2], const i64 (&row)[2], i64 iend,
+    i64 b, i64 tq, i64 d, int t, i64 sp, i64 splits, bf16* out, float* lse, float* po, float* pml) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    if (row[h] >= iend) continue;
+    if (splits > 1) {
+      const i64 slot = (b * tq + row[h]) * splits + sp;
+      fm_store_partial<OT>(po + slot * d, o, h, 1.f, t, d);
+      if (t == 0) { pml[2 * slot] = m[h]; pml[2 * slot + 1] = l[h]; }
+    } else {
+      fm_store_row<OT>(out + (b * tq + row[h]) * d, o, h, 1.f / l[h], t, d);
+      if (t == 0) lse[b * tq + row[h]] = (m[h] + fa_log(l[h])) * (float)FA_INV_LOGC;
+    }
+  }
+}
+
 /* Split sp of the splits of a query tile's key range [jlo, jhi]: whole key tiles of BK from the start (possibly none). */
 template <int BK>
 __device__ __forceinline__ void fm_split_keys(i64& jlo, i64& jhi, i64 sp, i64 splits) {
@@ -326,6 +347,56 @@ __device__ __forceinline__ void fm_split_keys(i64& jlo, i64& jhi, i64 sp, i64 sp
 __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i64 window) {
   const i64 diff = qStart + i - kStart - j;
   return diff >= 0 && diff < window;
+}
+
+/*
+ * One key tile of the forward's online softmax for a warp's 16-row tile (rows row[0], row[1] of this
+ * thread; keys j0 .. jend - 1): the scores s (accumulator fragments) become probabilities, handed on as
+ * the bf16 A fragments pa of the P·V product; the running max m and sum l move to the new max, and
+ * the output accumulators o are rescaled to it. Masked element by element unless the tile is full.
+ * Shared by the mma.sync and the wgmma forward (same fragment layouts).
+ */
+template <int NT, int OT>
+__device__ __forceinline__ void fm_softmax_step(float (&s)[NT][4], u32 (&pa)[NT / 2][4], float (&o)[OT][4], float (&m)[2], float (&l)[2],
+    const i64 (&row)[2], bool full, i64 j0, i64 jend, i64 iend, float sc, int t, i64 qStart, i64 kStart, i64 window) {
+  float mx[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int h = e >> 1;
+      float x = s[n][e] * sc;
+      if (!full) {
+        const i64 j = j0 + n * 8 + 2 * t + (e & 1);
+        if (!(row[h] < iend && j < jend && fm_sees(row[h], j, qStart, kStart, window))) x = FA_NEG_INF;
+      }
+      s[n][e] = x;
+      mx[h] = fmaxf(mx[h], x);
+    }
+  }
+  float mu[2], alpha[2], rs[2] = {0, 0};
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const float mn = fmaxf(m[h], fm_max4(mx[h]));
+    mu[h] = mn == FA_NEG_INF ? 0.f : mn; // nothing visible yet: exp(-inf - 0) = 0, never -inf - -inf
+    alpha[h] = fa_exp(m[h] - mu[h]);
+    m[h] = mn;
+  }
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      s[n][e] = fa_exp(s[n][e] - mu[e >> 1]);
+      rs[e >> 1] += s[n][e];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + fm_sum4(rs[h]);
+#pragma unroll
+  for (int ot = 0; ot < OT; ot++) {
+    o[ot][0] *= alpha[0]; o[ot][1] *= alpha[0]; o[ot][2] *= alpha[1]; o[ot][3] *= alpha[1];
+  }
+  fm_to_afrag<NT>(pa, s);
 }
 #endif
 
@@ -394,64 +465,12 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
     const bool full = fm_tile_full(i0, BQ, iend, j0, BK, jend, qStart, kStart, window);
     u32 pa[MT][NT / 2][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-      float mx[2] = {FA_NEG_INF, FA_NEG_INF};
-#pragma unroll
-      for (int n = 0; n < NT; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int h = e >> 1;
-          float x = s[mt][n][e] * sc;
-          if (!full) {
-            const i64 j = j0 + n * 8 + 2 * t + (e & 1);
-            if (!(row[mt][h] < iend && j < jend && fm_sees(row[mt][h], j, qStart, kStart, window))) x = FA_NEG_INF;
-          }
-          s[mt][n][e] = x;
-          mx[h] = fmaxf(mx[h], x);
-        }
-      }
-      float mu[2], alpha[2], rs[2] = {0, 0};
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const float mn = fmaxf(m[mt][h], fm_max4(mx[h]));
-        mu[h] = mn == FA_NEG_INF ? 0.f : mn; // nothing visible yet: exp(-inf - 0) = 0, never -inf - -inf
-        alpha[h] = fa_exp(m[mt][h] - mu[h]);
-        m[mt][h] = mn;
-      }
-#pragma unroll
-      for (int n = 0; n < NT; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          s[mt][n][e] = fa_exp(s[mt][n][e] - mu[e >> 1]);
-          rs[e >> 1] += s[mt][n][e];
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; h++) l[mt][h] = l[mt][h] * alpha[h] + fm_sum4(rs[h]);
-#pragma unroll
-      for (int ot = 0; ot < OT; ot++) {
-        o[mt][ot][0] *= alpha[0]; o[mt][ot][1] *= alpha[0]; o[mt][ot][2] *= alpha[1]; o[mt][ot][3] *= alpha[1];
-      }
-      fm_to_afrag<NT>(pa[mt], s[mt]);
-    }
+    for (int mt = 0; mt < MT; mt++) fm_softmax_step<NT, OT>(s[mt], pa[mt], o[mt], m[mt], l[mt], row[mt], full, j0, jend, iend, sc, t, qStart, kStart, window);
     fm_mma_rt<MT, BK, OT, LD>(o, pa, Vs, lane);
     __syncthreads(); // every read of this buffer is done before it is refilled
   }
 #pragma unroll
-  for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      if (row[mt][h] >= iend) continue;
-      if (splits > 1) {
-        const i64 slot = (b * tq + row[mt][h]) * splits + sp;
-        fm_store_partial<OT>(po + slot * d, o[mt], h, 1.f, t, d);
-        if (t == 0) { pml[2 * slot] = m[mt][h]; pml[2 * slot + 1] = l[mt][h]; }
-      } else {
-        fm_store_row<OT>(out + (b * tq + row[mt][h]) * d, o[mt], h, 1.f / l[mt][h], t, d);
-        if (t == 0) lse[b * tq + row[mt][h]] = (m[mt][h] + fa_log(l[mt][h])) * (float)FA_INV_LOGC;
-      }
-    }
-  }
+  for (int mt = 0; mt < MT; mt++) fm_finish_rows<OT>(o[mt], m[mt], l[mt], row[mt], iend, b, tq, d, t, sp, splits, out, lse, po, pml);
 #endif
 }
 

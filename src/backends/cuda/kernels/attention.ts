@@ -27,6 +27,7 @@
  * internal, in A.
  */
 import { FM_DIMS, FM_THREADS, FM_TILES, mmaSharedBytes, mmaSource } from './attention-mma.js';
+import { WG_FWD_TILE, wgmmaSharedBytes, wgmmaSource, wgmmaThreads } from './attention-wgmma.js';
 import { blockReduce } from './common.js';
 
 /** The float dtypes attention kernels are generated for. */
@@ -94,6 +95,10 @@ export interface AttnPlan {
   threads: number;
   /** Tensor-core (mma.sync, bf16, sm_80+) kernel rather than the SIMT one (attention-mma.ts). */
   tensorCores: boolean;
+  /** The Hopper warpgroup-MMA forward (attention-wgmma.ts: sm_90, head dim 64, 16-byte aligned rows); tensorCores too. */
+  wgmma: boolean;
+  /** Blocks per SM the tile was sized for (how many query tiles fill the GPU). */
+  blocksPerSm: number;
 }
 
 function vecWidth(dtype: AttnDType): number {
@@ -115,20 +120,27 @@ export function attentionSharedBytes(dtype: AttnDType, kernel: AttnKernel, bq: n
 function planFor(dtype: AttnDType, kernel: AttnKernel, dp: number): AttnPlan {
   const [bq, bk] = TILES[dtype === 'float64' ? 'f64' : 'f32'][kernel][dp];
   const shared = attentionSharedBytes(dtype, kernel, bq, bk, dp);
-  return { kernel, name: `attn_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FA_THREADS, tensorCores: false };
+  return { kernel, name: `attn_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FA_THREADS, tensorCores: false, wgmma: false, blocksPerSm: 2 };
 }
 
 function mmaPlanFor(kernel: AttnKernel, dp: number): AttnPlan {
   const [bq, bk] = FM_TILES[kernel][dp];
   const shared = mmaSharedBytes(kernel, bq, bk, dp);
-  return { kernel, name: `attn_mma_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FM_THREADS, tensorCores: true };
+  return { kernel, name: `attn_mma_${kernel}_d${dp}_q${bq}_k${bk}`, bq, bk, dp, shared, threads: FM_THREADS, tensorCores: true, wgmma: false, blocksPerSm: 2 };
+}
+
+function wgmmaFwdPlan(): AttnPlan {
+  const [bq, bk] = WG_FWD_TILE;
+  return { kernel: 'fwd', name: `attn_wg_fwd_d64_q${bq}_k${bk}`, bq, bk, dp: 64, shared: wgmmaSharedBytes(bq, bk), threads: wgmmaThreads(bq), tensorCores: true, wgmma: true, blocksPerSm: 1 };
 }
 
 /**
  * The fused kernel for head dim d, or null when d is above FA_MAX_D (then the row kernels run).
- * `tensorCores`: the mma kernel where one exists (bfloat16, d up to 128; the caller checks sm_80+).
+ * `tensorCores`: the mma kernel where one exists (bfloat16, d up to 128; the caller checks sm_80+);
+ * `wgmma`: the warpgroup-MMA forward where it applies (d 64; the caller checks sm_90 and alignment).
  */
-export function attentionPlan(dtype: AttnDType, kernel: AttnKernel, d: number, tensorCores = false): AttnPlan | null {
+export function attentionPlan(dtype: AttnDType, kernel: AttnKernel, d: number, tensorCores = false, wgmma = false): AttnPlan | null {
+  if (tensorCores && wgmma && dtype === 'bfloat16' && kernel === 'fwd' && d === 64) return wgmmaFwdPlan();
   if (tensorCores && dtype === 'bfloat16') {
     const dp = FM_DIMS.find((x) => x >= d);
     if (dp !== undefined) return mmaPlanFor(kernel, dp);
@@ -142,7 +154,7 @@ const KERNELS: AttnKernel[] = ['fwd', 'dq', 'dkv'];
 /** Every fused configuration compiled into a dtype's module (SIMT, and for bfloat16 the tensor-core ones). */
 export function attentionPlans(dtype: AttnDType): AttnPlan[] {
   const simt = KERNELS.flatMap((k) => FA_DIMS.map((dp) => planFor(dtype, k, dp)));
-  return dtype === 'bfloat16' ? [...simt, ...KERNELS.flatMap((k) => FM_DIMS.map((dp) => mmaPlanFor(k, dp)))] : simt;
+  return dtype === 'bfloat16' ? [...simt, ...KERNELS.flatMap((k) => FM_DIMS.map((dp) => mmaPlanFor(k, dp))), wgmmaFwdPlan()] : simt;
 }
 
 // ---- row kernels (fallback) -------------------------------------------------------------------------
@@ -562,6 +574,9 @@ function fusedEntries(dtype: AttnDType): string {
       const tpl = `<${p.bq}, ${p.bk}, ${p.dp}>`;
       const fn = p.tensorCores ? 'fm' : 'fa';
       const head = `extern "C" __global__ void __launch_bounds__(${p.threads}) ${p.name}`;
+      if (p.wgmma) {
+        return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride, i64 splits, float* po, float* pml) { wg_fwd<${p.bq / 64}, ${p.bk}>(q, k, v, out, lse, ${pass}, kvStride, splits, po, pml); }`;
+      }
       if (p.kernel === 'fwd' && p.tensorCores) {
         // (splits, po, pml: the split forward, see fm_fwd)
         return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride, i64 splits, float* po, float* pml) { fm_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride, splits, po, pml); }`;
@@ -915,6 +930,7 @@ export function attentionSource(dtype: string): string {
     blockReduce('att_sum', 'A', 'a + b'),
     FUSED,
     dtype === 'bfloat16' ? mmaSource() : '',
+    dtype === 'bfloat16' ? wgmmaSource() : '',
     fusedEntries(dtype),
     DECODE,
     ROW,
