@@ -135,6 +135,7 @@ export async function main(): Promise<unknown> {
     for (const wg of wgmmaAvailable ? [true, false] : [false]) {
       b.attentionWgmma = wg;
       row[wg ? 'wgmmaMs' : 'mmaMs'] = ours(b, s);
+      console.log(`  ${s.name}, ${wg ? 'wgmma' : 'mma.sync'}: ${(row[wg ? 'wgmmaMs' : 'mmaMs'] as number).toFixed(2)} ms`);
     }
     b.attentionWgmma = wgmmaAvailable;
     rows.push(row);

@@ -353,11 +353,11 @@ __device__ __forceinline__ bool fm_sees(i64 i, i64 j, i64 qStart, i64 kStart, i6
  * One key tile of the forward's online softmax for a warp's 16-row tile (rows row[0], row[1] of this
  * thread; keys j0 .. jend - 1): the scores s (accumulator fragments) become probabilities, handed on as
  * the bf16 A fragments pa of the P·V product; the running max m and sum l move to the new max, and
- * the output accumulators o are rescaled to it. Masked element by element unless the tile is full.
- * Shared by the mma.sync and the wgmma forward (same fragment layouts).
+ * alpha is the factor that takes output accumulators from the old max to it (fm_rescale). Masked element
+ * by element unless the tile is full. Shared by the mma.sync and the wgmma forward (same fragment layouts).
  */
-template <int NT, int OT>
-__device__ __forceinline__ void fm_softmax_step(float (&s)[NT][4], u32 (&pa)[NT / 2][4], float (&o)[OT][4], float (&m)[2], float (&l)[2],
+template <int NT>
+__device__ __forceinline__ void fm_softmax_probs(float (&s)[NT][4], u32 (&pa)[NT / 2][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
     const i64 (&row)[2], bool full, i64 j0, i64 jend, i64 iend, float sc, int t, i64 qStart, i64 kStart, i64 window) {
   float mx[2] = {FA_NEG_INF, FA_NEG_INF};
 #pragma unroll
@@ -374,7 +374,7 @@ __device__ __forceinline__ void fm_softmax_step(float (&s)[NT][4], u32 (&pa)[NT 
       mx[h] = fmaxf(mx[h], x);
     }
   }
-  float mu[2], alpha[2], rs[2] = {0, 0};
+  float mu[2], rs[2] = {0, 0};
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     const float mn = fmaxf(m[h], fm_max4(mx[h]));
@@ -392,11 +392,16 @@ __device__ __forceinline__ void fm_softmax_step(float (&s)[NT][4], u32 (&pa)[NT 
   }
 #pragma unroll
   for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + fm_sum4(rs[h]);
+  fm_to_afrag<NT>(pa, s);
+}
+
+/* Output accumulators (rows g and g + 8 of a 16-row tile) times the softmax step's alpha. */
+template <int OT>
+__device__ __forceinline__ void fm_rescale(float (&o)[OT][4], const float (&alpha)[2]) {
 #pragma unroll
   for (int ot = 0; ot < OT; ot++) {
     o[ot][0] *= alpha[0]; o[ot][1] *= alpha[0]; o[ot][2] *= alpha[1]; o[ot][3] *= alpha[1];
   }
-  fm_to_afrag<NT>(pa, s);
 }
 #endif
 
@@ -465,7 +470,11 @@ __device__ __forceinline__ void fm_fwd(const bf16* q, const bf16* k, const bf16*
     const bool full = fm_tile_full(i0, BQ, iend, j0, BK, jend, qStart, kStart, window);
     u32 pa[MT][NT / 2][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) fm_softmax_step<NT, OT>(s[mt], pa[mt], o[mt], m[mt], l[mt], row[mt], full, j0, jend, iend, sc, t, qStart, kStart, window);
+    for (int mt = 0; mt < MT; mt++) {
+      float alpha[2];
+      fm_softmax_probs<NT>(s[mt], pa[mt], m[mt], l[mt], alpha, row[mt], full, j0, jend, iend, sc, t, qStart, kStart, window);
+      fm_rescale<OT>(o[mt], alpha);
+    }
     fm_mma_rt<MT, BK, OT, LD>(o, pa, Vs, lane);
     __syncthreads(); // every read of this buffer is done before it is refilled
   }
