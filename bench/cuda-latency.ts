@@ -32,6 +32,16 @@ function sync(): void {
   be.synchronize?.();
 }
 
+type Memory = { inUse: number; cached: number; peak: number; driverAllocs: number; driverFrees: number; driverMs: number };
+/** The device allocator's counters (the cuda backend), or null. */
+function memory(): Memory | null {
+  const be = getBackend() as unknown as { memoryStats?: () => Memory };
+  return be.memoryStats?.() ?? null;
+}
+function resetPeak(): void {
+  (getBackend() as unknown as { resetPeakMemory?: () => void }).resetPeakMemory?.();
+}
+
 interface Row {
   variant: string;
   context: number;
@@ -45,6 +55,8 @@ interface Row {
   /** Median time between consecutive tokens without a plan. */
   decodeNoPlanMsPerToken: number;
   innerStepsDuringDecode: number;
+  /** The allocator during the prefill (cuda): peak bytes in use, bytes cached after it, driver allocations and frees it made. */
+  prefillMemory?: { peakGiB: number; cachedGiB: number; driverAllocs: number; driverFrees: number; driverMs: number };
 }
 
 /** Decodes n tokens; returns the time to the first token, the median gap between tokens and the mean. */
@@ -94,10 +106,15 @@ export async function main(): Promise<unknown> {
       const session = new Session(c, params);
       try {
         sync();
+        resetPeak();
+        const m0 = memory();
         const t0 = performance.now();
         session.prefill(tokens, { score: false });
         sync();
         const prefillS = (performance.now() - t0) / 1e3;
+        const m1 = memory();
+        const GiB = 2 ** 30;
+        const prefillMemory = m0 && m1 ? { peakGiB: m1.peak / GiB, cachedGiB: m1.cached / GiB, driverAllocs: m1.driverAllocs - m0.driverAllocs, driverFrees: m1.driverFrees - m0.driverFrees, driverMs: m1.driverMs - m0.driverMs } : undefined;
         const before = session.tokensRead;
         const planned = timedDecode(session, DECODE);
         session.launchPlans = false;
@@ -106,13 +123,14 @@ export async function main(): Promise<unknown> {
         const innerSteps = variant === 'e2e' ? Math.floor((before + DECODE) / b) - Math.floor(before / b) : 0;
         const row: Row = {
           variant, context, prefillS, prefillTokensPerS: context / prefillS, decodeMsPerToken: planned.medianMs, decodeFirstTokenMs: planned.firstMs,
-          decodeMeanMs: planned.meanMs, decodeNoPlanMsPerToken: plain.medianMs, innerStepsDuringDecode: innerSteps,
+          decodeMeanMs: planned.meanMs, decodeNoPlanMsPerToken: plain.medianMs, innerStepsDuringDecode: innerSteps, prefillMemory,
         };
         rows.push(row);
         save(); // after every row, so a run cut short by a time limit keeps what it measured
         const f = (v: number, d: number, w: number) => v.toFixed(d).padStart(w);
         console.log(
-          `${variant.padEnd(8)} ${String(context).padStart(7)} ${f(prefillS, 3, 11)} ${f(row.prefillTokensPerS, 0, 15)} ${f(planned.medianMs, 2, 17)} ${f(planned.firstMs, 1, 16)} ${f(planned.meanMs, 2, 9)} ${f(plain.medianMs, 2, 18)}`,
+          `${variant.padEnd(8)} ${String(context).padStart(7)} ${f(prefillS, 3, 11)} ${f(row.prefillTokensPerS, 0, 15)} ${f(planned.medianMs, 2, 17)} ${f(planned.firstMs, 1, 16)} ${f(planned.meanMs, 2, 9)} ${f(plain.medianMs, 2, 18)}` +
+            (prefillMemory ? `   (prefill: peak ${prefillMemory.peakGiB.toFixed(1)} GiB, ${prefillMemory.driverAllocs} driver allocs, ${prefillMemory.driverFrees} frees, ${prefillMemory.driverMs.toFixed(0)} ms in them)` : ''),
         );
         if (prefillS > MAX_PREFILL_S) break;
       } catch (e) {

@@ -12,7 +12,8 @@
  * 12·L·d·w̄ (QKᵀ and PV, forward + backward) with w̄ the mean number of keys a query sees. For TTT-E2E
  * this is the same count as SWA: the inner loop's extra work (the suffix's inner gradients and the
  * second-order backward) is overhead by this definition, so its MFU is "useful" utilisation.
- * Usage: node dist/bench/cuda-train.js [T] [batch] [presets]  (defaults T 2048, batch 1, small,125m)
+ * Usage: node dist/bench/cuda-train.js [T] [batch] [presets] [variants] [computes]
+ *   (defaults T 2048, batch 1, small,125m, full,swa,e2e, fp32,bf16)
  * Writes bench/results/cuda-train-<presets joined by '-'>.json.
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -118,11 +119,13 @@ export async function main(): Promise<unknown> {
   const T = Number(process.argv[2] ?? 2048);
   const batch = Number(process.argv[3] ?? 1);
   const presets = (process.argv[4] ?? 'small,125m').split(',');
+  const variants = (process.argv[5] ?? 'full,swa,e2e').split(',') as ('full' | 'swa' | 'e2e')[];
+  const computes = (process.argv[6] ?? 'fp32,bf16').split(',');
   const peak = measuredPeak();
   const rows: Row[] = [];
   for (const p of presets) {
-    for (const variant of ['full', 'swa', 'e2e'] as const) {
-      for (const bf16 of [false, true]) {
+    for (const variant of variants) {
+      for (const bf16 of computes.map((x) => x === 'bf16')) {
         try {
           const r = measure(p, variant, bf16, T, batch, peak.tflops);
           rows.push(r);

@@ -19,6 +19,8 @@ export interface AllocatorStats {
   /** Driver allocations (cuMemAlloc) so far, and frees (cuMemFree). */
   driverAllocs: number;
   driverFrees: number;
+  /** Host time spent in those driver calls (ms). */
+  driverMs: number;
 }
 
 /** A block of device memory: `bytes` is its bucket size; size-0 tensors get ptr 0. */
@@ -51,7 +53,7 @@ export interface RawMemory {
 
 export class CachingAllocator {
   private free_ = new Map<number, DevicePtr[]>();
-  private s: AllocatorStats = { inUse: 0, cached: 0, peak: 0, blocks: 0, driverAllocs: 0, driverFrees: 0 };
+  private s: AllocatorStats = { inUse: 0, cached: 0, peak: 0, blocks: 0, driverAllocs: 0, driverFrees: 0, driverMs: 0 };
 
   constructor(private raw: RawMemory) {}
 
@@ -62,6 +64,7 @@ export class CachingAllocator {
     if (ptr !== undefined) {
       this.s.cached -= size;
     } else {
+      const t0 = performance.now();
       try {
         ptr = this.raw.alloc(size);
       } catch (e) {
@@ -69,6 +72,7 @@ export class CachingAllocator {
         this.emptyCache();
         ptr = this.raw.alloc(size);
       }
+      this.s.driverMs += performance.now() - t0;
       this.s.driverAllocs++;
     }
     this.s.inUse += size;
@@ -121,6 +125,7 @@ export class CachingAllocator {
 
   /** Returns every cached block to the driver. */
   emptyCache(): void {
+    const t0 = performance.now();
     for (const list of this.free_.values()) {
       for (const p of list) {
         this.raw.free(p);
@@ -129,6 +134,7 @@ export class CachingAllocator {
     }
     this.free_.clear();
     this.s.cached = 0;
+    this.s.driverMs += performance.now() - t0;
   }
 
   resetPeak(): void {
