@@ -10,7 +10,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   type DType, type KvRows, type Tensor, appendKv, compositeAttention, concat, dropOldestRows, getBackend, grad, kvRows, mul,
-  scaledDotAttention, slice, stopGradient, sum, tensor, tidy,
+  reservingKv, scaledDotAttention, slice, stopGradient, sum, tensor, tidy,
 } from '../src/index.js';
 import { rn, seededValues } from './helpers/check.js';
 
@@ -42,6 +42,35 @@ describe('KV store: appendKv, kvRows, dropOldestRows', () => {
       const got = kvRows(store!);
       same(got.k, concat(chunks.map((c) => c[0]), 2), 'k');
       same(got.v, concat(chunks.map((c) => c[1]), 2), 'v');
+    });
+  });
+
+  test('reservingKv: an unbounded store that must grow makes room for the reserved rows at once; others double', () => {
+    tidy(() => {
+      const cap = (r: KvRows) => r.k.shape[2];
+      const chunks = [100, 150, 250].map((n, i) => [rows(40 + 2 * i, n), rows(41 + 2 * i, n)] as const);
+      let store: KvRows | null = null;
+      let copies = 0;
+      reservingKv(500, () => {
+        for (const [k, v] of chunks) {
+          const next: KvRows = appendKv(store, k, v, { unbounded: true });
+          if (!store || next.k !== store.k) copies++;
+          store = next;
+        }
+      });
+      assert.equal(copies, 1, 'one allocation for the whole reserve');
+      assert.equal(cap(store!), 500);
+      const got = kvRows(store!);
+      same(got.k, concat(chunks.map((c) => c[0]), 2), 'k');
+      // past the reserve, and outside reservingKv, the store doubles again
+      store = appendKv(store, rows(60, 1), rows(61, 1), { unbounded: true });
+      assert.equal(cap(store), 1002);
+      // a windowed cache (not unbounded) ignores the reserve
+      const windowed = reservingKv(500, () => appendKv(null, rows(62, 100), rows(63, 100)));
+      assert.equal(cap(windowed), 200);
+      // a reserve below the rows already there is ignored: the store doubles
+      const small = reservingKv(50, () => appendKv(null, rows(64, 100), rows(65, 100), { unbounded: true }));
+      assert.equal(cap(small), 200);
     });
   });
 

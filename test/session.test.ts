@@ -158,6 +158,11 @@ describe('Session', () => {
       assert.ok(maxDiff(nll.slice(1), whole) < 1e-9, `${variant}: ${maxDiff(nll.slice(1), whole)}`);
       const fast = new Session(c, params);
       assert.deepEqual(fast.prefill(doc, { score: false }), []);
+      if (variant === 'full') {
+        // the full-attention caches were allocated once, for the prompt and 1024 decoded tokens
+        const cache = (fast as unknown as { state: { caches: { k: T.Tensor }[] } }).state.caches[0];
+        assert.equal(cache.k.shape[2], doc.length + 1024);
+      }
       assert.ok(maxDiff(fast.nextLogProbs(), scoredSession.nextLogProbs()) < 1e-12);
       assert.equal(fast.tokensRead, doc.length);
       const live = T.liveTensorCount();

@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  type Key, Tensor, concat, foldIn, keep, leaves, logSoftmax, randomKey, reshape, slice, sub, tensor, tidy,
+  type Key, reservingKv, Tensor, concat, foldIn, keep, leaves, logSoftmax, randomKey, reshape, slice, sub, tensor, tidy,
   threefry2x32, add,
 } from '../engine/index.js';
 import { readSafetensors, writeSafetensors, type StoredTensor } from '../io/safetensors.js';
@@ -64,6 +64,8 @@ const MAX_GROUP = 2048;
  * attention launch over 2048 queries of 12 heads had 192 blocks for 132 SMs).
  */
 const MAX_UNSCORED_GROUP = 16384;
+/** Rows a prompt's full-attention caches get beyond it, so that the first decoded tokens do not reallocate them (and the shortest prompt that reserves). */
+const RESERVE_SLACK = 1024;
 /**
  * The fewest tokens a `decode` call generates through a launch plan: building one copies the caches
  * into rings and records a step, worth it only over several tokens.
@@ -145,6 +147,13 @@ export class Session {
     for (const t of tokens) {
       if (!Number.isInteger(t) || t < 0 || t >= this.config.vocabSize) throw new Error(`prefill: token ${t} outside the vocabulary [0, ${this.config.vocabSize})`);
     }
+    // a prompt's full-attention caches are allocated for all of it (and some decoded tokens) at once;
+    // reading a few tokens at a time keeps doubling them
+    if (tokens.length < RESERVE_SLACK) return this.prefillGroups(tokens, score);
+    return reservingKv(this.state.position + tokens.length + RESERVE_SLACK, () => this.prefillGroups(tokens, score));
+  }
+
+  private prefillGroups(tokens: readonly number[], score: boolean): number[] {
     const nll: number[] = [];
     const groupSize = score ? MAX_GROUP : MAX_UNSCORED_GROUP;
     const b = this.config.miniBatch;
@@ -275,12 +284,18 @@ export class Session {
     const s = this.state;
     const c = this.config;
     const ss = suffixStart(c);
-    const r = tidy(() => {
-      const x = embed(c, this.params, tensor(tokens, [1, tokens.length], 'int32'));
-      return runBlocks(c, this.params, 0, ss, x, range(s.position, tokens.length), s.caches.slice(0, ss), []);
-    });
-    this.commit({ ...s, caches: [...r.states, ...s.caches.slice(ss)] });
-    return r.x;
+    const positions = range(s.position, tokens.length);
+    let x = tidy(() => embed(c, this.params, tensor(tokens, [1, tokens.length], 'int32')));
+    const states: (MixerState | null)[] = [];
+    // a block at a time, so that one block's intermediates are freed (and their memory reused) before the next
+    for (let l = 0; l < ss; l++) {
+      const r = tidy(() => runBlocks(c, this.params, l, l + 1, x, positions, [s.caches[l]], []));
+      x.dispose();
+      x = r.x;
+      states.push(r.states[0]);
+    }
+    this.commit({ ...s, caches: [...states, ...s.caches.slice(ss)] });
+    return x;
   }
 
   /**

@@ -139,7 +139,7 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
       const cache = state as KvCache | null;
       checkConsecutive('attention', positions);
       const start = cache ? cache.start : positions[0];
-      const rows = appendKv(cachedRows(cache), k, v);
+      const rows = appendKv(cachedRows(cache), k, v, { unbounded: window === undefined });
       const out = lin(mergeHeads(attend(q, rows.k, rows.v, { qStart: positions[0], kStart: start, window, keyRows: rows })), w.wo);
       // a window of k: later queries see only the last k-1 of these positions (a plain view: no `fresh`)
       const kept = dropOldestRows(rows, window === undefined ? Infinity : window - 1);
