@@ -42,12 +42,16 @@ function perSequenceLoss(nll: Tensor, mask?: Tensor): Tensor {
   return div(sum(mul(nll, mask), 1), maximum(sum(mask, 1), 1e-9));
 }
 
-/** Each sequence's gradient scaled to global norm <= clip (over all fast weights of that sequence). */
-function clipPerSequence(g: FastWeights, clip: number): FastWeights {
-  if (clip <= 0) return g;
+/**
+ * The inner step lr · clip(g): each sequence's gradient scaled to global norm <= clip (over all fast
+ * weights of that sequence), times lr. The two scalars meet on the [batch, 1, 1] factor, so each
+ * fast-weight-sized gradient is multiplied once.
+ */
+function clippedStep(g: FastWeights, clip: number, lr: number): FastWeights {
+  if (clip <= 0) return g.map((m) => ({ w1: mul(m.w1, lr), w2: mul(m.w2, lr), w3: mul(m.w3, lr) }));
   const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sum(square(t), [1, 2])));
   const norm = sqrt(sq.reduce((a, b) => a.add(b)));
-  const scale = reshape(div(clip, maximum(norm, clip)), [norm.shape[0], 1, 1]);
+  const scale = reshape(mul(div(clip, maximum(norm, clip)), lr), [norm.shape[0], 1, 1]);
   return g.map((m) => ({ w1: mul(m.w1, scale), w2: mul(m.w2, scale), w3: mul(m.w3, scale) }));
 }
 
@@ -92,13 +96,9 @@ export function miniBatchStep(
     return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches, last: aux.last };
   }
   const [[, aux], g] = valueAndGrad(lossOf, { hasAux: true })(fast);
-  let step = clipPerSequence(g as FastWeights, c.innerClip);
+  let step = clippedStep(g as FastWeights, c.innerClip, lr);
   if (c.firstOrder) step = stopGradient(step);
-  const next = fast.map((w, j) => ({
-    w1: sub(w.w1, mul(step[j].w1, lr)),
-    w2: sub(w.w2, mul(step[j].w2, lr)),
-    w3: sub(w.w3, mul(step[j].w3, lr)),
-  }));
+  const next = fast.map((w, j) => ({ w1: sub(w.w1, step[j].w1), w2: sub(w.w2, step[j].w2), w3: sub(w.w3, step[j].w3) }));
   return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches, last: aux.last };
 }
 
