@@ -9,6 +9,7 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   variants: () => import('./variants.js'),
   'cuda-gemm': () => import('./cuda-gemm.js'),
   'cuda-attention': () => import('./cuda-attention.js'),
+  'cuda-attention-fwd': () => import('./cuda-attention-fwd.js'),
   'cuda-overhead': () => import('./cuda-overhead.js'),
   'cuda-train': () => import('./cuda-train.js'),
   'cuda-profile': () => import('./cuda-profile.js'),
