@@ -163,6 +163,23 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
+  test('RMSNorm takes the 16-byte-vector kernels for rows of whole vectors (up to 8 per lane), else the element-wise ones', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const name = () => (calls.lastLaunch as [{ name: string }])[0].name;
+    for (const [dt, d, vec] of [
+      ['bfloat16', 768, true], ['bfloat16', 2048, true], ['bfloat16', 2056, false], ['bfloat16', 33, false], ['bfloat16', 12, false],
+      ['float32', 768, true], ['float32', 1024, true], ['float32', 1028, false], ['float32', 6, false],
+      ['float64', 512, true], ['float64', 514, false], ['float64', 7, false],
+    ] as const) {
+      const x = backend.fill(4 * d, dt, 1);
+      const w = backend.fill(d, dt, 1);
+      const { y, rstd } = backend.rmsNormForward(x, w, 4, d, 1e-6, dt);
+      assert.equal(name(), vec ? 'rmsnorm_fwd_vec' : 'rmsnorm_fwd', `${dt} d ${d} forward`);
+      backend.rmsNormBackward(x, w, rstd, y, 4, d, dt, false);
+      assert.equal(name(), vec ? 'rmsnorm_bwd_vec' : 'rmsnorm_bwd', `${dt} d ${d} backward`);
+    }
+  });
+
   test('recording: launches go to the capture stream, constants and uploads land at once, frees stay with the graph', opts, async () => {
     const { backend, calls } = await standInBackend();
     const count = (name: string) => calls.counts.get(name) ?? 0;

@@ -20,7 +20,8 @@ const R = (seed: number, shape: number[]) => T.tensor(rand(seed, sizeOf(shape)),
 const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
 
 describe('fused RMSNorm', () => {
-  const shapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1]];
+  // (on the GPU, rows of 64 take the 16-byte-vector kernels, of 1024 doubles the element-wise ones)
+  const shapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1], [3, 64], [2, 3, 1024]];
 
   test('values equal the composite definition', () => {
     T.tidy(() => {
@@ -45,6 +46,31 @@ describe('fused RMSNorm', () => {
         assert.equal(calls, 1, 'first order runs the backend kernel');
         const comp = T.grad(loss(T.compositeRmsNorm), [0, 1])(x, w) as T.Tensor[];
         fused.forEach((t, i) => assert.ok(maxDiff(t.toArray(), comp[i].toArray()) < 1e-11, `${shape} grad ${i}: ${maxDiff(t.toArray(), comp[i].toArray())}`));
+      }
+    });
+  });
+
+  test('float32 and bfloat16 (where the backend has it): fused values and gradients within the dtype of the float64 composite, rows of whole 16-byte vectors and not', () => {
+    const dtypes: T.DType[] = T.getBackend().name === 'cuda' ? ['float32', 'bfloat16'] : ['float32'];
+    T.tidy(() => {
+      for (const low of dtypes) {
+        const tolLow = low === 'float32' ? 2e-5 : 3e-2;
+        for (const shape of [[5, 768], [3, 2048], [4, 33], [2, 12], [2, 1028]]) {
+          const d = shape[shape.length - 1];
+          // inputs exactly representable in the low dtype, so float64 sees the same numbers
+          const [x, w, g] = [R(21, shape), R(22, [d]), R(23, shape)].map((t) => T.cast(T.cast(t, low), 'float64'));
+          const loss = (f: typeof T.fusedRmsNorm) => (a: T.Tensor, b: T.Tensor, gg: T.Tensor) => T.sum(T.mul(f(a, b, 1e-6), gg));
+          const want = [T.compositeRmsNorm(x, w, 1e-6), ...(T.grad(loss(T.compositeRmsNorm), [0, 1])(x, w, g) as T.Tensor[])];
+          const [xl, wl, gl] = [x, w, g].map((t) => T.cast(t, low));
+          const got = [T.fusedRmsNorm(xl, wl, 1e-6), ...(T.grad(loss(T.fusedRmsNorm), [0, 1])(xl, wl, gl) as T.Tensor[])];
+          got.forEach((t, j) => {
+            const a = T.cast(t, 'float64').toArray();
+            const b = want[j].toArray();
+            const scale = Math.max(1, ...b.map(Math.abs));
+            const e = maxDiff(a, b) / scale;
+            assert.ok(e < tolLow, `${low} ${shape} ${['y', 'dx', 'dw'][j]}: error ${e}`);
+          });
+        }
       }
     });
   });

@@ -40,8 +40,18 @@ export const NLL_BWD = 'token_nll_bwd';
 export const NLL_HVP = 'token_nll_hvp';
 export const RMSNORM_FWD = 'rmsnorm_fwd';
 export const RMSNORM_BWD = 'rmsnorm_bwd';
+/** The same with 16-byte loads, each lane's share of the row held in registers between the passes. */
+export const RMSNORM_FWD_VEC = 'rmsnorm_fwd_vec';
+export const RMSNORM_BWD_VEC = 'rmsnorm_bwd_vec';
 /** Rows per block of the RMSNorm kernels (one warp each). */
 export const RMSNORM_ROWS = 8;
+/** 16-byte vectors of a row each lane of the vector kernels holds at most. */
+export const RMSNORM_MAX_VECS = 8;
+/** Whether rows of d elements take the vector kernels: whole 16-byte vectors (then every row is aligned), at most RMSNORM_MAX_VECS per lane. */
+export function rmsNormVectorizable(dtype: CudaDType, d: number): boolean {
+  const vw = 16 / BYTES[dtype];
+  return d % vw === 0 && d / vw <= 32 * RMSNORM_MAX_VECS;
+}
 
 /** Elements of a 16-byte vector of the NLL kernels (the host passes vec = 1 when every row is 16-byte aligned). */
 export const nllVecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
@@ -151,19 +161,32 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const i
  * RMSNorm, one warp per row: forward y = x · rstd · w (rstd kept for the backward: float for
  * float32/bfloat16, double for float64); backward dx = rstd·dy·w − x·rstd³·Σ(dy·w·x)/d, plus
  * gxr = dy·x·rstd (in the math type) whose column sum the backend takes as dw (fixed order), written
- * only when gxr is not null. The column loops are unrolled so that a warp's loads of a row go out together
- * (one row per warp is latency-bound otherwise); the sums keep their order.
+ * only when gxr is not null. Two forms of each: rows of whole 16-byte vectors (rmsNormVectorizable) load a
+ * vector per lane at a time and keep the lane's share of the row in registers between the sum and the
+ * output pass; other rows go element by element with the column loops unrolled, so that a warp's loads
+ * go out together (one row per warp is latency-bound otherwise). Both keep a fixed summation order.
  */
 function rmsNormSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const A = dtype === 'float64' ? 'double' : 'float';
+  const VW = 16 / BYTES[dtype];
   const ld = (e: string) => load(dtype, e, A);
   const st = STORE[dtype];
   const warpSum = `for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);`;
-  return `extern "C" __global__ void ${RMSNORM_FWD}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
-  const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
+  // the per-element math, shared by both forms (x, w, g: math-type values; k = rstd)
+  const y = (x: string, w: string) => st(`${x} * k * ${w}`);
+  const dx = (g: string, w: string, x: string) => st(`k * ${g} * ${w} - ${x} * k3`);
+  const head = `const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  if (row >= rows) return;`;
+  // for each of this lane's vectors u (index i of the row's nv), with e = its elements
+  const eachVec = (body: string) => `#pragma unroll
+  for (int u = 0; u < ${RMSNORM_MAX_VECS}; u++) {
+    const i64 i = lane + 32 * u;
+    if (i < nv) { ${body} }
+  }`;
+  return `extern "C" __global__ void ${RMSNORM_FWD}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
+  ${head}
   const ${T}* xr = x + row * d;
   ${A} acc = 0;
   #pragma unroll 8
@@ -171,13 +194,30 @@ function rmsNormSource(dtype: CudaDType): string {
   ${warpSum}
   const ${A} k = (${A})1 / sqrt(acc / (${A})d + (${A})eps);
   #pragma unroll 8
-  for (i64 c = lane; c < d; c += 32) y[row * d + c] = ${st(`${ld('xr[c]')} * k * ${ld('w[c]')}`)};
+  for (i64 c = lane; c < d; c += 32) y[row * d + c] = ${y(ld('xr[c]'), ld('w[c]'))};
+  if (lane == 0) rstd[row] = k;
+}
+extern "C" __global__ void ${RMSNORM_FWD_VEC}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
+  ${head}
+  const i64 nv = d / ${VW};
+  const uint4* xr = (const uint4*)(x + row * d);
+  uint4 xv[${RMSNORM_MAX_VECS}];
+  ${A} acc = 0;
+  ${eachVec(`xv[u] = xr[i]; const ${T}* e = (const ${T}*)&xv[u];
+    #pragma unroll
+    for (int q = 0; q < ${VW}; q++) { ${A} v = ${ld('e[q]')}; acc += v * v; }`)}
+  ${warpSum}
+  const ${A} k = (${A})1 / sqrt(acc / (${A})d + (${A})eps);
+  const uint4* wr = (const uint4*)w;
+  uint4* yr = (uint4*)(y + row * d);
+  ${eachVec(`const uint4 wv = wr[i]; uint4 out; const ${T}* e = (const ${T}*)&xv[u]; const ${T}* ew = (const ${T}*)&wv; ${T}* o = (${T}*)&out;
+    #pragma unroll
+    for (int q = 0; q < ${VW}; q++) o[q] = ${y(ld('e[q]'), ld('ew[q]'))};
+    yr[i] = out;`)}
   if (lane == 0) rstd[row] = k;
 }
 extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d) {
-  const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  ${head}
   const ${T}* xr = x + row * d;
   const ${T}* gr = dy + row * d;
   const ${A} k = rstd[row];
@@ -189,9 +229,35 @@ extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${
   #pragma unroll 8
   for (i64 c = lane; c < d; c += 32) {
     const ${A} g = ${ld('gr[c]')}, xv = ${ld('xr[c]')};
-    dx[row * d + c] = ${st(`k * g * ${ld('w[c]')} - xv * k3`)};
+    dx[row * d + c] = ${dx('g', ld('w[c]'), 'xv')};
     if (gxr) gxr[row * d + c] = g * xv * k;
   }
+}
+extern "C" __global__ void ${RMSNORM_BWD_VEC}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d) {
+  ${head}
+  const i64 nv = d / ${VW};
+  const uint4* xr = (const uint4*)(x + row * d);
+  const uint4* gr = (const uint4*)(dy + row * d);
+  const uint4* wr = (const uint4*)w;
+  const ${A} k = rstd[row];
+  uint4 xv[${RMSNORM_MAX_VECS}], gv[${RMSNORM_MAX_VECS}];
+  ${A} acc = 0;
+  ${eachVec(`xv[u] = xr[i]; gv[u] = gr[i]; const uint4 wv = wr[i];
+    const ${T}* ex = (const ${T}*)&xv[u]; const ${T}* eg = (const ${T}*)&gv[u]; const ${T}* ew = (const ${T}*)&wv;
+    #pragma unroll
+    for (int q = 0; q < ${VW}; q++) acc += ${ld('eg[q]')} * ${ld('ew[q]')} * ${ld('ex[q]')};`)}
+  ${warpSum}
+  const ${A} k3 = k * k * k * acc / (${A})d;
+  uint4* dr = (uint4*)(dx + row * d);
+  ${eachVec(`const uint4 wv = wr[i]; uint4 out;
+    const ${T}* ex = (const ${T}*)&xv[u]; const ${T}* eg = (const ${T}*)&gv[u]; const ${T}* ew = (const ${T}*)&wv; ${T}* o = (${T}*)&out;
+    #pragma unroll
+    for (int q = 0; q < ${VW}; q++) {
+      const ${A} g = ${ld('eg[q]')}, xq = ${ld('ex[q]')};
+      o[q] = ${dx('g', ld('ew[q]'), 'xq')};
+      if (gxr) gxr[row * d + i * ${VW} + q] = g * xq * k;
+    }
+    dr[i] = out;`)}
 }`;
 }
 
