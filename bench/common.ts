@@ -60,3 +60,15 @@ export function bf16InferenceParams(c: ModelConfig, seed = 0): Params {
   dispose({ ...p0, fast: [] });
   return params;
 }
+
+/** Python (inside the benches' PyTorch scripts): bench(fn, reps), the median of reps CUDA-event timings after two warm-up calls, in ms. */
+export const TORCH_MEDIAN_PY = String.raw`def bench(fn, reps):
+    for _ in range(2): fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]`;

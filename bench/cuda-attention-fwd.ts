@@ -13,7 +13,7 @@ import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { type Tensor, cast, dispose, randn, randomKey, setBackend } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
-import { median, resultsPath } from './common.js';
+import { TORCH_MEDIAN_PY, median, resultsPath } from './common.js';
 
 interface Shape {
   name: string;
@@ -80,16 +80,7 @@ try:
 except Exception as e:
     say({"meta": {"error": "import torch: %s" % e}}); sys.exit(0)
 say({"meta": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}})
-def bench(fn, reps):
-    for _ in range(2): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
+${TORCH_MEDIAN_PY}
 for cfg in json.loads(sys.argv[1]):
     H, T, reps = cfg["heads"], cfg["tq"], cfg["reps"]
     q, k, v = (torch.randn(1, H, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))

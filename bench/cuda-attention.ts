@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { type DType, type Tensor, cast, dispose, randn, randomKey, setBackend } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { attentionPlan } from '../src/backends/cuda/kernels/attention.js';
-import { median, resultsPath } from './common.js';
+import { TORCH_MEDIAN_PY, median, resultsPath } from './common.js';
 
 export interface Shape {
   T: number;
@@ -115,16 +115,7 @@ except Exception as e:
     flex_error = "%s: %s" % (type(e).__name__, e)
 say({"meta": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "tf32": torch.backends.cuda.matmul.allow_tf32, "flexError": flex_error}})
 
-def bench(fn, reps):
-    for _ in range(2): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
+${TORCH_MEDIAN_PY}
 
 def mask_mod_for(W):
     if W is None:
