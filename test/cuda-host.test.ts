@@ -71,7 +71,7 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.throws(() => ix(new Array(9).fill(2), [new Array(9).fill(1)]), /rank > 8/);
   });
 
-  test('a binary op launches once: the flat kernel when the operands coalesce to rank <= 1, else the strided one', opts, async () => {
+  test('a binary op launches once: the flat kernel when the operands coalesce to rank <= 1 (over 16-byte vectors for floats), else the strided one', opts, async () => {
     const { backend, calls } = await standInBackend();
     const a = backend.fill(1000, 'float32', 2);
     const b = backend.fill(1000, 'float32', 3);
@@ -82,9 +82,18 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const [fn, gx, , , bx, , , shared] = calls.lastLaunch as [{ name: string }, number, number, number, number, number, number, number];
       return { name: fn.name, gx, bx, shared };
     };
-    assert.deepEqual(launch(() => backend.binary('mul', a, [1], b, [1], [1000], 'float32')), { name: 'binary_flat_mul', gx: 4, bx: 256, shared: 0 });
-    assert.deepEqual(launch(() => backend.binary('add', a, [50, 1], b, [0, 0], [20, 50], 'float32')).name, 'binary_flat_add'); // scalar b
+    // 1000 float32 elements: 250 vectors of 4, one block
+    assert.deepEqual(launch(() => backend.binary('mul', a, [1], b, [1], [1000], 'float32')), { name: 'binary_vec_mul', gx: 1, bx: 256, shared: 0 });
+    assert.deepEqual(launch(() => backend.binary('add', a, [50, 1], b, [0, 0], [20, 50], 'float32')).name, 'binary_vec_add'); // scalar b
     assert.deepEqual(launch(() => backend.binary('sub', a, [50, 1], b, [0, 1], [20, 50], 'float32')).name, 'binary_sub'); // row broadcast
+    assert.deepEqual(launch(() => backend.binary('add', a, [1], b, [1], [3], 'float32')).name, 'binary_flat_add', 'fewer elements than a vector');
+    const bb = backend.fill(4100, 'bfloat16', 1);
+    assert.deepEqual(launch(() => backend.binary('add', bb, [1], bb, [1], [4100], 'bfloat16')), { name: 'binary_vec_add', gx: 3, bx: 256, shared: 0 }); // 512 vectors of 8 and a tail
+    const ia = backend.fill(1000, 'int32', 2);
+    assert.deepEqual(launch(() => backend.binary('mul', ia, [1], ia, [1], [1000], 'int32')).name, 'binary_flat_mul', 'int32 keeps its wrapping product');
+    assert.deepEqual(launch(() => backend.unary('exp', a, 1000, 'float32')), { name: 'unary_vec_exp', gx: 1, bx: 256, shared: 0 });
+    assert.deepEqual(launch(() => backend.unary('square', ia, 1000, 'int32')).name, 'unary_square');
+    assert.deepEqual(launch(() => backend.unary('exp', a, 3, 'float32')).name, 'unary_exp');
   });
 
   test('a strided copy whose rows are whole aligned 16-byte vectors on both sides moves 16 bytes per element', opts, async () => {

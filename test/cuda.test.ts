@@ -215,6 +215,13 @@ describe('cuda vs cpu: kernels', gpu, () => {
         check(`${op} ${dtype} scalar`, () => T[op](R(12, [6, 7], -2, 2, dtype), 0.75));
         check(`${op} ${dtype} transposed`, () => T[op](T.transpose(R(13, [5, 6], -2, 2, dtype)), R(14, [6, 1], -2, 2, dtype)));
       }
+      // same shapes (the 16-byte-vector kernels, with and without a tail) and a scalar on either side
+      for (const shape of [[7, 33], [8, 64], [3]]) {
+        check(`add/mul/div/maximum ${dtype} ${shape}`, () => {
+          const [x, y] = [R(30, shape, -2, 2, dtype), R(31, shape, 0.5, 2, dtype)];
+          return [T.add(x, y), T.mul(x, y), T.div(x, y), T.maximum(x, y), T.sub(0.25, x), T.div(y, 3)];
+        });
+      }
       check(`pow ${dtype}`, () => T.pow(R(15, [4, 9], 0.1, 3, dtype), R(16, [9], -2, 2, dtype)));
       check(`max/min NaN ${dtype}`, () => [T.maximum(T.tensor([NaN, 1, 2], [3], dtype), T.tensor([0, NaN, 1], [3], dtype)), T.minimum(T.tensor([NaN, 1, 2], [3], dtype), T.tensor([0, NaN, 1], [3], dtype))]);
     }
@@ -539,6 +546,8 @@ describe('cuda bfloat16 vs cpu float32', gpu, () => {
       checkBf16(`${op} bf16`, (dt) => (T as unknown as Record<string, (x: Tensor) => Tensor>)[op](B16(1, [7, 33], positive ? 0.01 : -4, 4, dt)));
     }
     for (const op of ['add', 'sub', 'mul', 'div', 'maximum', 'minimum'] as const) {
+      checkBf16(`${op} bf16 same shape (vectors and a tail)`, (dt) => T[op](B16(12, [7, 33], 0.5, 2, dt), B16(15, [7, 33], 0.5, 2, dt)));
+      checkBf16(`${op} bf16 by a scalar`, (dt) => T[op](B16(16, [4, 64], 0.5, 2, dt), 1.5));
       checkBf16(`${op} bf16 [3,1,5]x[4,5]`, (dt) => T[op](B16(10, [3, 1, 5], 0.5, 2, dt), B16(11, [4, 5], 0.5, 2, dt)));
       checkBf16(`${op} bf16 transposed`, (dt) => T[op](T.transpose(B16(13, [5, 6], 0.5, 2, dt)), B16(14, [6, 1], 0.5, 2, dt)));
     }

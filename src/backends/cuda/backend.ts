@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, binaryVecName, elementwiseVecWidth, unaryVecName, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, nllVecWidth, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -510,8 +510,15 @@ export class CudaBackend implements Backend {
     const out = this.alloc(dt, size);
     if (size === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
-    this.launch(this.fn('elementwise', dt, unaryName(op)), this.blocksFor(size), THREADS, 0, a, unaryName(op));
+    const vw = elementwiseVecWidth(dt);
+    const name = CUDA_FLOATS.has(dt) && size >= vw && this.aligned16(x) ? unaryVecName(op) : unaryName(op);
+    this.launch(this.fn('elementwise', dt, name), this.blocksFor(name === unaryName(op) ? size : Math.ceil(size / vw)), THREADS, 0, a, name);
     return out;
+  }
+
+  /** Whether a buffer starts on a 16-byte boundary (the vector kernels' loads). */
+  private aligned16(x: unknown): boolean {
+    return buf(x).ptr % 16 === 0;
   }
 
   binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
@@ -522,9 +529,13 @@ export class CudaBackend implements Backend {
     const ix = this.ix(shape, [sa, sb]);
     if (ix[0] <= 1) {
       // rank 0 or 1: strides are ix[1 + MAX_RANK] and ix[1 + 2 * MAX_RANK] (0 for rank 0: a single element)
-      const name = binaryFlatName(op);
-      const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).i64(ix[1 + MAX_RANK]).ptr(buf(b).ptr).i64(ix[1 + 2 * MAX_RANK]).i64(n);
-      this.launch(this.fn('elementwise', dt, name), this.blocksFor(n), THREADS, 0, args, name);
+      const [strideA, strideB] = [ix[1 + MAX_RANK], ix[1 + 2 * MAX_RANK]];
+      const vw = elementwiseVecWidth(dt);
+      // 16-byte vectors where the element-wise sides (stride 1) are aligned, for floats (int32 keeps Math.imul's kernel)
+      const vec = CUDA_FLOATS.has(dt) && n >= vw && strideA + strideB > 0 && (strideA === 0 || this.aligned16(a)) && (strideB === 0 || this.aligned16(b));
+      const name = vec ? binaryVecName(op) : binaryFlatName(op);
+      const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).i64(strideA).ptr(buf(b).ptr).i64(strideB).i64(n);
+      this.launch(this.fn('elementwise', dt, name), this.blocksFor(vec ? Math.ceil(n / vw) : n), THREADS, 0, args, name);
       return out;
     }
     const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(ix).i64(n);

@@ -4,7 +4,7 @@
  * the generator wraps it in the load / index / store loop of its arity and dtype.
  */
 import type { BinaryOp, CompareOp, UnaryOp } from '../../../engine/backend.js';
-import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, load } from './common.js';
+import { BYTES, CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, load } from './common.js';
 
 /** Expressions over x (and y) in the math type M. */
 export const UNARY: Record<UnaryOp, string> = {
@@ -45,6 +45,11 @@ export const COMPARE: Record<CompareOp, string> = {
 export const unaryName = (op: UnaryOp) => `unary_${op}`;
 export const binaryName = (op: BinaryOp) => `binary_${op}`;
 export const binaryFlatName = (op: BinaryOp) => `binary_flat_${op}`;
+/** Float dtypes: the flat unary and binary maps over 16-byte vectors (then a tail of single elements). */
+export const unaryVecName = (op: UnaryOp) => `unary_vec_${op}`;
+export const binaryVecName = (op: BinaryOp) => `binary_vec_${op}`;
+/** Elements per 16-byte vector of the vector kernels. */
+export const elementwiseVecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
 export const ADAMW = 'adamw_step';
@@ -134,11 +139,28 @@ export function elementwiseSource(dtype: CudaDType): string {
   const store = STORE[dtype];
   const isFloat = CUDA_FLOATS.has(dtype);
   const parts: string[] = [`typedef ${M} M;`];
+  const VW = elementwiseVecWidth(dtype);
+  // the vector kernels: element q of each 16-byte vector v through `body` (which reads x, y from the
+  // vectors' elements ea[q], eb[q] or the broadcast scalars), the rest of n element by element
+  const vecLoop = (inputs: string, body: (e: string) => string) => `const i64 nv = n / ${VW};
+  for (i64 v = gtid(); v < nv; v += gstride()) {
+    ${inputs}
+    uint4 ov; ${T}* eo = (${T}*)&ov;
+    #pragma unroll
+    for (int q = 0; q < ${VW}; q++) eo[q] = ${body('q')};
+    ((uint4*)out)[v] = ov;
+  }`;
   for (const [op, expr] of Object.entries(UNARY) as [UnaryOp, string][]) {
     if (!isFloat && !['neg', 'abs', 'square', 'sign'].includes(op)) continue;
     parts.push(`extern "C" __global__ void ${unaryName(op)}(${T}* out, const ${T}* a, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) { M x = ${load(dtype, 'a[i]')}; out[i] = ${store(expr)}; }
 }`);
+    if (isFloat) {
+      parts.push(`extern "C" __global__ void ${unaryVecName(op)}(${T}* out, const ${T}* a, i64 n) {
+  ${vecLoop(`const uint4 av = ((const uint4*)a)[v]; const ${T}* ea = (const ${T}*)&av;`, (q) => `[&] { M x = ${load(dtype, `ea[${q}]`)}; return ${store(expr)}; }()`)}
+  for (i64 i = nv * ${VW} + gtid(); i < n; i += gstride()) { M x = ${load(dtype, 'a[i]')}; out[i] = ${store(expr)}; }
+}`);
+    }
   }
   for (const [op, expr] of Object.entries(BINARY) as [BinaryOp, string][]) {
     // Math.imul: wrapping 32-bit product
@@ -159,6 +181,18 @@ export function elementwiseSource(dtype: CudaDType): string {
     out[i] = ${body('i * sa', 'i * sb')};
   }
 }`);
+    if (isFloat) {
+      // the same over 16-byte vectors of the sides with stride 1 (a side of stride 0 is one value)
+      parts.push(`extern "C" __global__ void ${binaryVecName(op)}(${T}* out, const ${T}* a, i64 sa, const ${T}* b, i64 sb, i64 n) {
+  const M xs = ${load(dtype, 'a[0]')}, ys = ${load(dtype, 'b[0]')};
+  ${vecLoop(`uint4 av, bv; if (sa) av = ((const uint4*)a)[v]; if (sb) bv = ((const uint4*)b)[v];
+    const ${T}* ea = (const ${T}*)&av; const ${T}* eb = (const ${T}*)&bv;`, (q) => `[&] { M x = sa ? ${load(dtype, `ea[${q}]`)} : xs; M y = sb ? ${load(dtype, `eb[${q}]`)} : ys; return ${store(expr)}; }()`)}
+  for (i64 i = nv * ${VW} + gtid(); i < n; i += gstride()) {
+    ${read('i * sa', 'i * sb')}
+    out[i] = ${body('i * sa', 'i * sb')};
+  }
+}`);
+    }
   }
   for (const [op, expr] of Object.entries(COMPARE) as [CompareOp, string][]) {
     parts.push(`extern "C" __global__ void ${compareName(op)}(unsigned char* out, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
