@@ -47,8 +47,14 @@ export function stopGradient<T>(tree: T): T {
 /**
  * Accumulates d(outputs · cotangents)/d(targets) by walking the graph from outputs back to targets.
  * Only nodes that lie on a path to a target are visited. Ops run with `traceDepth() = recordDepth`.
+ *
+ * `keep` (a backward that runs once): the tensors the caller still uses afterwards besides outputs and
+ * targets. Then every other output of a visited node is disposed as soon as its node's vjp has run —
+ * every consumer of it ran before (the walk goes from consumers to producers), and the transform's scope
+ * would dispose it when it closes anyway (the same test as closeScope's: not kept, not held by an outer
+ * trace). Peak memory then falls as the walk goes instead of holding the whole tape to the end.
  */
-function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Tensor[], traceLevel: number): (Tensor | null)[] {
+function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Tensor[], traceLevel: number, keep: Set<Tensor> | null = null): (Tensor | null)[] {
   const targetSet = new Set(targets);
   const bit = 1 << traceLevel;
   // A tensor is on a path to a target iff it carries this trace's bit (set by `record`).
@@ -75,6 +81,10 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
       stack.pop();
     }
   }
+  // Tensors a vjp reads besides its inputs and outputs (`record`'s saved) are never disposed early.
+  const spare = keep && new Set<Tensor>([...outputs, ...keep, ...order.flatMap((n) => n.saved)]);
+  const disposable = (t: Tensor): boolean =>
+    !spare!.has(t) && !targetSet.has(t) && !t.kept && !t.isDisposed && t.level >= traceLevel && t.pin >= traceLevel;
   // Cotangents by tensor. A vjp may hand one tensor to several inputs (add: [g, g]), so count holders
   // before disposing a consumed cotangent.
   const cts = new Map<Tensor, Tensor>();
@@ -83,6 +93,10 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
   const hold = (t: Tensor, g: Tensor): void => {
     cts.set(t, g);
     holders.set(g, (holders.get(g) ?? 0) + 1);
+  };
+  // Dead once consumed, unless an outer trace recorded it or the caller owns it.
+  const disposeConsumed = (g: Tensor): void => {
+    if (!seeds.has(g) && !isTracked(g) && g.pin >= traceDepth()) g.dispose();
   };
   const drop = (t: Tensor): void => {
     const g = cts.get(t);
@@ -94,8 +108,7 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
       return;
     }
     holders.delete(g);
-    // Dead once consumed, unless an outer trace recorded it or the caller owns it.
-    if (!seeds.has(g) && !isTracked(g) && g.pin >= traceDepth()) g.dispose();
+    disposeConsumed(g);
   };
   const accumulate = (t: Tensor, g: Tensor): void => {
     const prev = cts.get(t);
@@ -129,7 +142,11 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
       if (!shapeEq(c, t)) throw new Error(`internal: ${node.name} backward gave ${fmt(c.shape)} for input ${fmt(t.shape)}`);
       accumulate(t, c);
     });
+    // a contribution added into an existing cotangent is dead now (one held as a cotangent has holders);
+    // without this, every input's summed contributions (a tied embedding's, 0.4 GB each) lived to the end
+    for (const c of new Set(inCts)) if (c && !holders.has(c) && !c.isDisposed) disposeConsumed(c);
     for (const o of node.outputs) if (!targetSet.has(o)) drop(o);
+    if (spare) for (const o of node.outputs) if (disposable(o)) o.dispose();
   }
   return targets.map((t) => cts.get(t) ?? null);
 }
@@ -228,7 +245,7 @@ export function valueAndGrad<F extends AnyFn>(f: F, opts: ValueAndGradOptions = 
         throw new Error(`grad: the function must return a scalar tensor${opts.hasAux ? ' as the first element of [value, aux]' : ''}, got ${value instanceof Tensor ? fmt(value.shape) : typeof value}`);
       }
       setTraceDepth(t.level);
-      const raw = backward([value], [onesLike(value)], t.vars, t.level);
+      const raw = backward([value], [onesLike(value)], t.vars, t.level, new Set(leaves(aux)));
       grads = raw.map((g, i) => g ?? zerosLike(t!.vars[i]));
     } catch (e) {
       setTraceDepth(outerDepth);
@@ -308,7 +325,7 @@ export function checkpoint<F extends AnyFn>(f: F): F {
       // mini-batch's checkpoint takes every parameter; most get nothing from its outputs' cotangents).
       const t = trace(rerun, tracked, tracked.map((_, i) => i));
       setTraceDepth(t.level);
-      return backward(t.out as Tensor[], cts, t.vars, t.level);
+      return backward(t.out as Tensor[], cts, t.vars, t.level, new Set());
     });
     return out;
   }) as F;

@@ -126,7 +126,7 @@ export function record(
   deps &= activeMask();
   if (deps === 0) return;
   const level = 31 - Math.clz32(deps & -deps);
-  const node: Node = { name, inputs, outputs, level, vjp };
+  const node: Node = { name, inputs, outputs, level, saved, vjp };
   for (const o of outputs) {
     o.node = node;
     o.deps = deps;

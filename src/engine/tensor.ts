@@ -33,6 +33,8 @@ export interface Node {
   readonly outputs: Tensor[];
   /** The outermost trace this node belongs to (smaller = outer). */
   readonly level: number;
+  /** Non-differentiable tensors the vjp reads besides its inputs and outputs. */
+  readonly saved: Tensor[];
   vjp(cotangents: (Tensor | null)[], needs: boolean[]): (Tensor | null)[];
 }
 
