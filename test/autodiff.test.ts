@@ -2,6 +2,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import type { Tensor } from '../src/index.js';
+import { record } from '../src/engine/runtime.js';
 
 const f64 = (values: number[], shape: number[]) => T.tensor(values, shape, 'float64');
 const close = (a: number[], b: number[], rtol: number, what = '') => {
@@ -212,6 +213,47 @@ describe('memory', () => {
       counts.push(T.liveTensorCount());
     }
     assert.ok(counts.every((c) => c === counts[0]), `live tensor counts drift: ${counts}`);
+  });
+
+  test('the backward pass frees as it goes: a visited node\'s outputs after its vjp (aux exempt), a contribution summed into a cotangent at once', () => {
+    const x = f64([0.3, -0.7, 1.1], [3]);
+    // pass(v, onVjp) = v as its own node, whose vjp calls onVjp, then hands on a fresh copy of g
+    const handed: Tensor[] = [];
+    const pass = (v: Tensor, onVjp: () => void = () => {}): Tensor => {
+      const y = T.stopGradient(v);
+      record('pass', [v], [y], ([g]) => {
+        onVjp();
+        const c = T.mul(g!, 1);
+        handed.push(c);
+        return [c];
+      });
+      return y;
+    };
+    const want = [0.3, -0.7, 1.1].map((t) => 2 * Math.tanh(t) * (1 - Math.tanh(t) ** 2) * 2);
+    // `mid` is produced after the first pass: the walk visits its node first, so when the first pass's
+    // vjp runs, mid has been disposed; returned as aux, it stays
+    for (const asAux of [false, true]) {
+      let mid: Tensor | null = null;
+      let midFreed: boolean | null = null;
+      let consumedFreed: boolean[] = [];
+      const f = (v: Tensor): [Tensor, Tensor[]] => {
+        const a = pass(v, () => {
+          midFreed = mid!.isDisposed;
+          consumedFreed = handed.map((c) => c.isDisposed);
+        });
+        mid = T.tanh(a);
+        // mid reaches the loss through two passes: their contributions are summed into mid's cotangent
+        const loss = T.add(T.sum(T.square(pass(mid))), T.sum(T.square(pass(mid))));
+        return [loss, asAux ? [mid] : []];
+      };
+      handed.length = 0;
+      const [[, aux], g] = T.valueAndGrad(f, { hasAux: true })(x);
+      close((g as Tensor).toArray(), want, 1e-12, 'grad');
+      assert.equal(midFreed, !asAux, asAux ? 'aux is the caller\'s' : 'mid was freed once its node was visited');
+      if (asAux) assert.equal((aux as Tensor[])[0].isDisposed, false);
+      // the two passes' contributions to mid's cotangent: both dead by the time the first pass's vjp runs
+      assert.deepEqual(consumedFreed.slice(0, 2), [true, true], 'summed contributions are freed at once');
+    }
   });
 
   test('tidy disposes intermediates but keeps results and kept tensors', () => {
