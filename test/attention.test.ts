@@ -6,8 +6,8 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  type AttentionOptions, type DType, type Tensor, compositeAttention, grad, liveTensorCount, mul, scaledDotAttention, sum, tanh,
-  tensor as tensorOf, tidy, valueAndGrad,
+  type AttentionOptions, type DType, type Tensor, add, biasedSoftmax, compositeAttention, grad, liveTensorCount, mul, scaledDotAttention,
+  softmax, sum, tanh, tensor as tensorOf, tidy, valueAndGrad,
 } from '../src/index.js';
 import { assertClose, checkGrad, checkHvp, directional, project, rn } from './helpers/check.js';
 
@@ -171,6 +171,34 @@ describe('scaledDotAttention gradients', () => {
       valueAndGrad(f, { argnums: [0, 1, 2] })(...x);
     });
     assert.equal(liveTensorCount(), before);
+  });
+});
+
+describe('biasedSoftmax (the composite attention\'s masked softmax)', () => {
+  test('equals softmax(x + bias): values, gradients and Hessian-vector products; a trace holds no biased copy of x', () => {
+    tidy(() => {
+      const x = rn(5, [2, 3, 7]);
+      const bias = tensorOf([0, -1e9, 0.5, 0, -2, 0, -1e9], [7], 'float64');
+      const w = rn(6, [2, 3, 7]);
+      assertClose(biasedSoftmax(x, bias), softmax(add(x, bias), -1), { msg: 'values' });
+      const f = (sm: (t: Tensor) => Tensor) => (t: Tensor) => sum(mul(tanh(sm(t)), w));
+      const biased = f((t) => biasedSoftmax(t, bias));
+      assertClose(grad(biased)(x), grad(f((t) => softmax(add(t, bias), -1)))(x), { msg: 'gradient' });
+      checkGrad(biased, [x], { label: 'biasedSoftmax' });
+      checkHvp(biased, [x], { label: 'biasedSoftmax' });
+      // inside a trace, the composite form keeps more [.., n] tensors alive (x + bias, and its view for the softmax)
+      const liveAtEnd = (sm: (t: Tensor) => Tensor) => {
+        let n = 0;
+        grad((t: Tensor) => {
+          const out = sum(mul(sm(t), w));
+          n = liveTensorCount();
+          return out;
+        })(x);
+        return n;
+      };
+      const [one, composite] = [liveAtEnd((t) => biasedSoftmax(t, bias)), liveAtEnd((t) => softmax(add(t, bias), -1))];
+      assert.ok(one < composite, `live tensors at the end of the forward: ${one} with biasedSoftmax, ${composite} with softmax(x + bias)`);
+    });
   });
 });
 

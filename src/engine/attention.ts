@@ -7,7 +7,7 @@
 import { recordFused } from './fused.js';
 import type { AttentionJob } from './backend.js';
 import { isFloat } from './dtype.js';
-import { add, broadcastTo, concat, div, matmul, reshape, softmax, tensor } from './ops.js';
+import { biasedSoftmax, broadcastTo, concat, div, matmul, reshape, tensor } from './ops.js';
 import { TensorCache } from './cache.js';
 import { kvRows } from './kv-store.js';
 import { backendKey, fromData, isTracked } from './runtime.js';
@@ -163,8 +163,9 @@ export function compositeAttention(q: Tensor, k: Tensor, v: Tensor, opts: Attent
   }
   // q scaled before the product: a [Tq, D] op instead of a third [Tq, Tk] tensor (and its cotangent) on the tape
   // of a second-order trace, where this composite is what the fused op's backward falls back to
-  const scores = add(matmul(div(q, Math.sqrt(job.d)), k, { transB: true }), attentionBandBias(job.tq, job.tk, opts, q.dtype));
-  return matmul(softmax(scores, -1), v);
+  // and the band bias inside the softmax op: no masked copy of the scores on that tape either
+  const scores = matmul(div(q, Math.sqrt(job.d)), k, { transB: true });
+  return matmul(biasedSoftmax(scores, attentionBandBias(job.tq, job.tk, opts, q.dtype)), v);
 }
 
 /**

@@ -7,9 +7,9 @@ import { type DType, hostArray, isFloat } from './dtype.js';
 import {
   type Shape, broadcastShapes, broadcastStrides, fmt, normAxes, normAxis, shapesEqual, sizeOf, stridesOf,
 } from './shape.js';
-import { alias, backendKey, fromData, getBackend, record } from './runtime.js';
+import { alias, backendKey, fromData, getBackend, record, traceDepth } from './runtime.js';
 import { TensorCache } from './cache.js';
-import { Tensor } from './tensor.js';
+import { Tensor, closeScope, openScope } from './tensor.js';
 
 export type TensorLike = Tensor | number;
 
@@ -356,6 +356,30 @@ export function softmax(x: Tensor, axis = -1): Tensor {
   const yt = fromData(x.backend.softmax(t.data, n === 0 ? 0 : t.size / n, n, x.dtype), t.shape, x.dtype, x.backend);
   record('softmax', [t], [yt], ([g]) => [mul(yt, sub(g!, sum(mul(g!, yt), -1, true)))]);
   return restore(yt);
+}
+
+/**
+ * softmax(x + bias) over the last axis, with bias a constant (never differentiated) that broadcasts to x,
+ * recorded as one op of x: a trace holds x and the probabilities, not a biased copy of x as well (the
+ * composite attention's masked scores, [heads, Tq, Tk] per layer in a second-order trace). Same
+ * values and the same backward as softmax(add(x, bias)).
+ */
+export function biasedSoftmax(x: Tensor, bias: Tensor): Tensor {
+  requireFloat('biasedSoftmax', x);
+  // the biased scores on an untracked alias of x, freed once the probabilities exist
+  const xc = alias(x);
+  const scope = openScope();
+  let y: Tensor | undefined;
+  try {
+    y = softmax(add(xc, bias), -1);
+  } finally {
+    closeScope(scope, new Set(y ? [y] : []), traceDepth());
+    xc.dispose();
+  }
+  if (!shapesEqual(y.shape, x.shape)) throw new Error(`biasedSoftmax: bias ${fmt(bias.shape)} does not broadcast to x ${fmt(x.shape)} without growing it`);
+  const p = y;
+  record('softmax', [x], [p], ([g]) => [mul(p, sub(g!, sum(mul(g!, p), -1, true)))]);
+  return p;
 }
 
 export function logSoftmax(x: Tensor, axis = -1): Tensor {
