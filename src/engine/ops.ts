@@ -354,8 +354,13 @@ export function softmax(x: Tensor, axis = -1): Tensor {
   const { t, restore } = lastAxisView('softmax', x, axis);
   const n = t.shape[t.rank - 1];
   const yt = fromData(x.backend.softmax(t.data, n === 0 ? 0 : t.size / n, n, x.dtype), t.shape, x.dtype, x.backend);
-  record('softmax', [t], [yt], ([g]) => [mul(yt, sub(g!, sum(mul(g!, yt), -1, true)))]);
+  record('softmax', [t], [yt], ([g]) => [softmaxVjp(yt, g!)]);
   return restore(yt);
+}
+
+/** The cotangent of softmax's input (last axis) from its output y and output cotangent g: y ⊙ (g − Σ g ⊙ y). */
+function softmaxVjp(y: Tensor, g: Tensor): Tensor {
+  return mul(y, sub(g, sum(mul(g, y), -1, true)));
 }
 
 /**
@@ -377,8 +382,8 @@ export function biasedSoftmax(x: Tensor, bias: Tensor): Tensor {
     xc.dispose();
   }
   if (!shapesEqual(y.shape, x.shape)) throw new Error(`biasedSoftmax: bias ${fmt(bias.shape)} does not broadcast to x ${fmt(x.shape)} without growing it`);
-  const p = y;
-  record('softmax', [x], [p], ([g]) => [mul(p, sub(g!, sum(mul(g!, p), -1, true)))]);
+  const p = y; // (narrowed, for the closure)
+  record('softmax', [x], [p], ([g]) => [softmaxVjp(p, g!)]);
   return p;
 }
 

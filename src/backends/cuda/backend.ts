@@ -20,8 +20,8 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, binaryVecName, elementwiseVecWidth, unaryVecName, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, nllVecWidth, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -510,15 +510,16 @@ export class CudaBackend implements Backend {
     const out = this.alloc(dt, size);
     if (size === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).i64(size);
-    const vw = elementwiseVecWidth(dt);
-    const name = CUDA_FLOATS.has(dt) && size >= vw && this.aligned16(x) ? unaryVecName(op) : unaryName(op);
-    this.launch(this.fn('elementwise', dt, name), this.blocksFor(name === unaryName(op) ? size : Math.ceil(size / vw)), THREADS, 0, a, name);
+    const vw = vecWidth(dt);
+    const vec = CUDA_FLOATS.has(dt) && size >= vw && this.aligned16(x);
+    const name = vec ? unaryVecName(op) : unaryName(op);
+    this.launch(this.fn('elementwise', dt, name), this.blocksFor(vec ? Math.ceil(size / vw) : size), THREADS, 0, a, name);
     return out;
   }
 
-  /** Whether a buffer starts on a 16-byte boundary (the vector kernels' loads). */
-  private aligned16(x: unknown): boolean {
-    return buf(x).ptr % 16 === 0;
+  /** Whether every buffer starts on a 16-byte boundary (the vector kernels' loads). */
+  private aligned16(...xs: unknown[]): boolean {
+    return xs.every((x) => buf(x).ptr % 16 === 0);
   }
 
   binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
@@ -530,7 +531,7 @@ export class CudaBackend implements Backend {
     if (ix[0] <= 1) {
       // rank 0 or 1: strides are ix[1 + MAX_RANK] and ix[1 + 2 * MAX_RANK] (0 for rank 0: a single element)
       const [strideA, strideB] = [ix[1 + MAX_RANK], ix[1 + 2 * MAX_RANK]];
-      const vw = elementwiseVecWidth(dt);
+      const vw = vecWidth(dt);
       // 16-byte vectors where the element-wise sides (stride 1) are aligned, for floats (int32 keeps Math.imul's kernel)
       const vec = CUDA_FLOATS.has(dt) && n >= vw && strideA + strideB > 0 && (strideA === 0 || this.aligned16(a)) && (strideB === 0 || this.aligned16(b));
       const name = vec ? binaryVecName(op) : binaryFlatName(op);
@@ -668,14 +669,14 @@ export class CudaBackend implements Backend {
     const vec = this.nllRowsAligned(logits, V, dt) & this.nllRowsAligned(dx, V, dt);
     a.i32(vec);
     // blocks along a row (each thread one 16-byte vector, or one element) × rows
-    const perRow = Math.ceil(V / (vec ? nllVecWidth(dt) : 1) / THREADS);
+    const perRow = Math.ceil(V / (vec ? vecWidth(dt) : 1) / THREADS);
     this.launch(this.fn('reduce', dt, NLL_BWD), Math.max(1, Math.min(perRow, 1024)), THREADS, 0, a, NLL_BWD, Math.min(rows, 65535));
     return dx;
   }
 
   /** 1 when every row of [rows, V] logits at this buffer starts 16-byte aligned (the NLL kernels' vector loads). */
   private nllRowsAligned(x: unknown, V: number, dt: DType): number {
-    return buf(x).ptr % 16 === 0 && (V * BYTES[dt]) % 16 === 0 ? 1 : 0;
+    return this.aligned16(x) && (V * BYTES[dt]) % 16 === 0 ? 1 : 0;
   }
 
   tokenNllGradBackward(
@@ -755,7 +756,7 @@ export class CudaBackend implements Backend {
 
   /** Whether RMSNorm over rows of d of these buffers takes the 16-byte-vector kernels. */
   private rmsNormVec(dt: DType, d: number, bufs: unknown[]): boolean {
-    return rmsNormVectorizable(dt, d) && bufs.every((b) => buf(b).ptr % 16 === 0);
+    return rmsNormVectorizable(dt, d) && this.aligned16(...bufs);
   }
 
   rmsNormBackward(
@@ -871,11 +872,11 @@ export class CudaBackend implements Backend {
     const ix = this.ix(shape, [ss, ds]);
     // rows contiguous on both sides, in whole aligned 16-byte vectors (a head split's [T, H, D] → [H, T, D] rows of
     // D, a concat's blocks): copied a vector at a time, with V times fewer index computations
-    const V = 16 / E;
+    const V = vecWidth(dt);
     const rank = ix[0];
     const stride = (list: number, axis: number) => ix[1 + MAX_RANK * (list + 1) + axis];
     let vec = rank > 0 && stride(0, rank - 1) === 1 && stride(1, rank - 1) === 1 && ix[rank] % V === 0;
-    vec &&= srcOffset % V === 0 && dstOffset % V === 0 && buf(src).ptr % 16 === 0 && buf(dst).ptr % 16 === 0;
+    vec &&= srcOffset % V === 0 && dstOffset % V === 0 && this.aligned16(src, dst);
     for (let axis = 0; vec && axis < rank - 1; axis++) vec = stride(0, axis) % V === 0 && stride(1, axis) % V === 0;
     const w = vec ? 16 : E;
     if (vec) {

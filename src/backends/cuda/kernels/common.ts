@@ -36,6 +36,8 @@ export const STORE: Record<CudaDType, (v: string) => string> = {
   bfloat16: (v) => `f2bf((float)(${v}))`,
 };
 export const BYTES: Record<CudaDType, number> = { float32: 4, float64: 8, int32: 4, bool: 1, bfloat16: 2 };
+/** Elements of a 16-byte vector (the unit of the vector loads and stores several kernels use). */
+export const vecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
 
 export const PRELUDE = String.raw`
 typedef long long i64;

@@ -4,7 +4,7 @@
  * the generator wraps it in the load / index / store loop of its arity and dtype.
  */
 import type { BinaryOp, CompareOp, UnaryOp } from '../../../engine/backend.js';
-import { BYTES, CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, load } from './common.js';
+import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, load, vecWidth } from './common.js';
 
 /** Expressions over x (and y) in the math type M. */
 export const UNARY: Record<UnaryOp, string> = {
@@ -48,8 +48,6 @@ export const binaryFlatName = (op: BinaryOp) => `binary_flat_${op}`;
 /** Float dtypes: the flat unary and binary maps over 16-byte vectors (then a tail of single elements). */
 export const unaryVecName = (op: UnaryOp) => `unary_vec_${op}`;
 export const binaryVecName = (op: BinaryOp) => `binary_vec_${op}`;
-/** Elements per 16-byte vector of the vector kernels. */
-export const elementwiseVecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
 export const ADAMW = 'adamw_step';
@@ -139,7 +137,7 @@ export function elementwiseSource(dtype: CudaDType): string {
   const store = STORE[dtype];
   const isFloat = CUDA_FLOATS.has(dtype);
   const parts: string[] = [`typedef ${M} M;`];
-  const VW = elementwiseVecWidth(dtype);
+  const VW = vecWidth(dtype);
   // the vector kernels: element q of each 16-byte vector v through `body` (which reads x, y from the
   // vectors' elements ea[q], eb[q] or the broadcast scalars), the rest of n element by element
   const vecLoop = (inputs: string, body: (e: string) => string) => `const i64 nv = n / ${VW};

@@ -4,7 +4,7 @@
  * CPU backend's do; max and min propagate NaN like the CPU loops.
  */
 import type { ReduceOp } from '../../../engine/backend.js';
-import { BYTES, CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, blockReduce, load } from './common.js';
+import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, blockReduce, load, vecWidth } from './common.js';
 
 const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D' };
 /** combine(a = accumulator, b = new value) */
@@ -49,13 +49,11 @@ export const RMSNORM_ROWS = 8;
 export const RMSNORM_MAX_VECS = 8;
 /** Whether rows of d elements take the vector kernels: whole 16-byte vectors (then every row is aligned), at most RMSNORM_MAX_VECS per lane. */
 export function rmsNormVectorizable(dtype: CudaDType, d: number): boolean {
-  const vw = 16 / BYTES[dtype];
+  const vw = vecWidth(dtype);
   return d % vw === 0 && d / vw <= 32 * RMSNORM_MAX_VECS;
 }
 
-/** Elements of a 16-byte vector of the NLL kernels (the host passes vec = 1 when every row is 16-byte aligned). */
-export const nllVecWidth = (dtype: CudaDType): number => 16 / BYTES[dtype];
-// (vec implies V is a multiple of the width: rows of V · bytes are 16-byte multiples)
+// (the NLL kernels' vec = 1, passed when every row is 16-byte aligned, implies V is a multiple of vecWidth: rows of V · bytes are 16-byte multiples)
 
 /**
  * Token NLL from logits (fusedTokenNll), memory-bound over [rows, V]: forward one block per row, one
@@ -72,7 +70,7 @@ function tokenNllSource(dtype: CudaDType): string {
   const L = dtype === 'float64' ? 'double' : 'float';
   const A = MATH[dtype];
   const EXP = dtype === 'float64' ? 'exp' : 'expf';
-  const VW = nllVecWidth(dtype);
+  const VW = vecWidth(dtype);
   const ld = (e: string) => load(dtype, e, 'double');
   const la = (e: string) => load(dtype, e, A);
   const st = STORE[dtype];
@@ -169,7 +167,7 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const i
 function rmsNormSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const A = dtype === 'float64' ? 'double' : 'float';
-  const VW = 16 / BYTES[dtype];
+  const VW = vecWidth(dtype);
   const ld = (e: string) => load(dtype, e, A);
   const st = STORE[dtype];
   const warpSum = `for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);`;
