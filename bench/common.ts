@@ -19,6 +19,20 @@ export const median = (xs: number[]): number => {
   return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
 
+/** Median ms of `reps` runs of fn, each followed by sync() (a device's queue drained), after one warm-up run. */
+export function syncedMedianMs(fn: () => void, reps: number, sync: () => void): number {
+  fn();
+  sync();
+  const ts: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    const t0 = performance.now();
+    fn();
+    sync();
+    ts.push(performance.now() - t0);
+  }
+  return median(ts);
+}
+
 /**
  * Median seconds of each fn, alternating them run by run (after one warm-up each) so that load
  * from elsewhere on the machine falls on all alike; at least `minReps` rounds and `minSeconds`.

@@ -13,7 +13,7 @@ import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { type Tensor, cast, dispose, randn, randomKey, setBackend } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
-import { TORCH_MEDIAN_PY, median, resultsPath } from './common.js';
+import { TORCH_MEDIAN_PY, resultsPath, syncedMedianMs } from './common.js';
 
 interface Shape {
   name: string;
@@ -56,18 +56,9 @@ function ours(b: CudaBackend, s: Shape): number {
     b.free(r.out);
     b.free(r.lse);
   };
-  fwd();
-  b.synchronize();
-  const reps = Math.max(5, Math.min(30, Math.round(4e12 / flops(s))));
-  const ts: number[] = [];
-  for (let r = 0; r < reps; r++) {
-    const t0 = performance.now();
-    fwd();
-    b.synchronize();
-    ts.push(performance.now() - t0);
-  }
+  const ms = syncedMedianMs(fwd, Math.max(5, Math.min(30, Math.round(4e12 / flops(s)))), () => b.synchronize());
   dispose([q, k, v]);
-  return median(ts);
+  return ms;
 }
 
 const TORCH = String.raw`

@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { type DType, type Tensor, cast, dispose, randn, randomKey, setBackend } from '../src/index.js';
 import type { CudaBackend } from '../src/backends/cuda/backend.js';
 import { attentionPlan } from '../src/backends/cuda/kernels/attention.js';
-import { TORCH_MEDIAN_PY, median, resultsPath } from './common.js';
+import { TORCH_MEDIAN_PY, resultsPath, syncedMedianMs } from './common.js';
 
 export interface Shape {
   T: number;
@@ -76,19 +76,8 @@ export function ours(b: CudaBackend, s: Shape, dtype: DType): Times {
     const g = b.attentionBackward(q.data, k.data, v.data, r.out, r.lse, dout.data, job, dtype);
     for (const x of [r.out, r.lse, g.dq, g.dk, g.dv]) b.free(x);
   };
-  const time = (fn: () => void, flops: number): number => {
-    fn(); // compile / load, warm up
-    b.synchronize();
-    const reps = Math.max(3, Math.min(15, Math.round(2e12 / flops)));
-    const ts: number[] = [];
-    for (let r = 0; r < reps; r++) {
-      const t0 = performance.now();
-      fn();
-      b.synchronize();
-      ts.push(performance.now() - t0);
-    }
-    return median(ts);
-  };
+  // (the warm-up run also compiles and loads the kernels)
+  const time = (fn: () => void, flops: number): number => syncedMedianMs(fn, Math.max(3, Math.min(15, Math.round(2e12 / flops))), () => b.synchronize());
   const out = { fwdMs: time(fwd, fwdFlops(s)), fwdBwdMs: time(fwdBwd, fwdFlops(s) + bwdFlops(s)) };
   dispose([q, k, v, dout]);
   return out;

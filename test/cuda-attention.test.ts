@@ -23,6 +23,7 @@ import {
 } from '../src/backends/cuda/kernels/attention.js';
 import { seededValues } from './helpers/check.js';
 import { cudaOrSkip, koffiOrSkip } from './helpers/cuda.js';
+import type { CudaBackend } from '../src/backends/cuda/backend.js';
 
 // ---- which backends ------------------------------------------------------------------------------
 
@@ -163,14 +164,19 @@ export function checkAgainstCpu(cs: AttnCase, dtype: DType, tol = TOL[dtype]): A
   return got;
 }
 
-function withKernels<R>(kind: 'fused' | 'row', fn: () => R): R {
-  const before = cuda!.attentionKernels;
-  cuda!.attentionKernels = kind;
+/** fn's result with one of the backend's attention switches set to `value`, restored afterwards. */
+function withSetting<K extends 'attentionKernels' | 'attentionTensorCores' | 'attentionWgmma', R>(key: K, value: CudaBackend[K], fn: () => R): R {
+  const before = cuda![key];
+  cuda![key] = value;
   try {
     return fn();
   } finally {
-    cuda!.attentionKernels = before;
+    cuda![key] = before;
   }
+}
+
+function withKernels<R>(kind: 'fused' | 'row', fn: () => R): R {
+  return withSetting('attentionKernels', kind, fn);
 }
 
 // ---- kernel sources and plans (anywhere) ---------------------------------------------------------
@@ -460,13 +466,7 @@ describe('cuda fused attention vs cpu', gpu, () => {
     let differs = 0;
     for (const cs of [CASES[0], CASES[2], CASES[3], CASES[6], CASES[9], CASES[10], CASES[12], LONG[1]]) {
       const tc = checkAgainstCpu(cs, 'bfloat16');
-      cuda!.attentionTensorCores = false;
-      let simt: AttnResult;
-      try {
-        simt = checkAgainstCpu(cs, 'bfloat16');
-      } finally {
-        cuda!.attentionTensorCores = true;
-      }
+      const simt = withSetting('attentionTensorCores', false, () => checkAgainstCpu(cs, 'bfloat16'));
       const keys = ['out', 'dq', 'dk', 'dv'] as const;
       const floor = Math.max(...keys.map((key) => simt[key].reduce((m, x) => Math.max(m, Math.abs(x)), 0)));
       for (const key of keys) {
@@ -490,13 +490,7 @@ describe('cuda fused attention vs cpu', gpu, () => {
     assert.ok(d64.length >= 6);
     for (const cs of d64) {
       const wg = checkAgainstCpu(cs, 'bfloat16');
-      cuda!.attentionWgmma = false;
-      let mma: AttnResult;
-      try {
-        mma = checkAgainstCpu(cs, 'bfloat16');
-      } finally {
-        cuda!.attentionWgmma = true;
-      }
+      const mma = withSetting('attentionWgmma', false, () => checkAgainstCpu(cs, 'bfloat16'));
       const floor = mma.out.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
       const e = relErr(wg.out, mma.out, floor);
       assert.ok(e <= TOL.bfloat16, `${cs.name}: wgmma vs mma.sync forward error ${e}`);
