@@ -333,7 +333,8 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     launches.length = 0;
     const { out, lse } = backend.attentionForward(q, kv, kv, j, 'bfloat16');
     assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_decode_combine', 12 * 1024]]);
-    // its backward in the TTT inner step (dK, dV of the 1024 new rows only): dQ split the same way, then summed
+    // its backward in the TTT inner step (dK, dV of the 1024 new rows only): dQ split the same way, then summed;
+    // dK, dV over their 8 key tiles per head, each seen by all 1024 queries at the most: the query tiles split
     launches.length = 0;
     backend.attentionBackward(q, kv, kv, out, lse, q, { ...j, gradKeysFrom: 8192 }, 'bfloat16');
     const [dkv, dq] = [attentionPlan('bfloat16', 'dkv', d, true)!, attentionPlan('bfloat16', 'dq', d, true)!];
@@ -341,8 +342,11 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     const dqTiles = 12 * Math.ceil(1024 / dq.bq);
     const dqSplits = Math.min(Math.ceil((4 * dqSlots) / dqTiles), Math.floor(Math.min(9216, 8192 + dq.bq) / (8 * dq.bk)));
     assert.ok(dqSplits > 1);
-    assert.deepEqual(launches.slice(1).map((l) => l.name), [dkv.name, dq.name, 'attn_split_sum']);
-    assert.deepEqual([launches[1].grid, launches[2].grid], [12 * (1024 / dkv.bk), dqTiles * dqSplits]);
+    const dkvTiles = 12 * (1024 / dkv.bk);
+    const dkvSplits = Math.min(Math.ceil((4 * dkv.blocksPerSm * sms) / dkvTiles), Math.floor(1024 / dkv.bq / 8));
+    assert.ok(dkvTiles < dkv.blocksPerSm * sms && dkvSplits > 1);
+    assert.deepEqual(launches.slice(1).map((l) => l.name), [dkv.name, 'attn_split_sum', 'attn_split_sum', dq.name, 'attn_split_sum']);
+    assert.deepEqual([launches[1].grid, launches[4].grid], [dkvTiles * dkvSplits, dqTiles * dqSplits]);
     // enough query tiles to fill the GPU: one pass, no merge
     const big = { ...j, tq: 16384, tk: 16384, qStart: 0 };
     const qb = backend.fill(12 * 16384 * d, 'bfloat16', 0);

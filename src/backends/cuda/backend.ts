@@ -1074,10 +1074,24 @@ export class CudaBackend implements Backend {
    * of the keys a query tile's band spans (below that, the partial outputs cost more than they save).
    */
   private keySplits(job: AttentionJob, tiles: number, plan: AttnPlan): number {
+    const tileBand = Math.min(job.tk, (Number.isFinite(job.window) ? job.window : job.tk) + plan.bq);
+    return this.splitCount(tiles, plan, tileBand / plan.bk);
+  }
+
+  /**
+   * Query splits of the tensor-core dK/dV over `tiles` key tiles (`nk` keys from the job's gradKeysFrom): as
+   * keySplits, over the query tiles (of every query head of a group) that the band of a key tile spans.
+   */
+  private querySplits(job: AttentionJob, tiles: number, plan: AttnPlan): number {
+    const tileBand = Math.min(job.tq, (Number.isFinite(job.window) ? job.window : job.tq) + plan.bk);
+    return this.splitCount(tiles, plan, ((job.groups ?? 1) * tileBand) / plan.bq);
+  }
+
+  /** 1 when `tiles` blocks fill the GPU, else enough splits for about four waves, each walking at least 8 of a block's `steps` tiles. */
+  private splitCount(tiles: number, plan: AttnPlan, steps: number): number {
     const slots = plan.blocksPerSm * this.sms;
     if (tiles >= slots) return 1;
-    const tileBand = Math.min(job.tk, (Number.isFinite(job.window) ? job.window : job.tk) + plan.bq);
-    return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(tileBand / (8 * plan.bk))));
+    return Math.max(1, Math.min(Math.ceil((4 * slots) / tiles), Math.floor(steps / 8)));
   }
 
   /**
@@ -1119,7 +1133,24 @@ export class CudaBackend implements Backend {
     const a1 = common(this.args.reset(), kvAt + from * d * BYTES[dt]).ptr(dk.ptr).ptr(dv.ptr);
     if (nk > 0 && fdkv) {
       a1.i64(batch).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
-      this.launch(fdkv.f, this.attnGrid(batch / groups, nk, fdkv.plan.bk), fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
+      const tiles = this.attnGrid(batch / groups, nk, fdkv.plan.bk);
+      if (!fdkv.plan.tensorCores) {
+        this.launch(fdkv.f, tiles, fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
+      } else {
+        // few key tiles seen by many query tiles (the TTT inner step's fresh keys): the query tiles split, the float partials added up
+        const splits = this.querySplits({ ...job, tk: nk }, tiles, fdkv.plan);
+        const n = kRows * d;
+        const part = splits > 1 ? this.allocator.alloc(2 * splits * n * 4) : null;
+        a1.i64(splits).ptr(part ? part.ptr : 0);
+        this.launch(fdkv.f, tiles * splits, fdkv.plan.threads, fdkv.plan.shared, a1, fdkv.plan.name);
+        if (part) {
+          for (const [g, at] of [[dk, 0], [dv, splits * n * 4]] as const) {
+            const a3 = this.args.reset().ptr(g.ptr).ptr(part.ptr + at).i64(n).i64(splits);
+            this.launch(this.fn('attention', dt, ATT_SPLIT_SUM), this.blocksFor(n), THREADS, 0, a3, ATT_SPLIT_SUM);
+          }
+          this.allocator.free(part); // stream-ordered
+        }
+      }
     } else if (nk > 0) {
       a1.i64(kRows).i64(tq).i64(nk).i64(dd).i64(qs).i64(ks + from).i64(w).f64(job.scale).i64(groups).i64(kvStride);
       this.launch(this.fn('attention', dt, ATT_BWD_DKV), this.rowBlocks(kRows), ATT_THREADS, attentionShared(dt, d), a1, ATT_BWD_DKV);

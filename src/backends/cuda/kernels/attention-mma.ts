@@ -563,10 +563,17 @@ __device__ __forceinline__ void fm_dq(const bf16* q, const bf16* k, const bf16* 
 #endif
 }
 
-/* dK, dV: grid = (batch / groups) * ceil(tk / BK) blocks, one per key tile of a key/value entry, over the query tiles (of each of its query entries) that see it; MT = BK / 64 key tiles per warp. */
+/*
+ * dK, dV: grid = (batch / groups) * ceil(tk / BK) * splits blocks, one per (key tile of a key/value entry, split), over
+ * the query tiles (of each of its query entries) that see it; MT = BK / 64 key tiles per warp. With splits > 1 (few
+ * key tiles over many query tiles: the TTT inner step's 1024 fresh keys, seen by the tile at the start through
+ * all 1024 queries) split sp takes its share of those query tiles and writes its dK and dV in float to
+ * part [2][splits][(batch / groups) · tk][d], which attn_split_sum adds up in split order.
+ */
 template <int BQ, int BK, int DP>
 __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, bf16* dk, bf16* dv,
-    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride) {
+    i64 batch, i64 tq, i64 tk, i64 d, i64 qStart, i64 kStart, i64 window, double scaleD, i64 groups, i64 kvStride,
+    i64 splits, float* part) {
 #ifdef FM_ENABLED
   constexpr int MT = BK / 64, LD = DP + 8, NQ = BQ / 8, OT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -579,19 +586,23 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   // attention), and the pipeline runs over (query entry, query tile) pairs: step tt is entry
   // b·groups + tt / ntiles, rows from ilo + (tt % ntiles)·BQ.
   const i64 kvBatch = batch / groups;
-  const i64 b = (i64)blockIdx.x % kvBatch;
-  const i64 j0 = ((i64)blockIdx.x / kvBatch) * BK;
+  const i64 sp = (i64)blockIdx.x % splits, tile = (i64)blockIdx.x / splits;
+  const i64 b = tile % kvBatch;
+  const i64 j0 = (tile / kvBatch) * BK;
   const i64 jend = j0 + BK < tk ? j0 + BK : tk;
   i64 ilo = kStart + j0 - qStart; if (ilo < 0) ilo = 0;
   i64 ihi = kStart + jend - 1 - qStart + window - 1; if (ihi > tq - 1) ihi = tq - 1;
   const i64 ntiles = ilo <= ihi ? (ihi - ilo) / BQ + 1 : 0, steps = groups * ntiles;
+  // this split's steps [tlo, thi) (an empty share still writes its zeros)
+  const i64 per = (steps + splits - 1) / splits;
+  const i64 tlo = sp * per < steps ? sp * per : steps, thi = tlo + per < steps ? tlo + per : steps;
   auto fetch = [&](i64 tt, int buf) {
     const i64 qe = b * groups + tt / ntiles, i0 = ilo + (tt % ntiles) * BQ;
     fm_fetch_pair<BQ, DP, LD>(QDs, buf, q + qe * tq * d, dout + qe * tq * d, i0, ihi, d);
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
     fa_load_rows<BQ>(LDs + 2 * buf * BQ, LDs + (2 * buf + 1) * BQ, lse + qe * tq, delta + qe * tq, i0, iend);
   };
-  if (steps > 0) fetch(0, 0);
+  if (tlo < thi) fetch(tlo, 0);
   fm_load<BK, DP, LD>(Ks, k + b * kvStride, j0, jend, d);
   fm_load<BK, DP, LD>(Vs, v + b * kvStride, j0, jend, d);
   const float sc = (float)(scaleD * FA_LOGC);
@@ -600,11 +611,11 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
   fm_zero<MT, OT>(dka);
   fm_zero<MT, OT>(dva);
   int buf = 0;
-  for (i64 tt = 0; tt < steps; tt++, buf ^= 1) {
+  for (i64 tt = tlo; tt < thi; tt++, buf ^= 1) {
     const i64 i0 = ilo + (tt % ntiles) * BQ;
     const i64 iend = i0 + BQ < ihi + 1 ? i0 + BQ : ihi + 1;
     // (the first barrier also publishes Ks and Vs)
-    fm_pipeline_step(tt + 1 < steps, [&] { fetch(tt + 1, buf ^ 1); });
+    fm_pipeline_step(tt + 1 < thi, [&] { fetch(tt + 1, buf ^ 1); });
     const bf16* Qs = QDs + (2 * buf) * BQ * LD;
     const bf16* dOs = Qs + BQ * LD;
     const float* Ls = LDs + 2 * buf * BQ;
@@ -645,7 +656,12 @@ __device__ __forceinline__ void fm_dkv(const bf16* q, const bf16* k, const bf16*
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const i64 j = j0 + r0 + 16 * mt + g + 8 * h;
-      if (j < jend) {
+      if (j >= jend) continue;
+      if (splits > 1) {
+        const i64 n = kvBatch * tk * d;
+        fm_store_partial<OT>(part + sp * n + (b * tk + j) * d, dka[mt], h, (float)scaleD, t, d);
+        fm_store_partial<OT>(part + (splits + sp) * n + (b * tk + j) * d, dva[mt], h, 1.f, t, d);
+      } else {
         fm_store_row<OT>(dk + (b * tk + j) * d, dka[mt], h, (float)scaleD, t, d);
         fm_store_row<OT>(dv + (b * tk + j) * d, dva[mt], h, 1.f, t, d);
       }

@@ -584,6 +584,10 @@ function fusedEntries(dtype: AttnDType): string {
       if (p.kernel === 'fwd') {
         return `${head}(const T* q, const T* k, const T* v, T* out, L* lse, ${fwdArgs}, i64 kvStride) { ${fn}_fwd${tpl}(q, k, v, out, lse, ${pass}, kvStride); }`;
       }
+      if (p.kernel === 'dkv' && p.tensorCores) {
+        // (splits, part: the split dK/dV, see fm_dkv)
+        return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}, i64 kvStride, i64 splits, float* part) { fm_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}, kvStride, splits, part); }`;
+      }
       if (p.kernel === 'dkv') {
         return `${head}(const T* q, const T* k, const T* v, const T* dout, const L* lse, const A* delta, T* dk, T* dv, ${fwdArgs}, i64 kvStride) { ${fn}_dkv${tpl}(q, k, v, dout, lse, delta, dk, dv, ${pass}, kvStride); }`;
       }
