@@ -315,7 +315,7 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     }
   });
 
-  test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged by the combine kernel', host, async () => {
+  test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged a warp per row', host, async () => {
     const { backend, launches } = await standIn();
     const sms = backend.info().multiprocessors as number;
     const d = 64;
@@ -332,7 +332,7 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     assert.ok(splits > 1);
     launches.length = 0;
     const { out, lse } = backend.attentionForward(q, kv, kv, j, 'bfloat16');
-    assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_decode_combine', 12 * 1024]]);
+    assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_split_combine', Math.ceil((12 * 1024) / 8)]]);
     // its backward in the TTT inner step (dK, dV of the 1024 new rows only): dQ split the same way, then summed;
     // dK, dV over their 8 key tiles per head, each seen by all 1024 queries at the most: the query tiles split
     launches.length = 0;

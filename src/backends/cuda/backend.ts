@@ -25,14 +25,13 @@ import {
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
-  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_SPLIT_SUM, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
+  ATT_DECODE_COMBINE, ATT_DECODE_PARTIAL, ATT_SPLIT_COMBINE, ATT_SPLIT_SUM, SPLIT_COMBINE_ROWS, ATT_DELTA, ATT_DELTA_THREADS, type AttnDType, type AttnKernel, type AttnPlan, DECODE_CHUNK,
   DECODE_COMBINE_THREADS, DECODE_MAX_TQ, DECODE_MIN_KEYS, DECODE_THREADS, decodeCombineSharedBytes, FA_MAX_D, attentionAccBytes, attentionLseBytes, attentionPlan,
   decodeSharedBytes, isAttnDType,
 } from './kernels/attention.js';
 
 const NULL_STREAM = null;
 /** Threads of the merge after a split forward (few splits per row: ATT_DECODE_COMBINE with two warps). */
-const SPLIT_COMBINE_THREADS = 64;
 /** The shortest piece of a row that logsumexp gives its own block (below: one block per row). */
 const LSE_MIN_CHUNK = 4096;
 /** cuBLAS's workspace while recording (set explicitly, or it allocates one per recording). */
@@ -1055,9 +1054,9 @@ export class CudaBackend implements Backend {
       a.i64(splits).ptr(po ? po.ptr : 0).ptr(pml ? pml.ptr : 0);
       this.launch(fused.f, tiles * splits, fused.plan.threads, fused.plan.shared, a, fused.plan.name);
       if (po && pml) {
-        // a few splits per row: two warps per row's block do (the decode merge's eight idle over 1024 chunks' worth of setup)
+        // a few splits per row: a warp per row (the decode merge's block per row waits on its barriers)
         const a2 = this.args.reset().ptr(po.ptr).ptr(pml.ptr).ptr(out.ptr).ptr(lse.ptr).i64(rows).i64(d).i64(splits);
-        this.launch(this.fn('attention', dt, ATT_DECODE_COMBINE), this.rowBlocks(rows), SPLIT_COMBINE_THREADS, decodeCombineSharedBytes(dt, splits, d, SPLIT_COMBINE_THREADS), a2, ATT_DECODE_COMBINE);
+        this.launch(this.fn('attention', dt, ATT_SPLIT_COMBINE), Math.ceil(rows / SPLIT_COMBINE_ROWS), 32 * SPLIT_COMBINE_ROWS, 0, a2, ATT_SPLIT_COMBINE);
         this.allocator.free(po); // stream-ordered
         this.allocator.free(pml);
       }

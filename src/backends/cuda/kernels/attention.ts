@@ -735,6 +735,9 @@ export const ATT_DECODE_PARTIAL = 'attn_decode_partial';
 export const ATT_DECODE_COMBINE = 'attn_decode_combine';
 /** dQ of a split backward: the splits' float partials [splits][n] added in split order. */
 export const ATT_SPLIT_SUM = 'attn_split_sum';
+/** The split forward's merge (a few splits per row): one warp per row. */
+export const ATT_SPLIT_COMBINE = 'attn_split_combine';
+export const SPLIT_COMBINE_ROWS = 8;
 /** Threads (4 warps, DECODE_UNROLL keys per warp at a time) of the partial kernel; keys per split. */
 export const DECODE_THREADS = 128;
 export const DECODE_CHUNK = 128;
@@ -852,6 +855,29 @@ extern "C" __global__ void __launch_bounds__(${DECODE_THREADS}) ${ATT_DECODE_PAR
   if (threadIdx.x == 0) { pml[2 * slot] = M; pml[2 * slot + 1] = sum; }
 }
 
+/*
+ * The split forward's merge of a few splits per row (the decode partials' layout): one warp per row, lanes
+ * across d, each split's weight exp(m_s − M) taken by every lane (splits are few) and the partials summed in
+ * split order: deterministic. The block-per-row decode combine spent most of its time in block barriers here.
+ */
+extern "C" __global__ void ${ATT_SPLIT_COMBINE}(const A* po, const A* pml, T* out, L* lse, i64 rows, i64 d, i64 splits) {
+  const i64 row = (i64)blockIdx.x * ${SPLIT_COMBINE_ROWS} + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const A* ml = pml + 2 * row * splits;
+  A M = FA_NEG_INF;
+  for (i64 s = 0; s < splits; s++) M = fa_max(M, ml[2 * s]);
+  A sum = 0;
+  for (i64 s = 0; s < splits; s++) if (ml[2 * s] != FA_NEG_INF) sum += ml[2 * s + 1] * fa_exp(ml[2 * s] - M);
+  const A inv = (A)1 / sum;
+  for (i64 c = lane; c < d; c += 32) {
+    A acc = 0;
+    for (i64 s = 0; s < splits; s++) if (ml[2 * s] != FA_NEG_INF) acc += po[(row * splits + s) * d + c] * fa_exp(ml[2 * s] - M);
+    out[row * d + c] = att_st(acc * inv);
+  }
+  if (lane == 0) lse[row] = (L)((M + fa_log(sum)) * (A)FA_INV_LOGC);
+}
+
 extern "C" __global__ void ${ATT_SPLIT_SUM}(T* out, const float* part, i64 n, i64 splits) {
   for (i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (i64)gridDim.x * blockDim.x) {
     float acc = 0.f;
@@ -918,7 +944,8 @@ export function decodeSharedBytes(dtype: AttnDType, d: number): number {
 }
 
 /** Dynamic shared memory of the decode combine kernel: a weight per chunk, the block reduction's scratch and the warps' column sums. */
-export function decodeCombineSharedBytes(dtype: AttnDType, splits: number, d: number, threads = DECODE_COMBINE_THREADS): number {
+export function decodeCombineSharedBytes(dtype: AttnDType, splits: number, d: number): number {
+  const threads = DECODE_COMBINE_THREADS;
   return (splits + threads + (threads / 32) * d) * attentionAccBytes(dtype);
 }
 
