@@ -187,6 +187,15 @@ describe('cuda backend host side (stand-in libraries)', () => {
       backend.rmsNormBackward(x, w, rstd, y, 4, d, dt, false);
       assert.equal(name(), vec ? 'rmsnorm_bwd_vec' : 'rmsnorm_bwd', `${dt} d ${d} backward`);
     }
+    // rows of fewer than 32 vectors: a power of two of lanes each, several rows a warp (8 warps a block)
+    for (const [dt, d, lanes] of [['bfloat16', 64, 8], ['bfloat16', 16, 2], ['float32', 64, 16], ['float32', 100, 32], ['float64', 2, 1]] as const) {
+      const rows = 1000;
+      const x = backend.fill(rows * d, dt, 1);
+      const w = backend.fill(d, dt, 1);
+      backend.rmsNormForward(x, w, rows, d, 1e-6, dt);
+      const [fn, grid, , , threads] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      assert.deepEqual([fn.name, grid, threads], ['rmsnorm_fwd_vec', Math.ceil(rows / ((8 * 32) / lanes)), 256], `${dt} d ${d}`);
+    }
   });
 
   test('recording: launches go to the capture stream, constants and uploads land at once, frees stay with the graph', opts, async () => {

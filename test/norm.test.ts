@@ -20,8 +20,9 @@ const R = (seed: number, shape: number[]) => T.tensor(rand(seed, sizeOf(shape)),
 const maxDiff = (a: number[], b: number[]) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
 
 describe('fused RMSNorm', () => {
-  // (on the GPU, rows of 64 take the 16-byte-vector kernels, of 1024 doubles the element-wise ones)
-  const shapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1], [3, 64], [2, 3, 1024]];
+  // (on the GPU, rows of 64 take the 16-byte-vector kernels, of 1024 doubles the element-wise ones; rows of 16
+  // doubles (8 vectors) share a warp four to one, 37 of them leaving the last warp part-filled)
+  const shapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1], [3, 64], [2, 3, 1024], [37, 16]];
 
   test('values equal the composite definition', () => {
     T.tidy(() => {
@@ -55,7 +56,8 @@ describe('fused RMSNorm', () => {
     T.tidy(() => {
       for (const low of dtypes) {
         const tolLow = low === 'float32' ? 2e-5 : 3e-2;
-        for (const shape of [[5, 768], [3, 2048], [4, 33], [2, 12], [2, 1028]]) {
+        // (rows of 64 bf16 or 16 floats: 8 or 4 lanes a row, several rows a warp; 37 rows part-fill the last warp)
+        for (const shape of [[5, 768], [3, 2048], [4, 33], [2, 12], [2, 1028], [37, 64], [37, 16], [9, 136]]) {
           const d = shape[shape.length - 1];
           // inputs exactly representable in the low dtype, so float64 sees the same numbers
           const [x, w, g] = [R(21, shape), R(22, [d]), R(23, shape)].map((t) => T.cast(T.cast(t, low), 'float64'));

@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -748,14 +748,22 @@ export class CudaBackend implements Backend {
     const rstd = this.alloc(statDType(dt), rows);
     if (rows === 0) return { y, rstd };
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(y.ptr).ptr(rstd.ptr).i64(rows).i64(d).f64(eps);
-    const name = this.rmsNormVec(dt, d, [x, w]) ? RMSNORM_FWD_VEC : RMSNORM_FWD;
-    this.launch(this.fn('reduce', dt, name), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, name);
+    this.launchRmsNorm(dt, d, rows, [x, w], a, RMSNORM_FWD, RMSNORM_FWD_VEC);
     return { y, rstd };
   }
 
-  /** Whether RMSNorm over rows of d of these buffers takes the 16-byte-vector kernels. */
-  private rmsNormVec(dt: DType, d: number, bufs: unknown[]): boolean {
-    return rmsNormVectorizable(dt, d) && this.aligned16(...bufs);
+  /**
+   * An RMSNorm kernel over `rows` rows of d: the 16-byte-vector form where the rows are whole vectors and the
+   * buffers aligned (with its lanes per row appended to the arguments), else the element-wise one (a warp per row).
+   */
+  private launchRmsNorm(dt: CudaDType, d: number, rows: number, bufs: unknown[], a: ArgPacker, plain: string, vec: string): void {
+    if (!rmsNormVectorizable(dt, d) || !this.aligned16(...bufs)) {
+      this.launch(this.fn('reduce', dt, plain), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, plain);
+      return;
+    }
+    const lanes = rmsNormLanes(dt, d);
+    a.i32(lanes);
+    this.launch(this.fn('reduce', dt, vec), Math.ceil(rows / ((RMSNORM_ROWS * 32) / lanes)), 32 * RMSNORM_ROWS, 0, a, vec);
   }
 
   rmsNormBackward(
@@ -769,8 +777,7 @@ export class CudaBackend implements Backend {
     // gxr = dy·x·rstd per element, whose column sums are dw (not written without wantDw)
     const gxr = wantDw ? this.alloc(acc, rows * d) : null;
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr ? gxr.ptr : 0).i64(rows).i64(d);
-    const name = this.rmsNormVec(dt, d, [x, w, dy]) ? RMSNORM_BWD_VEC : RMSNORM_BWD;
-    this.launch(this.fn('reduce', dt, name), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, name);
+    this.launchRmsNorm(dt, d, rows, [x, w, dy], a, RMSNORM_BWD, RMSNORM_BWD_VEC);
     if (!gxr) return { dx, dw: null };
     // dw: column sums of gxr, in the deterministic split reduction, then to the tensors' dtype
     const dwAcc = this.reduce('sum', gxr, 1, rows, d, acc);

@@ -52,6 +52,13 @@ export function rmsNormVectorizable(dtype: CudaDType, d: number): boolean {
   const vw = vecWidth(dtype);
   return d % vw === 0 && d / vw <= 32 * RMSNORM_MAX_VECS;
 }
+/**
+ * Lanes per row of the vector kernels: a warp, or for rows of fewer than 32 vectors (a head's 64 bf16 of the
+ * q/k norms: 8) a power of two that covers them, so that a warp takes several rows instead of idling most lanes.
+ */
+export function rmsNormLanes(dtype: CudaDType, d: number): number {
+  return Math.min(32, 2 ** Math.ceil(Math.log2(Math.max(1, d / vecWidth(dtype)))));
+}
 
 // (the NLL kernels' vec = 1, passed when every row is 16-byte aligned, implies V is a multiple of vecWidth: rows of V · bytes are 16-byte multiples)
 
@@ -200,11 +207,20 @@ function rmsNormSource(dtype: CudaDType): string {
   const head = `const i64 row = (i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;`;
+  // the vector kernels: lpr lanes per row (rmsNormLanes), RMSNORM_ROWS · 32 / lpr rows per block. Lanes of rows past
+  // the end (in a warp that has a live row) load and store nothing but join the shuffles.
+  const vecHead = `const int rpw = 32 / lpr;
+  const i64 warpRow = ((i64)blockIdx.x * ${RMSNORM_ROWS} + threadIdx.x / 32) * rpw;
+  if (warpRow >= rows) return;
+  const i64 row = warpRow + (threadIdx.x % 32) / lpr;
+  const int lane = threadIdx.x % lpr;
+  const bool live = row < rows;`;
+  const vecSum = `for (int s = lpr / 2; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);`;
   // for each of this lane's vectors u (index i of the row's nv), with e = its elements
   const eachVec = (body: string) => `#pragma unroll
   for (int u = 0; u < ${RMSNORM_MAX_VECS}; u++) {
-    const i64 i = lane + 32 * u;
-    if (i < nv) { ${body} }
+    const i64 i = lane + lpr * u;
+    if (live && i < nv) { ${body} }
   }`;
   return `extern "C" __global__ void ${RMSNORM_FWD}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
   ${head}
@@ -218,8 +234,8 @@ function rmsNormSource(dtype: CudaDType): string {
   for (i64 c = lane; c < d; c += 32) y[row * d + c] = ${y(ld('xr[c]'), ld('w[c]'))};
   if (lane == 0) rstd[row] = k;
 }
-extern "C" __global__ void ${RMSNORM_FWD_VEC}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps) {
-  ${head}
+extern "C" __global__ void ${RMSNORM_FWD_VEC}(const ${T}* x, const ${T}* w, ${T}* y, ${A}* rstd, i64 rows, i64 d, double eps, int lpr) {
+  ${vecHead}
   const i64 nv = d / ${VW};
   const uint4* xr = (const uint4*)(x + row * d);
   uint4 xv[${RMSNORM_MAX_VECS}];
@@ -227,7 +243,7 @@ extern "C" __global__ void ${RMSNORM_FWD_VEC}(const ${T}* x, const ${T}* w, ${T}
   ${eachVec(`xv[u] = xr[i]; const ${T}* e = (const ${T}*)&xv[u];
     #pragma unroll
     for (int q = 0; q < ${VW}; q++) { ${A} v = ${ld('e[q]')}; acc += v * v; }`)}
-  ${warpSum}
+  ${vecSum}
   const ${A} k = (${A})1 / sqrt(acc / (${A})d + (${A})eps);
   const uint4* wr = (const uint4*)w;
   uint4* yr = (uint4*)(y + row * d);
@@ -235,7 +251,7 @@ extern "C" __global__ void ${RMSNORM_FWD_VEC}(const ${T}* x, const ${T}* w, ${T}
     #pragma unroll
     for (int q = 0; q < ${VW}; q++) o[q] = ${y(ld('e[q]'), ld('ew[q]'))};
     yr[i] = out;`)}
-  if (lane == 0) rstd[row] = k;
+  if (live && lane == 0) rstd[row] = k;
 }
 extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d) {
   ${head}
@@ -254,20 +270,20 @@ extern "C" __global__ void ${RMSNORM_BWD}(const ${T}* x, const ${T}* w, const ${
     if (gxr) gxr[row * d + c] = g * xv * k;
   }
 }
-extern "C" __global__ void ${RMSNORM_BWD_VEC}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d) {
-  ${head}
+extern "C" __global__ void ${RMSNORM_BWD_VEC}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, ${T}* dx, ${A}* gxr, i64 rows, i64 d, int lpr) {
+  ${vecHead}
   const i64 nv = d / ${VW};
   const uint4* xr = (const uint4*)(x + row * d);
   const uint4* gr = (const uint4*)(dy + row * d);
   const uint4* wr = (const uint4*)w;
-  const ${A} k = rstd[row];
+  const ${A} k = live ? rstd[row] : (${A})0;
   uint4 xv[${RMSNORM_MAX_VECS}], gv[${RMSNORM_MAX_VECS}];
   ${A} acc = 0;
   ${eachVec(`xv[u] = xr[i]; gv[u] = gr[i]; const uint4 wv = wr[i];
     const ${T}* ex = (const ${T}*)&xv[u]; const ${T}* eg = (const ${T}*)&gv[u]; const ${T}* ew = (const ${T}*)&wv;
     #pragma unroll
     for (int q = 0; q < ${VW}; q++) acc += ${ld('eg[q]')} * ${ld('ew[q]')} * ${ld('ex[q]')};`)}
-  ${warpSum}
+  ${vecSum}
   const ${A} k3 = k * k * k * acc / (${A})d;
   uint4* dr = (uint4*)(dx + row * d);
   ${eachVec(`const uint4 wv = wr[i]; uint4 out;
