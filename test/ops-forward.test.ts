@@ -8,7 +8,7 @@ import {
   type DType, type Shape, Tensor, abs, add, arange, broadcastTo, cast, concat, cos, cumsum, div, equal, exp, expandDims,
   foldIn, full, gather, greater, greaterEqual, less, lessEqual, log, logSoftmax, logsumexp, matmul, max, maximum, mean, min,
   minimum, mT, mul, neg, notEqual, ones, pad, pow, randn, randomKey, reciprocal, reshape, rsqrt, scatterAdd, sigmoid, sign,
-  silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, takeAlongAxis, tanh, tensor, threefry2x32,
+  silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor, threefry2x32,
   transpose, truncatedNormal, uniform, uniformHost, normalHost, where, zeros, zerosLike,
 } from '../src/index.js';
 import { assertClose, assertShape, forEachIndex, keyOf, ravel, rn, ru } from './helpers/check.js';
@@ -472,6 +472,7 @@ const RED_AXES: (number | number[] | undefined)[] = [undefined, 0, 1, 3, -1, -2,
 describe('reductions', () => {
   const REDS: [string, (x: Tensor, ax: number | number[] | undefined, k: boolean) => Tensor, (v: number[]) => number][] = [
     ['sum', (x, ax, k) => sum(x, ax, k), fSum],
+    ['sumSquares', (x, ax, k) => sumSquares(x, ax, k), (v) => fSum(v.map((e) => e * e))],
     ['mean', (x, ax, k) => mean(x, ax, k), fMean],
     ['max', (x, ax, k) => max(x, ax, k), fMax],
     ['min', (x, ax, k) => min(x, ax, k), fMin],
@@ -519,16 +520,17 @@ describe('reductions', () => {
     check(sum(z, 1), { v: [0, 0, 0, 0, 0, 0], shape: [2, 3] }, 'float64', 'sum over empty axis');
     check(sum(z), { v: [0], shape: [] }, 'float64', 'sum of empty');
     check(sum(z, 2), { v: [], shape: [2, 0] }, 'float64', 'sum of empty keeping the empty axis');
+    check(sumSquares(z, 1), { v: [0, 0, 0, 0, 0, 0], shape: [2, 3] }, 'float64', 'sumSquares over empty axis');
     const s = tensor(2.5, [], 'float64');
     check(sum(s), { v: [2.5], shape: [] }, 'float64', 'sum scalar');
     check(max(s), { v: [2.5], shape: [] }, 'float64', 'max scalar');
   });
 
-  test('int32 sum, max, min', () => {
+  test('int32 sum, max, min, sumSquares', () => {
     const x = tensor([3, -1, 4, 1, -5, 9, 2, -6, 5, 3, 5, -8], [3, 4], 'int32');
     const xv = vals(x);
     for (const axes of [undefined, 0, 1, [0, 1]] as (number | number[] | undefined)[]) {
-      for (const [op, fold] of [[sum, fSum], [max, fMax], [min, fMin]] as const) {
+      for (const [op, fold] of [[sum, fSum], [max, fMax], [min, fMin], [sumSquares, (v: number[]) => fSum(v.map((e) => e * e))]] as const) {
         const y = op(x, axes);
         assert.equal(y.dtype, 'int32');
         const ref = refReduce(xv, [3, 4], axes, false, fold);

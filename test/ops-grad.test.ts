@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import {
   type Shape, Tensor, abs, add, broadcastTo, cast, concat, cos, cumsum, div, exp, expandDims, gather, grad, greater, log,
   logSoftmax, logsumexp, matmul, max, maximum, mean, min, minimum, mT, mul, neg, pad, pow, reciprocal, reshape, rsqrt,
-  scatterAdd, sigmoid, sign, silu, sin, slice, softmax, sqrt, square, squeeze, stack, sub, sum, takeAlongAxis, tanh, tensor,
+  scatterAdd, sigmoid, sign, silu, sin, slice, softmax, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor,
   transpose, where,
 } from '../src/index.js';
 import { awayFromZero, checkGrad, checkHvp, directional, distinct, project, rn, ru } from './helpers/check.js';
@@ -130,6 +130,8 @@ const AXES: (number | number[] | undefined)[] = [undefined, 0, -1, 1, [0, 2], [1
 describe('reductions: gradient and Hessian-vector product', () => {
   const REDS: { name: string; op: (x: Tensor, ax: number | number[] | undefined, k: boolean) => Tensor; input: (k: number) => Tensor; proj?: 'tanh' }[] = [
     { name: 'sum', op: (x, ax, k) => sum(x, ax, k), input: (k) => rn(k, [2, 3, 4]), proj: 'tanh' },
+    // (quadratic already: a linear projection has a Hessian, where tanh of a sum of 24 squares saturates)
+    { name: 'sumSquares', op: (x, ax, k) => sumSquares(x, ax, k), input: (k) => rn(k, [2, 3, 4]) },
     { name: 'mean', op: (x, ax, k) => mean(x, ax, k), input: (k) => rn(k, [2, 3, 4]), proj: 'tanh' },
     { name: 'max', op: (x, ax, k) => max(x, ax, k), input: (k) => distinct(k, [2, 3, 4]), proj: 'tanh' },
     { name: 'min', op: (x, ax, k) => min(x, ax, k), input: (k) => distinct(k, [2, 3, 4]), proj: 'tanh' },

@@ -8,7 +8,8 @@ export type UnaryOp =
   | 'square' | 'abs' | 'cos' | 'sin' | 'sign' | 'reciprocal';
 export type BinaryOp = 'add' | 'sub' | 'mul' | 'div' | 'pow' | 'maximum' | 'minimum';
 export type CompareOp = 'eq' | 'ne' | 'lt' | 'le' | 'gt' | 'ge';
-export type ReduceOp = 'sum' | 'max' | 'min';
+/** sumSquares: Σ x², accumulated as sum is (the square taken in the accumulation type). */
+export type ReduceOp = 'sum' | 'max' | 'min' | 'sumSquares';
 
 /** A batched product C_i = op(A_i) op(B_i); offsets are element offsets of each batch entry. */
 export interface MatmulJob {

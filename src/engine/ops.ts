@@ -302,12 +302,14 @@ function reduce(op: ReduceOp, x: Tensor, axisArg: number | readonly number[] | u
   const axes = normAxes(op, axisArg, x.rank);
   const kept = keptShape(x.shape, axes);
   const outShape = keepdims ? kept : x.shape.filter((_, i) => !axes.includes(i));
-  if (op !== 'sum' && axes.some((a) => x.shape[a] === 0)) throw new Error(`${op}: cannot reduce over an empty axis of ${fmt(x.shape)}`);
+  const additive = op === 'sum' || op === 'sumSquares';
+  if (!additive && axes.some((a) => x.shape[a] === 0)) throw new Error(`${op}: cannot reduce over an empty axis of ${fmt(x.shape)}`);
   const { t, outer, n, inner } = asOuterNInner(x, axes);
   const y = fromData(x.backend.reduce(op, t.data, outer, n, inner, x.dtype), outShape, x.dtype, x.backend);
   record(op, [x], [y], ([g]) => {
     const gk = reshape(g!, kept);
     if (op === 'sum') return [broadcastTo(gk, x.shape)];
+    if (op === 'sumSquares') return [mul(gk, mul(x, 2))];
     const hit = cast(equal(x, reshape(y, kept)), x.dtype);
     return [div(mul(hit, gk), sum(hit, axes, true))];
   });
@@ -315,6 +317,8 @@ function reduce(op: ReduceOp, x: Tensor, axisArg: number | readonly number[] | u
 }
 
 export const sum = (x: Tensor, axes?: number | readonly number[], keepdims = false): Tensor => reduce('sum', x, axes, keepdims);
+/** Σ x² over `axes` in one pass (no x² tensor): the squared norms of the TTT inner step's gradient clip. */
+export const sumSquares = (x: Tensor, axes?: number | readonly number[], keepdims = false): Tensor => reduce('sumSquares', x, axes, keepdims);
 /** Ties share the gradient equally. */
 export const max = (x: Tensor, axes?: number | readonly number[], keepdims = false): Tensor => reduce('max', x, axes, keepdims);
 export const min = (x: Tensor, axes?: number | readonly number[], keepdims = false): Tensor => reduce('min', x, axes, keepdims);

@@ -7,7 +7,7 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, square, stopGradient, sub, sum,
+  type Tensor, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sub, sum, sumSquares,
   tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
@@ -49,7 +49,7 @@ function perSequenceLoss(nll: Tensor, mask?: Tensor): Tensor {
  */
 function clippedStep(g: FastWeights, clip: number, lr: number): FastWeights {
   if (clip <= 0) return g.map((m) => ({ w1: mul(m.w1, lr), w2: mul(m.w2, lr), w3: mul(m.w3, lr) }));
-  const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sum(square(t), [1, 2])));
+  const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sumSquares(t, [1, 2])));
   const norm = sqrt(sq.reduce((a, b) => a.add(b)));
   const scale = reshape(mul(div(clip, maximum(norm, clip)), lr), [norm.shape[0], 1, 1]);
   return g.map((m) => ({ w1: mul(m.w1, scale), w2: mul(m.w2, scale), w3: mul(m.w3, scale) }));

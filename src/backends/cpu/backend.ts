@@ -166,13 +166,14 @@ export class CpuBackend implements Backend {
   reduce(op: ReduceOp, xd: unknown, outer: number, n: number, inner: number, dtype: DType): Arr {
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer * inner, false);
-    const init = op === 'sum' ? 0 : op === 'max' ? -Infinity : Infinity;
+    const init = op === 'max' ? -Infinity : op === 'min' ? Infinity : 0;
     for (let o = 0; o < outer; o++) {
       const base = o * n * inner;
       if (inner === 1) {
         let acc = init;
         const end = base + n;
         if (op === 'sum') for (let i = base; i < end; i++) acc += x[i];
+        else if (op === 'sumSquares') for (let i = base; i < end; i++) acc += x[i] * x[i];
         else if (op === 'max') for (let i = base; i < end; i++) acc = x[i] > acc || x[i] !== x[i] ? x[i] : acc;
         else for (let i = base; i < end; i++) acc = x[i] < acc || x[i] !== x[i] ? x[i] : acc;
         out[o] = acc;
@@ -183,6 +184,7 @@ export class CpuBackend implements Backend {
       for (let r = 0; r < n; r++) {
         const row = base + r * inner;
         if (op === 'sum') for (let i = 0; i < inner; i++) acc[i] += x[row + i];
+        else if (op === 'sumSquares') for (let i = 0; i < inner; i++) acc[i] += x[row + i] * x[row + i];
         else if (op === 'max') for (let i = 0; i < inner; i++) acc[i] = x[row + i] > acc[i] || x[row + i] !== x[row + i] ? x[row + i] : acc[i];
         else for (let i = 0; i < inner; i++) acc[i] = x[row + i] < acc[i] || x[row + i] !== x[row + i] ? x[row + i] : acc[i];
       }

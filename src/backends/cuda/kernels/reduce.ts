@@ -6,12 +6,20 @@
 import type { ReduceOp } from '../../../engine/backend.js';
 import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, blockReduce, load, vecWidth } from './common.js';
 
-const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D' };
+const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D', sumSquares: '0.0' };
 /** combine(a = accumulator, b = new value) */
 const COMBINE: Record<ReduceOp, string> = {
   sum: 'a + b',
   max: '((b > a || b != b) ? b : a)',
   min: '((b < a || b != b) ? b : a)',
+  sumSquares: 'a + b',
+};
+/** What an element of x contributes (partials, once combined, are not mapped again). */
+const ELEMENT: Record<ReduceOp, (v: string) => string> = {
+  sum: (v) => v,
+  max: (v) => v,
+  min: (v) => v,
+  sumSquares: (v) => `sq_d(${v})`,
 };
 
 export const reduceRowsName = (op: ReduceOp) => `reduce_rows_${op}`;
@@ -303,7 +311,9 @@ export function reduceSource(dtype: CudaDType): string {
   const store = STORE[dtype];
   const ld = (e: string) => load(dtype, e, 'double');
   const parts: string[] = [];
-  for (const op of ['sum', 'max', 'min'] as ReduceOp[]) {
+  parts.push('__device__ __forceinline__ double sq_d(double v) { return v * v; }');
+  for (const op of ['sum', 'max', 'min', 'sumSquares'] as ReduceOp[]) {
+    const el = (e: string) => ELEMENT[op](ld(e));
     parts.push(blockReduce(`block_${op}`, 'double', COMBINE[op]));
     // inner == 1: one block per row
     parts.push(`extern "C" __global__ void ${reduceRowsName(op)}(${T}* out, const ${T}* x, i64 outer, i64 n) {
@@ -311,7 +321,7 @@ export function reduceSource(dtype: CudaDType): string {
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
     const ${T}* row = x + o * n;
     double acc = ${INIT[op]};
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) { double a = acc; double b = ${el('row[i]')}; acc = ${COMBINE[op]}; }
     acc = block_${op}(acc, red);
     if (threadIdx.x == 0) out[o] = ${store('acc')};
   }
@@ -322,7 +332,7 @@ export function reduceSource(dtype: CudaDType): string {
   if (o >= outer) return;
   const ${T}* row = x + o * n;
   double acc = ${INIT[op]};
-  for (i64 i = lane; i < n; i += 32) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
+  for (i64 i = lane; i < n; i += 32) { double a = acc; double b = ${el('row[i]')}; acc = ${COMBINE[op]}; }
   for (int s = 16; s > 0; s >>= 1) { double a = acc; double b = __shfl_down_sync(0xffffffffu, acc, s); acc = ${COMBINE[op]}; }
   if (lane == 0) out[o] = ${store('acc')};
 }`);
@@ -334,7 +344,7 @@ export function reduceSource(dtype: CudaDType): string {
     const ${T}* row = x + o * n;
     i64 lo = ch * len, hi = lo + len < n ? lo + len : n;
     double acc = ${INIT[op]};
-    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) { double a = acc; double b = ${ld('row[i]')}; acc = ${COMBINE[op]}; }
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) { double a = acc; double b = ${el('row[i]')}; acc = ${COMBINE[op]}; }
     acc = block_${op}(acc, red);
     if (threadIdx.x == 0) ws[ch * outer + o] = acc;
   }
@@ -351,7 +361,7 @@ export function reduceSource(dtype: CudaDType): string {
     double acc = ${INIT[op]};
     if (c < inner) {
       const ${T}* p = x + o * n * inner + c;
-      for (i64 r = lo + ty; r < hi; r += lanes) { double a = acc; double b = ${ld('p[r * inner]')}; acc = ${COMBINE[op]}; }
+      for (i64 r = lo + ty; r < hi; r += lanes) { double a = acc; double b = ${el('p[r * inner]')}; acc = ${COMBINE[op]}; }
     }
     part[threadIdx.x] = acc;
     __syncthreads();
@@ -386,7 +396,7 @@ export function reduceSource(dtype: CudaDType): string {
     i64 o = t / inner, i = t % inner;
     const ${T}* p = x + o * n * inner + i;
     double acc = ${INIT[op]};
-    for (i64 r = 0; r < n; r++) { double a = acc; double b = ${ld('p[r * inner]')}; acc = ${COMBINE[op]}; }
+    for (i64 r = 0; r < n; r++) { double a = acc; double b = ${el('p[r * inner]')}; acc = ${COMBINE[op]}; }
     out[t] = ${store('acc')};
   }
 }`);
