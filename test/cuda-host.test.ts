@@ -172,7 +172,24 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
-  test('RMSNorm takes the 16-byte-vector kernels for rows of whole vectors (up to 8 per lane), else the element-wise ones', opts, async () => {
+  test('addcmul: a factor per row of contiguous a, b takes the 16-byte-vector kernel, anything else the strided one', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const name = () => (calls.lastLaunch as [{ name: string }])[0].name;
+    const run = (shape: number[], sc: number[], n = shape.reduce((p, d) => p * d, 1), dt: 'float32' | 'bfloat16' = 'float32') => {
+      const full = shape.map((_, i) => shape.slice(i + 1).reduce((p, d) => p * d, 1));
+      const [a, b, c] = [backend.fill(n, dt, 1), backend.fill(n, dt, 1), backend.fill(n, dt, 1)];
+      backend.addcmul(a, full, b, full, c, sc, shape, dt);
+      return name();
+    };
+    assert.equal(run([2, 768, 1664], [1, 0, 0]), 'addcmul_rows_vec', 'a factor per sequence');
+    assert.equal(run([1, 768, 1664], [0, 0, 0]), 'addcmul_rows_vec', 'one factor');
+    assert.equal(run([4, 64], [1, 0], 256, 'bfloat16'), 'addcmul_rows_vec', 'bf16 rows of 64');
+    assert.equal(run([4, 6], [1, 0]), 'addcmul', 'rows of 6 floats are not whole vectors');
+    assert.equal(run([4, 8], [0, 1]), 'addcmul', 'a factor per column');
+    assert.equal(run([4, 8], [8, 1]), 'addcmul', 'three full operands');
+  });
+
+  test('RMSNorm takes the 16-byte for rows of whole vectors (up to 8 per lane), else the element-wise ones', opts, async () => {
     const { backend, calls } = await standInBackend();
     const name = () => (calls.lastLaunch as [{ name: string }])[0].name;
     for (const [dt, d, vec] of [

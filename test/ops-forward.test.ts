@@ -5,7 +5,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  type DType, type Shape, Tensor, abs, add, arange, broadcastTo, cast, concat, cos, cumsum, div, equal, exp, expandDims,
+  type DType, type Shape, Tensor, abs, add, addcmul, arange, broadcastTo, cast, concat, cos, cumsum, div, equal, exp, expandDims,
   foldIn, full, gather, greater, greaterEqual, less, lessEqual, log, logSoftmax, logsumexp, matmul, max, maximum, mean, min,
   minimum, mT, mul, neg, notEqual, ones, pad, pow, randn, randomKey, reciprocal, reshape, rsqrt, scatterAdd, sigmoid, sign,
   silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor, threefry2x32,
@@ -433,6 +433,26 @@ describe('comparisons and where', () => {
     });
   }
 
+  test('addcmul a + b·c broadcasts all three operands (with the row-factor case: [B, r, k] + [B, r, k]·[B, 1, 1])', () => {
+    const cases: [Shape, Shape, Shape][] = [
+      [[3, 1], [1, 4], []],
+      [[2, 1, 3], [4, 1], [3]],
+      [[2, 3], [2, 3], [2, 3]],
+      [[2, 5, 16], [2, 5, 16], [2, 1, 1]],
+      [[1, 4, 8], [1, 4, 8], [1, 1, 1]],
+      [[3, 2, 7], [3, 2, 7], [3, 1, 1]],
+      [[2, 16], [2, 16], [2, 1]],
+      [[0, 3], [3], [1]],
+    ];
+    cases.forEach(([as, bs, cs], c) => {
+      for (const dtype of FLOATS) {
+        const [a, b, cc] = [ru(610 + c, as, -2, 2, dtype), ru(620 + c, bs, -2, 2, dtype), ru(630 + c, cs, -2, 2, dtype)];
+        const ref = refElementwise([{ v: vals(a), shape: as }, { v: vals(b), shape: bs }, { v: vals(cc), shape: cs }], (x, y, z) => x + y * z);
+        check(addcmul(a, b, cc), ref, dtype, `addcmul ${JSON.stringify([as, bs, cs])}`);
+      }
+    });
+  });
+
   test('where broadcasts all three operands', () => {
     const cases: [Shape, Shape, Shape][] = [
       [[3, 1], [1, 4], []],
@@ -457,6 +477,7 @@ describe('comparisons and where', () => {
     const cond = tensor([1, 0, 1], [3], 'bool');
     const x = tensor([1, 2, 3], [3], 'float64');
     assert.deepEqual(vals(where(cond, x, 0)), [1, 0, 3]);
+    assert.deepEqual(vals(addcmul(x, 2, tensor([1, 0, -1], [3], 'float64'))), [3, 2, 1], 'addcmul with a number');
     assert.deepEqual(vals(where(cond, -1, x)), [-1, 2, -1]);
     const n = where(cond, 1.5, 2);
     assert.equal(n.dtype, 'float32');

@@ -6,7 +6,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  type Shape, Tensor, abs, add, broadcastTo, cast, concat, cos, cumsum, div, exp, expandDims, gather, grad, greater, log,
+  type Shape, Tensor, abs, add, addcmul, broadcastTo, cast, concat, cos, cumsum, div, exp, expandDims, gather, grad, greater, log,
   logSoftmax, logsumexp, matmul, max, maximum, mean, min, minimum, mT, mul, neg, pad, pow, reciprocal, reshape, rsqrt,
   scatterAdd, sigmoid, sign, silu, sin, slice, softmax, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor,
   transpose, where,
@@ -108,6 +108,14 @@ describe('binary with broadcasting: gradient and Hessian-vector product', () => 
     ] as [string, Op1][]) {
       checkGrad(project(op, [x]), [x], { label: name });
       checkHvp(project(op, [x], 999, 'tanh'), [x], { label: `${name} hvp` });
+    }
+  });
+
+  test('addcmul (gradient to all three, broadcast; a factor per row)', () => {
+    for (const [as, bs, cs] of [[[3, 4], [1, 4], [3, 1]], [[2, 3, 4], [2, 3, 4], [2, 1, 1]], [[], [2, 2], [2]]] as number[][][]) {
+      const [a, b, c] = [rn(35, as), rn(36, bs), rn(37, cs)];
+      checkGrad(project(addcmul, [a, b, c]), [a, b, c], { label: `addcmul ${JSON.stringify([as, bs, cs])}` });
+      checkHvp(project(addcmul, [a, b, c], 999, 'tanh'), [a, b, c], { label: `addcmul ${JSON.stringify([as, bs, cs])} hvp` });
     }
   });
 

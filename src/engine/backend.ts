@@ -101,6 +101,8 @@ export interface Backend {
   /** Result dtype is `bool`; `dtype` is the inputs'. */
   compare(op: CompareOp, a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
   where(cond: BackendData, cStrides: number[], a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], shape: number[], dtype: DType): BackendData;
+  /** a + b·c over inputs broadcast to `shape` (float dtypes; one rounding, in the backend's math type). */
+  addcmul(a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], c: BackendData, cStrides: number[], shape: number[], dtype: DType): BackendData;
   /** Reduce the middle axis of a contiguous [outer, n, inner] array to [outer, inner]. */
   reduce(op: ReduceOp, x: BackendData, outer: number, n: number, inner: number, dtype: DType): BackendData;
   /** Softmax / logsumexp over the last axis of a contiguous [outer, n] array. */

@@ -267,6 +267,29 @@ export function where(cond: Tensor, xa: TensorLike, xb: TensorLike): Tensor {
   return y;
 }
 
+/**
+ * a + b·c with NumPy broadcasting, as one op (one pass, one rounding): the TTT inner step's update
+ * W − lr·clip·∇W with a factor per sequence, which as mul then sub wrote and read a fast-weight-sized temporary.
+ */
+export function addcmul(a: Tensor, b: TensorLike, c: TensorLike): Tensor {
+  const bt = lift(b, a);
+  const ct = lift(c, a);
+  sameBackend('addcmul', [a, bt, ct]);
+  const dtype = sameDType('addcmul', [a, bt, ct]);
+  requireFloat('addcmul', a);
+  const shape = broadcastShapes('addcmul', broadcastShapes('addcmul', a.shape, bt.shape), ct.shape);
+  const data = a.backend.addcmul(
+    a.data, broadcastStrides(a.shape, shape), bt.data, broadcastStrides(bt.shape, shape), ct.data, broadcastStrides(ct.shape, shape), shape, dtype,
+  );
+  const y = fromData(data, shape, dtype, a.backend);
+  record('addcmul', [a, bt, ct], [y], ([g], needs) => [
+    needs[0] ? sumToShape(g!, a.shape) : null,
+    needs[1] ? sumToShape(mul(g!, ct), bt.shape) : null,
+    needs[2] ? sumToShape(mul(g!, bt), ct.shape) : null,
+  ]);
+  return y;
+}
+
 // ---- reductions ------------------------------------------------------------------------------
 
 /** Shape of a reduction with keepdims. */

@@ -7,7 +7,7 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sub, sum, sumSquares,
+  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sum, sumSquares,
   tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
@@ -43,16 +43,15 @@ function perSequenceLoss(nll: Tensor, mask?: Tensor): Tensor {
 }
 
 /**
- * The inner step lr · clip(g): each sequence's gradient scaled to global norm <= clip (over all fast
- * weights of that sequence), times lr. The two scalars meet on the [batch, 1, 1] factor, so each
- * fast-weight-sized gradient is multiplied once.
+ * The inner step's factor −lr · clip(g) per sequence: its gradient scaled to global norm <= clip (over all
+ * fast weights of that sequence), times −lr, as [batch, 1, 1] (or the scalar −lr without a clip). The update
+ * W − lr·clip(g) is then one addcmul per fast weight: no scaled copy of the gradient.
  */
-function clippedStep(g: FastWeights, clip: number, lr: number): FastWeights {
-  if (clip <= 0) return g.map((m) => ({ w1: mul(m.w1, lr), w2: mul(m.w2, lr), w3: mul(m.w3, lr) }));
+function stepFactor(g: FastWeights, clip: number, lr: number): Tensor | number {
+  if (clip <= 0) return -lr;
   const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sumSquares(t, [1, 2])));
   const norm = sqrt(sq.reduce((a, b) => a.add(b)));
-  const scale = reshape(mul(div(clip, maximum(norm, clip)), lr), [norm.shape[0], 1, 1]);
-  return g.map((m) => ({ w1: mul(m.w1, scale), w2: mul(m.w2, scale), w3: mul(m.w3, scale) }));
+  return reshape(mul(div(clip, maximum(norm, clip)), -lr), [norm.shape[0], 1, 1]);
 }
 
 /** W_0 broadcast to one copy per sequence: every document starts from the meta-learned weights. */
@@ -95,10 +94,11 @@ export function miniBatchStep(
     const [, aux] = lossOf(fast);
     return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches, last: aux.last };
   }
-  const [[, aux], g] = valueAndGrad(lossOf, { hasAux: true })(fast);
-  let step = clippedStep(g as FastWeights, c.innerClip, lr);
-  if (c.firstOrder) step = stopGradient(step);
-  const next = fast.map((w, j) => ({ w1: sub(w.w1, step[j].w1), w2: sub(w.w2, step[j].w2), w3: sub(w.w3, step[j].w3) }));
+  const [[, aux], grads] = valueAndGrad(lossOf, { hasAux: true })(fast);
+  let g = grads as FastWeights;
+  let factor = stepFactor(g, c.innerClip, lr);
+  if (c.firstOrder) [g, factor] = [stopGradient(g), typeof factor === 'number' ? factor : stopGradient(factor)];
+  const next = fast.map((w, j) => ({ w1: addcmul(w.w1, g[j].w1, factor), w2: addcmul(w.w2, g[j].w2, factor), w3: addcmul(w.w3, g[j].w3, factor) }));
   return { loss: mean(aux.perSeq), nll: aux.nll, fast: next, caches: aux.caches, last: aux.last };
 }
 

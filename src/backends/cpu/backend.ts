@@ -163,6 +163,12 @@ export class CpuBackend implements Backend {
     runStrided('where', `${t}_u8_${t}_${t}`, 'x ? y : z', out, shape, [c as Arr, a as Arr, b as Arr], [sc, sa, sb]);
     return out;
   }
+  addcmul(a: unknown, sa: number[], b: unknown, sb: number[], c: unknown, sc: number[], shape: number[], dtype: DType): Arr {
+    const out = pool.alloc(dtype, sizeOf(shape), false);
+    const t = TYPE_TAG[dtype];
+    runStrided('addcmul', `${t}_${t}_${t}_${t}`, 'x + y * z', out, shape, [a as Arr, b as Arr, c as Arr], [sa, sb, sc]);
+    return out;
+  }
   reduce(op: ReduceOp, xd: unknown, outer: number, n: number, inner: number, dtype: DType): Arr {
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer * inner, false);

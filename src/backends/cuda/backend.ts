@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -561,6 +561,38 @@ export class CudaBackend implements Backend {
     const args = this.args.reset().ptr(out.ptr).ptr(buf(c).ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(this.ix(shape, [sc, sa, sb])).i64(n);
     this.launch(this.fn('elementwise', dt, WHERE), this.blocksFor(n), THREADS, 0, args, WHERE);
     return out;
+  }
+
+  addcmul(a: unknown, sa: number[], b: unknown, sb: number[], c: unknown, sc: number[], shape: number[], dtype: DType): DeviceBuffer {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: addcmul needs a float dtype, got ${dt}`);
+    const n = sizeOf(shape);
+    const out = this.alloc(dt, n);
+    if (n === 0) return out;
+    const ix = this.ix(shape, [sa, sb, sc]);
+    const inner = this.rowsOf(ix);
+    if (inner !== null && inner % vecWidth(dt) === 0 && this.aligned16(a, b)) {
+      // a, b contiguous and one c per row of `inner` (the TTT update w − lr·clip·g, a factor per sequence)
+      const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).ptr(buf(c).ptr).i64(inner).i64(n);
+      this.launch(this.fn('elementwise', dt, ADDCMUL_ROWS_VEC), this.blocksFor(n / vecWidth(dt)), THREADS, 0, args, ADDCMUL_ROWS_VEC);
+      return out;
+    }
+    const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).ptr(buf(c).ptr).i64s(ix).i64(n);
+    this.launch(this.fn('elementwise', dt, ADDCMUL), this.blocksFor(n), THREADS, 0, args, ADDCMUL);
+    return out;
+  }
+
+  /**
+   * For coalesced index data of three inputs (this.ix): the row length when the first two are contiguous and the third
+   * holds one value per row (rank 1 with the third a scalar, or rank 2 with strides [inner, 1], [inner, 1], [1, 0]), else null.
+   */
+  private rowsOf(ix: Float64Array): number | null {
+    const rank = ix[0];
+    const st = (input: number, dim: number) => ix[1 + (input + 1) * MAX_RANK + dim];
+    if (rank === 1) return st(0, 0) === 1 && st(1, 0) === 1 && st(2, 0) === 0 ? ix[1] : null;
+    if (rank !== 2) return null;
+    const inner = ix[2];
+    return st(0, 0) === inner && st(0, 1) === 1 && st(1, 0) === inner && st(1, 1) === 1 && st(2, 0) === 1 && st(2, 1) === 0 ? inner : null;
   }
 
   // ---- reductions ---------------------------------------------------------------------------------

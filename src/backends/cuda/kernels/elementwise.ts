@@ -50,6 +50,9 @@ export const unaryVecName = (op: UnaryOp) => `unary_vec_${op}`;
 export const binaryVecName = (op: BinaryOp) => `binary_vec_${op}`;
 export const compareName = (op: CompareOp) => `compare_${op}`;
 export const WHERE = 'where_select';
+/** a + b·c over broadcast strides; the _rows_vec form for a, b contiguous and c one value per row of `inner` (16-byte vectors). */
+export const ADDCMUL = 'addcmul';
+export const ADDCMUL_ROWS_VEC = 'addcmul_rows_vec';
 export const ADAMW = 'adamw_step';
 export const ROPE = 'rope_pairs';
 export const SWIGLU_FWD = 'swiglu_fwd';
@@ -203,6 +206,19 @@ export function elementwiseSource(dtype: CudaDType): string {
   }
   if (dtype === 'float32' || dtype === 'float64') parts.push(adamwSource(dtype));
   if (isFloat) parts.push(ropeSource(dtype), swigluSource(dtype));
+  if (isFloat) {
+    parts.push(`extern "C" __global__ void ${ADDCMUL}(${T}* out, const ${T}* a, const ${T}* b, const ${T}* c, Ix ix, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
+    const M x = ${load(dtype, 'a[o0]')}, y = ${load(dtype, 'b[o1]')}, z = ${load(dtype, 'c[o2]')};
+    out[i] = ${store('x + y * z')};
+  }
+}
+extern "C" __global__ void ${ADDCMUL_ROWS_VEC}(${T}* out, const ${T}* a, const ${T}* b, const ${T}* c, i64 inner, i64 n) {
+  ${vecLoop(`const uint4 av = ((const uint4*)a)[v], bv = ((const uint4*)b)[v]; const M z = ${load(dtype, `c[v * ${VW} / inner]`)};
+    const ${T}* ea = (const ${T}*)&av; const ${T}* eb = (const ${T}*)&bv;`, (q) => `[&] { const M x = ${load(dtype, `ea[${q}]`)}, y = ${load(dtype, `eb[${q}]`)}; return ${store('x + y * z')}; }()`)}
+}`);
+  }
   parts.push(`extern "C" __global__ void ${WHERE}(${T}* out, const unsigned char* c, const ${T}* a, const ${T}* b, Ix ix, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) {
     i64 o0, o1, o2; offsets(ix, i, o0, o1, o2);
