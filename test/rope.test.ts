@@ -85,6 +85,52 @@ describe('fused RoPE', () => {
     });
   });
 
+  test('split and merge layouts: the rotation and the heads transpose in one op, bit for bit; gradients through them', () => {
+    const headsFirst = (t: T.Tensor) => T.transpose(t, [...Array(t.rank - 3).keys(), t.rank - 2, t.rank - 3, t.rank - 1]);
+    for (const dt of ['float32', 'float64', ...(hasBf16 ? ['bfloat16'] : [])] as T.DType[]) {
+      T.tidy(() => {
+        for (const [shape, start] of CASES) {
+          const x = R(11, shape, dt);
+          const { cos, sin } = ropeTables(positions(start, shape[shape.length - 3]), shape[shape.length - 1], 500000, dt);
+          for (const inverse of [false, true]) {
+            const split = T.fusedRope(x, cos, sin, inverse, 'split');
+            const want = headsFirst(T.fusedRope(x, cos, sin, inverse));
+            assert.deepEqual(split.shape, want.shape);
+            const [a, b] = [split.toArray(), want.toArray()];
+            a.forEach((v, i) => assert.ok(Object.is(v, b[i]), `${dt} ${shape} split inverse ${inverse} [${i}]`));
+            // merge reads the heads-first layout and writes token-major: the transpose back
+            const merged = T.fusedRope(headsFirst(x), cos, sin, inverse, 'merge').toArray();
+            const direct = T.fusedRope(x, cos, sin, inverse).toArray();
+            merged.forEach((v, i) => assert.ok(Object.is(v, direct[i]), `${dt} ${shape} merge inverse ${inverse} [${i}]`));
+          }
+          // rope(..., 'split') on the model's path, fused or composite, gives the same
+          const pos = positions(start, shape[shape.length - 3]);
+          for (const path of ['fused', 'composite'] as const) {
+            const y = withOpPath('rope', path, () => rope(x, pos, 500000, 'split').toArray());
+            const ref = headsFirst(compositeRope(x, cos, sin)).toArray();
+            y.forEach((v, i) => assert.ok(Object.is(v, ref[i]), `${dt} ${shape} rope() ${path} split [${i}]`));
+          }
+        }
+      });
+    }
+    T.tidy(() => {
+      const [shape, start] = CASES[1];
+      const x = R(12, shape, 'float64');
+      const { cos, sin } = ropeTables(positions(start, shape[1]), shape[3], 500000, 'float64');
+      const g = R(13, [2, 3, 5, 8], 'float64');
+      const v = R(14, shape, 'float64');
+      const loss = (split: boolean) => (a: T.Tensor) => T.sum(T.mul(T.tanh(split ? T.fusedRope(a, cos, sin, false, 'split') : headsFirst(compositeRope(a, cos, sin))), g));
+      const [g1, c1] = [T.grad(loss(true))(x) as T.Tensor, T.grad(loss(false))(x) as T.Tensor];
+      assert.ok(maxDiff(g1.toArray(), c1.toArray()) < 1e-13, 'split: grad');
+      const hvp = (split: boolean) => T.grad((a: T.Tensor) => T.sum(T.mul(T.grad(loss(split))(a) as T.Tensor, v)))(x) as T.Tensor;
+      assert.ok(maxDiff(hvp(true).toArray(), hvp(false).toArray()) < 1e-12, 'split: Hessian-vector product');
+      const h = 1e-6;
+      const at = (e: number) => loss(true)(T.add(x, T.mul(v, e))).item();
+      const dir = g1.toArray().reduce((acc, gi, i) => acc + gi * v.toArray()[i], 0);
+      assert.ok(Math.abs((at(h) - at(-h)) / (2 * h) - dir) < 1e-7 * (1 + Math.abs(dir)), 'split: finite difference');
+    });
+  });
+
   test('bad shapes, tables and dtypes name the op', () => {
     T.tidy(() => {
       const x = R(6, [2, 3, 8], 'float32');

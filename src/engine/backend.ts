@@ -9,6 +9,8 @@ export type UnaryOp =
 export type BinaryOp = 'add' | 'sub' | 'mul' | 'div' | 'pow' | 'maximum' | 'minimum';
 export type CompareOp = 'eq' | 'ne' | 'lt' | 'le' | 'gt' | 'ge';
 /** sumSquares: Σ x², accumulated as sum is (the square taken in the accumulation type). */
+/** Where RoPE's heads axis goes: kept ([.., T, H, D] to the same), split off ([.., T, H, D] → [.., H, T, D]) or merged back. */
+export type RopeLayout = 'same' | 'split' | 'merge';
 export type ReduceOp = 'sum' | 'max' | 'min' | 'sumSquares';
 
 /** A batched product C_i = op(A_i) op(B_i); offsets are element offsets of each batch entry. */
@@ -170,9 +172,11 @@ export interface Backend {
   swigluBackward(a: BackendData, b: BackendData, g: BackendData, size: number, dtype: DType): { da: BackendData; db: BackendData };
   /**
    * RoPE over x [outer, T, H, D] (pairs (2i, 2i+1) of the last axis) with tables cos, sin [T, D/2]:
-   * see `fusedRope` (src/engine/rope.ts) for the formula and its rounding order.
+   * see `fusedRope` (src/engine/rope.ts) for the formula and its rounding order. `layout`: 'same' keeps
+   * [outer, T, H, D]; 'split' reads [outer, T, H, D] and writes [outer, H, T, D]; 'merge' reads [outer, H, T, D]
+   * and writes [outer, T, H, D] (T and H name the token and head axes in every layout).
    */
-  rope(x: BackendData, cos: BackendData, sin: BackendData, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): BackendData;
+  rope(x: BackendData, cos: BackendData, sin: BackendData, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType, layout?: RopeLayout): BackendData;
   /**
    * One AdamW step over `size` elements of a float32 or float64 parameter, in one pass (new buffers
    * for p, m, v). Each operation is rounded to the dtype in the order of the composite update in

@@ -5,6 +5,7 @@
  * rotation by the opposite angle, so the backward is this same op with `inverse` flipped, which
  * makes the op differentiable to any order without a composite fallback.
  */
+import type { RopeLayout } from './backend.js';
 import { fromData, isTracked, record } from './runtime.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
@@ -13,10 +14,18 @@ import type { Tensor } from './tensor.js';
  * Forward (inverse false): y[2i] = x[2i]·cos − x[2i+1]·sin, y[2i+1] = x[2i]·sin + x[2i+1]·cos, each
  * product and sum rounded to the dtype in that order, so it equals the composite `rope` of
  * src/nn/layers.ts bit for bit. Inverse: the rotation by −angle (the forward's transpose).
+ *
+ * `layout` moves the heads axis in the same pass: 'split' takes x [..., T, H, D] to y [..., H, T, D]
+ * (attention's layout: no separate transposing copy), 'merge' takes x [..., H, T, D] back to
+ * [..., T, H, D]. The rotation acts per (token, head) row, so split's transpose is merge with the
+ * inverse rotation, and the backward stays this op.
  */
-export function fusedRope(x: Tensor, cos: Tensor, sin: Tensor, inverse = false): Tensor {
+export function fusedRope(x: Tensor, cos: Tensor, sin: Tensor, inverse = false, layout: RopeLayout = 'same'): Tensor {
   if (x.rank < 3) throw new Error(`rope: expected x [..., T, H, D], got ${fmt(x.shape)}`);
-  const [T, H, D] = x.shape.slice(-3);
+  const lead = x.shape.slice(0, -3);
+  const [a, b, D] = x.shape.slice(-3);
+  // T and H of the input's layout: [.., H, T, D] when merging
+  const [T, H] = layout === 'merge' ? [b, a] : [a, b];
   if (D % 2 !== 0) throw new Error(`rope: head dim ${D} of ${fmt(x.shape)} is odd`);
   for (const [name, t] of [['cos', cos], ['sin', sin]] as const) {
     if (t.size !== T * (D / 2)) throw new Error(`rope: ${name} table ${fmt(t.shape)} should hold T·D/2 = ${T * (D / 2)} values for x ${fmt(x.shape)}`);
@@ -27,7 +36,9 @@ export function fusedRope(x: Tensor, cos: Tensor, sin: Tensor, inverse = false):
   if (x.dtype !== 'float32' && x.dtype !== 'float64' && x.dtype !== 'bfloat16') throw new Error(`rope: needs a floating-point tensor, got ${x.dtype}${fmt(x.shape)}`);
   const { backend, dtype } = x;
   const outer = T * H === 0 || D === 0 ? 0 : x.size / (T * H * D);
-  const y = fromData(backend.rope(x.data, cos.data, sin.data, outer, T, H, D, inverse, dtype), x.shape, dtype, backend);
-  record('rope', [x], [y], ([g]) => [fusedRope(g!, cos, sin, !inverse)], [cos, sin]);
+  const shape = layout === 'same' ? x.shape : [...lead, b, a, D];
+  const y = fromData(backend.rope(x.data, cos.data, sin.data, outer, T, H, D, inverse, dtype, layout), shape, dtype, backend);
+  const back: RopeLayout = layout === 'split' ? 'merge' : layout === 'merge' ? 'split' : 'same';
+  record('rope', [x], [y], ([g]) => [fusedRope(g!, cos, sin, !inverse, back)], [cos, sin]);
   return y;
 }

@@ -84,19 +84,27 @@ export function setOpPath(kind: PathKind, path: OpPath): OpPath {
  * angle pos · theta^(-2i/D), as the reference does: the fused op or the composite definition below
  * (`setOpPath('rope', ...)`), which agree bit for bit.
  */
-export function rope(x: Tensor, positions: readonly number[], theta: number): Tensor {
+export function rope(x: Tensor, positions: readonly number[], theta: number, layout: 'same' | 'split' = 'same'): Tensor {
   const D = x.shape[x.rank - 1];
   const T = x.shape[x.rank - 3];
   if (positions.length !== T) throw new Error(`rope: ${positions.length} positions for ${T} tokens`);
-  return ropeWith(x, ropeTables(positions, D, theta, x.dtype));
+  return ropeWith(x, ropeTables(positions, D, theta, x.dtype), layout);
 }
 
 /**
  * RoPE with tables made elsewhere: cos and sin [T·D/2] for x [..., T, H, D]'s positions (a launch
  * plan's rows, gathered at a position held on the device by `ropeRowsAt`).
  */
-export function ropeWith(x: Tensor, tables: { cos: Tensor; sin: Tensor }): Tensor {
-  return useFused('rope', x) ? fusedRope(x, tables.cos, tables.sin) : compositeRope(x, tables.cos, tables.sin);
+export function ropeWith(x: Tensor, tables: { cos: Tensor; sin: Tensor }, layout: 'same' | 'split' = 'same'): Tensor {
+  if (useFused('rope', x)) return fusedRope(x, tables.cos, tables.sin, false, layout);
+  const y = compositeRope(x, tables.cos, tables.sin);
+  return layout === 'same' ? y : headsFirst(y);
+}
+
+/** [..., T, H, D] → [..., H, T, D]. */
+function headsFirst(x: Tensor): Tensor {
+  const r = x.rank;
+  return transpose(x, [...Array(r - 3).keys(), r - 2, r - 3, r - 1]);
 }
 
 /**

@@ -5,7 +5,7 @@
  * WebAssembly SIMD). Float32 exp / sigmoid / silu and softmax / logsumexp rows go through
  * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
-import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, statDType } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
@@ -391,7 +391,7 @@ export class CpuBackend implements Backend {
     }
     return { da, db };
   }
-  rope(xd: unknown, cd: unknown, sd: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): Arr {
+  rope(xd: unknown, cd: unknown, sd: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType, layout: RopeLayout = 'same'): Arr {
     if (dtype !== 'float32' && dtype !== 'float64') throw new Error(`cpu backend: rope needs float32 or float64, got ${dtype}`);
     const [x, cos, sin] = [xd, cd, sd] as Arr[];
     const out = pool.alloc(dtype, outer * T * H * D, false);
@@ -400,15 +400,18 @@ export class CpuBackend implements Backend {
     for (let o = 0; o < outer; o++) {
       for (let t = 0; t < T; t++) {
         for (let h = 0; h < H; h++) {
-          const base = ((o * T + t) * H + h) * D;
+          const tokenMajor = ((o * T + t) * H + h) * D;
+          const headMajor = ((o * H + h) * T + t) * D;
+          const from = layout === 'merge' ? headMajor : tokenMajor;
+          const to = layout === 'split' ? headMajor : tokenMajor;
           for (let i = 0; i < half; i++) {
-            const e = x[base + 2 * i];
-            const d = x[base + 2 * i + 1];
+            const e = x[from + 2 * i];
+            const d = x[from + 2 * i + 1];
             const c = cos[t * half + i];
             const s = sin[t * half + i];
             // forward: (e c − d s, e s + d c); inverse: (e c + d s, d c − e s)
-            out[base + 2 * i] = inverse ? r(r(e * c) + r(d * s)) : r(r(e * c) - r(d * s));
-            out[base + 2 * i + 1] = inverse ? r(r(d * c) - r(e * s)) : r(r(e * s) + r(d * c));
+            out[to + 2 * i] = inverse ? r(r(e * c) + r(d * s)) : r(r(e * c) - r(d * s));
+            out[to + 2 * i + 1] = inverse ? r(r(d * c) - r(e * s)) : r(r(e * s) + r(d * c));
           }
         }
       }

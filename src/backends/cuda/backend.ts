@@ -8,7 +8,7 @@
  * (values widen to float in every kernel and round once on store; GEMMs on tensor cores with fp32
  * accumulation through cublasGemm*Ex).
  */
-import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, UnaryOp } from '../../engine/backend.js';
+import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, fromBfloat16Bits, hostArray, statDType, toBfloat16Bits } from '../../engine/dtype.js';
 import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -747,13 +747,14 @@ export class CudaBackend implements Backend {
 
   // ---- RoPE ---------------------------------------------------------------------------------------
 
-  rope(x: unknown, cos: unknown, sin: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType): DeviceBuffer {
+  rope(x: unknown, cos: unknown, sin: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType, layout: RopeLayout = 'same'): DeviceBuffer {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rope needs a float dtype, got ${dt}`);
     const pairs = (outer * T * H * D) / 2;
     const out = this.alloc(dt, 2 * pairs);
     if (pairs === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).ptr(buf(cos).ptr).ptr(buf(sin).ptr).i64(pairs).i64(T).i64(H).i64(D / 2).i32(inverse ? 1 : 0);
+    a.i32(ROPE_LAYOUTS.indexOf(layout));
     this.launch(this.fn('elementwise', dt, ROPE), this.blocksFor(pairs), THREADS, 0, a, ROPE);
     return out;
   }

@@ -123,7 +123,8 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         k = rmsNorm(k, w.kNorm, c.normEps);
       }
       const window = windowOf(c);
-      const rotate = (x: Tensor) => splitHeads(reshape(isRing(state) ? ropeWith(x, { cos: state.ropeCos, sin: state.ropeSin }) : rope(x, positions, c.ropeTheta), [B, T, c.dModel]), c.nHeads);
+      // rotated and split into heads [B, H, T, hd] in one op (no transposing copy)
+      const rotate = (x: Tensor) => (isRing(state) ? ropeWith(x, { cos: state.ropeCos, sin: state.ropeSin }, 'split') : rope(x, positions, c.ropeTheta, 'split'));
       q = rotate(q);
       k = rotate(k);
       if (isRing(state)) {

@@ -55,6 +55,8 @@ export const ADDCMUL = 'addcmul';
 export const ADDCMUL_ROWS_VEC = 'addcmul_rows_vec';
 export const ADAMW = 'adamw_step';
 export const ROPE = 'rope_pairs';
+/** The rope kernel's layout argument: the index of the RopeLayout. */
+export const ROPE_LAYOUTS = ['same', 'split', 'merge'] as const;
 export const SWIGLU_FWD = 'swiglu_fwd';
 export const SWIGLU_BWD = 'swiglu_bwd';
 
@@ -89,10 +91,15 @@ function ropeSource(dtype: CudaDType): string {
 __device__ __forceinline__ M rp_mul(M a, M b) { return rp_round(__${f}mul_rn(a, b)); }
 __device__ __forceinline__ M rp_add(M a, M b) { return rp_round(__${f}add_rn(a, b)); }
 __device__ __forceinline__ M rp_sub(M a, M b) { return rp_round(__${f}sub_rn(a, b)); }
-extern "C" __global__ void ${ROPE}(${T}* out, const ${T}* x, const ${T}* cs, const ${T}* sn, i64 pairs, i64 tokens, i64 H, i64 half, int inverse) {
+extern "C" __global__ void ${ROPE}(${T}* out, const ${T}* x, const ${T}* cs, const ${T}* sn, i64 pairs, i64 tokens, i64 H, i64 half, int inverse, int layout) {
   for (i64 k = gtid(); k < pairs; k += gstride()) {
-    const i64 i = k % half, t = (k / (half * H)) % tokens;
-    const M e = ${load(dtype, 'x[2 * k]')}, d = ${load(dtype, 'x[2 * k + 1]')};
+    // k walks the output's pairs; layout (ROPE_LAYOUTS) 0: same, 1: split (out [o, H, T]), 2: merge (x [o, H, T])
+    const i64 i = k % half;
+    const bool headsOut = layout == 1;
+    const i64 a1 = (k / half) % (headsOut ? tokens : H), a2 = (k / half) / (headsOut ? tokens : H);
+    const i64 t = headsOut ? a1 : a2 % tokens, h = headsOut ? a2 % H : a1, o = a2 / (headsOut ? H : tokens);
+    const i64 from = layout == 2 ? ((o * H + h) * tokens + t) * half + i : ((o * tokens + t) * H + h) * half + i;
+    const M e = ${load(dtype, 'x[2 * from]')}, d = ${load(dtype, 'x[2 * from + 1]')};
     const M c = ${load(dtype, 'cs[t * half + i]')}, s = ${load(dtype, 'sn[t * half + i]')};
     M a, b;
     if (inverse) { a = rp_add(rp_mul(e, c), rp_mul(d, s)); b = rp_sub(rp_mul(d, c), rp_mul(e, s)); }
