@@ -317,6 +317,7 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
 
   test('bfloat16 forward of few query tiles over a long band: keys split across blocks, merged a warp per row', host, async () => {
     const { backend, launches } = await standIn();
+    const { splitCountFor } = await import('../src/backends/cuda/backend.js');
     const sms = backend.info().multiprocessors as number;
     const d = 64;
     // a TTT-E2E mini-batch of 125m: 12 heads, 1024 queries after 8192 cached keys, window 8192
@@ -328,8 +329,13 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     const tiles = 12 * Math.ceil(1024 / fwd.bq);
     const slots = fwd.blocksPerSm * sms;
     assert.ok(tiles < slots, 'the case leaves SMs idle without a split');
-    const splits = Math.min(Math.ceil((4 * slots) / tiles), Math.floor(Math.min(9216, 8192 + fwd.bq) / (8 * fwd.bk)));
-    assert.ok(splits > 1);
+    const splits = splitCountFor(tiles, slots, Math.min(9216, 8192 + fwd.bq) / fwd.bk);
+    // whole waves: 96 tiles on the stand-in's 132 SMs in 4 splits (2.9 waves), not 6 (4.4 waves, the last a third full)
+    assert.equal(sms, 132);
+    assert.equal(splits, 4);
+    // the rule alone: tiles that fill the slots never split, nor bands of under 16 tiles; the dK/dV of 1024 fresh keys
+    // (96 key tiles, 32 query tiles of band, 264 slots) in one wave of 2 splits rather than two waves of 4
+    assert.deepEqual([splitCountFor(300, 264, 500), splitCountFor(10, 264, 15), splitCountFor(96, 264, 32)], [1, 1, 2]);
     launches.length = 0;
     const { out, lse } = backend.attentionForward(q, kv, kv, j, 'bfloat16');
     assert.deepEqual(launches.map((l) => [l.name, l.grid]), [[fwd.name, tiles * splits], ['attn_split_combine', Math.ceil((12 * 1024) / 8)]]);
@@ -340,10 +346,10 @@ describe('cuda attention: launches (stand-in libraries, no GPU needed)', () => {
     const [dkv, dq] = [attentionPlan('bfloat16', 'dkv', d, true)!, attentionPlan('bfloat16', 'dq', d, true)!];
     const dqSlots = dq.blocksPerSm * sms;
     const dqTiles = 12 * Math.ceil(1024 / dq.bq);
-    const dqSplits = Math.min(Math.ceil((4 * dqSlots) / dqTiles), Math.floor(Math.min(9216, 8192 + dq.bq) / (8 * dq.bk)));
+    const dqSplits = splitCountFor(dqTiles, dqSlots, Math.min(9216, 8192 + dq.bq) / dq.bk);
     assert.ok(dqSplits > 1);
     const dkvTiles = 12 * (1024 / dkv.bk);
-    const dkvSplits = Math.min(Math.ceil((4 * dkv.blocksPerSm * sms) / dkvTiles), Math.floor(1024 / dkv.bq / 8));
+    const dkvSplits = splitCountFor(dkvTiles, dkv.blocksPerSm * sms, 1024 / dkv.bq);
     assert.ok(dkvTiles < dkv.blocksPerSm * sms && dkvSplits > 1);
     assert.deepEqual(launches.slice(1).map((l) => l.name), [dkv.name, 'attn_split_sum', 'attn_split_sum', dq.name, 'attn_split_sum']);
     assert.deepEqual([launches[1].grid, launches[4].grid], [dkvTiles * dkvSplits, dqTiles * dqSplits]);
