@@ -172,6 +172,22 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
+  test('matmul writes float32 from bfloat16 operands (cuBLAS C type CUDA_R_32F), and refuses other widenings', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const a = backend.fill(32 * 8, 'bfloat16', 1);
+    const b = backend.fill(8 * 64, 'bfloat16', 1);
+    const job = { batch: 1, m: 32, n: 64, k: 8, transA: false, transB: false, aOffsets: Int32Array.of(0), bOffsets: Int32Array.of(0) };
+    backend.matmul(a, b, job, 'bfloat16');
+    assert.equal(calls.last.get('cublasGemmEx')![15], 14, 'bf16 product: C is CUDA_R_16BF');
+    const c = backend.matmul(a, b, job, 'bfloat16', 'float32');
+    assert.equal(calls.last.get('cublasGemmEx')![15], 0, 'float32 product: C is CUDA_R_32F');
+    assert.equal(c.bytes, 32 * 64 * 4, 'a float32 buffer');
+    const two = { ...job, batch: 2, aOffsets: Int32Array.of(0, 0), bOffsets: Int32Array.of(0, 0) };
+    backend.matmul(a, b, two, 'bfloat16', 'float32');
+    assert.equal(calls.last.get('cublasGemmStridedBatchedEx')![17], 0, 'batched float32 product');
+    assert.throws(() => backend.matmul(a, b, job, 'float32', 'float64'), /matmul of float32 cannot write float64/);
+  });
+
   test('addcmul: a factor per row of contiguous a, b takes the 16-byte-vector kernel, anything else the strided one', opts, async () => {
     const { backend, calls } = await standInBackend();
     const name = () => (calls.lastLaunch as [{ name: string }])[0].name;

@@ -589,6 +589,37 @@ describe('cuda bfloat16 vs cpu float32', gpu, () => {
     });
   });
 
+  test('mixed matmul: bf16 activations by float32 weights compute in bf16, the weights\' gradient comes from the GEMM in float32', () => {
+    onCuda(() => T.tidy(() => {
+      const x = B16(112, [3, 9, 16], -1, 1, 'bfloat16');
+      const w = T.tensor(rand(113, 16 * 24, -1, 1), [16, 24], 'float32');
+      const g = B16(114, [3, 9, 24], -1, 1, 'bfloat16');
+      // forward: the same bf16 GEMM as an explicit cast, bit for bit
+      const mixed = T.matmul(x, w);
+      assert.equal(mixed.dtype, 'bfloat16');
+      assert.deepEqual(mixed.toArray(), T.matmul(x, T.cast(w, 'bfloat16')).toArray());
+      const wide = T.matmul(x, T.cast(w, 'bfloat16'), { outDType: 'float32' });
+      assert.equal(wide.dtype, 'float32');
+      const ref = T.matmul(T.cast(x, 'float32'), T.cast(T.cast(w, 'bfloat16'), 'float32')).toArray();
+      wide.toArray().forEach((v, i) => assert.ok(Math.abs(v - ref[i]) <= 1e-5 * (1 + Math.abs(ref[i])), `float32 product [${i}]: ${v} vs ${ref[i]}`));
+      // first order: dx equal to the composite's, dw float32 and within bf16 rounding of it (one rounding fewer)
+      const loss = (cast: boolean) => (a: Tensor, b: Tensor) => T.sum(T.cast(T.mul(T.matmul(a, cast ? T.cast(b, 'bfloat16') : b), g), 'float32'));
+      const [dxM, dwM] = T.grad(loss(false), [0, 1])(x, w) as Tensor[];
+      const [dxC, dwC] = T.grad(loss(true), [0, 1])(x, w) as Tensor[];
+      assert.deepEqual([dxM.dtype, dwM.dtype], ['bfloat16', 'float32']);
+      assert.deepEqual(dxM.toArray(), dxC.toArray());
+      const [a, b] = [dwM.toArray(), dwC.toArray()];
+      a.forEach((v, i) => assert.ok(Math.abs(v - b[i]) <= 8e-3 * (1 + Math.abs(b[i])), `dw [${i}]: ${v} vs ${b[i]}`));
+      // second order through it (the backward traced): a Hessian-vector product near the composite's
+      const v = T.tensor(rand(115, 16 * 24, -1, 1), [16, 24], 'float32');
+      const nl = (cast: boolean) => (b: Tensor) => T.sum(T.cast(T.mul(T.tanh(T.matmul(x, cast ? T.cast(b, 'bfloat16') : b)), g), 'float32'));
+      const hvp = (cast: boolean) => (T.grad((b: Tensor) => T.sum(T.mul(T.grad(nl(cast))(b) as Tensor, v)))(w) as Tensor).toArray();
+      const [hm, hc] = [hvp(false), hvp(true)];
+      const scale = Math.max(...hc.map(Math.abs));
+      hm.forEach((e, i) => assert.ok(Math.abs(e - hc[i]) <= 3e-2 * scale, `hvp [${i}]: ${e} vs ${hc[i]}`));
+    }));
+  });
+
   test('mixed precision: bf16 compute from float32 master weights, gradients reach the masters in float32', () => {
     const f = (dt: DType) => (x: Tensor, w: Tensor) => {
       const h = T.silu(T.matmul(T.cast(x, dt), T.cast(w, dt)));

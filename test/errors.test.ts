@@ -27,6 +27,9 @@ describe('shape errors', () => {
     throwsWith(() => matmul(zeros([2, 3]), zeros([4, 5])), 'matmul', '[2,3]', '[4,5]', '3', '4');
     throwsWith(() => matmul(zeros([2, 3]), zeros([2, 5]), { transB: true }), 'matmul', '[2,3]', '[2,5]');
     throwsWith(() => matmul(zeros([2, 2, 3]), zeros([3, 3, 4])), 'matmul', '[2]', '[3]');
+    // dtypes: only bfloat16 with float32 mixes; float32 is the only wider product (of bfloat16 operands)
+    throwsWith(() => matmul(zeros([2, 3]), zeros([3, 4], 'float64')), 'matmul', 'dtype mismatch', 'float32[2,3]', 'float64[3,4]', 'only bfloat16 with float32');
+    throwsWith(() => matmul(zeros([2, 3]), zeros([3, 4]), { outDType: 'float64' }), 'matmul', 'outDType float64', 'float32');
     throwsWith(() => matmul(zeros([3]), zeros([3, 4])), 'matmul', 'rank');
   });
 

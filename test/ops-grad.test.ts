@@ -214,6 +214,39 @@ describe('matmul: every transpose combination, broadcast batch dims', () => {
       });
     }
   }
+  test('mixed bfloat16 x float32 (either side) and a float32 product: the explicit-cast composite\'s values and first and second order, gradients in each operand\'s dtype', () => {
+    // (the CPU holds bfloat16 in float32 arrays unrounded, so here mixed and composite agree to float32 rounding;
+    // test/cuda.test.ts checks the GPU's bfloat16 products)
+    const x = cast(rn(91, [2, 3, 4]), 'bfloat16');
+    const w = cast(rn(92, [4, 5]), 'float32');
+    const g = cast(rn(93, [2, 3, 5]), 'float32');
+    const v = cast(rn(94, [4, 5]), 'float32');
+    const close = (a: Tensor, b: Tensor, what: string) => {
+      const [p, q] = [a.toArray(), b.toArray()];
+      p.forEach((e, i) => assert.ok(Math.abs(e - q[i]) <= 1e-5 * (1 + Math.abs(q[i])), `${what} [${i}]: ${e} vs ${q[i]}`));
+    };
+    for (const wide of [false, true]) {
+      for (const transB of [false, true]) {
+        const wt = transB ? transpose(w) : w;
+        const f = (mixed: boolean) => (a: Tensor, b: Tensor) => {
+          const y = mixed ? matmul(a, b, { transB, outDType: wide ? 'float32' : undefined }) : cast(matmul(a, cast(b, 'bfloat16'), { transB }), wide ? 'float32' : 'bfloat16');
+          return sum(mul(tanh(cast(y, 'float32')), g));
+        };
+        const [dxM, dwM] = grad(f(true), [0, 1])(x, wt) as Tensor[];
+        const [dxC, dwC] = grad(f(false), [0, 1])(x, wt) as Tensor[];
+        assert.deepEqual([dxM.dtype, dwM.dtype], ['bfloat16', 'float32']);
+        close(dxM, dxC, `dx wide ${wide} transB ${transB}`);
+        close(dwM, dwC, `dw wide ${wide} transB ${transB}`);
+        const vt = transB ? transpose(v) : v;
+        const hvp = (mixed: boolean) => grad((b: Tensor) => sum(mul(grad((bb: Tensor) => f(mixed)(x, bb))(b) as Tensor, vt)))(wt) as Tensor;
+        close(hvp(true), hvp(false), `hvp wide ${wide} transB ${transB}`);
+      }
+    }
+    // the float32 operand on the left
+    const dl = grad((a: Tensor) => sum(cast(matmul(a, cast(rn(95, [5, 2]), 'bfloat16')), 'float32')))(cast(rn(96, [3, 5]), 'float32')) as Tensor;
+    assert.equal(dl.dtype, 'float32');
+  });
+
   test('same tensor on both sides (x xᵀ)', () => {
     const x = rn(90, [2, 3, 4]);
     const op = (t: Tensor) => matmul(t, t, { transB: true });

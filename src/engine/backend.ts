@@ -112,7 +112,8 @@ export interface Backend {
   logsumexp(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
   /** Inclusive cumulative sum along the middle axis of [outer, n, inner]. */
   cumsum(x: BackendData, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): BackendData;
-  matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType): BackendData;
+  /** The product of `dtype` operands, written in `outDType` (default dtype; float32 from bfloat16 where the backend has bfloat16). */
+  matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType, outDType?: DType): BackendData;
   /** Strided copy of `shape` elements from src into an existing dst (the only mutating kernel). */
   copy(src: BackendData, srcOffset: number, srcStrides: number[], dst: BackendData, dstOffset: number, dstStrides: number[], shape: number[], dtype: DType): void;
   /**

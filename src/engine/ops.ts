@@ -7,7 +7,7 @@ import { type DType, hostArray, isFloat } from './dtype.js';
 import {
   type Shape, broadcastShapes, broadcastStrides, fmt, normAxes, normAxis, shapesEqual, sizeOf, stridesOf,
 } from './shape.js';
-import { alias, backendKey, fromData, getBackend, record, traceDepth } from './runtime.js';
+import { alias, backendKey, fromData, getBackend, isTracked, record, traceDepth } from './runtime.js';
 import { TensorCache } from './cache.js';
 import { Tensor, closeScope, openScope } from './tensor.js';
 
@@ -434,6 +434,27 @@ export function cumsum(x: Tensor, axis = -1, reverse = false): Tensor {
 export interface MatmulOptions {
   transA?: boolean;
   transB?: boolean;
+  /**
+   * The product's dtype: by default the compute dtype (see `matmul`); float32 from bfloat16 operands (the
+   * GEMM accumulates in float32 either way, so this skips a rounding and a cast).
+   */
+  outDType?: DType;
+}
+
+/**
+ * Mixed precision: a bfloat16 operand with a float32 one (float32 weights in a bfloat16 model) computes
+ * in bfloat16. Any other pair of different dtypes is an error.
+ */
+function computeDType(a: Tensor, b: Tensor): DType {
+  if (a.dtype === b.dtype) return a.dtype;
+  const pair = new Set([a.dtype, b.dtype]);
+  if (pair.has('bfloat16') && pair.has('float32')) return 'bfloat16';
+  throw new Error(`matmul: dtype mismatch (${a.dtype}${fmt(a.shape)} vs ${b.dtype}${fmt(b.shape)}): only bfloat16 with float32 mixes`);
+}
+
+/** x in dtype as data the op keeps to itself: a cast kernel, not recorded (the op's vjp sees x itself). */
+function lowered(x: Tensor, dtype: DType): Tensor {
+  return x.dtype === dtype ? x : fromData(x.backend.cast(x.data, x.size, x.dtype, dtype), x.shape, dtype, x.backend);
 }
 
 function batchOffsets(batchShape: number[], own: Shape, matSize: number): Int32Array {
@@ -461,7 +482,11 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
   const transA = !!opts.transA;
   const transB = !!opts.transB;
   sameBackend('matmul', [a, b]);
-  const dtype = sameDType('matmul', [a, b]);
+  const dtype = computeDType(a, b);
+  const outDType = opts.outDType ?? dtype;
+  if (outDType !== dtype && !(dtype === 'bfloat16' && outDType === 'float32')) {
+    throw new Error(`matmul: outDType ${outDType} from ${dtype} operands (only float32 from bfloat16)`);
+  }
   requireFloat('matmul', a);
   if (a.rank < 2 || b.rank < 2) throw new Error(`matmul: operands need rank >= 2, got ${fmt(a.shape)} and ${fmt(b.shape)}`);
   const [ar, ac] = a.shape.slice(-2);
@@ -477,14 +502,19 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
     aOffsets: batchOffsets(batchShape, a.shape.slice(0, -2), ar * ac),
     bOffsets: batchOffsets(batchShape, b.shape.slice(0, -2), br * bc),
   };
-  const y = fromData(a.backend.matmul(a.data, b.data, job, dtype), [...batchShape, m, n], dtype, a.backend);
+  // a float32 operand of a bfloat16 product is cast for the GEMM; its gradient comes back in float32 from the GEMM itself
+  const [al, bl] = [lowered(a, dtype), lowered(b, dtype)];
+  const y = fromData(a.backend.matmul(al.data, bl.data, job, dtype, outDType), [...batchShape, m, n], outDType, a.backend);
   record('matmul', [a, b], [y], ([g], needs) => {
+    // the cast copies serve a backward nothing differentiates; a traced one takes the operands themselves
+    const traced = isTracked(g!) || isTracked(a) || isTracked(b);
+    const [ua, ub] = traced ? [a, b] : [al, bl];
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
-    if (needs[0]) ga = transA ? matmul(b, g!, { transA: transB, transB: true }) : matmul(g!, b, { transB: !transB });
-    if (needs[1]) gb = transB ? matmul(g!, a, { transA: true, transB: transA }) : matmul(a, g!, { transA: !transA });
+    if (needs[0]) ga = transA ? matmul(ub, g!, { transA: transB, transB: true, outDType: a.dtype }) : matmul(g!, ub, { transB: !transB, outDType: a.dtype });
+    if (needs[1]) gb = transB ? matmul(g!, ua, { transA: true, transB: transA, outDType: b.dtype }) : matmul(ua, g!, { transA: !transA, outDType: b.dtype });
     return [ga && sumToShape(ga, a.shape), gb && sumToShape(gb, b.shape)];
-  });
+  }, [al, bl].filter((t, i) => t !== [a, b][i]));
   return y;
 }
 

@@ -81,7 +81,7 @@ export function embed(c: ModelConfig, params: Params, tokens: Tensor): Tensor {
  * these directly (the token NLL widens bf16 itself, and the fused one needs no float32 copy of them).
  */
 export function outputLogits(c: ModelConfig, params: Params, h: Tensor): Tensor {
-  return matmul(rmsNorm(h, params.finalNorm, c.normEps), inDType(params.embed, h.dtype), { transB: true });
+  return matmul(rmsNorm(h, params.finalNorm, c.normEps), params.embed, { transB: true });
 }
 
 /** The same logits in float32 or wider (for log-probabilities and sampling). */

@@ -50,10 +50,9 @@ export interface MlpWeights {
   w3: Tensor;
 }
 export function swiglu(x: Tensor, p: MlpWeights): Tensor {
-  const w = (t: Tensor) => inDType(t, x.dtype);
-  const h1 = matmul(x, w(p.w1));
+  const h1 = matmul(x, p.w1);
   const gate = useFused('swiglu', h1) ? fusedSwigluGate : compositeSwigluGate;
-  return matmul(gate(h1, matmul(x, w(p.w3))), w(p.w2));
+  return matmul(gate(h1, matmul(x, p.w3)), p.w2);
 }
 
 /**

@@ -239,7 +239,9 @@ export class CpuBackend implements Backend {
     }
     return out;
   }
-  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): Arr {
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype): Arr {
+    // (bfloat16 is held as float32 here: a float32 product of bfloat16 operands is the same array)
+    if (outDType !== dtype && !(dtype === 'bfloat16' && outDType === 'float32')) throw new Error(`cpu backend: matmul of ${dtype} cannot write ${outDType}`);
     const c = pool.alloc(dtype, job.batch * job.m * job.n, false); // gemm overwrites all of c
     gemm(gemmJobFor(a as Arr, b as Arr, c, job));
     return c;

@@ -14,7 +14,7 @@ import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
 import { KernelCompiler, cacheDir } from './compiler.js';
 import {
-  ArgPacker, CU_STREAM_CAPTURE_MODE_RELAXED, CU_STREAM_NON_BLOCKING, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+  ArgPacker, CU_STREAM_CAPTURE_MODE_RELAXED, CU_STREAM_NON_BLOCKING, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF, CUDA_R_32F, CUDA_ERROR_OUT_OF_MEMORY, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, type Cublas, CudaError,
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
@@ -828,15 +828,19 @@ export class CudaBackend implements Backend {
    * transposes stay flags. Evenly spaced batch offsets (broadcast = stride 0) go to the strided
    * batched call; any other offsets to the pointer-array batched call.
    */
-  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType): DeviceBuffer {
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype): DeviceBuffer {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: matmul needs a float dtype, got ${dt}`);
+    if (outDType !== dt && !(dt === 'bfloat16' && outDType === 'float32')) throw new Error(`cuda backend: matmul of ${dt} cannot write ${outDType}`);
     const { batch, m, n, k, transA, transB, aOffsets, bOffsets } = job;
     const E = BYTES[dt];
-    const c = this.alloc(dt, batch * m * n);
+    const EC = BYTES[outDType];
+    // bf16 operands write bf16 or float32 (CUBLAS_COMPUTE_32F accumulates in float32 either way)
+    const CT = outDType === 'float32' ? CUDA_R_32F : CUDA_R_16BF;
+    const c = this.alloc(outDType, batch * m * n);
     if (batch * m * n === 0) return c;
     if (k === 0) {
-      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * E, this.stream));
+      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * EC, this.stream));
       return c;
     }
     const A = buf(a).ptr;
@@ -854,14 +858,14 @@ export class CudaBackend implements Backend {
     if (sA !== null && sB !== null) {
       const A0 = A + aOffsets[0] * E;
       const B0 = B + bOffsets[0] * E;
-      this.timed(`gemm ${dt} ${batch}x[${m}x${k}]@[${k}x${n}]`, () => {
+      this.timed(`gemm ${dt}${outDType === dt ? '' : `→${outDType}`} ${batch}x[${m}x${k}]@[${k}x${n}]`, () => {
         // one product: the plain GemmEx (its heuristics pick faster kernels than a batch of one)
         const status =
           dt !== 'bfloat16'
             ? (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, zero, c.ptr, n, m * n, batch)
             : batch === 1
-              ? bl.cublasGemmEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, A0, CUDA_R_16BF, lda, zero, c.ptr, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-              : bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CUDA_R_16BF, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+              ? bl.cublasGemmEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, A0, CUDA_R_16BF, lda, zero, c.ptr, CT, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+              : bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CT, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         checkCublas(`gemm strided batched (${dt})`, status);
       });
       return c;
@@ -875,15 +879,15 @@ export class CudaBackend implements Backend {
     for (let i = 0; i < batch; i++) {
       put(i, B + bOffsets[i] * E);
       put(batch + i, A + aOffsets[i] * E);
-      put(2 * batch + i, c.ptr + i * m * n * E);
+      put(2 * batch + i, c.ptr + i * m * n * EC);
     }
     const dev = this.allocator.alloc(words.byteLength);
     this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(dev.ptr, words, words.byteLength, NULL_STREAM));
     const [Bs, As, Cs] = [dev.ptr, dev.ptr + batch * 8, dev.ptr + 2 * batch * 8];
-    this.timed(`gemm ${dt} ${batch}x[${m}x${k}]@[${k}x${n}] (pointer arrays)`, () => {
+    this.timed(`gemm ${dt}${outDType === dt ? '' : `→${outDType}`} ${batch}x[${m}x${k}]@[${k}x${n}] (pointer arrays)`, () => {
       const status =
         dt === 'bfloat16'
-          ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CUDA_R_16BF, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+          ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CT, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
           : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, zero, Cs, n, batch);
       checkCublas(`gemm batched (${dt})`, status);
     });

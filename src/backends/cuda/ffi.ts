@@ -26,8 +26,9 @@ export const CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3;
 export const CU_FUNC_ATTRIBUTE_NUM_REGS = 4;
 export const CUBLAS_OP_N = 0;
 export const CUBLAS_OP_T = 1;
-/** cudaDataType_t of bfloat16 (CUDA_R_16BF), cublasComputeType_t CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT. */
+/** cudaDataType_t of bfloat16 (CUDA_R_16BF) and float32 (CUDA_R_32F), cublasComputeType_t CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT. */
 export const CUDA_R_16BF = 14;
+export const CUDA_R_32F = 0;
 export const CUBLAS_COMPUTE_32F = 68;
 export const CUBLAS_GEMM_DEFAULT = -1;
 

@@ -9,7 +9,7 @@
 import {
   type KvRows, type Tensor, appendKv, dropOldestRows, full, gather, kvRows, matmul, reshape, scaledDotAttention, tensor, writeRowsAt,
 } from '../../engine/index.js';
-import { attend, inDType, mergeHeads, rmsNorm, rope, ropeWith, splitHeads } from '../../nn/layers.js';
+import { attend, mergeHeads, rmsNorm, rope, ropeWith, splitHeads } from '../../nn/layers.js';
 import { type ModelConfig, headDim } from '../config.js';
 import { type Mixer, type MixerState, checkConsecutive, registerMixer } from './registry.js';
 
@@ -114,7 +114,8 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
     forward(c, w, h, positions, state) {
       const [B, T] = h.shape;
       const heads = (x: Tensor) => reshape(x, [B, T, c.nHeads, headDim(c)]);
-      const lin = (x: Tensor, weight: Tensor) => matmul(x, inDType(weight, x.dtype));
+      // (float32 weights in a bfloat16 model: matmul computes in bfloat16 and hands back float32 gradients)
+      const lin = (x: Tensor, weight: Tensor) => matmul(x, weight);
       let q = heads(lin(h, w.wq));
       let k = heads(lin(h, w.wk));
       const v = splitHeads(lin(h, w.wv), c.nHeads);
