@@ -452,9 +452,13 @@ function computeDType(a: Tensor, b: Tensor): DType {
   throw new Error(`matmul: dtype mismatch (${a.dtype}${fmt(a.shape)} vs ${b.dtype}${fmt(b.shape)}): only bfloat16 with float32 mixes`);
 }
 
-/** x in dtype as data the op keeps to itself: a cast kernel, not recorded (the op's vjp sees x itself). */
+/**
+ * x in dtype for a mixed matmul's GEMM and its backward. Where a trace follows x it is the recorded cast, so that
+ * an outer trace can differentiate that backward through it; else a plain cast kernel.
+ */
 function lowered(x: Tensor, dtype: DType): Tensor {
-  return x.dtype === dtype ? x : fromData(x.backend.cast(x.data, x.size, x.dtype, dtype), x.shape, dtype, x.backend);
+  if (x.dtype === dtype) return x;
+  return isTracked(x) ? cast(x, dtype) : fromData(x.backend.cast(x.data, x.size, x.dtype, dtype), x.shape, dtype, x.backend);
 }
 
 function batchOffsets(batchShape: number[], own: Shape, matSize: number): Int32Array {
@@ -506,13 +510,10 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
   const [al, bl] = [lowered(a, dtype), lowered(b, dtype)];
   const y = fromData(a.backend.matmul(al.data, bl.data, job, dtype, outDType), [...batchShape, m, n], outDType, a.backend);
   record('matmul', [a, b], [y], ([g], needs) => {
-    // the cast copies serve a backward nothing differentiates; a traced one takes the operands themselves
-    const traced = isTracked(g!) || isTracked(a) || isTracked(b);
-    const [ua, ub] = traced ? [a, b] : [al, bl];
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
-    if (needs[0]) ga = transA ? matmul(ub, g!, { transA: transB, transB: true, outDType: a.dtype }) : matmul(g!, ub, { transB: !transB, outDType: a.dtype });
-    if (needs[1]) gb = transB ? matmul(g!, ua, { transA: true, transB: transA, outDType: b.dtype }) : matmul(ua, g!, { transA: !transA, outDType: b.dtype });
+    if (needs[0]) ga = transA ? matmul(bl, g!, { transA: transB, transB: true, outDType: a.dtype }) : matmul(g!, bl, { transB: !transB, outDType: a.dtype });
+    if (needs[1]) gb = transB ? matmul(g!, al, { transA: true, transB: transA, outDType: b.dtype }) : matmul(al, g!, { transA: !transA, outDType: b.dtype });
     return [ga && sumToShape(ga, a.shape), gb && sumToShape(gb, b.shape)];
   }, [al, bl].filter((t, i) => t !== [a, b][i]));
   return y;
