@@ -7,7 +7,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   type Shape, Tensor, abs, add, addcmul, broadcastTo, cast, concat, cos, cumsum, div, exp, expandDims, gather, grad, greater, log,
-  logSoftmax, logsumexp, matmul, max, maximum, mean, min, minimum, mT, mul, neg, pad, pow, reciprocal, reshape, rsqrt,
+  getBackend, logSoftmax, logsumexp, matmul, max, maximum, mean, min, minimum, mT, mul, neg, pad, pow, reciprocal, reshape, rsqrt,
   scatterAdd, sigmoid, sign, silu, sin, slice, softmax, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor,
   transpose, where,
 } from '../src/index.js';
@@ -215,15 +215,18 @@ describe('matmul: every transpose combination, broadcast batch dims', () => {
     }
   }
   test('mixed bfloat16 x float32 (either side) and a float32 product: the explicit-cast composite\'s values and first and second order, gradients in each operand\'s dtype', () => {
-    // (the CPU holds bfloat16 in float32 arrays unrounded, so here mixed and composite agree to float32 rounding;
-    // test/cuda.test.ts checks the GPU's bfloat16 products)
+    // (the CPU holds bfloat16 in float32 arrays unrounded, so there mixed and composite agree to float32 rounding;
+    // on the GPU (npm run test:cuda) the composite rounds the weights' gradient to bfloat16 before its cast, the
+    // mixed product does not: they agree to bfloat16 rounding, measured against the largest entry)
+    const tol = getBackend().name === 'cpu' ? 1e-5 : 2e-2;
     const x = cast(rn(91, [2, 3, 4]), 'bfloat16');
     const w = cast(rn(92, [4, 5]), 'float32');
     const g = cast(rn(93, [2, 3, 5]), 'float32');
     const v = cast(rn(94, [4, 5]), 'float32');
     const close = (a: Tensor, b: Tensor, what: string) => {
       const [p, q] = [a.toArray(), b.toArray()];
-      p.forEach((e, i) => assert.ok(Math.abs(e - q[i]) <= 1e-5 * (1 + Math.abs(q[i])), `${what} [${i}]: ${e} vs ${q[i]}`));
+      const scale = Math.max(1, ...q.map(Math.abs));
+      p.forEach((e, i) => assert.ok(Math.abs(e - q[i]) <= tol * scale, `${what} [${i}]: ${e} vs ${q[i]}`));
     };
     for (const wide of [false, true]) {
       for (const transB of [false, true]) {
