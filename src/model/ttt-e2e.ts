@@ -7,7 +7,7 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stopGradient, sum, sumSquares,
+  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stack, stopGradient, sum, sumSquares,
   tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
@@ -50,7 +50,7 @@ function perSequenceLoss(nll: Tensor, mask?: Tensor): Tensor {
 function stepFactor(g: FastWeights, clip: number, lr: number): Tensor | number {
   if (clip <= 0) return -lr;
   const sq = g.flatMap((m) => [m.w1, m.w2, m.w3].map((t) => sumSquares(t, [1, 2])));
-  const norm = sqrt(sq.reduce((a, b) => a.add(b)));
+  const norm = sqrt(sum(stack(sq), 0));
   return reshape(mul(div(clip, maximum(norm, clip)), -lr), [norm.shape[0], 1, 1]);
 }
 
