@@ -9,9 +9,9 @@ export type UnaryOp =
 export type BinaryOp = 'add' | 'sub' | 'mul' | 'div' | 'pow' | 'maximum' | 'minimum';
 export type CompareOp = 'eq' | 'ne' | 'lt' | 'le' | 'gt' | 'ge';
 /** sumSquares: Σ x², accumulated as sum is (the square taken in the accumulation type). */
+export type ReduceOp = 'sum' | 'max' | 'min' | 'sumSquares';
 /** Where RoPE's heads axis goes: kept ([.., T, H, D] to the same), split off ([.., T, H, D] → [.., H, T, D]) or merged back. */
 export type RopeLayout = 'same' | 'split' | 'merge';
-export type ReduceOp = 'sum' | 'max' | 'min' | 'sumSquares';
 
 /** A batched product C_i = op(A_i) op(B_i); offsets are element offsets of each batch entry. */
 export interface MatmulJob {

@@ -115,10 +115,9 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
       const [B, T] = h.shape;
       const heads = (x: Tensor) => reshape(x, [B, T, c.nHeads, headDim(c)]);
       // (float32 weights in a bfloat16 model: matmul computes in bfloat16 and hands back float32 gradients)
-      const lin = (x: Tensor, weight: Tensor) => matmul(x, weight);
-      let q = heads(lin(h, w.wq));
-      let k = heads(lin(h, w.wk));
-      const v = splitHeads(lin(h, w.wv), c.nHeads);
+      let q = heads(matmul(h, w.wq));
+      let k = heads(matmul(h, w.wk));
+      const v = splitHeads(matmul(h, w.wv), c.nHeads);
       if (c.qkNorm) {
         q = rmsNorm(q, w.qNorm, c.normEps);
         k = rmsNorm(k, w.kNorm, c.normEps);
@@ -136,13 +135,13 @@ function attentionMixer(windowOf: (c: ModelConfig) => number | undefined): Mixer
         writeRowsAt(state.v, v, state.position);
         if (state.writesPositions) writeRowsAt(reshape(state.keyPositions, [R, 1]), reshape(state.position, [1, 1]), state.position);
         const o = scaledDotAttention(q, state.k, state.v, { qStart: 0, kStart: 0, window, positions: { keys: state.keyPositions, query: state.position } });
-        return { out: lin(mergeHeads(o), w.wo), state };
+        return { out: matmul(mergeHeads(o), w.wo), state };
       }
       const cache = state as KvCache | null;
       checkConsecutive('attention', positions);
       const start = cache ? cache.start : positions[0];
       const rows = appendKv(cachedRows(cache), k, v, { unbounded: window === undefined });
-      const out = lin(mergeHeads(attend(q, rows.k, rows.v, { qStart: positions[0], kStart: start, window, keyRows: rows })), w.wo);
+      const out = matmul(mergeHeads(attend(q, rows.k, rows.v, { qStart: positions[0], kStart: start, window, keyRows: rows })), w.wo);
       // a window of k: later queries see only the last k-1 of these positions (a plain view: no `fresh`)
       const kept = dropOldestRows(rows, window === undefined ? Infinity : window - 1);
       return { out, state: { ...kept, start: start + (kept.first - rows.first) } };
