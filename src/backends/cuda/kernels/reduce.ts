@@ -4,7 +4,7 @@
  * CPU backend's do; max and min propagate NaN like the CPU loops.
  */
 import type { ReduceOp } from '../../../engine/backend.js';
-import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, THREADS, blockReduce, load, vecWidth } from './common.js';
+import { CTYPE, CUDA_FLOATS, type CudaDType, MATH, STORE, blockReduce, load, vecWidth } from './common.js';
 
 const INIT: Record<ReduceOp, string> = { sum: '0.0', max: 'NEG_INF_D', min: 'POS_INF_D', sumSquares: '0.0' };
 /** combine(a = accumulator, b = new value) */
@@ -81,12 +81,7 @@ export function rmsNormLanes(dtype: CudaDType, d: number): number {
  * and dg = s − u[target].
  */
 /** 16-byte loads each thread of the token NLL's forward has in flight. */
-const NLL_LOADS = 2;
-/**
- * Blocks of the NLL forward resident per SM, asked of the compiler (at most 32 registers): 8 × 132 SMs hold the
- * inner step's 1024 rows in one wave, where 40 registers left 6 per SM and a second wave of 232 rows.
- */
-const NLL_BLOCKS_PER_SM = 8;
+const NLL_LOADS = 4;
 
 function tokenNllSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
@@ -97,7 +92,7 @@ function tokenNllSource(dtype: CudaDType): string {
   const ld = (e: string) => load(dtype, e, 'double');
   const la = (e: string) => load(dtype, e, A);
   const st = STORE[dtype];
-  return `extern "C" __global__ void __launch_bounds__(${THREADS}, ${NLL_BLOCKS_PER_SM}) ${NLL_FWD}(${L}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V, int vec) {
+  return `extern "C" __global__ void ${NLL_FWD}(${L}* nll, ${L}* lse, const ${T}* x, const int* tgt, int* status, i64 rows, i64 V, int vec) {
   __shared__ double red[1024];
   const i64 t = threadIdx.x, nt = blockDim.x;
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
