@@ -108,14 +108,14 @@ describe('AdamW', () => {
     T.dispose([params, X, wTrue, y]);
   });
 
-  test('the fused kernel gives the composite update bit for bit (float32, float64; decay on and off; 5 steps)', () => {
+  test('the fused kernels (one per parameter, all in one launch) give the composite update bit for bit (float32, float64; decay on and off; 5 steps)', () => {
     for (const dtype of ['float32', 'float64'] as const) {
       T.tidy(() => {
         // values across many magnitudes, zeros and a gradient sign flip, so every rounding step shows
         const vals = (seed: number, n: number) => Array.from({ length: n }, (_, i) => Math.sin(seed * 7.1 + i * 1.3) * 10 ** ((i % 9) - 4) * (i % 11 === 0 ? 0 : 1));
         const mk = () => ({ w: T.tensor(vals(1, 60), [6, 10], dtype), g: T.tensor(vals(2, 10), [10], dtype) });
         const gradsAt = (k: number) => ({ w: T.tensor(vals(10 + k, 60), [6, 10], dtype), g: T.tensor(vals(20 + k, 10), [10], dtype) });
-        const run = (kernel: 'fused' | 'composite') => {
+        const run = (kernel: 'fused' | 'fusedAll' | 'composite') => {
           const opt = new AdamW(mk(), { weightDecay: 0.1, kernel });
           let params = mk();
           for (let k = 0; k < 5; k++) params = opt.step(params, gradsAt(k), 0.01 * (k + 1));
@@ -123,10 +123,12 @@ describe('AdamW', () => {
           opt.dispose();
           return out;
         };
-        const fused = run('fused');
         const composite = run('composite');
-        for (const key of ['w', 'g', 'm', 'v'] as const) {
-          fused[key].forEach((x, i) => assert.ok(Object.is(x, composite[key][i]), `${dtype} ${key}[${i}]: fused ${x} vs composite ${composite[key][i]}`));
+        for (const kernel of ['fused', 'fusedAll'] as const) {
+          const fused = run(kernel);
+          for (const key of ['w', 'g', 'm', 'v'] as const) {
+            fused[key].forEach((x, i) => assert.ok(Object.is(x, composite[key][i]), `${dtype} ${kernel} ${key}[${i}]: ${x} vs composite ${composite[key][i]}`));
+          }
         }
       });
     }
@@ -143,6 +145,11 @@ describe('AdamW', () => {
       assert.throws(() => T.grad((x: T.Tensor) => T.sum(T.fusedAdamW(x, z, z, z, h).p))(p), /adamw: the update is not differentiable/);
       const r = T.fusedAdamW(p, T.tensor([0.5, -0.5, 0], [3]), z, z, h);
       assert.deepEqual(r.m.toArray(), [0.05, -0.05, 0].map(Math.fround));
+      // all in one launch: the same checks per parameter, and one dtype
+      const z64 = T.zeros([3], 'float64');
+      assert.throws(() => T.fusedAdamWAll([{ p, g: T.zeros([4]), m: z, v: z, decay: true }], h), /adamw: grad \[4\] does not match param \[3\]/);
+      assert.throws(() => T.fusedAdamWAll([{ p, g: z, m: z, v: z, decay: true }, { p: T.zeros([3], 'float64'), g: z64, m: z64, v: z64, decay: false }], h), /one launch takes one dtype, got float32 and float64/);
+      assert.deepEqual(T.fusedAdamWAll([], h), []);
     });
   });
 

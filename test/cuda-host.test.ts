@@ -188,6 +188,28 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.throws(() => backend.matmul(a, b, job, 'float32', 'float64'), /matmul of float32 cannot write float64/);
   });
 
+  test('AdamW of every parameter in one launch: the table of pointers, sizes, first blocks and decay, and the grid', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const sizes = [5000, 0, 3, 9000];
+    const entries = sizes.map((n, i) => ({ p: backend.fill(n, 'float32', 1), g: backend.fill(n, 'float32', 1), m: backend.fill(n, 'float32', 0), v: backend.fill(n, 'float32', 0), size: n, decay: i !== 2 }));
+    const h = { beta1: 0.9, oneMinusBeta1: 0.1, beta2: 0.95, oneMinusBeta2: 0.05, c1: 0.1, c2: 0.05, eps: 1e-8, lr: 0.01, decay: true, shrink: 0.999 };
+    const out = backend.adamwAll(entries, h, 'float32');
+    assert.equal(out.length, 4, 'outputs for every parameter, the empty one included');
+    const [fn, grid] = calls.lastLaunch as [{ name: string }, number];
+    assert.deepEqual([fn.name, grid], ['adamw_all', 2 + 1 + 3], 'ceil(n / 4096) blocks per non-empty parameter');
+    const words = calls.last.get('cuMemcpyHtoDAsync')![1] as Uint32Array;
+    const word = (k: number) => words[2 * k] + words[2 * k + 1] * 2 ** 32;
+    assert.equal(words.length, 2 * 10 * 3, 'ten 64-bit words for each of the three non-empty parameters');
+    const live = [0, 2, 3];
+    const firsts = [0, 2, 3];
+    live.forEach((i, j) => {
+      const e = entries[i];
+      const got = Array.from({ length: 10 }, (_, w) => word(j * 10 + w));
+      assert.deepEqual(got, [e.p.ptr, e.g.ptr, e.m.ptr, e.v.ptr, out[i].p.ptr, out[i].m.ptr, out[i].v.ptr, e.size, firsts[j], e.decay ? 1 : 0], `entry of parameter ${i}`);
+    });
+    assert.throws(() => backend.adamwAll(entries, h, 'bfloat16'), /adamw needs float32 or float64/);
+  });
+
   test('addcmul: a factor per row of contiguous a, b takes the 16-byte-vector kernel, anything else the strided one', opts, async () => {
     const { backend, calls } = await standInBackend();
     const name = () => (calls.lastLaunch as [{ name: string }])[0].name;

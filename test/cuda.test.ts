@@ -368,9 +368,9 @@ describe('cuda vs cpu: kernels', gpu, () => {
     check('zero-size ops', () => [T.add(T.zeros([0, 3]), T.ones([3])), T.matmul(T.zeros([0, 4]), T.ones([4, 2])), T.exp(T.zeros([2, 0]))]);
   });
 
-  test('fused AdamW equals the composite update bit for bit (float32, float64)', () => {
+  test('fused AdamW (per parameter and all in one launch) equals the composite update bit for bit (float32, float64)', () => {
     for (const dtype of ['float32', 'float64'] as DType[]) {
-      const run = (kernel: 'fused' | 'composite', where: <R>(fn: () => R) => R = onCuda) => where(() => T.tidy(() => {
+      const run = (kernel: 'fused' | 'fusedAll' | 'composite', where: <R>(fn: () => R) => R = onCuda) => where(() => T.tidy(() => {
         const mk = (seed: number) => ({ w: R(seed, [33, 70], -2, 2, dtype), b: R(seed + 1, [70], -1e-3, 1e-3, dtype) });
         const opt = new AdamW(mk(1), { weightDecay: 0.1, kernel });
         let params = mk(1);
@@ -380,9 +380,11 @@ describe('cuda vs cpu: kernels', gpu, () => {
         return out;
       }));
       // every step is an IEEE-rounded + − × ÷ √, so the GPU also matches the CPU exactly
-      const [fused, composite, cpu] = [run('fused'), run('composite'), run('fused', (fn) => fn())];
+      // (and every parameter in one launch: the kernel behind kernel: 'fusedAll')
+      const [fused, all, composite, cpu] = [run('fused'), run('fusedAll'), run('composite'), run('fused', (fn) => fn())];
       fused.forEach((xs, j) => xs.forEach((x, i) => {
         assert.ok(Object.is(x, composite[j][i]), `${dtype} output ${j}[${i}]: fused ${x} vs composite ${composite[j][i]}`);
+        assert.ok(Object.is(all[j][i], composite[j][i]), `${dtype} output ${j}[${i}]: all in one launch ${all[j][i]} vs composite ${composite[j][i]}`);
         assert.ok(Object.is(x, cpu[j][i]), `${dtype} output ${j}[${i}]: cuda ${x} vs cpu ${cpu[j][i]}`);
       }));
     }

@@ -184,6 +184,18 @@ export interface Backend {
    * src/train/adamw.ts, so the two agree bit for bit (see AdamWHyper).
    */
   adamw(p: BackendData, g: BackendData, m: BackendData, v: BackendData, size: number, h: AdamWHyper, dtype: DType): { p: BackendData; m: BackendData; v: BackendData };
+  /** The same step for every parameter in `params` (one dtype), in one launch where the backend can; `h.decay` is per entry. */
+  adamwAll(params: AdamWEntry[], h: AdamWHyper, dtype: DType): { p: BackendData; m: BackendData; v: BackendData }[];
+}
+
+/** One parameter of `adamwAll`: its arrays, its size and whether it takes weight decay. */
+export interface AdamWEntry {
+  p: BackendData;
+  g: BackendData;
+  m: BackendData;
+  v: BackendData;
+  size: number;
+  decay: boolean;
 }
 
 /**

@@ -21,7 +21,7 @@ export { TensorCache } from './cache.js';
 export * from './random.js';
 export { Tensor, engineCacheEntry, keep, liveTensorCount, trackLiveTensors, trackedLiveTensors } from './tensor.js';
 export { backendKey, getBackend, setBackend, registerBackend, listBackends } from './runtime.js';
-export type { AdamWHyper, AttentionJob, Backend, MatmulJob } from './backend.js';
+export type { AdamWEntry, AdamWHyper, AttentionJob, Backend, MatmulJob } from './backend.js';
 export type { DType } from './dtype.js';
 export { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from './dtype.js';
 export type { Shape } from './shape.js';

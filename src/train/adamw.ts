@@ -5,7 +5,7 @@
  * schedules stay outside.
  */
 import {
-  type AdamWHyper, type Tensor, add, div, dispose, fusedAdamW, keep, leaves, mapLeaves, maximum, mul, scalar, sqrt, square, sub, sum,
+  type AdamWHyper, type Tensor, add, div, dispose, fusedAdamW, fusedAdamWAll, keep, leaves, mapLeaves, maximum, mul, scalar, sqrt, square, sub, sum,
   tidy, zerosLike,
 } from '../engine/index.js';
 
@@ -18,12 +18,13 @@ export interface AdamWOptions {
   /** Which parameters decay; default: matrices (rank >= 2), never norm gains or biases. */
   decays?: (t: Tensor, index: number) => boolean;
   /**
-   * 'fused': one kernel per float32 / float64 parameter (`fusedAdamW`); 'composite': the same update
-   * written in engine ops (about 15 kernels per parameter); 'auto' (default): fused where the
-   * parameter's backend prefers fused ops (`Backend.preferFused`: the GPU). Both give the same bits;
-   * other dtypes always take the composite.
+   * 'fused': one kernel per float32 / float64 parameter (`fusedAdamW`); 'fusedAll': every float32 / float64
+   * parameter of a dtype in one launch (`fusedAdamWAll`; on the GPU not yet run on hardware, so not the
+   * default); 'composite': the same update written in engine ops (about 15 kernels per parameter); 'auto'
+   * (default): fused where the parameter's backend prefers fused ops (`Backend.preferFused`: the GPU). All
+   * give the same bits; other dtypes always take the composite.
    */
-  kernel?: 'auto' | 'fused' | 'composite';
+  kernel?: 'auto' | 'fused' | 'fusedAll' | 'composite';
 }
 
 /** What a checkpoint saves: first and second moments shaped like the params, and the step count. */
@@ -73,12 +74,22 @@ export function adamwUpdate<T>(
   const mL = leaves(state.m);
   const vL = leaves(state.v);
   return tidy(() => {
-    const out = leaves(params).map((p, i) => {
-      const hi = { ...h, decay: decays(p, i) && weightDecay !== 0 };
+    const pL = leaves(params);
+    const floats = (p: Tensor) => p.dtype === 'float32' || p.dtype === 'float64';
+    const decayOf = (p: Tensor, i: number) => decays(p, i) && weightDecay !== 0;
+    // 'fusedAll': the float parameters of each dtype in one launch
+    const together = new Map<number, { p: Tensor; m: Tensor; v: Tensor }>();
+    if (opts.kernel === 'fusedAll') {
+      for (const dtype of ['float32', 'float64'] as const) {
+        const idx = pL.flatMap((p, i) => (p.dtype === dtype ? [i] : []));
+        const rs = fusedAdamWAll(idx.map((i) => ({ p: pL[i], g: gL[i], m: mL[i], v: vL[i], decay: decayOf(pL[i], i) })), h);
+        idx.forEach((i, j) => together.set(i, rs[j]));
+      }
+    }
+    const out = pL.map((p, i) => {
+      const hi = { ...h, decay: decayOf(p, i) };
       const fused = opts.kernel === 'fused' || ((opts.kernel ?? 'auto') === 'auto' && p.backend.preferFused);
-      const r = fused && (p.dtype === 'float32' || p.dtype === 'float64')
-        ? fusedAdamW(p, gL[i], mL[i], vL[i], hi)
-        : compositeAdamW(p, gL[i], mL[i], vL[i], hi);
+      const r = together.get(i) ?? (fused && floats(p) ? fusedAdamW(p, gL[i], mL[i], vL[i], hi) : compositeAdamW(p, gL[i], mL[i], vL[i], hi));
       return { p: keep(r.p), m: keep(r.m), v: keep(r.v) };
     });
     return {

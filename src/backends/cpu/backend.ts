@@ -5,7 +5,7 @@
  * WebAssembly SIMD). Float32 exp / sigmoid / silu and softmax / logsumexp rows go through
  * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
-import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
+import type { AdamWEntry, AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, statDType } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
@@ -441,6 +441,9 @@ export class CpuBackend implements Backend {
       vo[i] = vi;
     }
     return { p: po, m: mo, v: vo };
+  }
+  adamwAll(params: AdamWEntry[], h: AdamWHyper, dtype: DType): { p: Arr; m: Arr; v: Arr }[] {
+    return params.map((e) => this.adamw(e.p, e.g, e.m, e.v, e.size, { ...h, decay: e.decay }, dtype));
   }
   // Sums in double, rounded once, like the CPU's reductions.
   rmsNormForward(xd: unknown, wd: unknown, rows: number, d: number, eps: number, dtype: DType): { y: Arr; rstd: Arr } {

@@ -8,7 +8,7 @@
  * (values widen to float in every kernel and round once on store; GEMMs on tensor cores with fp32
  * accumulation through cublasGemm*Ex).
  */
-import type { AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
+import type { AdamWEntry, AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
 import { type DType, type HostArray, fromBfloat16Bits, hostArray, statDType, toBfloat16Bits } from '../../engine/dtype.js';
 import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -770,6 +770,36 @@ export class CudaBackend implements Backend {
     a.f64(h.beta1).f64(h.oneMinusBeta1).f64(h.beta2).f64(h.oneMinusBeta2).f64(h.c1).f64(h.c2).f64(h.eps).f64(h.lr).f64(h.shrink).i32(h.decay ? 1 : 0);
     this.launch(this.fn('elementwise', dt, ADAMW), this.blocksFor(size), THREADS, 0, a, ADAMW);
     return { p: po, m: mo, v: vo };
+  }
+
+  /**
+   * Every parameter's step in one launch: a table of ADAMW_ENTRY_WORDS 64-bit words per parameter (its seven
+   * pointers, size, first block, decay) goes to the device ahead of the kernel, as the batched GEMM's pointer arrays do.
+   */
+  adamwAll(params: AdamWEntry[], h: AdamWHyper, dtype: DType): { p: DeviceBuffer; m: DeviceBuffer; v: DeviceBuffer }[] {
+    const dt = dtype;
+    if (dt !== 'float32' && dt !== 'float64') throw new Error(`cuda backend: adamw needs float32 or float64, got ${dt}`);
+    const out = params.map((e) => ({ p: this.alloc(dt, e.size), m: this.alloc(dt, e.size), v: this.alloc(dt, e.size) }));
+    const live = params.map((e, i) => ({ e, o: out[i] })).filter(({ e }) => e.size > 0);
+    if (live.length === 0) return out;
+    const words = new Uint32Array(2 * ADAMW_ENTRY_WORDS * live.length);
+    const put = (slot: number, value: number) => {
+      words[2 * slot] = value % 2 ** 32;
+      words[2 * slot + 1] = Math.floor(value / 2 ** 32);
+    };
+    let blocks = 0;
+    live.forEach(({ e, o }, i) => {
+      const at = i * ADAMW_ENTRY_WORDS;
+      [buf(e.p).ptr, buf(e.g).ptr, buf(e.m).ptr, buf(e.v).ptr, o.p.ptr, o.m.ptr, o.v.ptr, e.size, blocks, e.decay ? 1 : 0].forEach((w, j) => put(at + j, w));
+      blocks += Math.ceil(e.size / ADAMW_PER_BLOCK);
+    });
+    const table = this.allocator.alloc(words.byteLength);
+    this.cu('cuMemcpyHtoDAsync', this.drv.cuMemcpyHtoDAsync(table.ptr, words, words.byteLength, NULL_STREAM));
+    const a = this.args.reset().ptr(table.ptr).i64(live.length);
+    a.f64(h.beta1).f64(h.oneMinusBeta1).f64(h.beta2).f64(h.oneMinusBeta2).f64(h.c1).f64(h.c2).f64(h.eps).f64(h.lr).f64(h.shrink);
+    this.launch(this.fn('elementwise', dt, ADAMW_ALL), blocks, THREADS, 0, a, ADAMW_ALL);
+    this.allocator.free(table); // stream-ordered: reuse comes after the kernel
+    return out;
   }
 
   // ---- RMSNorm ------------------------------------------------------------------------------------

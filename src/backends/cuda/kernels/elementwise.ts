@@ -54,6 +54,10 @@ export const WHERE = 'where_select';
 export const ADDCMUL = 'addcmul';
 export const ADDCMUL_ROWS_VEC = 'addcmul_rows_vec';
 export const ADAMW = 'adamw_step';
+/** Every parameter's AdamW step in one launch; elements per block, and 64-bit words per table entry. */
+export const ADAMW_ALL = 'adamw_all';
+export const ADAMW_PER_BLOCK = 4096;
+export const ADAMW_ENTRY_WORDS = 10;
 export const ROPE = 'rope_pairs';
 /** The rope kernel's layout argument: the index of the RopeLayout. */
 export const ROPE_LAYOUTS = ['same', 'split', 'merge'] as const;
@@ -113,30 +117,52 @@ extern "C" __global__ void ${ROPE}(${T}* out, const ${T}* x, const ${T}* cs, con
 /**
  * One AdamW step per element (float32 / float64 modules): the composite update of src/train/adamw.ts,
  * every operation explicitly rounded (_rn intrinsics) so that no multiply-add is contracted and the
- * result equals the composite's chain of kernels bit for bit.
+ * result equals the composite's chain of kernels bit for bit. Two entry points share the element step:
+ * one parameter per launch (ADAMW), and every parameter in one launch (ADAMW_ALL) from a table of
+ * AwEntry in device memory, ADAMW_PER_BLOCK elements per block, a block finding its entry by binary
+ * search over the entries' first blocks.
  */
 function adamwSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const f = dtype === 'float32' ? 'f' : 'd';
+  const hyper = 'double beta1, double omb1, double beta2, double omb2, double c1, double c2, double eps, double lr, double shrink';
   return `__device__ __forceinline__ ${T} aw_add(${T} a, ${T} b) { return __${f}add_rn(a, b); }
 __device__ __forceinline__ ${T} aw_sub(${T} a, ${T} b) { return __${f}sub_rn(a, b); }
 __device__ __forceinline__ ${T} aw_mul(${T} a, ${T} b) { return __${f}mul_rn(a, b); }
 __device__ __forceinline__ ${T} aw_div(${T} a, ${T} b) { return __${f}div_rn(a, b); }
 __device__ __forceinline__ ${T} aw_sqrt(${T} a) { return __${f}sqrt_rn(a); }
+struct AwConsts { ${T} b1, ob1, b2, ob2, C1, C2, E, LR, S; };
+__device__ __forceinline__ AwConsts aw_consts(${hyper}) {
+  return AwConsts{(${T})beta1, (${T})omb1, (${T})beta2, (${T})omb2, (${T})c1, (${T})c2, (${T})eps, (${T})lr, (${T})shrink};
+}
+__device__ __forceinline__ void aw_step(i64 i, const ${T}* p, const ${T}* g, const ${T}* m, const ${T}* v, ${T}* po, ${T}* mo, ${T}* vo, const AwConsts& k, bool decay) {
+  const ${T} gi = g[i];
+  const ${T} mi = aw_add(aw_mul(m[i], k.b1), aw_mul(gi, k.ob1));
+  const ${T} vi = aw_add(aw_mul(v[i], k.b2), aw_mul(aw_mul(gi, gi), k.ob2));
+  const ${T} update = aw_div(aw_div(mi, k.C1), aw_add(aw_sqrt(aw_div(vi, k.C2)), k.E));
+  const ${T} shrunk = decay ? aw_mul(p[i], k.S) : p[i];
+  po[i] = aw_sub(shrunk, aw_mul(update, k.LR));
+  mo[i] = mi;
+  vo[i] = vi;
+}
 extern "C" __global__ void ${ADAMW}(const ${T}* p, const ${T}* g, const ${T}* m, const ${T}* v, ${T}* po, ${T}* mo, ${T}* vo, i64 n,
-    double beta1, double omb1, double beta2, double omb2, double c1, double c2, double eps, double lr, double shrink, int decay) {
-  const ${T} b1 = (${T})beta1, ob1 = (${T})omb1, b2 = (${T})beta2, ob2 = (${T})omb2, C1 = (${T})c1, C2 = (${T})c2;
-  const ${T} E = (${T})eps, LR = (${T})lr, S = (${T})shrink;
-  for (i64 i = gtid(); i < n; i += gstride()) {
-    const ${T} gi = g[i];
-    const ${T} mi = aw_add(aw_mul(m[i], b1), aw_mul(gi, ob1));
-    const ${T} vi = aw_add(aw_mul(v[i], b2), aw_mul(aw_mul(gi, gi), ob2));
-    const ${T} update = aw_div(aw_div(mi, C1), aw_add(aw_sqrt(aw_div(vi, C2)), E));
-    const ${T} shrunk = decay ? aw_mul(p[i], S) : p[i];
-    po[i] = aw_sub(shrunk, aw_mul(update, LR));
-    mo[i] = mi;
-    vo[i] = vi;
+    ${hyper}, int decay) {
+  const AwConsts k = aw_consts(beta1, omb1, beta2, omb2, c1, c2, eps, lr, shrink);
+  for (i64 i = gtid(); i < n; i += gstride()) aw_step(i, p, g, m, v, po, mo, vo, k, decay != 0);
+}
+/* One parameter of ADAMW_ALL: its seven arrays, its size, its first block, whether it decays (ten 64-bit words). */
+struct AwEntry { const ${T}* p; const ${T}* g; const ${T}* m; const ${T}* v; ${T}* po; ${T}* mo; ${T}* vo; i64 n; i64 first; i64 decay; };
+extern "C" __global__ void ${ADAMW_ALL}(const AwEntry* table, i64 count, ${hyper}) {
+  i64 lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const i64 mid = (lo + hi + 1) >> 1;
+    if (table[mid].first <= (i64)blockIdx.x) lo = mid; else hi = mid - 1;
   }
+  const AwEntry e = table[lo];
+  const AwConsts k = aw_consts(beta1, omb1, beta2, omb2, c1, c2, eps, lr, shrink);
+  const i64 begin = ((i64)blockIdx.x - e.first) * ${ADAMW_PER_BLOCK};
+  const i64 end = begin + ${ADAMW_PER_BLOCK} < e.n ? begin + ${ADAMW_PER_BLOCK} : e.n;
+  for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x) aw_step(i, e.p, e.g, e.m, e.v, e.po, e.mo, e.vo, k, e.decay != 0);
 }`;
 }
 
