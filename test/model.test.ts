@@ -370,6 +370,35 @@ describe('meta-gradient', () => {
     });
   }
 
+  test('the last mini-batch\'s update (finalUpdate) changes no loss, NLL or meta-gradient; skipping it does less work', () => {
+    const c = makeConfig({ ...base, innerClip: 0.05 });
+    const backend = T.getBackend();
+    const matmul = backend.matmul.bind(backend);
+    let products = 0;
+    backend.matmul = (...args: Parameters<typeof matmul>) => {
+      products++;
+      return matmul(...args);
+    };
+    try {
+      const run = (finalUpdate: boolean) => T.tidy(() => {
+        products = 0;
+        const [l, g] = T.valueAndGrad((p: Params) => T.div(innerLoop(c, p, tokens, targets, { finalUpdate }).losses.reduce((a, b) => T.add(a, b)), 3))(params);
+        const r = innerLoop(c, params, tokens, targets, { finalUpdate });
+        return { loss: l.item(), grads: T.leaves(g).map((t) => t.toArray()), nll: r.tokenNll.toArray(), fast: r.fast !== undefined, products };
+      });
+      const [all, skip] = [run(true), run(false)];
+      assert.equal(skip.loss, all.loss);
+      assert.deepEqual(skip.nll, all.nll);
+      all.grads.forEach((g, i) => assert.ok(maxAbsDiff(skip.grads[i], g) <= 1e-14 * Math.max(1, ...g.map(Math.abs)), `gradient ${i}`));
+      assert.deepEqual([all.fast, skip.fast], [true, false], 'the final fast weights come back only with the final update');
+      assert.ok(skip.products < all.products, `skipping the final update made ${skip.products} matrix products, taking it ${all.products}`);
+      // the training objective skips it
+      assert.equal(loss(c, params), skip.loss);
+    } finally {
+      backend.matmul = matmul;
+    }
+  });
+
   test('firstOrder drops real second-order terms; ilrScale changes the loss', () => {
     const fo = makeConfig({ ...base, innerClip: 0, firstOrder: true });
     assert.equal(loss(fo, params), loss(c0, params), 'firstOrder must not change the forward pass');
@@ -409,9 +438,11 @@ describe('batch of sequences', () => {
       const bothT = T.tensor([...rows[0].slice(1), ...rows[1].slice(1)], [2, 12], 'int32');
       T.tidy(() => {
         const r = innerLoop(c, p, both, bothT);
+        assert.ok(r.fast, 'the final fast weights come back by default');
         const nll = r.tokenNll.toArray();
         for (let b = 0; b < 2; b++) {
           const alone = innerLoop(c, p, ids(rows[b].slice(0, 12)), ids(rows[b].slice(1)));
+          assert.ok(alone.fast);
           const d = maxAbsDiff(nll.slice(b * 12, (b + 1) * 12), alone.tokenNll.toArray());
           assert.ok(d <= 1e-12, `${v}: row ${b} NLL differs from running it alone by ${d}`);
           T.leaves(r.fast).forEach((w, j) => {
@@ -422,7 +453,7 @@ describe('batch of sequences', () => {
         }
         if (ttt) {
           // the two sequences end with different fast weights
-          const w = r.fast[0].w1.toArray();
+          const w = r.fast![0].w1.toArray();
           assert.ok(maxAbsDiff(w.slice(0, w.length / 2), w.slice(w.length / 2)) > 1e-6);
         }
       });

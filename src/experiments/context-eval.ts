@@ -38,7 +38,7 @@ export function tokenNllAt(c: ModelConfig, params: Params, docs: EvalDoc[], cont
     const nll = tidy(() => {
       const toks = tensor(group.flatMap((d) => cut(d.inputs)), [group.length, context], 'int32');
       const tgts = tensor(group.flatMap((d) => cut(d.targets)), [group.length, context], 'int32');
-      return innerLoop(c, params, toks, tgts).tokenNll.toArray();
+      return innerLoop(c, params, toks, tgts, { finalUpdate: false }).tokenNll.toArray();
     });
     group.forEach((_, j) => out.push(nll.slice(j * context, (j + 1) * context)));
   }

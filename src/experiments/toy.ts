@@ -221,7 +221,7 @@ function evaluate(c: ModelConfig, params: Params, batches: ToyBatch[], update: b
   for (const b of batches) {
     const nll = tidy(() => {
       const d = upload(b);
-      return innerLoop(c, params, d.tokens, d.targets, { mask: d.mask, update, ilrScale }).tokenNll.toArray();
+      return innerLoop(c, params, d.tokens, d.targets, { mask: d.mask, update, ilrScale, finalUpdate: false }).tokenNll.toArray();
     });
     const T = b.tokens[0].length;
     for (let s = 0; s < b.tokens.length; s++) rows.push(Array.from({ length: T / 2 }, (_, k) => nll[s * T + 2 * k]));

@@ -25,6 +25,13 @@ export interface InnerLoopOptions {
   mask?: Tensor;
   /** false: evaluate with W_0 throughout (no inner updates). Default true. */
   update?: boolean;
+  /**
+   * false: skip the SGD step on the last mini-batch. No loss or NLL depends on it (each mini-batch is scored
+   * before its own step), only the final fast weights do, so the training objective and evaluation skip it:
+   * one inner gradient fewer per sequence, and in training its recomputation in the backward pass too.
+   * The result then has no `fast`. Default true.
+   */
+  finalUpdate?: boolean;
 }
 
 export interface InnerLoopResult {
@@ -32,8 +39,8 @@ export interface InnerLoopResult {
   tokenNll: Tensor;
   /** loss_i of each mini-batch (mean over its tokens and the batch). */
   losses: Tensor[];
-  /** Final fast weights, one copy per sequence ([B, ...]). */
-  fast: FastWeights;
+  /** Final fast weights, one copy per sequence ([B, ...]); absent with `finalUpdate: false`. */
+  fast?: FastWeights;
 }
 
 /** Mean over the time axis of nll [B, n] (masked), giving one loss per sequence [B]. */
@@ -139,23 +146,27 @@ export function innerLoop(
   // grows with b, not with T.
   const step = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
     miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, update));
+  const scoreOnly = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
+    miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, false));
+  const finalUpdate = opts.finalUpdate ?? true;
   let fast = perSequence(params.fast, B);
   let caches: (MixerState | null)[] = [];
   const losses: Tensor[] = [];
   const nlls: Tensor[] = [];
-  for (const [lo, hi] of chunks) {
-    const r = step(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi);
+  chunks.forEach(([lo, hi], i) => {
+    const last = i === chunks.length - 1;
+    const r = (last && !finalUpdate ? scoreOnly : step)(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi);
     losses.push(r.loss);
     nlls.push(r.nll);
     fast = r.fast;
     caches = r.caches;
-  }
-  return { tokenNll: concat(nlls, 1), losses, fast };
+  });
+  return { tokenNll: concat(nlls, 1), losses, ...(finalUpdate ? { fast } : {}) };
 }
 
 /** Mean of the mini-batch losses: TTT-E2E's outer objective (meta-learning through the inner steps). */
 export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, opts: InnerLoopOptions = {}): Tensor {
-  const { losses } = innerLoop(c, params, tokens, targets, opts);
+  const { losses } = innerLoop(c, params, tokens, targets, { finalUpdate: false, ...opts });
   return div(losses.reduce((a, l) => a.add(l)), losses.length);
 }
 

@@ -138,7 +138,7 @@ export function evalLoss(c: ModelConfig, params: Params, batches: Batch[], T: nu
     const B = b.tokens.length / T;
     tidy(() => {
       const mask = tensor(b.mask, [B, T], params.embed.dtype);
-      const nll = innerLoop(c, params, tensor(b.tokens, [B, T], 'int32'), tensor(b.targets, [B, T], 'int32'), { mask }).tokenNll;
+      const nll = innerLoop(c, params, tensor(b.tokens, [B, T], 'int32'), tensor(b.targets, [B, T], 'int32'), { mask, finalUpdate: false }).tokenNll;
       num += mul(nll, mask).sum().item();
       den += b.mask.reduce((a, v) => a + v, 0);
     });
