@@ -16,6 +16,7 @@ const benches: Record<string, () => Promise<{ main: () => Promise<unknown> | unk
   'cuda-latency': () => import('./cuda-latency.js'),
   'cuda-decode': () => import('./cuda-decode.js'),
   'cuda-memory': () => import('./cuda-memory.js'),
+  'cuda-launches': () => import('./cuda-launches.js'),
 };
 
 const only = process.argv.slice(2);

@@ -253,6 +253,49 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
+  test('RMSNorm\'s second-order kernel: a warp per row, the gain\'s column sum only when asked; off by default, and on it shortens a meta-gradient', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const launches = () => calls.counts.get('cuLaunchKernel') ?? 0;
+    assert.equal(backend.rmsNormGradKernel, process.env.TTT_CUDA_NORM_GRAD === '1', 'off unless TTT_CUDA_NORM_GRAD=1 (not yet run on a GPU)');
+    for (const dt of ['float32', 'bfloat16', 'float64'] as const) {
+      const [rows, d] = [1000, 768];
+      const [x, g, c] = [0, 1, 2].map(() => backend.fill(rows * d, dt, 1));
+      const w = backend.fill(d, dt, 1);
+      const rstd = backend.fill(rows, dt === 'float64' ? 'float64' : 'float32', 1);
+      const before = launches();
+      const plain = backend.rmsNormGradBackward(x, w, rstd, g, c, rows, d, dt, false);
+      const [fn, grid, , , threads] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      assert.deepEqual([fn.name, grid, threads, launches() - before, plain.dw], ['rmsnorm_grad_bwd', 125, 256, 1, null], `${dt} without the gain`);
+      const mid = launches();
+      const withDw = backend.rmsNormGradBackward(x, w, rstd, g, c, rows, d, dt, true);
+      assert.ok(withDw.dw !== null && launches() - mid > 1, `${dt}: the kernel, then the column sum`);
+    }
+    // a TTT-E2E meta-gradient over the stand-in: fewer launches with the kernel than through the composite
+    const T = await import('../src/index.js');
+    const { makeConfig } = await import('../src/model/config.js');
+    const { initParams } = await import('../src/model/transformer.js');
+    const { outerLoss } = await import('../src/model/ttt-e2e.js');
+    T.registerBackend('stand-in-norm', () => backend);
+    T.setBackend('stand-in-norm');
+    try {
+      const cfg = makeConfig({ variant: 'e2e', vocabSize: 64, dModel: 32, nHeads: 2, ffnDim: 48, nLayers: 4, window: 16, miniBatch: 8, computeDType: 'bfloat16' });
+      const params = initParams(cfg, T.randomKey(0));
+      const tokens = T.zeros([1, 32], 'int32');
+      const count = (on: boolean) => {
+        backend.rmsNormGradKernel = on;
+        const start = launches();
+        T.tidy(() => T.valueAndGrad((p: typeof params) => outerLoss(cfg, p, tokens, tokens))(params));
+        return launches() - start;
+      };
+      const [off, on] = [count(false), count(true)];
+      console.log(`# meta-gradient launches over the stand-in: ${on} with the norm kernel, ${off} without`);
+      assert.ok(on < 0.8 * off, `meta-gradient launches: ${on} with the kernel, ${off} through the composite`);
+    } finally {
+      backend.rmsNormGradKernel = false;
+      T.setBackend('cpu');
+    }
+  });
+
   test('recording: launches go to the capture stream, constants and uploads land at once, frees stay with the graph', opts, async () => {
     const { backend, calls } = await standInBackend();
     const count = (name: string) => calls.counts.get(name) ?? 0;

@@ -151,6 +151,20 @@ export interface Backend {
     x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, rows: number, d: number, dtype: DType, wantDw: boolean,
   ): { dx: BackendData; dw: BackendData | null };
   /**
+   * Whether `rmsNormGradBackward` may be used: a second-order trace then records RMSNorm's backward as one
+   * op (engine `rmsNormGrad`) instead of the composite's chain of row ops.
+   */
+  readonly rmsNormGradKernel: boolean;
+  /**
+   * The backward of RMSNorm's backward: with dx = r·u − x·r³·s (u = dy·w, r = rstd, s = mean(u·x) per row)
+   * and c the cotangent of dx, per row A1 = c·u, A2 = c·x and h = r·c − x·r³·A2/d give
+   *   d(dy) = w·h,   dw = Σ_rows dy·h (fixed order; null unless wantDw),
+   *   dx' = −r³·s·c − r³·A2/d·u + x·(3·r⁵·s·A2 − r³·A1)/d.
+   */
+  rmsNormGradBackward(
+    x: BackendData, w: BackendData, rstd: BackendData, dy: BackendData, c: BackendData, rows: number, d: number, dtype: DType, wantDw: boolean,
+  ): { dx: BackendData; dw: BackendData | null; dg: BackendData };
+  /**
    * Per row of logits [rows, V] with an int32 target: nll = logsumexp − logits[target], and the
    * logsumexp for the backward, both float32 for float32 and bfloat16 logits (float64 for float64). A
    * target outside [0, V) throws, at once or (on a device) at the next sync. The g and dG of the

@@ -15,7 +15,9 @@ import type { Tensor } from './tensor.js';
  * composite definition, or (where that chain is costly, as for the token NLL) through a backward
  * written in ops an outer trace differentiates more cheaply.
  */
-export type DifferentiableBackward = { composite: (...xs: Tensor[]) => Tensor } | { backward: (g: Tensor) => Tensor[] };
+export type DifferentiableBackward =
+  | { composite: (...xs: Tensor[]) => Tensor }
+  | { backward: (g: Tensor, needs: boolean[]) => (Tensor | null)[] };
 
 /**
  * Records the fused op `name` (inputs → y). `kernel(g, needs)` returns one cotangent buffer per input (in
@@ -28,7 +30,7 @@ export function recordFused(
 ): void {
   record(name, inputs, [y], ([g], needs) => {
     if (inputs.some(isTracked) || isTracked(y) || isTracked(g!)) {
-      const cts = 'backward' in differentiable ? differentiable.backward(g!) : (vjp(differentiable.composite, ...inputs)[1](g!) as Tensor[]);
+      const cts = 'backward' in differentiable ? differentiable.backward(g!, needs) : (vjp(differentiable.composite, ...inputs)[1](g!) as Tensor[]);
       return cts.map((c, i) => (needs[i] ? c : null));
     }
     return kernel(g!, needs).map((data, i) => {

@@ -481,6 +481,44 @@ export class CpuBackend implements Backend {
     dw.set(dwSum);
     return { dx, dw };
   }
+  rmsNormGradKernel = true;
+  // Row sums in double, each output rounded once (see Backend.rmsNormGradBackward for the formulas).
+  rmsNormGradBackward(
+    xd: unknown, wd: unknown, rstdd: unknown, dyd: unknown, cd: unknown, rows: number, d: number, dtype: DType, wantDw: boolean,
+  ): { dx: Arr; dw: Arr | null; dg: Arr } {
+    const [x, w, rstd, dy, c] = [xd, wd, rstdd, dyd, cd] as Arr[];
+    const dx = pool.alloc(dtype, rows * d, false);
+    const dg = pool.alloc(dtype, rows * d, false);
+    const dwSum = new Float64Array(d);
+    for (let r = 0; r < rows; r++) {
+      const o = r * d;
+      const k = rstd[r];
+      let s = 0;
+      let a1 = 0;
+      let a2 = 0;
+      for (let j = 0; j < d; j++) {
+        const u = dy[o + j] * w[j];
+        s += u * x[o + j];
+        a1 += c[o + j] * u;
+        a2 += c[o + j] * x[o + j];
+      }
+      s /= d;
+      const k3 = k * k * k;
+      const hx = (k3 * a2) / d; // h = k·c − x·hx; also the coefficient of u in dx'
+      const cx = (3 * k3 * k * k * s * a2 - k3 * a1) / d; // the coefficient of x in dx'
+      for (let j = 0; j < d; j++) {
+        const xj = x[o + j];
+        const h = k * c[o + j] - xj * hx;
+        dg[o + j] = w[j] * h;
+        if (wantDw) dwSum[j] += dy[o + j] * h;
+        dx[o + j] = -k3 * s * c[o + j] - hx * dy[o + j] * w[j] + xj * cx;
+      }
+    }
+    if (!wantDw) return { dx, dw: null, dg };
+    const dw = pool.alloc(dtype, d, false);
+    dw.set(dwSum);
+    return { dx, dw, dg };
+  }
 }
 
 function checkRange(op: string, idx: Int32Array, n: number): void {

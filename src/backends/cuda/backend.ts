@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -841,14 +841,40 @@ export class CudaBackend implements Backend {
     const gxr = wantDw ? this.alloc(acc, rows * d) : null;
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr ? gxr.ptr : 0).i64(rows).i64(d);
     this.launchRmsNorm(dt, d, rows, [x, w, dy], a, RMSNORM_BWD, RMSNORM_BWD_VEC);
-    if (!gxr) return { dx, dw: null };
     // dw: column sums of gxr, in the deterministic split reduction, then to the tensors' dtype
-    const dwAcc = this.reduce('sum', gxr, 1, rows, d, acc);
-    this.allocator.free(gxr);
-    if (acc === dt) return { dx, dw: dwAcc };
-    const dw = this.cast(dwAcc, d, acc, dt);
-    this.allocator.free(dwAcc);
-    return { dx, dw };
+    return { dx, dw: gxr ? this.columnSum(gxr, rows, d, acc, dt) : null };
+  }
+
+  /**
+   * Whether the engine records RMSNorm's backward as one op in a second-order trace (its backward the
+   * kernel below). Off until the kernel has run on a GPU: `TTT_CUDA_NORM_GRAD=1` (or setting this) turns it on.
+   */
+  rmsNormGradKernel = process.env.TTT_CUDA_NORM_GRAD === '1';
+
+  rmsNormGradBackward(
+    x: unknown, w: unknown, rstd: unknown, dy: unknown, c: unknown, rows: number, d: number, dtype: DType, wantDw: boolean,
+  ): { dx: DeviceBuffer; dw: DeviceBuffer | null; dg: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: rmsNorm needs a float dtype, got ${dt}`);
+    const acc: DType = statDType(dt);
+    const dx = this.alloc(dt, rows * d);
+    const dg = this.alloc(dt, rows * d);
+    if (rows === 0) return { dx, dg, dw: wantDw ? this.fill(d, dt, 0) : null };
+    const gh = wantDw ? this.alloc(acc, rows * d) : null;
+    const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(buf(c).ptr)
+      .ptr(dx.ptr).ptr(dg.ptr).ptr(gh ? gh.ptr : 0).i64(rows).i64(d);
+    this.launch(this.fn('reduce', dt, RMSNORM_GRAD_BWD), Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS, 0, a, RMSNORM_GRAD_BWD);
+    return { dx, dg, dw: gh ? this.columnSum(gh, rows, d, acc, dt) : null };
+  }
+
+  /** Column sums of a [rows, d] buffer in `acc` (the deterministic split reduction), freed, as [d] of `dt`. */
+  private columnSum(m: DeviceBuffer, rows: number, d: number, acc: DType, dt: DType): DeviceBuffer {
+    const sums = this.reduce('sum', m, 1, rows, d, acc);
+    this.allocator.free(m);
+    if (acc === dt) return sums;
+    const out = this.cast(sums, d, acc, dt);
+    this.allocator.free(sums);
+    return out;
   }
 
   // ---- matmul -------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ export const RMSNORM_BWD = 'rmsnorm_bwd';
 /** The same with 16-byte loads, each lane's share of the row held in registers between the passes. */
 export const RMSNORM_FWD_VEC = 'rmsnorm_fwd_vec';
 export const RMSNORM_BWD_VEC = 'rmsnorm_bwd_vec';
+/** The backward of RMSNorm's backward (Backend.rmsNormGradBackward), a warp per row. */
+export const RMSNORM_GRAD_BWD = 'rmsnorm_grad_bwd';
 /** Rows per block of the RMSNorm kernels (one warp each). */
 export const RMSNORM_ROWS = 8;
 /** 16-byte vectors of a row each lane of the vector kernels holds at most. */
@@ -201,6 +203,8 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const i
  * vector per lane at a time and keep the lane's share of the row in registers between the sum and the
  * output pass; other rows go element by element with the column loops unrolled, so that a warp's loads
  * go out together (one row per warp is latency-bound otherwise). Both keep a fixed summation order.
+ * The backward's backward (RMSNORM_GRAD_BWD, element-wise form only) takes the cotangent c of dx and writes
+ * dx', d(dy) and, when gh is not null, gh = dy·h (math type) whose column sum is the gain's cotangent.
  */
 function rmsNormSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
@@ -303,6 +307,39 @@ extern "C" __global__ void ${RMSNORM_BWD_VEC}(const ${T}* x, const ${T}* w, cons
       if (gxr) gxr[row * d + i * ${VW} + q] = g * xq * k;
     }
     dr[i] = out;`)}
+}
+extern "C" __global__ void ${RMSNORM_GRAD_BWD}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, const ${T}* c,
+    ${T}* dx, ${T}* dg, ${A}* gh, i64 rows, i64 d) {
+  ${head}
+  const ${T}* xr = x + row * d;
+  const ${T}* gr = dy + row * d;
+  const ${T}* cr = c + row * d;
+  const ${A} k = rstd[row];
+  ${A} s = 0, a1 = 0, a2 = 0;
+  #pragma unroll 8
+  for (i64 j = lane; j < d; j += 32) {
+    const ${A} xv = ${ld('xr[j]')}, u = ${ld('gr[j]')} * ${ld('w[j]')}, cv = ${ld('cr[j]')};
+    s += u * xv;
+    a1 += cv * u;
+    a2 += cv * xv;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+    a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+    a2 += __shfl_xor_sync(0xffffffffu, a2, o);
+  }
+  s /= (${A})d;
+  const ${A} k3 = k * k * k;
+  const ${A} hx = k3 * a2 / (${A})d;
+  const ${A} cx = ((${A})3 * k3 * k * k * s * a2 - k3 * a1) / (${A})d;
+  #pragma unroll 8
+  for (i64 j = lane; j < d; j += 32) {
+    const ${A} xv = ${ld('xr[j]')}, g = ${ld('gr[j]')}, wv = ${ld('w[j]')}, cv = ${ld('cr[j]')};
+    const ${A} h = k * cv - xv * hx;
+    dg[row * d + j] = ${st('wv * h')};
+    if (gh) gh[row * d + j] = g * h;
+    dx[row * d + j] = ${st('-k3 * s * cv - hx * g * wv + xv * cx')};
+  }
 }`;
 }
 

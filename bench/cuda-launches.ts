@@ -1,0 +1,73 @@
+/**
+ * How many kernels a training step launches, by kernel, and what the step costs the host — without a GPU: the
+ * CUDA backend runs over its stand-in libraries (src/backends/cuda/stand-in.ts), so it issues the same launches
+ * in the same order as on a GPU, and the host time is our own work per step (engine, autodiff, argument
+ * packing) without the driver's. Steps with the RMSNorm second-order kernel off and on (`rmsNormGradKernel`).
+ *
+ * Usage: node dist/bench/cuda-launches.js [variant e2e|swa|full] [T] [preset]   (default e2e 8192 125m)
+ * Writes bench/results/cuda-launches-<preset>-<variant>.json.
+ */
+import { writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { dispose, keep, randint, randomKey, registerBackend, setBackend, tidy, valueAndGrad } from '../src/index.js';
+import { CudaBackend } from '../src/backends/cuda/backend.js';
+import { standInLibraries } from '../src/backends/cuda/stand-in.js';
+import { type Variant, preset } from '../src/model/config.js';
+import { type Params, initParams } from '../src/model/transformer.js';
+import { outerLoss } from '../src/model/ttt-e2e.js';
+import { median, resultsPath } from './common.js';
+
+export async function main(): Promise<unknown> {
+  const args = process.argv[2] && /^(e2e|naive|swa|full|hybrid)$/.test(process.argv[2]) ? process.argv.slice(2) : [];
+  const variant = (args[0] ?? 'e2e') as Variant;
+  const T = Number(args[1] ?? 8192);
+  const presetName = args[2] ?? '125m';
+  process.env.TTT_CACHE_DIR ??= '/tmp/ttt-stand-in-cache';
+  const libs = standInLibraries();
+  const be = new CudaBackend(0, libs);
+  registerBackend('stand-in-launches', () => be);
+  setBackend('stand-in-launches');
+  const c = preset(presetName, variant, { computeDType: 'bfloat16' });
+  const params = initParams(c, randomKey(0));
+  const tokens = keep(randint(randomKey(1), [1, T], 0, c.vocabSize));
+  const targets = keep(randint(randomKey(2), [1, T], 0, c.vocabSize));
+  const byKernel = new Map<string, number>();
+  const launch = (be as unknown as { launch: (...a: unknown[]) => void }).launch.bind(be);
+  (be as unknown as { launch: (...a: unknown[]) => void }).launch = (...a: unknown[]) => {
+    const name = String(a[5]);
+    byKernel.set(name, (byKernel.get(name) ?? 0) + 1);
+    launch(...a);
+  };
+  const gemms = () => [...libs.calls.counts].filter(([k]) => /^cublas.*Gemm/.test(k)).reduce((s, [, n]) => s + n, 0);
+  const step = () => tidy(() => {
+    const [l, g] = valueAndGrad((p: Params) => outerLoss(c, p, tokens, targets))(params);
+    dispose([l, g]);
+  });
+  const rows = [];
+  for (const normGrad of [false, true]) {
+    be.rmsNormGradKernel = normGrad;
+    step(); // warm-up: JIT, kernel handles, cached band biases
+    byKernel.clear();
+    const g0 = gemms();
+    const times: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const t0 = performance.now();
+      step();
+      times.push(performance.now() - t0);
+    }
+    const kernels = [...byKernel.entries()].map(([name, n]) => ({ name, launches: n / 3 })).sort((a, b) => b.launches - a.launches);
+    const launches = kernels.reduce((s, k) => s + k.launches, 0);
+    rows.push({ normGrad, launches, gemms: (gemms() - g0) / 3, hostMs: median(times), kernels });
+  }
+  console.log(`${presetName} ${variant} T ${T}, bf16 compute, one valueAndGrad(outerLoss) step over the stand-in libraries (median of 3 after a warm-up):`);
+  console.log('| RMSNorm second-order kernel | kernel launches | cuBLAS GEMMs | host ms per step |');
+  console.log('|---|---|---|---|');
+  for (const r of rows) console.log(`| ${r.normGrad ? 'on' : 'off'} | ${r.launches} | ${r.gemms} | ${r.hostMs.toFixed(0)} |`);
+  for (const r of rows) console.log(`top kernels (${r.normGrad ? 'on' : 'off'}): ${r.kernels.slice(0, 8).map((k) => `${k.name} ${k.launches}`).join(', ')}`);
+  const out = resultsPath(`cuda-launches-${presetName}-${variant}.json`);
+  writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), preset: presetName, variant, T, rows }, null, 1));
+  console.log(`wrote ${out}`);
+  return rows;
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) await main();
