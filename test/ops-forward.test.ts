@@ -6,12 +6,13 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   type DType, type Shape, Tensor, abs, add, addcmul, arange, broadcastTo, cast, concat, cos, cumsum, div, equal, exp, expandDims,
-  foldIn, full, gather, greater, greaterEqual, less, lessEqual, log, logSoftmax, logsumexp, matmul, max, maximum, mean, min,
+  foldIn, full, gather, grad, greater, greaterEqual, less, lessEqual, log, logSoftmax, logsumexp, matmul, max, maximum, mean, min,
   minimum, mT, mul, neg, notEqual, ones, pad, pow, randn, randomKey, reciprocal, reshape, rsqrt, scatterAdd, sigmoid, sign,
   silu, sin, slice, softmax, splitKey, sqrt, square, squeeze, stack, sub, sum, sumSquares, takeAlongAxis, tanh, tensor, threefry2x32,
   transpose, truncatedNormal, uniform, uniformHost, normalHost, where, zeros, zerosLike,
 } from '../src/index.js';
 import { assertClose, assertShape, forEachIndex, keyOf, ravel, rn, ru } from './helpers/check.js';
+import { countingCalls } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const FLOATS: DType[] = ['float32', 'float64'];
@@ -545,6 +546,29 @@ describe('reductions', () => {
     const s = tensor(2.5, [], 'float64');
     check(sum(s), { v: [2.5], shape: [] }, 'float64', 'sum scalar');
     check(max(s), { v: [2.5], shape: [] }, 'float64', 'max scalar');
+  });
+
+  test('over axes of size 1: a view of the input (no backend pass), the same values and gradient; sumSquares still squares', () => {
+    const shape = [1, 3, 1, 4];
+    const x = rn(801, shape, 'float64');
+    const xv = vals(x);
+    for (const [name, op, fold] of REDS.filter(([n]) => ['sum', 'mean', 'max', 'min'].includes(n))) {
+      for (const axes of [0, 2, [0, 2]] as (number | number[])[]) {
+        for (const keepdims of [false, true]) {
+          const { result: y, calls } = countingCalls('reduce', () => op(x, axes, keepdims));
+          assert.equal(calls, 0, `${name} over ${JSON.stringify(axes)}: no reduction kernel`);
+          check(y, refReduce(xv, shape, axes, keepdims, fold), 'float64', `${name} axes ${JSON.stringify(axes)} keepdims ${keepdims}`);
+          const w = rn(802, y.shape, 'float64');
+          const g = grad((a: Tensor) => sum(mul(op(a, axes, keepdims), w)))(x) as Tensor;
+          assert.deepEqual(vals(g), vals(w), `${name}: the gradient is the cotangent, reshaped`);
+          y.dispose();
+          assert.deepEqual(vals(x), xv, 'disposing the view leaves the input');
+        }
+      }
+    }
+    const { calls } = countingCalls('reduce', () => sumSquares(x, 0));
+    assert.equal(calls, 1);
+    check(sumSquares(x, [0, 2]), refReduce(xv, shape, [0, 2], false, (v) => fSum(v.map((e) => e * e))), 'float64', 'sumSquares over size-1 axes');
   });
 
   test('int32 sum, max, min, sumSquares', () => {

@@ -327,6 +327,13 @@ function reduce(op: ReduceOp, x: Tensor, axisArg: number | readonly number[] | u
   const outShape = keepdims ? kept : x.shape.filter((_, i) => !axes.includes(i));
   const additive = op === 'sum' || op === 'sumSquares';
   if (!additive && axes.some((a) => x.shape[a] === 0)) throw new Error(`${op}: cannot reduce over an empty axis of ${fmt(x.shape)}`);
+  if (op !== 'sumSquares' && axes.every((a) => x.shape[a] === 1)) {
+    // over axes of size 1 a reduction changes only the shape: a view, not a pass over the data (a matmul's
+    // vjp sums its broadcast batch axis of 1 this way: the tied embedding's [V, D] gradient every mini-batch)
+    const y = alias(x, outShape);
+    record(op, [x], [y], ([g]) => [reshape(g!, x.shape)]);
+    return y;
+  }
   const { t, outer, n, inner } = asOuterNInner(x, axes);
   const y = fromData(x.backend.reduce(op, t.data, outer, n, inner, x.dtype), outShape, x.dtype, x.backend);
   record(op, [x], [y], ([g]) => {
