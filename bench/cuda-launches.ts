@@ -2,7 +2,7 @@
  * How many kernels a training step launches, by kernel, and what the step costs the host — without a GPU: the
  * CUDA backend runs over its stand-in libraries (src/backends/cuda/stand-in.ts), so it issues the same launches
  * in the same order as on a GPU, and the host time is our own work per step (engine, autodiff, argument
- * packing) without the driver's. Steps with the RMSNorm second-order kernel off and on (`rmsNormGradKernel`).
+ * packing) without the driver's. Steps with the second-order kernels (RMSNorm, SwiGLU gate) off and on.
  *
  * Usage: node dist/bench/cuda-launches.js [variant e2e|swa|full] [T] [preset]   (default e2e 8192 125m)
  * Writes bench/results/cuda-launches-<preset>-<variant>.json.
@@ -44,8 +44,9 @@ export async function main(): Promise<unknown> {
     dispose([l, g]);
   });
   const rows = [];
-  for (const normGrad of [false, true]) {
-    be.rmsNormGradKernel = normGrad;
+  for (const gradKernels of [false, true]) {
+    be.rmsNormGradKernel = gradKernels;
+    be.swigluGradKernel = gradKernels;
     step(); // warm-up: JIT, kernel handles, cached band biases
     byKernel.clear();
     const g0 = gemms();
@@ -57,13 +58,13 @@ export async function main(): Promise<unknown> {
     }
     const kernels = [...byKernel.entries()].map(([name, n]) => ({ name, launches: n / 3 })).sort((a, b) => b.launches - a.launches);
     const launches = kernels.reduce((s, k) => s + k.launches, 0);
-    rows.push({ normGrad, launches, gemms: (gemms() - g0) / 3, hostMs: median(times), kernels });
+    rows.push({ gradKernels, launches, gemms: (gemms() - g0) / 3, hostMs: median(times), kernels });
   }
   console.log(`${presetName} ${variant} T ${T}, bf16 compute, one valueAndGrad(outerLoss) step over the stand-in libraries (median of 3 after a warm-up):`);
-  console.log('| RMSNorm second-order kernel | kernel launches | cuBLAS GEMMs | host ms per step |');
+  console.log('| second-order kernels (RMSNorm, SwiGLU) | kernel launches | cuBLAS GEMMs | host ms per step |');
   console.log('|---|---|---|---|');
-  for (const r of rows) console.log(`| ${r.normGrad ? 'on' : 'off'} | ${r.launches} | ${r.gemms} | ${r.hostMs.toFixed(0)} |`);
-  for (const r of rows) console.log(`top kernels (${r.normGrad ? 'on' : 'off'}): ${r.kernels.slice(0, 8).map((k) => `${k.name} ${k.launches}`).join(', ')}`);
+  for (const r of rows) console.log(`| ${r.gradKernels ? 'on' : 'off'} | ${r.launches} | ${r.gemms} | ${r.hostMs.toFixed(0)} |`);
+  for (const r of rows) console.log(`top kernels (${r.gradKernels ? 'on' : 'off'}): ${r.kernels.slice(0, 8).map((k) => `${k.name} ${k.launches}`).join(', ')}`);
   const out = resultsPath(`cuda-launches-${presetName}-${variant}.json`);
   writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), preset: presetName, variant, T, rows }, null, 1));
   console.log(`wrote ${out}`);

@@ -253,10 +253,16 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
-  test('RMSNorm\'s second-order kernel: a warp per row, the gain\'s column sum only when asked; off by default, and on it shortens a meta-gradient', opts, async () => {
+  test('second-order kernels (RMSNorm: a warp per row, the gain\'s column sum only when asked; SwiGLU gate): off by default, and on they shorten a meta-gradient', opts, async () => {
     const { backend, calls } = await standInBackend();
     const launches = () => calls.counts.get('cuLaunchKernel') ?? 0;
-    assert.equal(backend.rmsNormGradKernel, process.env.TTT_CUDA_NORM_GRAD === '1', 'off unless TTT_CUDA_NORM_GRAD=1 (not yet run on a GPU)');
+    const on = process.env.TTT_CUDA_GRAD_KERNELS === '1';
+    assert.deepEqual([backend.rmsNormGradKernel, backend.swigluGradKernel], [on, on], 'off unless TTT_CUDA_GRAD_KERNELS=1 (not yet run on a GPU)');
+    const n = 5000;
+    const [a, b, g, ca, cb] = [0, 1, 2, 3, 4].map(() => backend.fill(n, 'bfloat16', 1));
+    const before = launches();
+    backend.swigluGradBackward(a, b, g, ca, cb, n, 'bfloat16');
+    assert.deepEqual([(calls.lastLaunch as [{ name: string }])[0].name, launches() - before], ['swiglu_grad_bwd', 1]);
     for (const dt of ['float32', 'bfloat16', 'float64'] as const) {
       const [rows, d] = [1000, 768];
       const [x, g, c] = [0, 1, 2].map(() => backend.fill(rows * d, dt, 1));
@@ -281,17 +287,19 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const cfg = makeConfig({ variant: 'e2e', vocabSize: 64, dModel: 32, nHeads: 2, ffnDim: 48, nLayers: 4, window: 16, miniBatch: 8, computeDType: 'bfloat16' });
       const params = initParams(cfg, T.randomKey(0));
       const tokens = T.zeros([1, 32], 'int32');
-      const count = (on: boolean) => {
-        backend.rmsNormGradKernel = on;
+      const count = (kernels: boolean) => {
+        backend.rmsNormGradKernel = kernels;
+        backend.swigluGradKernel = kernels;
         const start = launches();
         T.tidy(() => T.valueAndGrad((p: typeof params) => outerLoss(cfg, p, tokens, tokens))(params));
         return launches() - start;
       };
-      const [off, on] = [count(false), count(true)];
-      console.log(`# meta-gradient launches over the stand-in: ${on} with the norm kernel, ${off} without`);
-      assert.ok(on < 0.8 * off, `meta-gradient launches: ${on} with the kernel, ${off} through the composite`);
+      const [without, withKernels] = [count(false), count(true)];
+      console.log(`# meta-gradient launches over the stand-in: ${withKernels} with the second-order kernels, ${without} without`);
+      assert.ok(withKernels < 0.8 * without, `meta-gradient launches: ${withKernels} with the kernels, ${without} through the composites`);
     } finally {
       backend.rmsNormGradKernel = false;
+      backend.swigluGradKernel = false;
       T.setBackend('cpu');
     }
   });

@@ -185,6 +185,15 @@ export interface Backend {
   swigluForward(a: BackendData, b: BackendData, size: number, dtype: DType): BackendData;
   /** Its cotangents: da = g · b · σ(a)(1 + a(1 − σ(a))), db = g · silu(a). */
   swigluBackward(a: BackendData, b: BackendData, g: BackendData, size: number, dtype: DType): { da: BackendData; db: BackendData };
+  /** Whether `swigluGradBackward` may be used (a second-order trace then records the gate's backward as one op, `swigluGateGrad`). */
+  readonly swigluGradKernel: boolean;
+  /**
+   * The backward of the gate's backward (da = g·b·s1, db = g·s0 with s0 = silu(a), s1 = silu'(a), s2 = silu''(a)),
+   * given cotangents ca, cb of da, db: da' = ca·g·b·s2 + cb·g·s1, db' = ca·g·s1, dg = ca·b·s1 + cb·s0.
+   */
+  swigluGradBackward(
+    a: BackendData, b: BackendData, g: BackendData, ca: BackendData, cb: BackendData, size: number, dtype: DType,
+  ): { da: BackendData; db: BackendData; dg: BackendData };
   /**
    * RoPE over x [outer, T, H, D] (pairs (2i, 2i+1) of the last axis) with tables cos, sin [T, D/2]:
    * see `fusedRope` (src/engine/rope.ts) for the formula and its rounding order. `layout`: 'same' keeps

@@ -393,6 +393,22 @@ export class CpuBackend implements Backend {
     }
     return { da, db };
   }
+  swigluGradKernel = true;
+  swigluGradBackward(ad: unknown, bd: unknown, gd: unknown, cad: unknown, cbd: unknown, size: number, dtype: DType): { da: Arr; db: Arr; dg: Arr } {
+    const [a, b, g, ca, cb] = [ad, bd, gd, cad, cbd] as Arr[];
+    const [da, db, dg] = [0, 1, 2].map(() => pool.alloc(dtype, size, false));
+    for (let i = 0; i < size; i++) {
+      const x = a[i];
+      const s = 1 / (1 + Math.exp(-x));
+      const s0 = x * s;
+      const s1 = s * (1 + x * (1 - s));
+      const s2 = s * (1 - s) * (2 + x * (1 - 2 * s));
+      da[i] = ca[i] * g[i] * b[i] * s2 + cb[i] * g[i] * s1;
+      db[i] = ca[i] * g[i] * s1;
+      dg[i] = ca[i] * b[i] * s1 + cb[i] * s0;
+    }
+    return { da, db, dg };
+  }
   rope(xd: unknown, cd: unknown, sd: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType, layout: RopeLayout = 'same'): Arr {
     if (dtype !== 'float32' && dtype !== 'float64') throw new Error(`cpu backend: rope needs float32 or float64, got ${dtype}`);
     const [x, cos, sin] = [xd, cd, sd] as Arr[];

@@ -19,7 +19,7 @@ import {
   type Driver, type Handle, type Nvrtc, checkCublas, loadCublas, loadDriver, loadNvrtc, makeChecks,
 } from './ffi.js';
 import {
-  ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
+  ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
@@ -745,6 +745,21 @@ export class CudaBackend implements Backend {
     return { da, db };
   }
 
+  /** Whether the engine records the SwiGLU gate's backward as one op in a second-order trace: see rmsNormGradKernel. */
+  swigluGradKernel = process.env.TTT_CUDA_GRAD_KERNELS === '1';
+
+  swigluGradBackward(
+    a: unknown, b: unknown, g: unknown, ca: unknown, cb: unknown, size: number, dtype: DType,
+  ): { da: DeviceBuffer; db: DeviceBuffer; dg: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: swigluGate needs a float dtype, got ${dt}`);
+    const [da, db, dg] = [this.alloc(dt, size), this.alloc(dt, size), this.alloc(dt, size)];
+    if (size === 0) return { da, db, dg };
+    const args = this.args.reset().ptr(da.ptr).ptr(db.ptr).ptr(dg.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).ptr(buf(g).ptr).ptr(buf(ca).ptr).ptr(buf(cb).ptr).i64(size);
+    this.launch(this.fn('elementwise', dt, SWIGLU_GRAD_BWD), this.blocksFor(size), THREADS, 0, args, SWIGLU_GRAD_BWD);
+    return { da, db, dg };
+  }
+
   // ---- RoPE ---------------------------------------------------------------------------------------
 
   rope(x: unknown, cos: unknown, sin: unknown, outer: number, T: number, H: number, D: number, inverse: boolean, dtype: DType, layout: RopeLayout = 'same'): DeviceBuffer {
@@ -847,9 +862,9 @@ export class CudaBackend implements Backend {
 
   /**
    * Whether the engine records RMSNorm's backward as one op in a second-order trace (its backward the
-   * kernel below). Off until the kernel has run on a GPU: `TTT_CUDA_NORM_GRAD=1` (or setting this) turns it on.
+   * kernel below). Off until the kernel has run on a GPU: `TTT_CUDA_GRAD_KERNELS=1` (or setting this) turns it on.
    */
-  rmsNormGradKernel = process.env.TTT_CUDA_NORM_GRAD === '1';
+  rmsNormGradKernel = process.env.TTT_CUDA_GRAD_KERNELS === '1';
 
   rmsNormGradBackward(
     x: unknown, w: unknown, rstd: unknown, dy: unknown, c: unknown, rows: number, d: number, dtype: DType, wantDw: boolean,

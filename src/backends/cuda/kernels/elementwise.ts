@@ -63,8 +63,12 @@ export const ROPE = 'rope_pairs';
 export const ROPE_LAYOUTS = ['same', 'split', 'merge'] as const;
 export const SWIGLU_FWD = 'swiglu_fwd';
 export const SWIGLU_BWD = 'swiglu_bwd';
+export const SWIGLU_GRAD_BWD = 'swiglu_grad_bwd';
 
-/** The SwiGLU gate silu(a) · b and its backward (both cotangents in one pass), math in M. */
+/**
+ * The SwiGLU gate silu(a) · b, its backward (both cotangents in one pass) and the backward of that backward
+ * (Backend.swigluGradBackward: the cotangents of a, b and g in one pass), math in M.
+ */
 function swigluSource(dtype: CudaDType): string {
   const T = CTYPE[dtype];
   const ld = (e: string) => load(dtype, e);
@@ -77,6 +81,17 @@ extern "C" __global__ void ${SWIGLU_BWD}(${T}* da, ${T}* db, const ${T}* a, cons
     const M s = M(1) / (M(1) + exp(-x));
     da[i] = ${STORE[dtype]('gi * ' + ld('b[i]') + ' * s * (M(1) + x * (M(1) - s))')};
     db[i] = ${STORE[dtype]('gi * x * s')};
+  }
+}
+extern "C" __global__ void ${SWIGLU_GRAD_BWD}(${T}* da, ${T}* db, ${T}* dg, const ${T}* a, const ${T}* b, const ${T}* g, const ${T}* ca, const ${T}* cb, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) {
+    const M x = ${ld('a[i]')}, bi = ${ld('b[i]')}, gi = ${ld('g[i]')}, cai = ${ld('ca[i]')}, cbi = ${ld('cb[i]')};
+    const M s = M(1) / (M(1) + exp(-x));
+    const M s1 = s * (M(1) + x * (M(1) - s));
+    const M s2 = s * (M(1) - s) * (M(2) + x * (M(1) - M(2) * s));
+    da[i] = ${STORE[dtype]('cai * gi * bi * s2 + cbi * gi * s1')};
+    db[i] = ${STORE[dtype]('cai * gi * s1')};
+    dg[i] = ${STORE[dtype]('cai * bi * s1 + cbi * x * s')};
   }
 }`;
 }
