@@ -2,8 +2,10 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { cast, dispose, keep, mapLeaves, randomKey, tidy } from '../src/index.js';
-import type { ModelConfig } from '../src/model/config.js';
+import { type Tensor, cast, dispose, keep, mapLeaves, randint, randomKey, registerBackend, setBackend, tidy } from '../src/index.js';
+import { CudaBackend } from '../src/backends/cuda/backend.js';
+import { type StandInCalls, standInLibraries } from '../src/backends/cuda/stand-in.js';
+import { type ModelConfig, type Variant, preset } from '../src/model/config.js';
 import { type Params, initParams } from '../src/model/transformer.js';
 import { repoRoot } from '../src/util/repo-root.js';
 
@@ -86,3 +88,28 @@ export const TORCH_MEDIAN_PY = String.raw`def bench(fn, reps):
         ts.append(s.elapsed_time(e))
     ts.sort()
     return ts[len(ts) // 2]`;
+
+/**
+ * What the stand-in benches (cuda-memory, cuda-launches) share: their positional arguments `[variant] [T] [preset]`
+ * (default e2e 8192 125m; only when run directly, since `npm run bench -- NAME` passes the bench's name), the CUDA
+ * backend over the stand-in libraries set as the backend in use, and a training step's inputs (bf16 compute, T
+ * random tokens and targets, random float32 parameters).
+ */
+export function standInTrainingSetup(name: string): {
+  variant: Variant; T: number; presetName: string; be: CudaBackend; calls: StandInCalls; c: ModelConfig; params: Params; tokens: Tensor; targets: Tensor;
+} {
+  const args = process.argv[2] && /^(e2e|naive|swa|full|hybrid)$/.test(process.argv[2]) ? process.argv.slice(2) : [];
+  const variant = (args[0] ?? 'e2e') as Variant;
+  const T = Number(args[1] ?? 8192);
+  const presetName = args[2] ?? '125m';
+  process.env.TTT_CACHE_DIR ??= '/tmp/ttt-stand-in-cache';
+  const libs = standInLibraries();
+  const be = new CudaBackend(0, libs);
+  registerBackend(name, () => be);
+  setBackend(name);
+  const c = preset(presetName, variant, { computeDType: 'bfloat16' });
+  const params = initParams(c, randomKey(0));
+  const tokens = keep(randint(randomKey(1), [1, T], 0, c.vocabSize));
+  const targets = keep(randint(randomKey(2), [1, T], 0, c.vocabSize));
+  return { variant, T, presetName, be, calls: libs.calls, c, params, tokens, targets };
+}

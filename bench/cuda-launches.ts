@@ -9,28 +9,13 @@
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { dispose, keep, randint, randomKey, registerBackend, setBackend, tidy, valueAndGrad } from '../src/index.js';
-import { CudaBackend } from '../src/backends/cuda/backend.js';
-import { standInLibraries } from '../src/backends/cuda/stand-in.js';
-import { type Variant, preset } from '../src/model/config.js';
-import { type Params, initParams } from '../src/model/transformer.js';
+import { dispose, tidy, valueAndGrad } from '../src/index.js';
+import type { Params } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
-import { median, resultsPath } from './common.js';
+import { median, resultsPath, standInTrainingSetup } from './common.js';
 
 export async function main(): Promise<unknown> {
-  const args = process.argv[2] && /^(e2e|naive|swa|full|hybrid)$/.test(process.argv[2]) ? process.argv.slice(2) : [];
-  const variant = (args[0] ?? 'e2e') as Variant;
-  const T = Number(args[1] ?? 8192);
-  const presetName = args[2] ?? '125m';
-  process.env.TTT_CACHE_DIR ??= '/tmp/ttt-stand-in-cache';
-  const libs = standInLibraries();
-  const be = new CudaBackend(0, libs);
-  registerBackend('stand-in-launches', () => be);
-  setBackend('stand-in-launches');
-  const c = preset(presetName, variant, { computeDType: 'bfloat16' });
-  const params = initParams(c, randomKey(0));
-  const tokens = keep(randint(randomKey(1), [1, T], 0, c.vocabSize));
-  const targets = keep(randint(randomKey(2), [1, T], 0, c.vocabSize));
+  const { variant, T, presetName, be, calls, c, params, tokens, targets } = standInTrainingSetup('stand-in-launches');
   const byKernel = new Map<string, number>();
   const launch = (be as unknown as { launch: (...a: unknown[]) => void }).launch.bind(be);
   (be as unknown as { launch: (...a: unknown[]) => void }).launch = (...a: unknown[]) => {
@@ -38,7 +23,7 @@ export async function main(): Promise<unknown> {
     byKernel.set(name, (byKernel.get(name) ?? 0) + 1);
     launch(...a);
   };
-  const gemms = () => [...libs.calls.counts].filter(([k]) => /^cublas.*Gemm/.test(k)).reduce((s, [, n]) => s + n, 0);
+  const gemms = () => [...calls.counts].filter(([k]) => /^cublas.*Gemm/.test(k)).reduce((s, [, n]) => s + n, 0);
   const step = () => tidy(() => {
     const [l, g] = valueAndGrad((p: Params) => outerLoss(c, p, tokens, targets))(params);
     dispose([l, g]);

@@ -10,15 +10,12 @@
  */
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { dispose, keep, randint, randomKey, registerBackend, setBackend, tidy, valueAndGrad } from '../src/index.js';
-import { CudaBackend } from '../src/backends/cuda/backend.js';
+import { dispose, tidy, valueAndGrad } from '../src/index.js';
 import type { DeviceBuffer } from '../src/backends/cuda/allocator.js';
-import { standInLibraries } from '../src/backends/cuda/stand-in.js';
-import { type Variant, preset } from '../src/model/config.js';
-import { type Params, initParams } from '../src/model/transformer.js';
+import type { Params } from '../src/model/transformer.js';
 import { outerLoss } from '../src/model/ttt-e2e.js';
 import { AdamW } from '../src/train/adamw.js';
-import { resultsPath } from './common.js';
+import { resultsPath, standInTrainingSetup } from './common.js';
 
 /** The allocating call site: the first frames in src/model or src/nn, then the engine frames that allocated (op < caller < its caller). */
 function site(): string {
@@ -30,19 +27,10 @@ function site(): string {
 }
 
 export async function main(): Promise<unknown> {
-  // positional arguments only when run directly (`npm run bench -- cuda-memory` passes the bench's name)
-  const args = process.argv[2] && /^(e2e|naive|swa|full|hybrid)$/.test(process.argv[2]) ? process.argv.slice(2) : [];
-  const variant = (args[0] ?? 'e2e') as Variant;
-  const T = Number(args[1] ?? 8192);
-  const presetName = args[2] ?? '125m';
-  process.env.TTT_CACHE_DIR ??= '/tmp/ttt-stand-in-cache';
-  registerBackend('stand-in', () => new CudaBackend(0, standInLibraries()));
-  const be = setBackend('stand-in') as unknown as CudaBackend;
-  const c = preset(presetName, variant, { computeDType: 'bfloat16' });
-  let params = initParams(c, randomKey(0));
+  const setup = standInTrainingSetup('stand-in');
+  const { variant, T, presetName, be, c, tokens, targets } = setup;
+  let params = setup.params;
   const opt = new AdamW(params, { weightDecay: 0.1 });
-  const tokens = keep(randint(randomKey(1), [1, T], 0, c.vocabSize));
-  const targets = keep(randint(randomKey(2), [1, T], 0, c.vocabSize));
 
   const allocator = (be as unknown as { allocator: { alloc(n: number): DeviceBuffer; free(b: DeviceBuffer): void } }).allocator;
   const live = new Map<DeviceBuffer, string>();

@@ -8,7 +8,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { seededValues } from './helpers/check.js';
-import { countingCalls } from './helpers/fused.js';
+import { countingCalls, withGradKernel as withFlag } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 import { fromData } from '../src/engine/runtime.js';
 
@@ -117,17 +117,7 @@ describe('fused RMSNorm', () => {
     });
   });
 
-  /** fn with the backend's rmsNormGradKernel set to `on`, restored after. */
-  const withGradKernel = <R>(on: boolean, fn: () => R): R => {
-    const be = T.getBackend() as { rmsNormGradKernel: boolean };
-    const before = be.rmsNormGradKernel;
-    be.rmsNormGradKernel = on;
-    try {
-      return fn();
-    } finally {
-      be.rmsNormGradKernel = before;
-    }
-  };
+  const withGradKernel = <R>(on: boolean, fn: () => R): R => withFlag('rmsNormGradKernel', on, fn);
   const gradShapes = [[5], [3, 7], [2, 4, 33], [1, 0, 6], [4, 1], [3, 64], [2, 3, 1024], [37, 16]];
 
   test('rmsNormGrad (the backward as an op) equals the composite vjp, and so does compositeRmsNormGrad', () => {

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { swiglu } from '../src/nn/layers.js';
 import { seededValues } from './helpers/check.js';
-import { countingCalls, withOpPath } from './helpers/fused.js';
+import { countingCalls, withGradKernel as withFlag, withOpPath } from './helpers/fused.js';
 import { sizeOf } from '../src/engine/shape.js';
 
 const rand = (seed: number, n: number, lo = -4, hi = 4): number[] => seededValues(seed, n, lo, hi);
@@ -64,17 +64,7 @@ describe('fused SwiGLU gate', () => {
     });
   });
 
-  /** fn with the backend's swigluGradKernel set to `on`, restored after. */
-  const withGradKernel = <R>(on: boolean, fn: () => R): R => {
-    const be = T.getBackend() as { swigluGradKernel: boolean };
-    const before = be.swigluGradKernel;
-    be.swigluGradKernel = on;
-    try {
-      return fn();
-    } finally {
-      be.swigluGradKernel = before;
-    }
-  };
+  const withGradKernel = <R>(on: boolean, fn: () => R): R => withFlag('swigluGradKernel', on, fn);
   /** The gate's backward [da, db] from the composite's vjp. */
   const compositeGrad = (a: T.Tensor, b: T.Tensor, g: T.Tensor) => T.vjp(T.compositeSwigluGate, a, b)[1](g) as T.Tensor[];
 

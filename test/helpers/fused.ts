@@ -27,3 +27,15 @@ export function withOpPath<R>(kind: PathKind, path: OpPath, fn: () => R): R {
     setOpPath(kind, before);
   }
 }
+
+/** fn run with the current backend's second-order kernel switch `flag` set to `on`, the previous setting restored after. */
+export function withGradKernel<R>(flag: 'rmsNormGradKernel' | 'swigluGradKernel', on: boolean, fn: () => R): R {
+  const be = getBackend() as unknown as Record<typeof flag, boolean>;
+  const before = be[flag];
+  be[flag] = on;
+  try {
+    return fn();
+  } finally {
+    be[flag] = before;
+  }
+}

@@ -492,10 +492,7 @@ export class CpuBackend implements Backend {
         if (wantDw) dwSum[c] += dy[o + c] * x[o + c] * k;
       }
     }
-    if (!wantDw) return { dx, dw: null };
-    const dw = pool.alloc(dtype, d, false);
-    dw.set(dwSum);
-    return { dx, dw };
+    return { dx, dw: wantDw ? fromSums(dwSum, dtype) : null };
   }
   rmsNormGradKernel = true;
   // Row sums in double, each output rounded once (see Backend.rmsNormGradBackward for the formulas).
@@ -530,11 +527,15 @@ export class CpuBackend implements Backend {
         dx[o + j] = -k3 * s * c[o + j] - hx * dy[o + j] * w[j] + xj * cx;
       }
     }
-    if (!wantDw) return { dx, dw: null, dg };
-    const dw = pool.alloc(dtype, d, false);
-    dw.set(dwSum);
-    return { dx, dw, dg };
+    return { dx, dg, dw: wantDw ? fromSums(dwSum, dtype) : null };
   }
+}
+
+/** Sums kept in double (a gain's column sums), as an array of `dtype`. */
+function fromSums(sums: Float64Array, dtype: DType): Arr {
+  const out = pool.alloc(dtype, sums.length, false);
+  out.set(sums);
+  return out;
 }
 
 function checkRange(op: string, idx: Int32Array, n: number): void {
