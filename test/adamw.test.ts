@@ -1,6 +1,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
+import { countingCalls } from './helpers/fused.js';
 import { AdamW, adamwInit, adamwUpdate, clipGlobalNorm } from '../src/train/adamw.js';
 import { ilrMultiplier, lrAt } from '../src/train/schedule.js';
 
@@ -151,6 +152,29 @@ describe('AdamW', () => {
       assert.throws(() => T.fusedAdamWAll([{ p, g: z, m: z, v: z, decay: true }, { p: T.zeros([3], 'float64'), g: z64, m: z64, v: z64, decay: false }], h), /one launch takes one dtype, got float32 and float64/);
       assert.deepEqual(T.fusedAdamWAll([], h), []);
     });
+  });
+
+  test('TTT_ADAMW_KERNEL chooses the kernel when the options do not; a name not on the list throws', () => {
+    const before = process.env.TTT_ADAMW_KERNEL;
+    try {
+      T.tidy(() => {
+        const params = { w: T.ones([4, 3]), g: T.ones([3]) };
+        const grads = { w: T.ones([4, 3]), g: T.ones([3]) };
+        const launches = (env: string | undefined, kernel?: 'composite') => {
+          if (env === undefined) delete process.env.TTT_ADAMW_KERNEL;
+          else process.env.TTT_ADAMW_KERNEL = env;
+          return ['adamw', 'adamwAll'].map((m) => countingCalls(m, () => adamwUpdate(params, grads, adamwInit(params), 0.1, kernel ? { kernel } : {})).calls);
+        };
+        assert.equal(launches('fusedAll')[1], 1, 'every parameter in one adamwAll call (which the CPU serves one adamw each)');
+        assert.deepEqual(launches('fused'), [2, 0], 'one adamw call per parameter');
+        assert.deepEqual(launches('fusedAll', 'composite'), [0, 0], 'the options win over the environment');
+        assert.deepEqual(launches(undefined), [0, 0], 'auto: composite on the CPU (preferFused false)');
+        assert.throws(() => launches('fast'), /TTT_ADAMW_KERNEL: expected one of auto, fused, fusedAll, composite, got 'fast'/);
+      });
+    } finally {
+      if (before === undefined) delete process.env.TTT_ADAMW_KERNEL;
+      else process.env.TTT_ADAMW_KERNEL = before;
+    }
   });
 
   test('rejects grads that do not match the params', () => {

@@ -22,9 +22,21 @@ export interface AdamWOptions {
    * parameter of a dtype in one launch (`fusedAdamWAll`; on the GPU not yet run on hardware, so not the
    * default); 'composite': the same update written in engine ops (about 15 kernels per parameter); 'auto'
    * (default): fused where the parameter's backend prefers fused ops (`Backend.preferFused`: the GPU). All
-   * give the same bits; other dtypes always take the composite.
+   * give the same bits; other dtypes always take the composite. Unset, `TTT_ADAMW_KERNEL` (any of these names)
+   * chooses, else 'auto'.
    */
-  kernel?: 'auto' | 'fused' | 'fusedAll' | 'composite';
+  kernel?: AdamWKernel;
+}
+
+export type AdamWKernel = 'auto' | 'fused' | 'fusedAll' | 'composite';
+const KERNELS: readonly AdamWKernel[] = ['auto', 'fused', 'fusedAll', 'composite'];
+
+/** The kernel TTT_ADAMW_KERNEL names (for benches and A/B runs), else 'auto'; a name not on the list throws. */
+function envKernel(): AdamWKernel {
+  const v = process.env.TTT_ADAMW_KERNEL;
+  if (v === undefined || v === '') return 'auto';
+  if (!(KERNELS as readonly string[]).includes(v)) throw new Error(`TTT_ADAMW_KERNEL: expected one of ${KERNELS.join(', ')}, got '${v}'`);
+  return v as AdamWKernel;
 }
 
 /** What a checkpoint saves: first and second moments shaped like the params, and the step count. */
@@ -78,8 +90,9 @@ export function adamwUpdate<T>(
     const floats = (p: Tensor) => p.dtype === 'float32' || p.dtype === 'float64';
     const decayOf = (p: Tensor, i: number) => decays(p, i) && weightDecay !== 0;
     // 'fusedAll': the float parameters of each dtype in one launch
+    const kernel = opts.kernel ?? envKernel();
     const together = new Map<number, { p: Tensor; m: Tensor; v: Tensor }>();
-    if (opts.kernel === 'fusedAll') {
+    if (kernel === 'fusedAll') {
       for (const dtype of ['float32', 'float64'] as const) {
         const idx = pL.flatMap((p, i) => (p.dtype === dtype ? [i] : []));
         const rs = fusedAdamWAll(idx.map((i) => ({ p: pL[i], g: gL[i], m: mL[i], v: vL[i], decay: decayOf(pL[i], i) })), h);
@@ -88,7 +101,7 @@ export function adamwUpdate<T>(
     }
     const out = pL.map((p, i) => {
       const hi = { ...h, decay: decayOf(p, i) };
-      const fused = opts.kernel === 'fused' || ((opts.kernel ?? 'auto') === 'auto' && p.backend.preferFused);
+      const fused = kernel === 'fused' || (kernel === 'auto' && p.backend.preferFused);
       const r = together.get(i) ?? (fused && floats(p) ? fusedAdamW(p, gL[i], mL[i], vL[i], hi) : compositeAdamW(p, gL[i], mL[i], vL[i], hi));
       return { p: keep(r.p), m: keep(r.m), v: keep(r.v) };
     });
