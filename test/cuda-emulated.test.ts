@@ -1,0 +1,184 @@
+/**
+ * Kernels of the CUDA backend that have not yet run on a GPU, checked without one: their generated CUDA C
+ * (the same source NVRTC compiles) is built with g++ against a small emulation of the CUDA execution model
+ * (test/helpers/cuda-emu.h: a std::thread per CUDA thread, warp shuffles through a per-warp exchange), launched
+ * with the backend's geometry on seeded inputs, and compared with the CPU backend: the RMSNorm and SwiGLU
+ * second-order kernels (float32, float64, bfloat16) and AdamW over every parameter in one launch (float32,
+ * float64, bit for bit). This checks their arithmetic and indexing, not their speed or the GPU's memory model;
+ * `npm run test:cuda` runs them on a GPU. Skips, saying so, where g++ is missing.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CpuBackend } from '../src/backends/cpu/backend.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SWIGLU_GRAD_BWD, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
+import { seededValues } from './helpers/check.js';
+
+const EMU_HEADER = fileURLToPath(new URL('./helpers/cuda-emu.h', import.meta.url));
+const gxx = spawnSync('g++', ['--version'], { encoding: 'utf8' });
+const skip = gxx.status === 0 ? false : 'g++ not found: the generated CUDA C cannot be built for the CPU';
+
+type Dt = 'float32' | 'float64' | 'bfloat16';
+const CT: Record<Dt, string> = { float32: 'float', float64: 'double', bfloat16: 'bf16' };
+const STAT: Record<Dt, 'float32' | 'float64'> = { float32: 'float32', float64: 'float64', bfloat16: 'float32' };
+const BYTES: Record<Dt | 'u64', number> = { float32: 4, float64: 8, bfloat16: 2, u64: 8 };
+
+/** An array the harness reads (in) or writes (out): its C element type and values or length. */
+interface Arg { name: string; dt: Dt | 'u64'; values?: ArrayLike<number> | BigUint64Array; size?: number; out?: boolean }
+
+function encode(a: Arg): Buffer {
+  const v = a.values!;
+  if (a.dt === 'u64') return Buffer.from((v as BigUint64Array).buffer);
+  if (a.dt === 'bfloat16') return Buffer.from(new Uint16Array(Array.from(v as ArrayLike<number>, (x) => toBfloat16Bits([x])[0])).buffer);
+  return Buffer.from((a.dt === 'float32' ? Float32Array.from(v as ArrayLike<number>) : Float64Array.from(v as ArrayLike<number>)).buffer);
+}
+
+function decode(dt: Dt, buf: Buffer): number[] {
+  const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength);
+  if (dt === 'bfloat16') return Array.from(fromBfloat16Bits(new Uint16Array(ab)));
+  return Array.from(dt === 'float32' ? new Float32Array(ab) : new Float64Array(ab));
+}
+
+/**
+ * Builds `source` with a main that reads the `in` arrays, runs `call` (C, over the arrays' names) on a grid of
+ * `grid` blocks of `block` threads, and writes the `out` arrays; returns them decoded, by name.
+ */
+function emulate(source: string, args: Arg[], call: string, grid: number, block: number, prelude = ''): Record<string, number[]> {
+  const dir = mkdtempSync(join(tmpdir(), 'ttt-cuda-emu-'));
+  try {
+    const ctype = (a: Arg) => (a.dt === 'u64' ? 'unsigned long long' : CT[a.dt]);
+    const count = (a: Arg) => (a.values ? a.values.length : a.size!);
+    const decls = args.map((a) => `std::vector<${ctype(a)}> ${a.name}(${Math.max(count(a), 1)});`).join('\n  ');
+    const reads = args.filter((a) => !a.out).map((a) => `if (fread(${a.name}.data(), sizeof(${ctype(a)}), ${count(a)}, in) != ${count(a)}) return 2;`).join('\n  ');
+    const writes = args.filter((a) => a.out).map((a) => `fwrite(${a.name}.data(), sizeof(${ctype(a)}), ${count(a)}, out);`).join('\n  ');
+    const main = `
+#include <cstdio>
+${prelude}
+int main(int argc, char** argv) {
+  FILE* in = fopen(argv[1], "rb");
+  ${decls}
+  ${reads}
+  fclose(in);
+  emuLaunch(${grid}, ${block}, [&] { ${call}; });
+  FILE* out = fopen(argv[2], "wb");
+  ${writes}
+  fclose(out);
+  return 0;
+}`;
+    writeFileSync(join(dir, 'k.cpp'), `#include "${EMU_HEADER}"\n${source}\n${main}\n`);
+    const cc = spawnSync('g++', ['-std=c++20', '-O1', '-pthread', '-ffp-contract=off', '-w', '-o', join(dir, 'k'), join(dir, 'k.cpp')], { encoding: 'utf8' });
+    assert.equal(cc.status, 0, `g++ failed:\n${cc.stderr.slice(0, 3000)}`);
+    writeFileSync(join(dir, 'in.bin'), Buffer.concat(args.filter((a) => !a.out).map(encode)));
+    const run = spawnSync(join(dir, 'k'), [join(dir, 'in.bin'), join(dir, 'out.bin')], { encoding: 'utf8' });
+    assert.equal(run.status, 0, `the emulated kernel failed: ${run.stderr}`);
+    const bytes = readFileSync(join(dir, 'out.bin'));
+    const result: Record<string, number[]> = {};
+    let at = 0;
+    for (const a of args.filter((x) => x.out)) {
+      const n = count(a) * BYTES[a.dt];
+      result[a.name] = decode(a.dt as Dt, bytes.subarray(at, at + n));
+      at += n;
+    }
+    return result;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Seeded values, rounded to bf16 for bf16 (so every side sees the same numbers). */
+const values = (dt: Dt, seed: number, n: number, lo = -2, hi = 2): number[] => {
+  const v = seededValues(seed, n, lo, hi);
+  return dt === 'bfloat16' ? Array.from(roundToBfloat16(v)) : Array.from(v);
+};
+const typed = (dt: 'float32' | 'float64', v: ArrayLike<number>) => (dt === 'float32' ? Float32Array.from(v) : Float64Array.from(v));
+/** max |a − b| / max(1, max |b|). */
+function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  assert.equal(a.length, b.length);
+  let scale = 1;
+  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]));
+  let e = 0;
+  for (let i = 0; i < b.length; i++) e = Math.max(e, Math.abs(a[i] - b[i]));
+  return e / scale;
+}
+/** The tolerance of a kernel's result in `dt` against a double-rounded-once reference. */
+const TOL: Record<Dt, number> = { float32: 2e-6, float64: 1e-13, bfloat16: 1.6e-2 };
+
+const cpu = new CpuBackend();
+
+describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip }, () => {
+  for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
+    test(`${RMSNORM_GRAD_BWD} ${dt}: dx', d(dy) and dy·h against the CPU backend (rows of 33, 768 and 1; the gain's column sum)`, () => {
+      const ref = dt === 'bfloat16' ? 'float64' : dt;
+      for (const [rows, d] of [[37, 33], [9, 768], [5, 1]]) {
+        const n = rows * d;
+        const [x, w, g, c] = [values(dt, 1, n), values(dt, 2, d), values(dt, 3, n), values(dt, 4, n)];
+        let rstd = Array.from({ length: rows }, (_, r) => 1 / Math.sqrt(x.slice(r * d, (r + 1) * d).reduce((s, v) => s + v * v, 0) / d + 1e-6));
+        if (STAT[dt] === 'float32') rstd = rstd.map(Math.fround);
+        const out = emulate(moduleSource('reduce', dt), [
+          { name: 'x', dt, values: x }, { name: 'w', dt, values: w }, { name: 'rstd', dt: STAT[dt], values: rstd },
+          { name: 'g', dt, values: g }, { name: 'c', dt, values: c },
+          { name: 'dx', dt, size: n, out: true }, { name: 'dg', dt, size: n, out: true }, { name: 'gh', dt: STAT[dt], size: n, out: true },
+        ], `${RMSNORM_GRAD_BWD}(x.data(), w.data(), rstd.data(), g.data(), c.data(), dx.data(), dg.data(), gh.data(), ${rows}, ${d})`,
+        Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS);
+        const want = cpu.rmsNormGradBackward(typed(ref, x), typed(ref, w), typed(ref, rstd), typed(ref, g), typed(ref, c), rows, d, ref, true);
+        const dw = Array.from({ length: d }, (_, j) => out.gh.reduce((s, v, i) => (i % d === j ? s + v : s), 0));
+        for (const [name, got, exp] of [['dx', out.dx, want.dx], ['d(dy)', out.dg, want.dg], ['dw (column sums of dy·h)', dw, want.dw!]] as const) {
+          const e = relErr(got, exp as ArrayLike<number>);
+          assert.ok(e < TOL[dt] * (name.startsWith('dw') ? Math.max(1, rows / 4) : 1), `${dt} ${rows}x${d} ${name}: error ${e}`);
+        }
+      }
+    });
+
+    test(`${SWIGLU_GRAD_BWD} ${dt}: the cotangents of a, b and g against the CPU backend (a grid-stride loop over more elements than threads)`, () => {
+      const ref = dt === 'bfloat16' ? 'float64' : dt;
+      const n = 1500;
+      const [a, b, g, ca, cb] = [1, 2, 3, 4, 5].map((s) => values(dt, 10 + s, n, -6, 6));
+      const out = emulate(moduleSource('elementwise', dt), [
+        ...(['a', 'b', 'g', 'ca', 'cb'] as const).map((name, i) => ({ name, dt, values: [a, b, g, ca, cb][i] })),
+        { name: 'da', dt, size: n, out: true }, { name: 'db', dt, size: n, out: true }, { name: 'dg', dt, size: n, out: true },
+      ], `${SWIGLU_GRAD_BWD}(da.data(), db.data(), dg.data(), a.data(), b.data(), g.data(), ca.data(), cb.data(), ${n})`, 2, 256);
+      const [ta, tb, tg, tca, tcb] = [a, b, g, ca, cb].map((v) => typed(ref, v));
+      const want = cpu.swigluGradBackward(ta, tb, tg, tca, tcb, n, ref) as unknown as Record<string, ArrayLike<number>>;
+      for (const name of ['da', 'db', 'dg'] as const) {
+        // float32 sums of products as large as 6^4 cancel: relative to the terms, not only the result
+        const e = relErr(out[name], want[name]);
+        assert.ok(e < TOL[dt] * (dt === 'float32' ? 8 : 1), `${dt} ${name}: error ${e}`);
+      }
+    });
+  }
+
+  for (const dt of ['float32', 'float64'] as const) {
+    test(`${ADAMW_ALL} ${dt}: every parameter in one launch equals the CPU backend's per-parameter update bit for bit`, () => {
+      const sizes = [5000, 3, 9000, 4096];
+      const decays = [true, false, true, false];
+      const h = { beta1: 0.9, oneMinusBeta1: 0.1, beta2: 0.95, oneMinusBeta2: 0.05, c1: 1 - 0.9 ** 3, c2: 1 - 0.95 ** 3, eps: 1e-8, lr: 3e-3, decay: false, shrink: 1 - 3e-3 * 0.1 };
+      const params = sizes.map((n, i) => ({
+        p: values(dt, 20 + i, n), g: values(dt, 30 + i, n, -1e-2, 1e-2), m: values(dt, 40 + i, n, -1e-3, 1e-3), v: values(dt, 50 + i, n, 0, 1e-4),
+      }));
+      // the table: ten 64-bit words per parameter (its seven arrays, size, first block, decay), pointers filled in by the harness
+      const firsts = sizes.map((_, i) => sizes.slice(0, i).reduce((s, n) => s + Math.ceil(n / ADAMW_PER_BLOCK), 0));
+      const blocks = sizes.reduce((s, n) => s + Math.ceil(n / ADAMW_PER_BLOCK), 0);
+      const arrays: Arg[] = params.flatMap((q, i) => [
+        { name: `p${i}`, dt, values: q.p }, { name: `g${i}`, dt, values: q.g }, { name: `m${i}`, dt, values: q.m }, { name: `v${i}`, dt, values: q.v },
+        { name: `po${i}`, dt, size: sizes[i], out: true }, { name: `mo${i}`, dt, size: sizes[i], out: true }, { name: `vo${i}`, dt, size: sizes[i], out: true },
+      ] as Arg[]);
+      const T = dt === 'float32' ? 'float' : 'double';
+      const fill = sizes.map((n, i) => `{ (const ${T}*)p${i}.data(), (const ${T}*)g${i}.data(), (const ${T}*)m${i}.data(), (const ${T}*)v${i}.data(), po${i}.data(), mo${i}.data(), vo${i}.data(), ${n}, ${firsts[i]}, ${decays[i] ? 1 : 0} }`).join(', ');
+      assert.equal(ADAMW_ENTRY_WORDS, 10, 'the table layout this harness builds');
+      const call = `static AwEntry table[] = { ${fill} }; ${ADAMW_ALL}(table, ${sizes.length}, ${[h.beta1, h.oneMinusBeta1, h.beta2, h.oneMinusBeta2, h.c1, h.c2, h.eps, h.lr, h.shrink].map((x) => x.toPrecision(17)).join(', ')})`;
+      const out = emulate(moduleSource('elementwise', dt), arrays, call, blocks, 256);
+      params.forEach((q, i) => {
+        const want = cpu.adamw(typed(dt, q.p), typed(dt, q.g), typed(dt, q.m), typed(dt, q.v), sizes[i], { ...h, decay: decays[i] }, dt);
+        for (const [name, got, exp] of [['p', out[`po${i}`], want.p], ['m', out[`mo${i}`], want.m], ['v', out[`vo${i}`], want.v]] as const) {
+          const bad = (exp as ArrayLike<number>).length === got.length ? got.findIndex((x, j) => !Object.is(x, (exp as ArrayLike<number>)[j])) : 0;
+          assert.equal(bad, -1, `${dt} parameter ${i} (${sizes[i]} elements) ${name}[${bad}]: ${got[bad]} vs ${(exp as ArrayLike<number>)[bad]}`);
+        }
+      });
+    });
+  }
+});
