@@ -144,18 +144,16 @@ export function innerLoop(
   const update = opts.update ?? true;
   // Checkpointed per mini-batch: the backward pass recomputes one mini-batch at a time, so memory
   // grows with b, not with T.
-  const step = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
-    miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, update));
-  const scoreOnly = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number) =>
-    miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, false));
+  const step = checkpoint((p: Params, w: FastWeights, kv: (MixerState | null)[], x: Tensor, y: Tensor, m: Tensor | undefined, lo: number, hi: number, learn: boolean) =>
+    miniBatchStep(c, p, w, kv, x, y, range(lo, hi - lo), lr, m, learn));
   const finalUpdate = opts.finalUpdate ?? true;
   let fast = perSequence(params.fast, B);
   let caches: (MixerState | null)[] = [];
   const losses: Tensor[] = [];
   const nlls: Tensor[] = [];
   chunks.forEach(([lo, hi], i) => {
-    const last = i === chunks.length - 1;
-    const r = (last && !finalUpdate ? scoreOnly : step)(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi);
+    const learn = update && (finalUpdate || i < chunks.length - 1);
+    const r = step(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi, learn);
     losses.push(r.loss);
     nlls.push(r.nll);
     fast = r.fast;
