@@ -4,7 +4,7 @@
 #   source .gpu/prologue.sh && export TTT_CACHE_DIR=/tmp/tttc && cd gpu-stage && bash scripts/gpu-session.sh STAGE...
 # Stages:
 #   tests        npm run test:cuda as it is, then the suites that exercise the second-order kernels with them on
-#                (TTT_CUDA_GRAD_KERNELS=1: norm, swiglu, cuda, model, golden)
+#                (TTT_CUDA_GRAD_KERNELS=1: norm, swiglu, softmax, cuda, model, golden)
 #   train-ab     the 125m TTT-E2E training step (T 8K, bf16), one round of: as it is / second-order kernels on /
 #                AdamW's one-launch kernel (TTT_ADAMW_KERNEL=fusedAll) / both (name the stage twice for two rounds)
 #   latency      the latency table (cuda-latency.js) at 8K, 32K and 128K for full attention and TTT-E2E
@@ -38,7 +38,7 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       run tests test-cuda 400 node scripts/test-cuda.mjs
-      files=$(ls dist/test/{norm,swiglu,cuda,model,golden}.test.js 2>/dev/null)
+      files=$(ls dist/test/{norm,swiglu,softmax,cuda,model,golden}.test.js 2>/dev/null)
       run tests test-cuda-grad-kernels 180 env TTT_DEVICE=cuda TTT_CUDA_GRAD_KERNELS=1 node --test --test-reporter=spec $files
       ;;
     train-ab)

@@ -3,7 +3,7 @@
  * (the same source NVRTC compiles) is built with g++ against a small emulation of the CUDA execution model
  * (test/helpers/cuda-emu.h: a std::thread per CUDA thread, warp shuffles through a per-warp exchange), launched
  * with the backend's geometry on seeded inputs, and compared with the CPU backend: the RMSNorm and SwiGLU
- * second-order kernels (float32, float64, bfloat16) and AdamW over every parameter in one launch (float32,
+ * second-order kernels, softmax's backward and its backward's backward (float32, float64, bfloat16) and AdamW over every parameter in one launch (float32,
  * float64, bit for bit). This checks their arithmetic and indexing, not their speed or the GPU's memory model;
  * `npm run test:cuda` runs them on a GPU. Skips, saying so, where g++ is missing.
  */
@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
-import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SWIGLU_GRAD_BWD, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
 import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
 import { seededValues } from './helpers/check.js';
 
@@ -148,6 +148,30 @@ describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip 
         // float32 sums of products as large as 6^4 cancel: relative to the terms, not only the result
         const e = relErr(out[name], want[name]);
         assert.ok(e < TOL[dt] * (dt === 'float32' ? 8 : 1), `${dt} ${name}: error ${e}`);
+      }
+    });
+  }
+
+  for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
+    test(`${SOFTMAX_BWD} and ${SOFTMAX_GRAD_BWD} ${dt}: dx, dy and dg against the CPU backend (a block per row; rows of 700, 33 and 1)`, () => {
+      const ref = dt === 'bfloat16' ? 'float64' : dt;
+      for (const [rows, n] of [[5, 700], [9, 33], [4, 1]]) {
+        const size = rows * n;
+        // y: rows of a softmax (positive, summing to about 1), g and u of either sign
+        const y = values(dt, 61, size, 0, 2 / n);
+        const [g, u] = [values(dt, 62, size), values(dt, 63, size)];
+        // both kernels in one launch of the emulation (one build): each thread runs one, then the other
+        const out = emulate(moduleSource('reduce', dt), [
+          { name: 'y', dt, values: y }, { name: 'g', dt, values: g }, { name: 'u', dt, values: u },
+          { name: 'dx', dt, size, out: true }, { name: 'dy', dt, size, out: true }, { name: 'dg', dt, size, out: true },
+        ], `${SOFTMAX_BWD}(dx.data(), y.data(), g.data(), ${rows}, ${n}); ${SOFTMAX_GRAD_BWD}(dy.data(), dg.data(), y.data(), g.data(), u.data(), ${rows}, ${n})`, rows, THREADS);
+        const [ty, tg, tu] = [y, g, u].map((v) => typed(ref, v));
+        const want = { dx: cpu.softmaxBackward(ty, tg, rows, n, ref), ...cpu.softmaxGradBackward(ty, tg, tu, rows, n, ref) } as unknown as Record<string, ArrayLike<number>>;
+        for (const name of ['dx', 'dy', 'dg'] as const) {
+          const got = out[name];
+          const e = relErr(got, want[name]);
+          assert.ok(e < TOL[dt], `${dt} ${rows}x${n} ${name}: error ${e}`);
+        }
       }
     });
   }

@@ -253,11 +253,21 @@ describe('cuda backend host side (stand-in libraries)', () => {
     }
   });
 
-  test('second-order kernels (RMSNorm: a warp per row, the gain\'s column sum only when asked; SwiGLU gate): off by default, and on they shorten a meta-gradient', opts, async () => {
+  test('second-order kernels (RMSNorm: a warp per row, the gain\'s column sum only when asked; SwiGLU gate; softmax\'s backward and its backward: a block per row): off by default, and on they shorten a meta-gradient', opts, async () => {
     const { backend, calls } = await standInBackend();
     const launches = () => calls.counts.get('cuLaunchKernel') ?? 0;
     const on = process.env.TTT_CUDA_GRAD_KERNELS === '1';
-    assert.deepEqual([backend.rmsNormGradKernel, backend.swigluGradKernel], [on, on], 'off unless TTT_CUDA_GRAD_KERNELS=1 (not yet run on a GPU)');
+    assert.deepEqual([backend.rmsNormGradKernel, backend.swigluGradKernel, backend.softmaxGradKernel], [on, on, on], 'off unless TTT_CUDA_GRAD_KERNELS=1 (not yet run on a GPU)');
+    for (const dt of ['float32', 'bfloat16', 'float64'] as const) {
+      const [rows, len] = [3000, 900];
+      const [y, g, u] = [0, 1, 2].map(() => backend.fill(rows * len, dt, 1));
+      const start = launches();
+      backend.softmaxBackward(y, g, rows, len, dt);
+      const [fn1, grid1, , , threads1] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      backend.softmaxGradBackward(y, g, u, rows, len, dt);
+      const [fn2, grid2, , , threads2] = calls.lastLaunch as [{ name: string }, number, number, number, number];
+      assert.deepEqual([fn1.name, grid1, threads1, fn2.name, grid2, threads2, launches() - start], ['softmax_bwd_rows', rows, 256, 'softmax_grad_bwd_rows', rows, 256, 2], dt);
+    }
     const n = 5000;
     const [a, b, g, ca, cb] = [0, 1, 2, 3, 4].map(() => backend.fill(n, 'bfloat16', 1));
     const before = launches();
@@ -290,6 +300,7 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const count = (kernels: boolean) => {
         backend.rmsNormGradKernel = kernels;
         backend.swigluGradKernel = kernels;
+        backend.softmaxGradKernel = kernels;
         const start = launches();
         T.tidy(() => T.valueAndGrad((p: typeof params) => outerLoss(cfg, p, tokens, tokens))(params));
         return launches() - start;
@@ -300,6 +311,7 @@ describe('cuda backend host side (stand-in libraries)', () => {
     } finally {
       backend.rmsNormGradKernel = false;
       backend.swigluGradKernel = false;
+      backend.softmaxGradKernel = false;
       T.setBackend('cpu');
     }
   });

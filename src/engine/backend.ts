@@ -110,6 +110,19 @@ export interface Backend {
   /** Softmax / logsumexp over the last axis of a contiguous [outer, n] array. */
   softmax(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
   logsumexp(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
+  /**
+   * Whether softmax's backward is the two row kernels below: dx = y ⊙ (g − Σ g ⊙ y) in one pass, and in a
+   * second-order trace that backward as one op (engine `softmaxGrad`, the composite attention's largest
+   * chain) whose own backward is one pass too. Else the engine composes it from elementwise ops and a sum.
+   */
+  readonly softmaxGradKernel: boolean;
+  /** Over `outer` rows of n: dx = y ⊙ (g − s) with s = Σ y ⊙ g per row (y: softmax's output, g: its cotangent). */
+  softmaxBackward(y: BackendData, g: BackendData, outer: number, n: number, dtype: DType): BackendData;
+  /**
+   * The backward of that backward, given u (the cotangent of dx): with s = Σ y ⊙ g and r = Σ y ⊙ u per row,
+   *   dy = u ⊙ (g − s) − r · g,   dg = y ⊙ (u − r).
+   */
+  softmaxGradBackward(y: BackendData, g: BackendData, u: BackendData, outer: number, n: number, dtype: DType): { dy: BackendData; dg: BackendData };
   /** Inclusive cumulative sum along the middle axis of [outer, n, inner]. */
   cumsum(x: BackendData, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): BackendData;
   /** The product of `dtype` operands, written in `outDType` (default dtype; float32 from bfloat16 where the backend has bfloat16). */

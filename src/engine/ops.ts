@@ -388,13 +388,43 @@ export function softmax(x: Tensor, axis = -1): Tensor {
   const { t, restore } = lastAxisView('softmax', x, axis);
   const n = t.shape[t.rank - 1];
   const yt = fromData(x.backend.softmax(t.data, n === 0 ? 0 : t.size / n, n, x.dtype), t.shape, x.dtype, x.backend);
-  record('softmax', [t], [yt], ([g]) => [softmaxVjp(yt, g!)]);
+  record('softmax', [t], [yt], ([g]) => [softmaxGrad(yt, g!)]);
   return restore(yt);
 }
 
-/** The cotangent of softmax's input (last axis) from its output y and output cotangent g: y ⊙ (g − Σ g ⊙ y). */
-function softmaxVjp(y: Tensor, g: Tensor): Tensor {
+/** softmaxGrad's definition from differentiable ops: y ⊙ (g − Σ g ⊙ y) over the last axis. */
+export function compositeSoftmaxGrad(y: Tensor, g: Tensor): Tensor {
   return mul(y, sub(g, sum(mul(g, y), -1, true)));
+}
+
+/**
+ * The cotangent of softmax's input (last axis) from its output y and output cotangent g: y ⊙ (g − Σ g ⊙ y).
+ * Where the backend has the kernels (`Backend.softmaxGradKernel`) it is one row pass, and in a second-order
+ * trace one recorded op whose backward is one pass as well (dy = u ⊙ (g − s) − r·g, dg = softmaxGrad(y, u)
+ * for the cotangent u, s = Σ y ⊙ g, r = Σ y ⊙ u): the composite attention's [heads, Tq, Tk] chain of
+ * products, sums, broadcasts and their cotangents in the TTT outer step becomes two passes. A third-order
+ * trace differentiates that backward written in ops.
+ */
+export function softmaxGrad(y: Tensor, g: Tensor): Tensor {
+  const { backend, dtype } = y;
+  if (!backend.softmaxGradKernel || !shapesEqual(y.shape, g.shape) || g.dtype !== dtype || y.rank === 0) return compositeSoftmaxGrad(y, g);
+  const n = y.shape[y.rank - 1];
+  const outer = n === 0 ? 0 : y.size / n;
+  const dx = fromData(backend.softmaxBackward(y.data, g.data, outer, n, dtype), y.shape, dtype, backend);
+  if (!isTracked(y) && !isTracked(g)) return dx;
+  record('softmaxGrad', [y, g], [dx], ([u], needs) => {
+    if (isTracked(y) || isTracked(g) || isTracked(u!)) {
+      const dy = needs[0] ? sub(mul(u!, sub(g, sum(mul(y, g), -1, true))), mul(sum(mul(y, u!), -1, true), g)) : null;
+      return [dy, needs[1] ? softmaxGrad(y, u!) : null];
+    }
+    const k = backend.softmaxGradBackward(y.data, g.data, u!.data, outer, n, dtype);
+    return [k.dy, k.dg].map((data, i) => {
+      if (needs[i]) return fromData(data, y.shape, dtype, backend);
+      backend.free(data, dtype, y.size);
+      return null;
+    });
+  });
+  return dx;
 }
 
 /**
@@ -417,7 +447,7 @@ export function biasedSoftmax(x: Tensor, bias: Tensor): Tensor {
   }
   if (!shapesEqual(y.shape, x.shape)) throw new Error(`biasedSoftmax: bias ${fmt(bias.shape)} does not broadcast to x ${fmt(x.shape)} without growing it`);
   const p = y; // (narrowed, for the closure)
-  record('softmax', [x], [p], ([g]) => [softmaxVjp(p, g!)]);
+  record('softmax', [x], [p], ([g]) => [softmaxGrad(p, g!)]);
   return p;
 }
 

@@ -29,7 +29,7 @@ export function withOpPath<R>(kind: PathKind, path: OpPath, fn: () => R): R {
 }
 
 /** fn run with the current backend's second-order kernel switch `flag` set to `on`, the previous setting restored after. */
-export function withGradKernel<R>(flag: 'rmsNormGradKernel' | 'swigluGradKernel', on: boolean, fn: () => R): R {
+export function withGradKernel<R>(flag: 'rmsNormGradKernel' | 'swigluGradKernel' | 'softmaxGradKernel', on: boolean, fn: () => R): R {
   const be = getBackend() as unknown as Record<typeof flag, boolean>;
   const before = be[flag];
   be[flag] = on;

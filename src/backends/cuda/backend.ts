@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -648,6 +648,30 @@ export class CudaBackend implements Backend {
 
   softmax(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
     return this.rowKernel(SOFTMAX, x, outer, n, outer * n, dtype);
+  }
+
+  /** Whether softmax's backward takes the row kernels below (see Backend.softmaxGradKernel): off until they have run on a GPU, as rmsNormGradKernel. */
+  softmaxGradKernel = process.env.TTT_CUDA_GRAD_KERNELS === '1';
+
+  softmaxBackward(y: unknown, g: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: softmax needs a float dtype, got ${dt}`);
+    const dx = this.alloc(dt, outer * n);
+    if (outer * n === 0) return dx;
+    const a = this.args.reset().ptr(dx.ptr).ptr(buf(y).ptr).ptr(buf(g).ptr).i64(outer).i64(n);
+    this.launch(this.fn('reduce', dt, SOFTMAX_BWD), this.rowBlocks(outer), THREADS, 0, a, SOFTMAX_BWD);
+    return dx;
+  }
+
+  softmaxGradBackward(y: unknown, g: unknown, u: unknown, outer: number, n: number, dtype: DType): { dy: DeviceBuffer; dg: DeviceBuffer } {
+    const dt = dtype;
+    if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: softmax needs a float dtype, got ${dt}`);
+    const dy = this.alloc(dt, outer * n);
+    const dg = this.alloc(dt, outer * n);
+    if (outer * n === 0) return { dy, dg };
+    const a = this.args.reset().ptr(dy.ptr).ptr(dg.ptr).ptr(buf(y).ptr).ptr(buf(g).ptr).ptr(buf(u).ptr).i64(outer).i64(n);
+    this.launch(this.fn('reduce', dt, SOFTMAX_GRAD_BWD), this.rowBlocks(outer), THREADS, 0, a, SOFTMAX_GRAD_BWD);
+    return { dy, dg };
   }
 
   logsumexp(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {

@@ -40,6 +40,8 @@ export const reduceFinalWarpName = (op: ReduceOp) => `reduce_final_warp_${op}`;
 export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
+export const SOFTMAX_BWD = 'softmax_bwd_rows';
+export const SOFTMAX_GRAD_BWD = 'softmax_grad_bwd_rows';
 export const LSE_PARTIAL = 'logsumexp_partial';
 export const LSE_FINAL = 'logsumexp_final';
 export const CUMSUM = 'cumsum_mid';
@@ -456,6 +458,39 @@ export function reduceSource(dtype: CudaDType): string {
     s = block_dsum(s, red);
     double inv = 1.0 / s;
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${ld('row[i]')} - m)`))} * inv`)};
+  }
+}`);
+    // softmax's backward and that backward's backward (Backend.softmaxBackward / softmaxGradBackward): a block
+    // per row, the row sums in double, each output rounded once; the second pass rereads the row (from L2)
+    parts.push(`extern "C" __global__ void ${SOFTMAX_BWD}(${T}* dx, const ${T}* y, const ${T}* g, i64 outer, i64 n) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const ${T}* yr = y + o * n;
+    const ${T}* gr = g + o * n;
+    ${T}* xr = dx + o * n;
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += ${ld('yr[i]')} * ${ld('gr[i]')};
+    s = block_dsum(s, red);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) xr[i] = ${store(`${ld('yr[i]')} * (${ld('gr[i]')} - s)`)};
+  }
+}`);
+    parts.push(`extern "C" __global__ void ${SOFTMAX_GRAD_BWD}(${T}* dy, ${T}* dg, const ${T}* y, const ${T}* g, const ${T}* u, i64 outer, i64 n) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const i64 base = o * n;
+    double s = 0.0, r = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+      const double yi = ${ld('y[base + i]')};
+      s += yi * ${ld('g[base + i]')};
+      r += yi * ${ld('u[base + i]')};
+    }
+    s = block_dsum(s, red);
+    r = block_dsum(r, red);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+      const double yi = ${ld('y[base + i]')}, gi = ${ld('g[base + i]')}, ui = ${ld('u[base + i]')};
+      dy[base + i] = ${store('ui * (gi - s) - r * gi')};
+      dg[base + i] = ${store('yi * (ui - r)')};
+    }
   }
 }`);
     // the logsumexp of one row over the block, in double; an infinite max passes through (also the token NLL's)
