@@ -188,6 +188,42 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.throws(() => backend.matmul(a, b, job, 'float32', 'float64'), /matmul of float32 cannot write float64/);
   });
 
+  test('matmul into a running cotangent: β = 1 and C the given buffer for every GEMM entry point, no new buffer; addInto writes dst in place', opts, async () => {
+    const { backend, calls } = await standInBackend();
+    const job = { batch: 1, m: 32, n: 64, k: 8, transA: false, transB: false, aOffsets: Int32Array.of(0), bOffsets: Int32Array.of(0) };
+    const cases = [
+      { dt: 'bfloat16', out: 'float32', job, fn: 'cublasGemmEx', beta: 13, c: 14 },
+      { dt: 'bfloat16', out: 'bfloat16', job: { ...job, batch: 2, aOffsets: Int32Array.of(0, 256), bOffsets: Int32Array.of(0, 512) }, fn: 'cublasGemmStridedBatchedEx', beta: 15, c: 16 },
+      { dt: 'float32', out: 'float32', job, fn: 'cublasSgemmStridedBatched', beta: 13, c: 14 },
+      { dt: 'float64', out: 'float64', job: { ...job, batch: 2, aOffsets: Int32Array.of(0, 0), bOffsets: Int32Array.of(0, 0) }, fn: 'cublasDgemmStridedBatched', beta: 13, c: 14 },
+      { dt: 'float32', out: 'float32', job: { ...job, batch: 3, aOffsets: Int32Array.of(0, 256, 0), bOffsets: Int32Array.of(0, 0, 512) }, fn: 'cublasSgemmBatched', beta: 11, c: 12 },
+    ] as const;
+    for (const k of cases) {
+      const a = backend.fill(3 * 32 * 8, k.dt, 1);
+      const b = backend.fill(3 * 8 * 64, k.dt, 1);
+      const acc = backend.fill(k.job.batch * 32 * 64, k.out, 0);
+      const plain = backend.matmul(a, b, k.job, k.dt, k.out);
+      const alpha = calls.last.get(k.fn)![6];
+      const zero = calls.last.get(k.fn)![k.beta];
+      assert.notEqual(zero, alpha, `${k.fn}: β = 0 without accumulate`);
+      const inUse = backend.memoryStats().inUse;
+      const got = backend.matmul(a, b, k.job, k.dt, k.out, acc);
+      const args = calls.last.get(k.fn)!;
+      assert.equal(got, acc, `${k.fn}: returns the buffer it added into`);
+      assert.equal(args[k.beta], alpha, `${k.fn}: β is the scalar one`);
+      // (the pointer-array call gets C through its device array of pointers)
+      if (k.fn !== 'cublasSgemmBatched') assert.equal(args[k.c], acc.ptr, `${k.fn}: C is the running cotangent`);
+      assert.equal(backend.memoryStats().inUse, inUse, `${k.fn}: no new device buffer is left`);
+      backend.free(plain);
+    }
+    const dst = backend.fill(5000, 'bfloat16', 1);
+    const src = backend.fill(5000, 'bfloat16', 2);
+    const inUse = backend.memoryStats().inUse;
+    backend.addInto(dst, src, 5000, 'bfloat16');
+    assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'binary_vec_add');
+    assert.equal(backend.memoryStats().inUse, inUse, 'addInto writes dst: no new buffer');
+  });
+
   test('AdamW of every parameter in one launch: the table of pointers, sizes, first blocks and decay, and the grid', opts, async () => {
     const { backend, calls } = await standInBackend();
     const sizes = [5000, 0, 3, 9000];

@@ -7,8 +7,8 @@
  */
 import { leaves, mapLeaves } from './pytree.js';
 import { alias, isTracked, record, setTraceDepth, traceDepth } from './runtime.js';
-import { Tensor, closeScope, openScope } from './tensor.js';
-import { add, onesLike, zerosLike } from './ops.js';
+import { Tensor, closeScope, nextTensorId, openScope } from './tensor.js';
+import { add, addInto, onesLike, zerosLike } from './ops.js';
 import { fmt } from './shape.js';
 
 // ---- memory ----------------------------------------------------------------------------------
@@ -54,7 +54,12 @@ export function stopGradient<T>(tree: T): T {
  * would dispose it when it closes anyway (the same test as closeScope's: not kept, not held by an outer
  * trace). Peak memory then falls as the walk goes instead of holding the whole tape to the end.
  */
-function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Tensor[], traceLevel: number, keep: Set<Tensor> | null = null): (Tensor | null)[] {
+function backward(
+  outputs: Tensor[], cotangents: (Tensor | null)[], targets: Tensor[], traceLevel: number, keep: Set<Tensor> | null = null,
+  /** Running cotangents of targets the caller hands over to be added into in place (a checkpoint's `into`). */
+  adopted: (Tensor | null)[] = [],
+): (Tensor | null)[] {
+  const walkStart = nextTensorId();
   const targetSet = new Set(targets);
   const bit = 1 << traceLevel;
   // A tensor is on a path to a target iff it carries this trace's bit (set by `record`).
@@ -94,10 +99,18 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
     cts.set(t, g);
     holders.set(g, (holders.get(g) ?? 0) + 1);
   };
+  const adoptedSet = new Set(adopted.filter((t): t is Tensor => t !== null));
   // Dead once consumed, unless an outer trace recorded it or the caller owns it.
   const disposeConsumed = (g: Tensor): void => {
-    if (!seeds.has(g) && !isTracked(g) && g.pin >= traceDepth()) g.dispose();
+    if (!seeds.has(g) && !adoptedSet.has(g) && !isTracked(g) && g.pin >= traceDepth()) g.dispose();
   };
+  /**
+   * Whether a running cotangent may be added into in place: one this walk made (or the caller handed over) and
+   * holds for one tensor alone, with memory no view shares, that no trace recorded and no caller keeps.
+   */
+  const mutable = (g: Tensor): boolean =>
+    adoptedSet.has(g) ||
+    (g.id >= walkStart && !seeds.has(g) && holders.get(g) === 1 && g.storage.refs === 1 && !isTracked(g) && !g.kept && g.pin >= traceDepth());
   const drop = (t: Tensor): void => {
     const g = cts.get(t);
     if (!g) return;
@@ -113,10 +126,19 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
   const accumulate = (t: Tensor, g: Tensor): void => {
     const prev = cts.get(t);
     if (!prev) return hold(t, g);
+    if (mutable(prev) && !isTracked(g)) {
+      if (prev.dtype !== g.dtype) throw new Error(`internal: a ${g.dtype} cotangent for a ${prev.dtype} tensor`);
+      addInto(prev, g);
+      return;
+    }
+    if (adoptedSet.has(prev)) throw new Error('internal: a handed-over cotangent could not be added into in place');
     const sum = add(prev, g);
     drop(t);
     hold(t, sum);
   };
+  targets.forEach((t, i) => {
+    if (adopted[i]) hold(t, adopted[i]!);
+  });
   outputs.forEach((o, i) => {
     const c = cotangents[i];
     if (c && needed(o)) accumulate(o, c);
@@ -127,10 +149,16 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
     const outCts = node.outputs.map((o) => cts.get(o) ?? null);
     if (outCts.every((c) => c === null)) continue;
     const needs = node.inputs.map(needed);
+    // running cotangents the vjp may add into in place, where nothing it reads is traced
+    const untracked = !outCts.some((c) => c !== null && isTracked(c)) && !node.inputs.some(isTracked) && !node.outputs.some(isTracked) && !node.saved.some(isTracked);
+    const into = node.inputs.map((t, i) => {
+      const prev = needs[i] && untracked ? cts.get(t) : undefined;
+      return prev && mutable(prev) ? prev : null;
+    });
     const scope = openScope();
     let inCts: (Tensor | null)[];
     try {
-      inCts = node.vjp(outCts, needs);
+      inCts = node.vjp(outCts, needs, into);
     } catch (e) {
       closeScope(scope, new Set(), traceDepth());
       throw e;
@@ -138,7 +166,7 @@ function backward(outputs: Tensor[], cotangents: (Tensor | null)[], targets: Ten
     closeScope(scope, new Set(inCts.filter((c): c is Tensor => c !== null)), traceDepth());
     node.inputs.forEach((t, i) => {
       const c = inCts[i];
-      if (!c || !needs[i]) return;
+      if (!c || !needs[i] || c === into[i]) return; // (into[i] returned: added into in place)
       if (!shapeEq(c, t)) throw new Error(`internal: ${node.name} backward gave ${fmt(c.shape)} for input ${fmt(t.shape)}`);
       accumulate(t, c);
     });
@@ -313,7 +341,7 @@ export function checkpoint<F extends AnyFn>(f: F): F {
       throw new Error('checkpoint: the function closes over a tensor that is being differentiated; pass it as an argument');
     }
     const trackedIdx = inputs.map((t, i) => (isTracked(t) ? i : -1)).filter((i) => i >= 0);
-    record('checkpoint', tracked, outs, (cts) => {
+    record('checkpoint', tracked, outs, (cts, _needs, into) => {
       const rerun = (...vars: Tensor[]): Tensor[] => {
         const flat = [...inputs];
         trackedIdx.forEach((idx, j) => (flat[idx] = vars[j]));
@@ -325,7 +353,8 @@ export function checkpoint<F extends AnyFn>(f: F): F {
       // mini-batch's checkpoint takes every parameter; most get nothing from its outputs' cotangents).
       const t = trace(rerun, tracked, tracked.map((_, i) => i));
       setTraceDepth(t.level);
-      return backward(t.out as Tensor[], cts, t.vars, t.level, new Set());
+      // the running cotangents handed in are added into by the rerun's backward itself (its GEMMs with β = 1)
+      return backward(t.out as Tensor[], cts, t.vars, t.level, new Set(), into ?? []);
     });
     return out;
   }) as F;

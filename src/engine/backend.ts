@@ -125,9 +125,15 @@ export interface Backend {
   softmaxGradBackward(y: BackendData, g: BackendData, u: BackendData, outer: number, n: number, dtype: DType): { dy: BackendData; dg: BackendData };
   /** Inclusive cumulative sum along the middle axis of [outer, n, inner]. */
   cumsum(x: BackendData, outer: number, n: number, inner: number, reverse: boolean, dtype: DType): BackendData;
-  /** The product of `dtype` operands, written in `outDType` (default dtype; float32 from bfloat16 where the backend has bfloat16). */
-  matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType, outDType?: DType): BackendData;
-  /** Strided copy of `shape` elements from src into an existing dst (the only mutating kernel). */
+  /**
+   * The product of `dtype` operands, written in `outDType` (default dtype; float32 from bfloat16 where the backend has
+   * bfloat16). With `accumulate` (contiguous [batch, m, n] of outDType), the product is added into that buffer in
+   * place (a GEMM with β = 1), which is returned: the backward adds a weight's gradient into its running cotangent so.
+   */
+  matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType, outDType?: DType, accumulate?: BackendData): BackendData;
+  /** dst += src over `size` elements of `dtype`, in place (the backward's running cotangents). */
+  addInto(dst: BackendData, src: BackendData, size: number, dtype: DType): void;
+  /** Strided copy of `shape` elements from src into an existing dst. */
   copy(src: BackendData, srcOffset: number, srcStrides: number[], dst: BackendData, dstOffset: number, dstStrides: number[], shape: number[], dtype: DType): void;
   /**
    * In place: row i of src [outer, n, rowLen] into row (at[0] + i) mod `rows` of dst [outer, rows, rowLen];

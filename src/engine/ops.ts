@@ -199,6 +199,19 @@ const BINARY_GRADS: Record<BinaryOp, BinaryGrad> = {
 };
 const INT_BINARY: ReadonlySet<BinaryOp> = new Set(['add', 'sub', 'mul', 'maximum', 'minimum']);
 
+/**
+ * dst += src in place (one shape and dtype), for tensors no trace follows: the backward walk's running
+ * cotangents. Returns dst.
+ */
+export function addInto(dst: Tensor, src: Tensor): Tensor {
+  sameBackend('addInto', [dst, src]);
+  sameDType('addInto', [dst, src]);
+  if (!shapesEqual(dst.shape, src.shape)) throw new Error(`addInto: shapes ${fmt(dst.shape)} and ${fmt(src.shape)} differ`);
+  if (isTracked(dst) || isTracked(src)) throw new Error('addInto: a traced tensor cannot be added into in place');
+  dst.backend.addInto(dst.data, src.data, dst.size, dst.dtype);
+  return dst;
+}
+
 function binary(op: BinaryOp, xa: TensorLike, xb: TensorLike): Tensor {
   if (!(xa instanceof Tensor) && !(xb instanceof Tensor)) throw new Error(`${op}: needs at least one tensor`);
   const a = lift(xa, (xa instanceof Tensor ? xa : xb) as Tensor);
@@ -476,6 +489,11 @@ export interface MatmulOptions {
    * GEMM accumulates in float32 either way, so this skips a rounding and a cast).
    */
   outDType?: DType;
+  /**
+   * Adds the product into this tensor in place (a GEMM with β = 1) and returns it: the backward's running
+   * cotangent of a weight. It must have the product's shape and dtype, and no trace may follow it or the operands.
+   */
+  into?: Tensor;
 }
 
 /**
@@ -545,12 +563,33 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
   };
   // a float32 operand of a bfloat16 product is cast for the GEMM; its gradient comes back in float32 from the GEMM itself
   const [al, bl] = [lowered(a, dtype), lowered(b, dtype)];
+  const into = opts.into;
+  if (into) {
+    if (!shapesEqual(into.shape, [...batchShape, m, n]) || into.dtype !== outDType || into.backend !== a.backend) {
+      throw new Error(`matmul: into is ${into.dtype}${fmt(into.shape)}, the product ${outDType}${fmt([...batchShape, m, n])}`);
+    }
+    if ([a, b, into].some(isTracked)) throw new Error('matmul: a product added into a tensor in place cannot be traced');
+    a.backend.matmul(al.data, bl.data, job, dtype, outDType, into.data);
+    for (const [l, x] of [[al, a], [bl, b]]) if (l !== x) l.dispose();
+    return into;
+  }
   const y = fromData(a.backend.matmul(al.data, bl.data, job, dtype, outDType), [...batchShape, m, n], outDType, a.backend);
-  record('matmul', [a, b], [y], ([g], needs) => {
+  record('matmul', [a, b], [y], ([g], needs, acc) => {
+    // an operand's running cotangent takes the GEMM's product in place where the product has its shape (no batch sum)
+    const intoFor = (i: number, x: Tensor): Tensor | undefined => {
+      const t = acc?.[i];
+      return t && shapesEqual(batchShape, x.shape.slice(0, -2)) && t.dtype === x.dtype ? t : undefined;
+    };
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
-    if (needs[0]) ga = transA ? matmul(bl, g!, { transA: transB, transB: true, outDType: a.dtype }) : matmul(g!, bl, { transB: !transB, outDType: a.dtype });
-    if (needs[1]) gb = transB ? matmul(g!, al, { transA: true, transB: transA, outDType: b.dtype }) : matmul(al, g!, { transA: !transA, outDType: b.dtype });
+    if (needs[0]) {
+      const o = { outDType: a.dtype, into: intoFor(0, a) };
+      ga = transA ? matmul(bl, g!, { transA: transB, transB: true, ...o }) : matmul(g!, bl, { transB: !transB, ...o });
+    }
+    if (needs[1]) {
+      const o = { outDType: b.dtype, into: intoFor(1, b) };
+      gb = transB ? matmul(g!, al, { transA: true, transB: transA, ...o }) : matmul(al, g!, { transA: !transA, ...o });
+    }
     return [ga && sumToShape(ga, a.shape), gb && sumToShape(gb, b.shape)];
   }, [al, bl].filter((t, i) => t !== [a, b][i]));
   return y;

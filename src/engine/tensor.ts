@@ -35,11 +35,22 @@ export interface Node {
   readonly level: number;
   /** Non-differentiable tensors the vjp reads besides its inputs and outputs. */
   readonly saved: Tensor[];
-  vjp(cotangents: (Tensor | null)[], needs: boolean[]): (Tensor | null)[];
+  /**
+   * `into[i]`, where the backward walk gives it, is input i's running cotangent, which the vjp may add its
+   * contribution to in place (a GEMM with β = 1, a checkpoint's inner backward) and return as its cotangent for
+   * that input; any other tensor returned is a contribution the walk adds. Given only where nothing the vjp
+   * reads is traced, so nothing it computes is recorded.
+   */
+  vjp(cotangents: (Tensor | null)[], needs: boolean[], into?: (Tensor | null)[]): (Tensor | null)[];
 }
 
 let nextId = 1;
 let liveTensors = 0;
+
+/** The id the next tensor gets: every tensor created after this call has an id at least this. */
+export function nextTensorId(): number {
+  return nextId;
+}
 
 export class Tensor {
   readonly id = nextId++;

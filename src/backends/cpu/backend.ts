@@ -275,12 +275,21 @@ export class CpuBackend implements Backend {
     }
     return out;
   }
-  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype): Arr {
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype, accumulate?: unknown): Arr {
     // (bfloat16 is held as float32 here: a float32 product of bfloat16 operands is the same array)
     if (outDType !== dtype && !(dtype === 'bfloat16' && outDType === 'float32')) throw new Error(`cpu backend: matmul of ${dtype} cannot write ${outDType}`);
-    const c = pool.alloc(dtype, job.batch * job.m * job.n, false); // gemm overwrites all of c
+    const size = job.batch * job.m * job.n;
+    const c = pool.alloc(dtype, size, false); // gemm overwrites all of c
     gemm(gemmJobFor(a as Arr, b as Arr, c, job));
-    return c;
+    if (accumulate === undefined) return c;
+    // our GEMMs have no β: the product, then added (the same values a β = 1 GEMM gives, up to its rounding order)
+    this.addInto(accumulate, c, size);
+    pool.release(c, dtype, size);
+    return accumulate as Arr;
+  }
+  addInto(dst: unknown, src: unknown, size: number): void {
+    const [d, s] = [dst as Arr, src as Arr];
+    for (let i = 0; i < size; i++) d[i] += s[i];
   }
   writeRowsAt(dst: unknown, src: unknown, at: unknown, outer: number, n: number, rows: number, rowLen: number): void {
     const [d, s] = [dst as Arr, src as Arr];

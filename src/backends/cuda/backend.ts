@@ -522,10 +522,14 @@ export class CudaBackend implements Backend {
   }
 
   binary(op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
+    const out = this.alloc(dtype, sizeOf(shape));
+    return sizeOf(shape) === 0 ? out : this.binaryTo(out, op, a, sa, b, sb, shape, dtype);
+  }
+
+  /** The binary kernels into `out` (which may be `a` itself: each element is read before it is written, by its own thread). */
+  private binaryTo(out: DeviceBuffer, op: BinaryOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
     const dt = dtype;
     const n = sizeOf(shape);
-    const out = this.alloc(dt, n);
-    if (n === 0) return out;
     const ix = this.ix(shape, [sa, sb]);
     if (ix[0] <= 1) {
       // rank 0 or 1: strides are ix[1 + MAX_RANK] and ix[1 + 2 * MAX_RANK] (0 for rank 0: a single element)
@@ -541,6 +545,10 @@ export class CudaBackend implements Backend {
     const args = this.args.reset().ptr(out.ptr).ptr(buf(a).ptr).ptr(buf(b).ptr).i64s(ix).i64(n);
     this.launch(this.fn('elementwise', dt, binaryName(op)), this.blocksFor(n), THREADS, 0, args, binaryName(op));
     return out;
+  }
+
+  addInto(dst: unknown, src: unknown, size: number, dtype: DType): void {
+    if (size > 0) this.binaryTo(buf(dst), 'add', dst, [1], src, [1], [size], dtype);
   }
 
   compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {
@@ -923,7 +931,7 @@ export class CudaBackend implements Backend {
    * transposes stay flags. Evenly spaced batch offsets (broadcast = stride 0) go to the strided
    * batched call; any other offsets to the pointer-array batched call.
    */
-  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype): DeviceBuffer {
+  matmul(a: unknown, b: unknown, job: MatmulJob, dtype: DType, outDType: DType = dtype, accumulate?: unknown): DeviceBuffer {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: matmul needs a float dtype, got ${dt}`);
     if (outDType !== dt && !(dt === 'bfloat16' && outDType === 'float32')) throw new Error(`cuda backend: matmul of ${dt} cannot write ${outDType}`);
@@ -932,10 +940,11 @@ export class CudaBackend implements Backend {
     const EC = BYTES[outDType];
     // bf16 operands write bf16 or float32 (CUBLAS_COMPUTE_32F accumulates in float32 either way)
     const CT = outDType === 'float32' ? CUDA_R_32F : CUDA_R_16BF;
-    const c = this.alloc(outDType, batch * m * n);
+    // with `accumulate`, C = op(A) op(B) + C (β = 1) into that buffer
+    const c = accumulate === undefined ? this.alloc(outDType, batch * m * n) : buf(accumulate);
     if (batch * m * n === 0) return c;
     if (k === 0) {
-      this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * EC, this.stream));
+      if (accumulate === undefined) this.cu('cuMemsetD8Async', this.drv.cuMemsetD8Async(c.ptr, 0, batch * m * n * EC, this.stream));
       return c;
     }
     const A = buf(a).ptr;
@@ -945,7 +954,7 @@ export class CudaBackend implements Backend {
     const opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
     const opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
     // bf16 scales by float (CUBLAS_COMPUTE_32F), float32 by float, float64 by double
-    const [one, zero] = dt === 'float64' ? [this.one64, this.zero64] : [this.one32, this.zero32];
+    const [one, beta] = dt === 'float64' ? [this.one64, accumulate === undefined ? this.zero64 : this.one64] : [this.one32, accumulate === undefined ? this.zero32 : this.one32];
     const sA = evenStride(aOffsets);
     const sB = evenStride(bOffsets);
     const bl = this.blas;
@@ -957,10 +966,10 @@ export class CudaBackend implements Backend {
         // one product: the plain GemmEx (its heuristics pick faster kernels than a batch of one)
         const status =
           dt !== 'bfloat16'
-            ? (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, zero, c.ptr, n, m * n, batch)
+            ? (dt === 'float32' ? bl.cublasSgemmStridedBatched : bl.cublasDgemmStridedBatched)(h, opB, opA, n, m, k, one, B0, ldb, sB, A0, lda, sA, beta, c.ptr, n, m * n, batch)
             : batch === 1
-              ? bl.cublasGemmEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, A0, CUDA_R_16BF, lda, zero, c.ptr, CT, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-              : bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, zero, c.ptr, CT, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+              ? bl.cublasGemmEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, A0, CUDA_R_16BF, lda, beta, c.ptr, CT, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+              : bl.cublasGemmStridedBatchedEx(h, opB, opA, n, m, k, one, B0, CUDA_R_16BF, ldb, sB, A0, CUDA_R_16BF, lda, sA, beta, c.ptr, CT, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         checkCublas(`gemm strided batched (${dt})`, status);
       });
       return c;
@@ -982,8 +991,8 @@ export class CudaBackend implements Backend {
     this.timed(`gemm ${dt}${outDType === dt ? '' : `→${outDType}`} ${batch}x[${m}x${k}]@[${k}x${n}] (pointer arrays)`, () => {
       const status =
         dt === 'bfloat16'
-          ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, zero, Cs, CT, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-          : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, zero, Cs, n, batch);
+          ? bl.cublasGemmBatchedEx(h, opB, opA, n, m, k, one, Bs, CUDA_R_16BF, ldb, As, CUDA_R_16BF, lda, beta, Cs, CT, n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+          : (dt === 'float32' ? bl.cublasSgemmBatched : bl.cublasDgemmBatched)(h, opB, opA, n, m, k, one, Bs, ldb, As, lda, beta, Cs, n, batch);
       checkCublas(`gemm batched (${dt})`, status);
     });
     this.allocator.free(dev); // stream-ordered: later reuse runs after this GEMM

@@ -1,0 +1,159 @@
+/**
+ * The backward walk's in-place accumulation: a tensor's running cotangent takes further contributions in place
+ * (products through GEMMs with β = 1, checkpointed segments through their own backward, anything else through
+ * `addInto`) where that is safe — a cotangent the walk made, held for one tensor, sharing memory with no view,
+ * that no trace records and no caller keeps. Checked: the products go into the running cotangent (a spy on the
+ * backend), gradients against finite differences on graphs with shared cotangents, views, broadcasting,
+ * checkpoints and second order, and that a caller's cotangents and kept tensors are never written.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as T from '../src/index.js';
+import { checkGrad, checkHvp, rn } from './helpers/check.js';
+
+/** fn's result and the backend's matmul calls, each with whether it accumulated and into which buffer. */
+function spyMatmul<R>(fn: () => R): { result: R; calls: { accumulate: unknown }[] } {
+  const be = T.getBackend();
+  const original = be.matmul;
+  const calls: { accumulate: unknown }[] = [];
+  be.matmul = function (this: T.Backend, ...args: Parameters<T.Backend['matmul']>) {
+    calls.push({ accumulate: args[5] });
+    return original.apply(this, args);
+  } as T.Backend['matmul'];
+  try {
+    return { result: fn(), calls };
+  } finally {
+    be.matmul = original;
+  }
+}
+
+/** fn's result and how many binary adds the backend ran over tensors of `size` elements. */
+function countAdds<R>(size: number, fn: () => R): { result: R; adds: number } {
+  const be = T.getBackend();
+  const original = be.binary;
+  let adds = 0;
+  be.binary = function (this: T.Backend, ...args: Parameters<T.Backend['binary']>) {
+    if (args[0] === 'add' && args[5].reduce((a, b) => a * b, 1) === size) adds++;
+    return original.apply(this, args);
+  } as T.Backend['binary'];
+  try {
+    return { result: fn(), adds };
+  } finally {
+    be.binary = original;
+  }
+}
+
+describe('in-place accumulation of cotangents', () => {
+  test('matmul({ into }) adds the product into the tensor and returns it; refuses a traced operand or a wrong shape', () => {
+    T.tidy(() => {
+      const [a, b, c] = [rn(1, [2, 3, 4]), rn(2, [2, 4, 5]), rn(3, [2, 3, 5])];
+      const want = T.add(c, T.matmul(a, b)).toArray();
+      const acc = T.add(c, 0);
+      assert.equal(T.matmul(a, b, { into: acc }), acc);
+      assert.deepEqual(acc.toArray().map((v, i) => Math.abs(v - want[i]) < 1e-12), want.map(() => true));
+      assert.throws(() => T.matmul(a, b, { into: rn(4, [2, 3, 4]) }), /into is float64\[2,3,4\], the product float64\[2,3,5\]/);
+      assert.throws(() => T.grad((x: T.Tensor) => T.sum(T.matmul(x, b, { into: T.add(c, 0) })))(a), /cannot be traced/);
+      assert.throws(() => T.addInto(acc, rn(5, [3, 5])), /addInto: shapes/);
+    });
+  });
+
+  test('a weight used by several products: each product after the first goes into its running cotangent (β = 1), no add of its size', () => {
+    T.tidy(() => {
+      const w = rn(10, [6, 5]);
+      const xs = [rn(11, [4, 6]), rn(12, [3, 6]), rn(13, [7, 6])];
+      const f = (p: T.Tensor) => xs.reduce((s, x) => T.add(s, T.sum(T.tanh(T.matmul(x, p)))), T.scalar(0, 'float64'));
+      const { result: g, calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w) as T.Tensor));
+      const into = calls.filter((c) => c.accumulate !== undefined);
+      assert.equal(into.length, 2, 'the second and third products of the weight\'s gradient are added in place');
+      assert.equal(into[0].accumulate, into[1].accumulate, 'into one buffer');
+      assert.equal(g.result.size, 30);
+      assert.equal(g.adds, 0, 'no separate add of weight-sized cotangents');
+      checkGrad(f, [w], { label: 'shared weight' });
+    });
+  });
+
+  test('checkpointed segments: their backward adds into the outer running cotangent; the same gradients as without checkpoints', () => {
+    T.tidy(() => {
+      const w = rn(20, [5, 5]);
+      const x0 = rn(21, [3, 5]);
+      const seg = T.checkpoint((h: T.Tensor, p: T.Tensor) => T.tanh(T.matmul(h, p)));
+      const f = (useCheckpoint: boolean) => (p: T.Tensor) => {
+        let h = x0;
+        for (let i = 0; i < 4; i++) h = useCheckpoint ? seg(h, p) : T.tanh(T.matmul(h, p));
+        return T.sum(T.square(h));
+      };
+      const { result: g, calls } = spyMatmul(() => T.grad(f(true))(w) as T.Tensor);
+      const into = calls.filter((c) => c.accumulate !== undefined);
+      assert.equal(into.length, 3, 'segments 2-4 (in backward order) add their weight gradient into the first one\'s');
+      assert.ok(into.every((c) => c.accumulate === into[0].accumulate), 'one running cotangent across the segments');
+      const plain = T.grad(f(false))(w) as T.Tensor;
+      const [a, b] = [g.toArray(), plain.toArray()];
+      assert.ok(a.every((v, i) => Math.abs(v - b[i]) < 1e-12), 'checkpointed = plain');
+      checkGrad(f(true), [w], { label: 'checkpointed' });
+    });
+  });
+
+  test('shared cotangents, views, broadcasts, a product of a tensor with itself, second order: all match finite differences', () => {
+    T.tidy(() => {
+      const x = rn(30, [4, 4]);
+      const w = rn(31, [4, 4]);
+      const f = (a: T.Tensor, p: T.Tensor) => {
+        const s = T.add(a, a); // one cotangent handed to both inputs
+        const v = T.reshape(T.matmul(s, p), [2, 8]); // a view of a product
+        const sq = T.matmul(a, a); // the same tensor on both sides of a product
+        const b = T.mul(T.reshape(v, [4, 4]), T.sum(a, 0, true)); // a broadcast
+        return T.sum(T.tanh(T.add(T.add(sq, b), T.matmul(T.transpose(a, [1, 0]), p))));
+      };
+      checkGrad(f, [x, w], { label: 'mixed graph' });
+      checkHvp(f, [x, w], { label: 'mixed graph, second order', rtol: 1e-5 });
+      const seg = T.checkpoint(f);
+      checkGrad((a: T.Tensor, p: T.Tensor) => T.add(seg(a, p), f(a, p)), [x, w], { label: 'the graph checkpointed beside itself' });
+    });
+  });
+
+  test('random graphs of views, shared cotangents and elementwise ops match finite differences (a view of a cotangent still held elsewhere is never added into)', () => {
+    let seed = 1;
+    const rnd = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
+    const flat = (t: T.Tensor) => (t.rank === 1 ? t : T.reshape(t, [4]));
+    const square = (t: T.Tensor) => (t.rank === 2 ? t : T.reshape(t, [2, 2]));
+    const ops: ((a: T.Tensor, b: T.Tensor) => T.Tensor)[] = [
+      (a) => square(a), (a) => flat(a), (a) => T.tanh(a), (a) => T.sin(a),
+      (a, b) => T.add(flat(a), flat(b)), (a, b) => T.mul(square(a), square(b)), (a, b) => T.add(square(a), square(b)),
+    ];
+    const weights = T.tensor([1, -2, 3, 0.5], [4], 'float64');
+    for (let trial = 0; trial < 24; trial++) {
+      const start = seed;
+      const f = (x: T.Tensor) => {
+        seed = start; // the same graph on every evaluation
+        const made = [x];
+        for (let i = 0; i < 8; i++) {
+          const op = ops[Math.floor(rnd() * ops.length)];
+          made.push(op(made[Math.floor(rnd() * made.length)], made[Math.floor(rnd() * made.length)]));
+        }
+        let loss = T.sum(T.mul(flat(made[made.length - 1]), weights));
+        for (let i = 1; i < made.length - 1; i += 3) loss = T.add(loss, T.sum(T.mul(flat(made[i]), 0.3)));
+        return loss;
+      };
+      T.tidy(() => checkGrad(f, [rn(trial, [4])], { label: `random graph ${trial}` }));
+      seed = ((start * 7 + 13) % 2147483648) + 1;
+    }
+  });
+
+  test('a caller\'s cotangents and kept tensors are never written in place', () => {
+    T.tidy(() => {
+      const w = rn(40, [3, 3]);
+      const a = rn(41, [2, 3]);
+      // output 0 is the variable itself: its cotangent (the caller's) becomes w's running cotangent
+      const [, pullback] = T.vjp((p: T.Tensor) => [p, T.matmul(a, p), T.matmul(a, p)], w);
+      const cts = [rn(42, [3, 3]), rn(43, [2, 3]), rn(44, [2, 3])];
+      const before = cts.map((c) => c.toArray());
+      const [g] = pullback(cts) as T.Tensor[];
+      cts.forEach((c, i) => assert.deepEqual(c.toArray(), before[i], `cotangent ${i} unchanged`));
+      const want = T.add(cts[0], T.matmul(a, T.add(cts[1], cts[2]), { transA: true })).toArray();
+      g.toArray().forEach((v, i) => assert.ok(Math.abs(v - want[i]) < 1e-12));
+      // a second pullback with the same cotangents gives the same gradient (nothing was consumed or changed)
+      const [again] = pullback(cts) as T.Tensor[];
+      assert.deepEqual(again.toArray(), g.toArray());
+    });
+  });
+});
