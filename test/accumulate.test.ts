@@ -139,6 +139,63 @@ describe('in-place accumulation of cotangents', () => {
     }
   });
 
+  test('the token NLL: the logits\' two cotangents (the outer NLL\'s and the second order\'s) share one [rows, V] buffer; same values as without in-place, and finite differences', () => {
+    T.tidy(() => {
+      const targets = T.tensor([1, 4, 0], [3], 'int32');
+      const v = rn(51, [3, 5]);
+      // the outer NLL plus a product with the NLL's gradient: the logits get both cotangents in one walk
+      const f = (x: T.Tensor) => T.add(T.sum(T.fusedTokenNll(x, targets)), T.sum(T.mul(T.grad((y: T.Tensor) => T.sum(T.fusedTokenNll(y, targets)))(x) as T.Tensor, v)));
+      const x = rn(50, [3, 5]);
+      const be = T.getBackend();
+      const [first, second] = [be.tokenNllBackward, be.tokenNllGradBackward];
+      const accumulated: string[] = [];
+      be.tokenNllBackward = function (this: T.Backend, ...args: Parameters<T.Backend['tokenNllBackward']>) {
+        if (args[7] !== undefined) accumulated.push('first order');
+        return first.apply(this, args);
+      } as T.Backend['tokenNllBackward'];
+      be.tokenNllGradBackward = function (this: T.Backend, ...args: Parameters<T.Backend['tokenNllGradBackward']>) {
+        if (args[8] !== undefined) accumulated.push('second order');
+        return second.apply(this, args);
+      } as T.Backend['tokenNllGradBackward'];
+      let g: T.Tensor;
+      try {
+        g = T.grad(f)(x) as T.Tensor;
+      } finally {
+        [be.tokenNllBackward, be.tokenNllGradBackward] = [first, second];
+      }
+      // whichever of the two kernels runs second adds into the other's result
+      assert.equal(accumulated.length, 1, `one kernel added into the running cotangent: ${accumulated}`);
+      const before = T.setInPlaceAccumulation(false);
+      let plain: T.Tensor;
+      try {
+        plain = T.grad(f)(x) as T.Tensor;
+      } finally {
+        T.setInPlaceAccumulation(before);
+      }
+      const [a, b] = [g.toArray(), plain.toArray()];
+      assert.ok(a.every((val, i) => Math.abs(val - b[i]) < 1e-13), 'in place = a separate sum');
+      checkGrad(f, [x], { label: 'NLL + its gradient' });
+    });
+  });
+
+  test('TTT_ACCUMULATE_IN_PLACE=0 (setInPlaceAccumulation(false)) adds every contribution separately', () => {
+    T.tidy(() => {
+      const w = rn(60, [6, 5]);
+      const xs = [rn(61, [4, 6]), rn(62, [3, 6])];
+      const f = (p: T.Tensor) => T.add(T.sum(T.tanh(T.matmul(xs[0], p))), T.sum(T.tanh(T.matmul(xs[1], p))));
+      const before = T.setInPlaceAccumulation(false);
+      try {
+        const { calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w)));
+        assert.equal(calls.filter((c) => c.accumulate !== undefined).length, 0);
+      } finally {
+        T.setInPlaceAccumulation(before);
+      }
+      const { result, calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w)));
+      assert.equal(calls.filter((c) => c.accumulate !== undefined).length, 1);
+      assert.equal(result.adds, 0);
+    });
+  });
+
   test('a caller\'s cotangents and kept tensors are never written in place', () => {
     T.tidy(() => {
       const w = rn(40, [3, 3]);

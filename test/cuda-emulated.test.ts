@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
-import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
 import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
 import { seededValues } from './helpers/check.js';
 
@@ -26,14 +26,15 @@ const skip = gxx.status === 0 ? false : 'g++ not found: the generated CUDA C can
 type Dt = 'float32' | 'float64' | 'bfloat16';
 const CT: Record<Dt, string> = { float32: 'float', float64: 'double', bfloat16: 'bf16' };
 const STAT: Record<Dt, 'float32' | 'float64'> = { float32: 'float32', float64: 'float64', bfloat16: 'float32' };
-const BYTES: Record<Dt | 'u64', number> = { float32: 4, float64: 8, bfloat16: 2, u64: 8 };
+const BYTES: Record<Dt | 'u64' | 'i32', number> = { float32: 4, float64: 8, bfloat16: 2, u64: 8, i32: 4 };
 
-/** An array the harness reads (in) or writes (out): its C element type and values or length. */
-interface Arg { name: string; dt: Dt | 'u64'; values?: ArrayLike<number> | BigUint64Array; size?: number; out?: boolean }
+/** An array the harness reads (values given), writes (out) or both: its C element type and values or length. */
+interface Arg { name: string; dt: Dt | 'u64' | 'i32'; values?: ArrayLike<number> | BigUint64Array; size?: number; out?: boolean }
 
 function encode(a: Arg): Buffer {
   const v = a.values!;
   if (a.dt === 'u64') return Buffer.from((v as BigUint64Array).buffer);
+  if (a.dt === 'i32') return Buffer.from(Int32Array.from(v as ArrayLike<number>).buffer);
   if (a.dt === 'bfloat16') return Buffer.from(new Uint16Array(Array.from(v as ArrayLike<number>, (x) => toBfloat16Bits([x])[0])).buffer);
   return Buffer.from((a.dt === 'float32' ? Float32Array.from(v as ArrayLike<number>) : Float64Array.from(v as ArrayLike<number>)).buffer);
 }
@@ -48,13 +49,13 @@ function decode(dt: Dt, buf: Buffer): number[] {
  * Builds `source` with a main that reads the `in` arrays, runs `call` (C, over the arrays' names) on a grid of
  * `grid` blocks of `block` threads, and writes the `out` arrays; returns them decoded, by name.
  */
-function emulate(source: string, args: Arg[], call: string, grid: number, block: number, prelude = ''): Record<string, number[]> {
+function emulate(source: string, args: Arg[], call: string, grid: number, block: number, prelude = '', gridY = 1): Record<string, number[]> {
   const dir = mkdtempSync(join(tmpdir(), 'ttt-cuda-emu-'));
   try {
-    const ctype = (a: Arg) => (a.dt === 'u64' ? 'unsigned long long' : CT[a.dt]);
+    const ctype = (a: Arg) => (a.dt === 'u64' ? 'unsigned long long' : a.dt === 'i32' ? 'int' : CT[a.dt]);
     const count = (a: Arg) => (a.values ? a.values.length : a.size!);
     const decls = args.map((a) => `std::vector<${ctype(a)}> ${a.name}(${Math.max(count(a), 1)});`).join('\n  ');
-    const reads = args.filter((a) => !a.out).map((a) => `if (fread(${a.name}.data(), sizeof(${ctype(a)}), ${count(a)}, in) != ${count(a)}) return 2;`).join('\n  ');
+    const reads = args.filter((a) => a.values !== undefined).map((a) => `if (fread(${a.name}.data(), sizeof(${ctype(a)}), ${count(a)}, in) != ${count(a)}) return 2;`).join('\n  ');
     const writes = args.filter((a) => a.out).map((a) => `fwrite(${a.name}.data(), sizeof(${ctype(a)}), ${count(a)}, out);`).join('\n  ');
     const main = `
 #include <cstdio>
@@ -64,7 +65,7 @@ int main(int argc, char** argv) {
   ${decls}
   ${reads}
   fclose(in);
-  emuLaunch(${grid}, ${block}, [&] { ${call}; });
+  emuLaunch(${grid}, ${block}, [&] { ${call}; }, ${gridY});
   FILE* out = fopen(argv[2], "wb");
   ${writes}
   fclose(out);
@@ -73,7 +74,7 @@ int main(int argc, char** argv) {
     writeFileSync(join(dir, 'k.cpp'), `#include "${EMU_HEADER}"\n${source}\n${main}\n`);
     const cc = spawnSync('g++', ['-std=c++20', '-O1', '-pthread', '-ffp-contract=off', '-w', '-o', join(dir, 'k'), join(dir, 'k.cpp')], { encoding: 'utf8' });
     assert.equal(cc.status, 0, `g++ failed:\n${cc.stderr.slice(0, 3000)}`);
-    writeFileSync(join(dir, 'in.bin'), Buffer.concat(args.filter((a) => !a.out).map(encode)));
+    writeFileSync(join(dir, 'in.bin'), Buffer.concat(args.filter((a) => a.values !== undefined).map(encode)));
     const run = spawnSync(join(dir, 'k'), [join(dir, 'in.bin'), join(dir, 'out.bin')], { encoding: 'utf8' });
     assert.equal(run.status, 0, `the emulated kernel failed: ${run.stderr}`);
     const bytes = readFileSync(join(dir, 'out.bin'));
@@ -172,6 +173,46 @@ describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip 
           const e = relErr(got, want[name]);
           assert.ok(e < TOL[dt], `${dt} ${rows}x${n} ${name}: error ${e}`);
         }
+      }
+    });
+  }
+
+  for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
+    test(`${NLL_BWD_ACC} and ${NLL_HVP_ACC} ${dt}: added into a running cotangent in place (beside the plain kernels), against the CPU backend (rows of 16-byte vectors and not)`, () => {
+      const ref = dt === 'bfloat16' ? 'float64' : dt;
+      const stat = (v: number) => (STAT[dt] === 'float32' ? Math.fround(v) : v);
+      const source = moduleSource('reduce', dt);
+      for (const [kernel, rows, V] of [[NLL_BWD, 3, 40], [NLL_BWD, 2, 37], [NLL_HVP, 3, 37]] as const) {
+        const size = rows * V;
+        const [x, u, prior] = [values(dt, 71, size, -4, 4), values(dt, 72, size), values(dt, 73, size)];
+        const targets = Array.from({ length: rows }, (_, r) => (r * 7) % V);
+        const g = seededValues(74, rows, -2, 2).map(stat);
+        const lse = Array.from(cpu.tokenNllForward(typed(ref, x), Int32Array.from(targets), rows, V, ref).lse as ArrayLike<number>, stat);
+        const ins: Arg[] = [
+          { name: 'x', dt, values: x }, { name: 't', dt: 'i32', values: targets }, { name: 'lse', dt: STAT[dt], values: lse },
+          { name: 'g', dt: STAT[dt], values: g }, { name: 'u', dt, values: u },
+        ];
+        // d0 written from scratch (it starts as garbage: the prior), d1 added into the prior in place, in one launch
+        const outs: Arg[] = [{ name: 'd0', dt, values: prior, out: true }, { name: 'd1', dt, values: prior, out: true }];
+        let out: Record<string, number[]>;
+        if (kernel === NLL_BWD) {
+          const vec = (V * BYTES[dt]) % 16 === 0 ? 1 : 0;
+          const perRow = Math.ceil(V / (vec ? 16 / BYTES[dt] : 1) / THREADS);
+          const call = (d: string, acc: number) => `${acc ? NLL_BWD_ACC : NLL_BWD}(${d}.data(), x.data(), t.data(), lse.data(), g.data(), ${rows}, ${V}, ${vec})`;
+          out = emulate(source, [...ins, ...outs], `${call('d0', 0)}; ${call('d1', 1)}`, perRow, THREADS, '', rows);
+        } else {
+          const dg: Arg[] = [{ name: 'dg0', dt: STAT[dt], size: rows, out: true }, { name: 'dg1', dt: STAT[dt], size: rows, out: true }];
+          const call = (d: string, acc: number) => `${acc ? NLL_HVP_ACC : NLL_HVP}(${d}.data(), dg${d[1]}.data(), x.data(), t.data(), lse.data(), g.data(), u.data(), ${rows}, ${V})`;
+          out = emulate(source, [...ins, ...outs, ...dg], `${call('d0', 0)}; ${call('d1', 1)}`, rows, THREADS);
+        }
+        const [tx, tt, tl, tg, tu] = [typed(ref, x), Int32Array.from(targets), typed(ref, lse), typed(ref, g), typed(ref, u)];
+        const run = (acc?: Float32Array | Float64Array) =>
+          kernel === NLL_BWD ? (cpu.tokenNllBackward(tx, tt, tl, tg, rows, V, ref, acc) as ArrayLike<number>) : (cpu.tokenNllGradBackward(tx, tt, tl, tg, tu, rows, V, ref, acc).dLogits as ArrayLike<number>);
+        const want = [run(), run(typed(ref, prior))];
+        ['d0', 'd1'].forEach((name, i) => {
+          const e = relErr(out[name], want[i]);
+          assert.ok(e < TOL[dt] * 2, `${kernel} ${dt} ${rows}x${V} ${name}: error ${e}`);
+        });
       }
     });
   }

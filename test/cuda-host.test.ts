@@ -188,7 +188,7 @@ describe('cuda backend host side (stand-in libraries)', () => {
     assert.throws(() => backend.matmul(a, b, job, 'float32', 'float64'), /matmul of float32 cannot write float64/);
   });
 
-  test('matmul into a running cotangent: β = 1 and C the given buffer for every GEMM entry point, no new buffer; addInto writes dst in place', opts, async () => {
+  test('into a running cotangent: matmul with β = 1 and C the given buffer for every GEMM entry point, addInto, the token NLL\'s backward kernels; no new buffer', opts, async () => {
     const { backend, calls } = await standInBackend();
     const job = { batch: 1, m: 32, n: 64, k: 8, transA: false, transB: false, aOffsets: Int32Array.of(0), bOffsets: Int32Array.of(0) };
     const cases = [
@@ -222,6 +222,19 @@ describe('cuda backend host side (stand-in libraries)', () => {
     backend.addInto(dst, src, 5000, 'bfloat16');
     assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'binary_vec_add');
     assert.equal(backend.memoryStats().inUse, inUse, 'addInto writes dst: no new buffer');
+    // the token NLL's backward kernels, added into the logits' running cotangent
+    const [rows, V] = [4, 1000];
+    const [logits, prior, u] = [0, 1, 2].map(() => backend.fill(rows * V, 'bfloat16', 0));
+    const [lse, g] = [backend.fill(rows, 'float32', 0), backend.fill(rows, 'float32', 1)];
+    const targets = backend.upload(Int32Array.of(0, 1, 2, 3), 'int32');
+    const held = backend.memoryStats().inUse;
+    assert.equal(backend.tokenNllBackward(logits, targets, lse, g, rows, V, 'bfloat16', prior), prior);
+    assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'token_nll_bwd_acc');
+    assert.equal(backend.memoryStats().inUse, held, 'no new [rows, V] buffer');
+    const r = backend.tokenNllGradBackward(logits, targets, lse, g, u, rows, V, 'bfloat16', prior);
+    assert.deepEqual([r.dLogits === prior, (calls.lastLaunch as [{ name: string }])[0].name], [true, 'token_nll_hvp_acc']);
+    backend.tokenNllBackward(logits, targets, lse, g, rows, V, 'bfloat16');
+    assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'token_nll_bwd', 'without accumulate, the plain kernel');
   });
 
   test('AdamW of every parameter in one launch: the table of pointers, sizes, first blocks and decay, and the grid', opts, async () => {

@@ -44,6 +44,16 @@ export function stopGradient<T>(tree: T): T {
 
 // ---- the backward pass ---------------------------------------------------------------------------
 
+/** Whether running cotangents take contributions in place (see `backward`); `TTT_ACCUMULATE_IN_PLACE=0` turns it off. */
+let inPlace = process.env.TTT_ACCUMULATE_IN_PLACE !== '0';
+
+/** Turns in-place accumulation of cotangents on or off (for A/B runs and tests); returns the previous setting. */
+export function setInPlaceAccumulation(on: boolean): boolean {
+  const before = inPlace;
+  inPlace = on;
+  return before;
+}
+
 /**
  * Accumulates d(outputs · cotangents)/d(targets) by walking the graph from outputs back to targets.
  * Only nodes that lie on a path to a target are visited. Ops run with `traceDepth() = recordDepth`.
@@ -53,6 +63,12 @@ export function stopGradient<T>(tree: T): T {
  * every consumer of it ran before (the walk goes from consumers to producers), and the transform's scope
  * would dispose it when it closes anyway (the same test as closeScope's: not kept, not held by an outer
  * trace). Peak memory then falls as the walk goes instead of holding the whole tape to the end.
+ *
+ * A tensor's running cotangent takes further contributions in place where no one else can see it change: one
+ * this walk made (or the caller handed over), held for that tensor alone, sharing its memory with no view, that
+ * no trace records and no caller keeps. Its producer's vjp then gets it as `into` and may add its contribution
+ * there itself (a GEMM with β = 1, the token NLL's kernels, a checkpoint's own backward); any other contribution
+ * is added with `addInto`. A 125m TTT-E2E step otherwise summed the tied embedding's 394 MB gradient 15 times.
  */
 function backward(
   outputs: Tensor[], cotangents: (Tensor | null)[], targets: Tensor[], traceLevel: number, keep: Set<Tensor> | null = null,
@@ -110,7 +126,7 @@ function backward(
    */
   const mutable = (g: Tensor): boolean =>
     adoptedSet.has(g) ||
-    (g.id >= walkStart && !seeds.has(g) && holders.get(g) === 1 && g.storage.refs === 1 && !isTracked(g) && !g.kept && g.pin >= traceDepth());
+    (inPlace && g.id >= walkStart && !seeds.has(g) && holders.get(g) === 1 && g.storage.refs === 1 && !isTracked(g) && !g.kept && g.pin >= traceDepth());
   const drop = (t: Tensor): void => {
     const g = cts.get(t);
     if (!g) return;

@@ -190,15 +190,18 @@ export interface Backend {
    * backward kernels below are in that dtype too.
    */
   tokenNllForward(logits: BackendData, targets: BackendData, rows: number, V: number, dtype: DType): { nll: BackendData; lse: BackendData };
-  /** dlogits = (exp(logits − lse) − onehot(target)) · g[row], in the logits' dtype. */
-  tokenNllBackward(logits: BackendData, targets: BackendData, lse: BackendData, g: BackendData, rows: number, V: number, dtype: DType): BackendData;
+  /**
+   * dlogits = (exp(logits − lse) − onehot(target)) · g[row], in the logits' dtype; with `accumulate` ([rows, V]
+   * of that dtype) added into it in place and returned (the logits' running cotangent), as in tokenNllGradBackward.
+   */
+  tokenNllBackward(logits: BackendData, targets: BackendData, lse: BackendData, g: BackendData, rows: number, V: number, dtype: DType, accumulate?: BackendData): BackendData;
   /**
    * The second order of the token NLL: the cotangents of dlogits = (p − onehot) · g (p = exp(logits − lse),
    * lse a function of logits) given its cotangent u: dLogits = g · p ⊙ (u − s) and dG = s − u[target] per
    * row, with s = Σ p ⊙ u (a softmax Hessian-vector product), in the logits' dtype.
    */
   tokenNllGradBackward(
-    logits: BackendData, targets: BackendData, lse: BackendData, g: BackendData, u: BackendData, rows: number, V: number, dtype: DType,
+    logits: BackendData, targets: BackendData, lse: BackendData, g: BackendData, u: BackendData, rows: number, V: number, dtype: DType, accumulate?: BackendData,
   ): { dLogits: BackendData; dG: BackendData };
   /** The SwiGLU gate y = silu(a) · b over `size` elements (silu(a) = a / (1 + e^−a)). */
   swigluForward(a: BackendData, b: BackendData, size: number, dtype: DType): BackendData;

@@ -20,21 +20,25 @@ export type DifferentiableBackward =
   | { backward: (g: Tensor, needs: boolean[]) => (Tensor | null)[] };
 
 /**
- * Records the fused op `name` (inputs → y). `kernel(g, needs)` returns one cotangent buffer per input (in
+ * Records the fused op `name` (inputs → y). `kernel(g, needs, into)` returns one cotangent buffer per input (in
  * that input's shape, dtype and backend), or null for an input the trace does not need (`needs[i]`
- * false) where the kernel can skip that work; buffers for unneeded inputs are freed. `saved`: tensors
- * the kernel reads besides the inputs (kept alive like them).
+ * false) where the kernel can skip that work; buffers for unneeded inputs are freed. A kernel may add an
+ * input's cotangent into `into[i]` (its running cotangent, where the backward walk gives one) and return that
+ * tensor's buffer. `saved`: tensors the kernel reads besides the inputs (kept alive like them).
  */
 export function recordFused(
-  name: string, inputs: Tensor[], y: Tensor, differentiable: DifferentiableBackward, kernel: (g: Tensor, needs: boolean[]) => (BackendData | null)[], saved: Tensor[] = [],
+  name: string, inputs: Tensor[], y: Tensor, differentiable: DifferentiableBackward,
+  kernel: (g: Tensor, needs: boolean[], into: (Tensor | null)[]) => (BackendData | null)[], saved: Tensor[] = [],
 ): void {
-  record(name, inputs, [y], ([g], needs) => {
+  record(name, inputs, [y], ([g], needs, into = []) => {
     if (inputs.some(isTracked) || isTracked(y) || isTracked(g!)) {
       const cts = 'backward' in differentiable ? differentiable.backward(g!, needs) : (vjp(differentiable.composite, ...inputs)[1](g!) as Tensor[]);
       return cts.map((c, i) => (needs[i] ? c : null));
     }
-    return kernel(g!, needs).map((data, i) => {
+    return kernel(g!, needs, into).map((data, i) => {
       const like = inputs[i];
+      // a kernel that added into the input's running cotangent hands back its buffer
+      if (needs[i] && into[i] && data === into[i]!.data) return into[i];
       if (needs[i]) {
         if (data === null) throw new Error(`${name}: the backward kernel skipped a cotangent the trace needs (input ${i})`);
         return fromData(data, like.shape, like.dtype, like.backend);

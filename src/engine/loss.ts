@@ -49,8 +49,8 @@ export function fusedTokenNll(logits: Tensor, targets: Tensor): Tensor {
   }
   const lse = fromData(r.lse, [rows], lseDType, backend);
   // differentiated, the backward is the op tokenNllGrad (its second order is one fused pass), not the composite's chain
-  recordFused('tokenNll', [logits], nll, { backward: (g) => [tokenNllGrad(logits, targets, g, lse)] }, (g) => [
-    backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype),
+  recordFused('tokenNll', [logits], nll, { backward: (g) => [tokenNllGrad(logits, targets, g, lse)] }, (g, _needs, into) => [
+    backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype, into[0]?.data),
   ], [targets, lse]);
   return nll;
 }
@@ -68,8 +68,9 @@ export function tokenNllGrad(logits: Tensor, targets: Tensor, g: Tensor, lse: Te
   const dlogits = fromData(backend.tokenNllBackward(logits.data, targets.data, lse.data, g.data, rows, V, dtype), logits.shape, dtype, backend);
   if (!isTracked(logits) && !isTracked(g)) return dlogits;
   const composite = (x: Tensor, gg: Tensor) => vjp((y: Tensor) => compositeTokenNll(y, targets), x)[1](gg)[0] as Tensor;
-  recordFused('tokenNllGrad', [logits, g], dlogits, { composite }, (u) => {
-    const r = backend.tokenNllGradBackward(logits.data, targets.data, lse.data, g.data, u.data, rows, V, dtype);
+  recordFused('tokenNllGrad', [logits, g], dlogits, { composite }, (u, _needs, into) => {
+    // the logits' cotangent added into their running one (the outer NLL's): one [rows, V] buffer per mini-batch, not two
+    const r = backend.tokenNllGradBackward(logits.data, targets.data, lse.data, g.data, u.data, rows, V, dtype, into[0]?.data);
     return [r.dLogits, r.dG];
   }, [targets, lse]);
   return dlogits;

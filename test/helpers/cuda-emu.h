@@ -79,17 +79,19 @@ template <class T> T atomicCAS(T* p, T cmp, T v) { __atomic_compare_exchange_n(p
 template <class T> T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 
 /** Runs kernel() over a 1-D grid of 1-D blocks: a block's threads at once (one std::thread each), blocks in turn. */
-template <class F> void emuLaunch(unsigned grid, unsigned block, F kernel) {
+template <class F> void emuLaunch(unsigned grid, unsigned block, F kernel, unsigned gridY = 1) {
   gridDim.x = grid;
+  gridDim.y = gridY;
   blockDim.x = block;
-  for (unsigned b = 0; b < grid; b++) {
+  for (unsigned b = 0; b < grid * gridY; b++) {
     std::vector<std::unique_ptr<EmuWarp>> warps;
     for (unsigned w = 0; w < (block + 31) / 32; w++) warps.emplace_back(new EmuWarp());
     std::barrier<> blockBarrier((std::ptrdiff_t)block);
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < block; t++) {
       threads.emplace_back([&, b, t] {
-        blockIdx.x = b;
+        blockIdx.x = b % grid;
+        blockIdx.y = b / grid;
         threadIdx.x = t;
         emuWarp = warps[t / 32].get();
         emuBlock = &blockBarrier;

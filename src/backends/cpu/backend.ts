@@ -395,19 +395,24 @@ export class CpuBackend implements Backend {
     }
     return { nll, lse };
   }
-  tokenNllBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, rows: number, V: number, dtype: DType): Arr {
+  tokenNllBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, rows: number, V: number, dtype: DType, accumulate?: unknown): Arr {
     const [x, t, lse, g] = [xd, td, ld, gd] as Arr[];
-    const dx = pool.alloc(dtype, rows * V, false);
+    const dx = (accumulate as Arr | undefined) ?? pool.alloc(dtype, rows * V, false);
+    const into = accumulate !== undefined;
     for (let r = 0; r < rows; r++) {
       const base = r * V;
       const [l, gr, target] = [lse[r], g[r], t[r]];
-      for (let i = 0; i < V; i++) dx[base + i] = (Math.exp(x[base + i] - l) - (i === target ? 1 : 0)) * gr;
+      for (let i = 0; i < V; i++) {
+        const d = (Math.exp(x[base + i] - l) - (i === target ? 1 : 0)) * gr;
+        dx[base + i] = into ? dx[base + i] + d : d;
+      }
     }
     return dx;
   }
-  tokenNllGradBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, ud: unknown, rows: number, V: number, dtype: DType): { dLogits: Arr; dG: Arr } {
+  tokenNllGradBackward(xd: unknown, td: unknown, ld: unknown, gd: unknown, ud: unknown, rows: number, V: number, dtype: DType, accumulate?: unknown): { dLogits: Arr; dG: Arr } {
     const [x, t, lse, g, u] = [xd, td, ld, gd, ud] as Arr[];
-    const dLogits = pool.alloc(dtype, rows * V, false);
+    const dLogits = (accumulate as Arr | undefined) ?? pool.alloc(dtype, rows * V, false);
+    const into = accumulate !== undefined;
     const dG = pool.alloc(statDType(dtype), rows, false);
     for (let r = 0; r < rows; r++) {
       const base = r * V;
@@ -415,7 +420,10 @@ export class CpuBackend implements Backend {
       let s = 0;
       for (let i = 0; i < V; i++) s += Math.exp(x[base + i] - l) * u[base + i];
       const gr = g[r];
-      for (let i = 0; i < V; i++) dLogits[base + i] = gr * Math.exp(x[base + i] - l) * (u[base + i] - s);
+      for (let i = 0; i < V; i++) {
+        const d = gr * Math.exp(x[base + i] - l) * (u[base + i] - s);
+        dLogits[base + i] = into ? dLogits[base + i] + d : d;
+      }
       dG[r] = s - u[base + t[r]];
     }
     return { dLogits, dG };

@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_FWD, NLL_HVP, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_BWD_ACC, NLL_FWD, NLL_HVP, NLL_HVP_ACC, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -723,17 +723,18 @@ export class CudaBackend implements Backend {
     return { nll, lse };
   }
 
-  tokenNllBackward(logits: unknown, targets: unknown, lse: unknown, g: unknown, rows: number, V: number, dtype: DType): DeviceBuffer {
+  tokenNllBackward(logits: unknown, targets: unknown, lse: unknown, g: unknown, rows: number, V: number, dtype: DType, accumulate?: unknown): DeviceBuffer {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
-    const dx = this.alloc(dt, rows * V);
+    const dx = accumulate === undefined ? this.alloc(dt, rows * V) : buf(accumulate);
     if (rows * V === 0) return dx;
     const a = this.args.reset().ptr(dx.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).i64(rows).i64(V);
     const vec = this.nllRowsAligned(logits, V, dt) & this.nllRowsAligned(dx, V, dt);
     a.i32(vec);
     // blocks along a row (each thread one 16-byte vector, or one element) × rows
     const perRow = Math.ceil(V / (vec ? vecWidth(dt) : 1) / THREADS);
-    this.launch(this.fn('reduce', dt, NLL_BWD), Math.max(1, Math.min(perRow, 1024)), THREADS, 0, a, NLL_BWD, Math.min(rows, 65535));
+    const name = accumulate === undefined ? NLL_BWD : NLL_BWD_ACC;
+    this.launch(this.fn('reduce', dt, name), Math.max(1, Math.min(perRow, 1024)), THREADS, 0, a, name, Math.min(rows, 65535));
     return dx;
   }
 
@@ -743,15 +744,16 @@ export class CudaBackend implements Backend {
   }
 
   tokenNllGradBackward(
-    logits: unknown, targets: unknown, lse: unknown, g: unknown, u: unknown, rows: number, V: number, dtype: DType,
+    logits: unknown, targets: unknown, lse: unknown, g: unknown, u: unknown, rows: number, V: number, dtype: DType, accumulate?: unknown,
   ): { dLogits: DeviceBuffer; dG: DeviceBuffer } {
     const dt = dtype;
     if (!CUDA_FLOATS.has(dt)) throw new Error(`cuda backend: tokenNll needs float logits, got ${dt}`);
-    const dLogits = this.alloc(dt, rows * V);
+    const dLogits = accumulate === undefined ? this.alloc(dt, rows * V) : buf(accumulate);
     const dG = this.alloc(statDType(dt), rows);
     if (rows === 0) return { dLogits, dG };
     const a = this.args.reset().ptr(dLogits.ptr).ptr(dG.ptr).ptr(buf(logits).ptr).ptr(buf(targets).ptr).ptr(buf(lse).ptr).ptr(buf(g).ptr).ptr(buf(u).ptr).i64(rows).i64(V);
-    this.launch(this.fn('reduce', dt, NLL_HVP), this.rowBlocks(rows), THREADS, 0, a, NLL_HVP);
+    const name = accumulate === undefined ? NLL_HVP : NLL_HVP_ACC;
+    this.launch(this.fn('reduce', dt, name), this.rowBlocks(rows), THREADS, 0, a, name);
     return { dLogits, dG };
   }
 

@@ -48,6 +48,9 @@ export const CUMSUM = 'cumsum_mid';
 export const NLL_FWD = 'token_nll_fwd';
 export const NLL_BWD = 'token_nll_bwd';
 export const NLL_HVP = 'token_nll_hvp';
+/** The backward kernels adding into the logits' running cotangent in place (dx read, then written, per element). */
+export const NLL_BWD_ACC = 'token_nll_bwd_acc';
+export const NLL_HVP_ACC = 'token_nll_hvp_acc';
 export const RMSNORM_FWD = 'rmsnorm_fwd';
 export const RMSNORM_BWD = 'rmsnorm_bwd';
 /** The same with 16-byte loads, each lane's share of the row held in registers between the passes. */
@@ -152,7 +155,7 @@ function tokenNllSource(dtype: CudaDType): string {
     }
   }
 }
-extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, i64 rows, i64 V, int vec) {
+${[false, true].map((acc) => `extern "C" __global__ void ${acc ? NLL_BWD_ACC : NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, i64 rows, i64 V, int vec) {
   const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x, nt = (i64)gridDim.x * blockDim.x;
   for (i64 o = blockIdx.y; o < rows; o += gridDim.y) {
     const ${T}* row = x + o * V;
@@ -167,21 +170,25 @@ extern "C" __global__ void ${NLL_BWD}(${T}* dx, const ${T}* x, const int* tgt, c
       for (i64 i = t; i < nv; i += nt) {
         const uint4 u = rv[i];
         const ${T}* e = (const ${T}*)&u;
-        uint4 w;
+        uint4 w${acc ? ' = ov[i]' : ''};
         ${T}* f = (${T}*)&w;
         #pragma unroll
         for (int q = 0; q < ${VW}; q++) {
           const ${A} p = ${EXP}((${A})(${ld('e[q]')} - l));
-          f[q] = ${st(`(p - (i * ${VW} + q == r ? (${A})1 : (${A})0)) * gr`)};
+          const ${A} d = (p - (i * ${VW} + q == r ? (${A})1 : (${A})0)) * gr;
+          f[q] = ${st(acc ? `${la('f[q]')} + d` : 'd')};
         }
         ov[i] = w;
       }
     } else {
-      for (i64 j = t; j < V; j += nt) out[j] = ${st(`(${EXP}((${A})(${ld('row[j]')} - l)) - (j == r ? (${A})1 : (${A})0)) * gr`)};
+      for (i64 j = t; j < V; j += nt) {
+        const ${A} d = (${EXP}((${A})(${ld('row[j]')} - l)) - (j == r ? (${A})1 : (${A})0)) * gr;
+        out[j] = ${st(acc ? `${la('out[j]')} + d` : 'd')};
+      }
     }
   }
 }
-extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, const ${T}* u, i64 rows, i64 V) {
+extern "C" __global__ void ${acc ? NLL_HVP_ACC : NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const int* tgt, const ${L}* lse, const ${L}* g, const ${T}* u, i64 rows, i64 V) {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < rows; o += gridDim.x) {
     const ${T}* xr = x + o * V;
@@ -191,10 +198,13 @@ extern "C" __global__ void ${NLL_HVP}(${T}* dx, ${L}* dg, const ${T}* x, const i
     for (i64 j = threadIdx.x; j < V; j += blockDim.x) s += exp(${ld('xr[j]')} - l) * ${ld('ur[j]')};
     s = block_dsum(s, red);
     const double gr = (double)g[o];
-    for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[o * V + j] = ${st(`gr * exp(${ld('xr[j]')} - l) * (${ld('ur[j]')} - s)`)};
+    for (i64 j = threadIdx.x; j < V; j += blockDim.x) {
+      const double d = gr * exp(${ld('xr[j]')} - l) * (${ld('ur[j]')} - s);
+      dx[o * V + j] = ${st(acc ? `${ld('dx[o * V + j]')} + d` : 'd')};
+    }
     if (threadIdx.x == 0) { const int r = tgt[o]; dg[o] = (${L})(s - (r >= 0 && r < V ? ${ld('ur[r]')} : 0.0)); }
   }
-}`;
+}`).join('\n')}`;
 }
 
 /**
