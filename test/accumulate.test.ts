@@ -178,6 +178,38 @@ describe('in-place accumulation of cotangents', () => {
     });
   });
 
+  test('a cast\'s cotangent goes into the source\'s running cotangent in its dtype (no source-sized copy); same values as without in-place', () => {
+    T.tidy(() => {
+      const w = rn(55, [4, 6]);
+      const x = T.cast(rn(56, [3, 4]), 'float32');
+      // w (float64) is used directly and through a float32 copy: the copy's cotangent comes back as float32
+      // (in this order the walk reaches the cast after w's direct use, so the cast adds into w's running cotangent)
+      const f = (p: T.Tensor) => T.add(T.cast(T.sum(T.tanh(T.matmul(x, T.cast(p, 'float32')))), 'float64'), T.sum(T.square(p)));
+      const be = T.getBackend();
+      const original = be.addInto;
+      const mixed: string[] = [];
+      be.addInto = function (this: T.Backend, ...args: Parameters<T.Backend['addInto']>) {
+        if (args[4] !== undefined && args[4] !== args[3]) mixed.push(`${args[4]} into ${args[3]}`);
+        return original.apply(this, args);
+      } as T.Backend['addInto'];
+      let g: T.Tensor;
+      try {
+        g = T.grad(f)(w) as T.Tensor;
+      } finally {
+        be.addInto = original;
+      }
+      assert.deepEqual(mixed, ['float32 into float64']);
+      const before = T.setInPlaceAccumulation(false);
+      let plain: T.Tensor;
+      try {
+        plain = T.grad(f)(w) as T.Tensor;
+      } finally {
+        T.setInPlaceAccumulation(before);
+      }
+      assert.deepEqual(g.toArray(), plain.toArray(), 'the same values, bit for bit');
+    });
+  });
+
   test('TTT_ACCUMULATE_IN_PLACE=0 (setInPlaceAccumulation(false)) adds every contribution separately', () => {
     T.tidy(() => {
       const w = rn(60, [6, 5]);

@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
-import { ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, castAddName, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
 import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
 import { seededValues } from './helpers/check.js';
 
@@ -216,6 +216,25 @@ describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip 
       }
     });
   }
+
+  test('cast_add (a running cotangent taking a contribution of another float dtype): bit for bit the cast and then the sum in the cotangent\'s dtype', () => {
+    const n = 1500;
+    const pairs = [['bfloat16', 'float32'], ['float32', 'float64'], ['float64', 'float32'], ['float32', 'bfloat16']] as const;
+    const round = { float32: Math.fround, float64: (v: number) => v, bfloat16: (v: number) => roundToBfloat16([v])[0] };
+    // values representable in their dtype, so the reference sees what the kernel reads
+    const args: Arg[] = pairs.flatMap(([from, to], i) => [
+      { name: `src${i}`, dt: from, values: values(from, 80 + i, n).map(round[from]) }, { name: `dst${i}`, dt: to, values: values(to, 90 + i, n).map(round[to]), out: true },
+    ] as Arg[]);
+    const call = pairs.map(([from, to], i) => `${castAddName(from, to)}(dst${i}.data(), src${i}.data(), ${n})`).join('; ');
+    const out = emulate(moduleSource('movement'), args, call, 2, 256);
+    pairs.forEach(([from, to], i) => {
+      const [src, dst] = [args[2 * i].values as number[], args[2 * i + 1].values as number[]];
+      // the contribution cast to the cotangent's dtype, then added there
+      const want = dst.map((d, j) => round[to](d + round[to](src[j])));
+      const bad = out[`dst${i}`].findIndex((v, j) => !Object.is(v, want[j]));
+      assert.equal(bad, -1, `${from} into ${to} [${bad}]: ${out[`dst${i}`][bad]} vs ${want[bad]}`);
+    });
+  });
 
   for (const dt of ['float32', 'float64'] as const) {
     test(`${ADAMW_ALL} ${dt}: every parameter in one launch equals the CPU backend's per-parameter update bit for bit`, () => {

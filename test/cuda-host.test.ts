@@ -222,6 +222,9 @@ describe('cuda backend host side (stand-in libraries)', () => {
     backend.addInto(dst, src, 5000, 'bfloat16');
     assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'binary_vec_add');
     assert.equal(backend.memoryStats().inUse, inUse, 'addInto writes dst: no new buffer');
+    const wide = backend.fill(5000, 'float32', 1);
+    backend.addInto(wide, src, 5000, 'float32', 'bfloat16');
+    assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'cast_add_bfloat16_float32', 'a bfloat16 contribution to a float32 cotangent');
     // the token NLL's backward kernels, added into the logits' running cotangent
     const [rows, V] = [4, 1000];
     const [logits, prior, u] = [0, 1, 2].map(() => backend.fill(rows * V, 'bfloat16', 0));

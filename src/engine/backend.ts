@@ -131,8 +131,11 @@ export interface Backend {
    * place (a GEMM with β = 1), which is returned: the backward adds a weight's gradient into its running cotangent so.
    */
   matmul(a: BackendData, b: BackendData, job: MatmulJob, dtype: DType, outDType?: DType, accumulate?: BackendData): BackendData;
-  /** dst += src over `size` elements of `dtype`, in place (the backward's running cotangents). */
-  addInto(dst: BackendData, src: BackendData, size: number, dtype: DType): void;
+  /**
+   * dst += src over `size` elements of `dtype`, in place (the backward's running cotangents); src may be of another
+   * float dtype (`srcDType`: a bfloat16 contribution to a float32 cotangent), widened or rounded as a cast would.
+   */
+  addInto(dst: BackendData, src: BackendData, size: number, dtype: DType, srcDType?: DType): void;
   /** Strided copy of `shape` elements from src into an existing dst. */
   copy(src: BackendData, srcOffset: number, srcStrides: number[], dst: BackendData, dstOffset: number, dstStrides: number[], shape: number[], dtype: DType): void;
   /**

@@ -200,15 +200,15 @@ const BINARY_GRADS: Record<BinaryOp, BinaryGrad> = {
 const INT_BINARY: ReadonlySet<BinaryOp> = new Set(['add', 'sub', 'mul', 'maximum', 'minimum']);
 
 /**
- * dst += src in place (one shape and dtype), for tensors no trace follows: the backward walk's running
- * cotangents. Returns dst.
+ * dst += src in place (one shape; src of dst's dtype or, for floats, another float dtype, converted as a cast
+ * would), for tensors no trace follows: the backward walk's running cotangents. Returns dst.
  */
 export function addInto(dst: Tensor, src: Tensor): Tensor {
   sameBackend('addInto', [dst, src]);
-  sameDType('addInto', [dst, src]);
+  if (dst.dtype !== src.dtype && !(isFloat(dst.dtype) && isFloat(src.dtype))) sameDType('addInto', [dst, src]);
   if (!shapesEqual(dst.shape, src.shape)) throw new Error(`addInto: shapes ${fmt(dst.shape)} and ${fmt(src.shape)} differ`);
   if (isTracked(dst) || isTracked(src)) throw new Error('addInto: a traced tensor cannot be added into in place');
-  dst.backend.addInto(dst.data, src.data, dst.size, dst.dtype);
+  dst.backend.addInto(dst.data, src.data, dst.size, dst.dtype, src.dtype);
   return dst;
 }
 
@@ -818,6 +818,7 @@ export function takeAlongAxis(x: Tensor, indices: Tensor, axis = -1): Tensor {
 export function cast(x: Tensor, dtype: DType): Tensor {
   if (x.dtype === dtype) return x;
   const y = fromData(x.backend.cast(x.data, x.size, x.dtype, dtype), x.shape, dtype, x.backend);
-  if (isFloat(x.dtype) && isFloat(dtype)) record('cast', [x], [y], ([g]) => [cast(g!, x.dtype)]);
+  // (a running cotangent of x takes the cast-back contribution in place: no x-sized copy of it)
+  if (isFloat(x.dtype) && isFloat(dtype)) record('cast', [x], [y], ([g], _needs, into) => [into?.[0] ? addInto(into[0], g!) : cast(g!, x.dtype)]);
   return y;
 }

@@ -287,6 +287,7 @@ export class CpuBackend implements Backend {
     pool.release(c, dtype, size);
     return accumulate as Arr;
   }
+  // (bfloat16 is held as float32 here, so a contribution of another float dtype is the same loop)
   addInto(dst: unknown, src: unknown, size: number): void {
     const [d, s] = [dst as Arr, src as Arr];
     for (let i = 0; i < size; i++) d[i] += s[i];

@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, castAddName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_BWD_ACC, NLL_FWD, NLL_HVP, NLL_HVP_ACC, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -547,8 +547,15 @@ export class CudaBackend implements Backend {
     return out;
   }
 
-  addInto(dst: unknown, src: unknown, size: number, dtype: DType): void {
-    if (size > 0) this.binaryTo(buf(dst), 'add', dst, [1], src, [1], [size], dtype);
+  addInto(dst: unknown, src: unknown, size: number, dtype: DType, srcDType: DType = dtype): void {
+    if (size === 0) return;
+    if (srcDType === dtype) {
+      this.binaryTo(buf(dst), 'add', dst, [1], src, [1], [size], dtype);
+      return;
+    }
+    if (!CUDA_FLOATS.has(dtype) || !CUDA_FLOATS.has(srcDType)) throw new Error(`cuda backend: addInto of ${srcDType} into ${dtype}`);
+    const name = castAddName(srcDType, dtype);
+    this.launch(this.fn('movement', srcDType, name), this.blocksFor(size), THREADS, 0, this.args.reset().ptr(buf(dst).ptr).ptr(buf(src).ptr).i64(size), name);
   }
 
   compare(op: CompareOp, a: unknown, sa: number[], b: unknown, sb: number[], shape: number[], dtype: DType): DeviceBuffer {

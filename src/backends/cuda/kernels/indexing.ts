@@ -6,7 +6,7 @@
  * first bad index in a small status buffer that the backend reads at its next sync point (download)
  * and turns into an Error.
  */
-import { CTYPE, CUDA_DTYPES, type CudaDType, STORE, load } from './common.js';
+import { CTYPE, CUDA_DTYPES, CUDA_FLOATS, type CudaDType, STORE, load } from './common.js';
 
 export const copyName = (bytes: number) => `copy_strided_${bytes}`;
 export const writeRowsAtName = (bytes: number) => `write_rows_at_${bytes}`;
@@ -14,6 +14,8 @@ export const FILL = 'fill_value';
 export const GATHER = 'gather_mid';
 export const SCATTER_ADD = 'scatter_add_mid';
 export const castName = (from: CudaDType, to: CudaDType) => `cast_${from}_${to}`;
+/** dst (of `to`) += src (of `from`), in place: a running cotangent taking a contribution of another float dtype. */
+export const castAddName = (from: CudaDType, to: CudaDType) => `cast_add_${from}_${to}`;
 
 const UINT: Record<number, string> = { 1: 'unsigned char', 2: 'unsigned short', 4: 'unsigned int', 8: 'unsigned long long', 16: 'uint4' };
 /** Element sizes of the copy kernels: one per storage width, and 16 bytes (rows copied a vector at a time). */
@@ -54,6 +56,12 @@ export function movementSource(): string {
       const expr = to === 'bool' ? '(x != 0.0 || x != x) ? 1 : 0' : to === 'int32' ? 'to_i32(trunc(x))' : STORE[to]('x');
       parts.push(`extern "C" __global__ void ${castName(from, to)}(${T}* out, const ${F}* a, i64 n) {
   for (i64 i = gtid(); i < n; i += gstride()) { double x = ${load(from, 'a[i]', 'double')}; out[i] = ${expr}; }
+}`);
+      // the contribution cast to the cotangent's dtype, then the sum in double rounded once (for float32 and
+      // bfloat16 the correctly rounded sum in that dtype): what a cast kernel and then an add kernel give
+      const widened = load(to, STORE[to](load(from, 'a[i]', 'double')), 'double');
+      if (CUDA_FLOATS.has(from) && CUDA_FLOATS.has(to)) parts.push(`extern "C" __global__ void ${castAddName(from, to)}(${T}* out, const ${F}* a, i64 n) {
+  for (i64 i = gtid(); i < n; i += gstride()) out[i] = ${STORE[to](`${load(to, 'out[i]', 'double')} + ${widened}`)};
 }`);
     }
   }
