@@ -210,6 +210,39 @@ describe('in-place accumulation of cotangents', () => {
     });
   });
 
+  test('a tied embedding: the lookup\'s scatter-add goes into the table\'s running cotangent (no zero table); finite differences', () => {
+    T.tidy(() => {
+      const table = rn(65, [7, 4]);
+      const tokens = T.tensor([3, 1, 3, 6, 0], [5], 'int32');
+      // the output layer's product comes first in the walk, then the lookup adds into its gradient
+      const f = (e: T.Tensor) => T.sum(T.tanh(T.matmul(T.gather(e, tokens, 0), e, { transB: true })));
+      const be = T.getBackend();
+      const original = be.scatterAdd;
+      const inPlace: boolean[] = [];
+      be.scatterAdd = function (this: T.Backend, ...args: Parameters<T.Backend['scatterAdd']>) {
+        inPlace.push(args[8] === true);
+        return original.apply(this, args);
+      } as T.Backend['scatterAdd'];
+      let g: T.Tensor;
+      try {
+        g = T.grad(f)(table) as T.Tensor;
+      } finally {
+        be.scatterAdd = original;
+      }
+      assert.deepEqual(inPlace, [true]);
+      const before = T.setInPlaceAccumulation(false);
+      let plain: T.Tensor;
+      try {
+        plain = T.grad(f)(table) as T.Tensor;
+      } finally {
+        T.setInPlaceAccumulation(before);
+      }
+      const [a, b] = [g.toArray(), plain.toArray()];
+      assert.ok(a.every((v, i) => Math.abs(v - b[i]) < 1e-14));
+      checkGrad(f, [table], { label: 'tied embedding' });
+    });
+  });
+
   test('TTT_ACCUMULATE_IN_PLACE=0 (setInPlaceAccumulation(false)) adds every contribution separately', () => {
     T.tidy(() => {
       const w = rn(60, [6, 5]);

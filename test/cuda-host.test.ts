@@ -225,6 +225,11 @@ describe('cuda backend host side (stand-in libraries)', () => {
     const wide = backend.fill(5000, 'float32', 1);
     backend.addInto(wide, src, 5000, 'float32', 'bfloat16');
     assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'cast_add_bfloat16_float32', 'a bfloat16 contribution to a float32 cotangent');
+    const copies = calls.counts.get('cuMemcpyDtoDAsync') ?? 0;
+    const rowsIdx = backend.upload(Int32Array.of(1, 0, 1), 'int32');
+    const held2 = backend.memoryStats().inUse;
+    assert.equal(backend.scatterAdd(wide, rowsIdx, wide, 1, 10, 500, 3, 'float32', true), wide, 'scatter-add into the table itself');
+    assert.deepEqual([calls.counts.get('cuMemcpyDtoDAsync') ?? 0, backend.memoryStats().inUse], [copies, held2], 'no copy of the base, no new buffer');
     // the token NLL's backward kernels, added into the logits' running cotangent
     const [rows, V] = [4, 1000];
     const [logits, prior, u] = [0, 1, 2].map(() => backend.fill(rows * V, 'bfloat16', 0));

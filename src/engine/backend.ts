@@ -151,8 +151,11 @@ export interface Backend {
   captureWork?(fn: () => void): CapturedWork;
   /** x: [outer, n, inner], indices: int32 [count] in [0, n) → [outer, count, inner]. Throws on an index out of range. */
   gather(x: BackendData, indices: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
-  /** Returns base + scatter of updates ([outer, count, inner]) into rows `indices` of [outer, n, inner]. */
-  scatterAdd(base: BackendData, indices: BackendData, updates: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType): BackendData;
+  /**
+   * Returns base + scatter of updates ([outer, count, inner]) into rows `indices` of [outer, n, inner]; with
+   * `inPlace`, added into base itself (a running cotangent), which is returned.
+   */
+  scatterAdd(base: BackendData, indices: BackendData, updates: BackendData, outer: number, n: number, inner: number, count: number, dtype: DType, inPlace?: boolean): BackendData;
   cast(x: BackendData, size: number, from: DType, to: DType): BackendData;
   /**
    * softmax(q kᵀ · scale, masked to the band) v, visiting only the band. Also returns the per-row

@@ -770,7 +770,12 @@ export function gather(x: Tensor, indices: Tensor, axis = 0): Tensor {
   const shape = [...x.shape.slice(0, a), ...indices.shape, ...x.shape.slice(a + 1)];
   const data = x.backend.gather(x.data, indices.data, outer, x.shape[a], inner, indices.size, x.dtype);
   const y = fromData(data, shape, x.dtype, x.backend);
-  record('gather', [x], [y], ([g]) => [scatterAdd(zerosLike(x), indices, g!, a)], [indices]);
+  record('gather', [x], [y], ([g], _needs, into) => {
+    // into x's running cotangent in place (a tied embedding's), else into zeros
+    if (!into?.[0] || g!.dtype !== x.dtype) return [scatterAdd(zerosLike(x), indices, g!, a)];
+    x.backend.scatterAdd(into[0].data, indices.data, g!.data, outer, x.shape[a], inner, indices.size, x.dtype, true);
+    return [into[0]];
+  }, [indices]);
   return y;
 }
 

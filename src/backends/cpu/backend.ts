@@ -353,11 +353,11 @@ export class CpuBackend implements Backend {
     }
     return out;
   }
-  scatterAdd(based: unknown, idxd: unknown, upd: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): Arr {
+  scatterAdd(based: unknown, idxd: unknown, upd: unknown, outer: number, n: number, inner: number, count: number, dtype: DType, inPlace = false): Arr {
     const idx = idxd as Int32Array;
     const u = upd as Arr;
     checkRange('scatterAdd', idx, n);
-    const out = this.upload(based as Arr, dtype);
+    const out = inPlace ? (based as Arr) : this.upload(based as Arr, dtype);
     for (let o = 0; o < outer; o++) {
       for (let j = 0; j < count; j++) {
         const to = (o * n + idx[j]) * inner;

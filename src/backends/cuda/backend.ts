@@ -1064,13 +1064,13 @@ export class CudaBackend implements Backend {
     return out;
   }
 
-  scatterAdd(base: unknown, indices: unknown, updates: unknown, outer: number, n: number, inner: number, count: number, dtype: DType): DeviceBuffer {
+  scatterAdd(base: unknown, indices: unknown, updates: unknown, outer: number, n: number, inner: number, count: number, dtype: DType, inPlace = false): DeviceBuffer {
     const dt = dtype;
     this.checkHostRange('scatterAdd', indices, n, count);
     const size = outer * n * inner;
-    const out = this.alloc(dt, size);
+    const out = inPlace ? buf(base) : this.alloc(dt, size);
     if (size === 0) return out;
-    this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(base).ptr, size * BYTES[dt], this.stream));
+    if (!inPlace) this.cu('cuMemcpyDtoDAsync', this.drv.cuMemcpyDtoDAsync(out.ptr, buf(base).ptr, size * BYTES[dt], this.stream));
     const total = outer * count * inner;
     if (total === 0) return out;
     const a = this.args.reset().ptr(out.ptr).ptr(buf(indices).ptr).ptr(buf(updates).ptr).ptr(this.status.ptr).i64(outer).i64(n).i64(inner).i64(count);
