@@ -57,10 +57,11 @@ describe('in-place accumulation of cotangents', () => {
     });
   });
 
-  test('a weight used by several products: each product after the first goes into its running cotangent (β = 1), no add of its size', () => {
+  test('a weight used by several products (one batched over an axis of 1): each product after the first goes into its running cotangent (β = 1), no add of its size', () => {
     T.tidy(() => {
       const w = rn(10, [6, 5]);
-      const xs = [rn(11, [4, 6]), rn(12, [3, 6]), rn(13, [7, 6])];
+      // (one with a leading axis of 1, as the output layer's [1, T, D] activations: its product still fits w's cotangent)
+      const xs = [rn(11, [4, 6]), rn(12, [1, 3, 6]), rn(13, [7, 6])];
       const f = (p: T.Tensor) => xs.reduce((s, x) => T.add(s, T.sum(T.tanh(T.matmul(x, p)))), T.scalar(0, 'float64'));
       const { result: g, calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w) as T.Tensor));
       const into = calls.filter((c) => c.accumulate !== undefined);

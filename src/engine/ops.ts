@@ -575,22 +575,35 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
   }
   const y = fromData(a.backend.matmul(al.data, bl.data, job, dtype, outDType), [...batchShape, m, n], outDType, a.backend);
   record('matmul', [a, b], [y], ([g], needs, acc) => {
-    // an operand's running cotangent takes the GEMM's product in place where the product has its shape (no batch sum)
+    // an operand's running cotangent takes the GEMM's product in place where the product has as many elements (no
+    // batch sum: at most axes of 1 more, as a [1, T, D] activation times a [V, D] weight), viewed in its shape
     const intoFor = (i: number, x: Tensor): Tensor | undefined => {
       const t = acc?.[i];
-      return t && shapesEqual(batchShape, x.shape.slice(0, -2)) && t.dtype === x.dtype ? t : undefined;
+      return t && t.dtype === x.dtype && sizeOf(batchShape) === sizeOf(x.shape.slice(0, -2)) ? t : undefined;
+    };
+    const product = (i: number, x: Tensor, run: (into: Tensor | undefined) => Tensor): Tensor => {
+      const t = intoFor(i, x);
+      if (!t) return sumToShape(run(undefined), x.shape);
+      const view = alias(t, [...batchShape, ...x.shape.slice(-2)]);
+      run(view);
+      view.dispose();
+      return t;
     };
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
     if (needs[0]) {
-      const o = { outDType: a.dtype, into: intoFor(0, a) };
-      ga = transA ? matmul(bl, g!, { transA: transB, transB: true, ...o }) : matmul(g!, bl, { transB: !transB, ...o });
+      ga = product(0, a, (into) => {
+        const o = { outDType: a.dtype, into };
+        return transA ? matmul(bl, g!, { transA: transB, transB: true, ...o }) : matmul(g!, bl, { transB: !transB, ...o });
+      });
     }
     if (needs[1]) {
-      const o = { outDType: b.dtype, into: intoFor(1, b) };
-      gb = transB ? matmul(g!, al, { transA: true, transB: transA, ...o }) : matmul(al, g!, { transA: !transA, ...o });
+      gb = product(1, b, (into) => {
+        const o = { outDType: b.dtype, into };
+        return transB ? matmul(g!, al, { transA: true, transB: transA, ...o }) : matmul(al, g!, { transA: !transA, ...o });
+      });
     }
-    return [ga && sumToShape(ga, a.shape), gb && sumToShape(gb, b.shape)];
+    return [ga, gb];
   }, [al, bl].filter((t, i) => t !== [a, b][i]));
   return y;
 }
