@@ -7,6 +7,8 @@
 #                (TTT_CUDA_GRAD_KERNELS=1: norm, swiglu, softmax, cuda, model, golden)
 #   train-ab     the 125m TTT-E2E training step (T 8K, bf16), one round of: as it is / second-order kernels on /
 #                AdamW's one-launch kernel (TTT_ADAMW_KERNEL=fusedAll) / both (name the stage twice for two rounds)
+#   train-inplace  the same step with both on, in-place accumulation of cotangents on and off (TTT_ACCUMULATE_IN_PLACE=0),
+#                alternating, two rounds
 #   latency      the latency table (cuda-latency.js) at 8K, 32K and 128K for full attention and TTT-E2E
 # Every command runs under `timeout -k 5 -s KILL` (a hung GPU process has ignored plain timeouts before). The device
 # tool brings back at most 8 files from $OUT, so each stage appends to one log ($OUT/STAGE.log) and results go to
@@ -54,12 +56,22 @@ for stage in "$@"; do
         keep "train-$variant-$round" bench/results/cuda-train-125m.json
       done
       ;;
+    train-inplace)
+      for r in 1 2; do
+        for variant in inplace separate; do
+          envs=(TTT_CUDA_GRAD_KERNELS=1 TTT_ADAMW_KERNEL=fusedAll)
+          [ $variant = separate ] && envs+=(TTT_ACCUMULATE_IN_PLACE=0)
+          run train-inplace "train-$variant-$r" 140 env "${envs[@]}" node dist/bench/cuda-train.js 8192 1 125m e2e bf16
+          keep "train-$variant-$r" bench/results/cuda-train-125m.json
+        done
+      done
+      ;;
     latency)
       run latency latency 500 node dist/bench/cuda-latency.js 8192,32768,131072 full,e2e
       keep latency bench/results/latency-cuda.json
       ;;
     *)
-      echo "gpu-session: unknown stage '$stage' (tests, train-ab, latency)" >&2
+      echo "gpu-session: unknown stage '$stage' (tests, train-ab, train-inplace, latency)" >&2
       exit 2
       ;;
   esac
