@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
-import { ADAMW_ALL, ADAMW_ENTRY_WORDS, castAddName, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, COL_TILE, RMSNORM_BWD, RMSNORM_DW_PARTIAL, castAddName, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
 import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
 import { seededValues } from './helpers/check.js';
 
@@ -214,6 +214,42 @@ describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip 
           assert.ok(e < TOL[dt] * 2, `${kernel} ${dt} ${rows}x${V} ${name}: error ${e}`);
         });
       }
+    });
+  }
+
+  for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
+    test(`${RMSNORM_DW_PARTIAL} ${dt}: the split column sum's partials of dy·x·rstd read from dy and x, bit for bit those of ${RMSNORM_BWD}'s written products`, () => {
+      const [rows, d] = [300, 100];
+      const n = rows * d;
+      const [x, dy] = [values(dt, 101, n), values(dt, 102, n)];
+      let rstd = seededValues(103, rows, 0.5, 2);
+      if (STAT[dt] === 'float32') rstd = rstd.map(Math.fround);
+      const w = values(dt, 104, d);
+      const source = moduleSource('reduce', dt);
+      // the old path: the backward kernel writes gxr = dy·x·rstd, then reduce_cols_partial_sum over it
+      const gxr = emulate(source, [
+        { name: 'x', dt, values: x }, { name: 'w', dt, values: w }, { name: 'rstd', dt: STAT[dt], values: rstd }, { name: 'dy', dt, values: dy },
+        { name: 'dx', dt, size: n, out: true }, { name: 'gxr', dt: STAT[dt], size: n, out: true },
+      ], `${RMSNORM_BWD}(x.data(), w.data(), rstd.data(), dy.data(), dx.data(), gxr.data(), ${rows}, ${d})`, Math.ceil(rows / RMSNORM_ROWS), 32 * RMSNORM_ROWS).gxr;
+      // the backend's split for [1, rows, d] on a GPU of 132 SMs: chunks of 256 rows at most
+      const tiles = Math.ceil(d / COL_TILE);
+      const chunks = Math.max(1, Math.min(Math.ceil(rows / 256), Math.ceil((4 * 132) / tiles)));
+      const len = Math.ceil(rows / chunks);
+      const grid = Math.min(tiles * chunks, 65535 * 16);
+      // (the gxr column sum runs in the module of gxr's dtype: float32 for bfloat16 tensors)
+      const wsOld = emulate(moduleSource('reduce', STAT[dt]), [{ name: 'gxr', dt: STAT[dt], values: gxr }, { name: 'ws', dt: 'float64', size: chunks * d, out: true }],
+        `reduce_cols_partial_sum(ws.data(), gxr.data(), 1, ${rows}, ${d}, ${chunks}, ${len})`, grid, THREADS).ws;
+      const wsNew = emulate(source, [
+        { name: 'x', dt, values: x }, { name: 'dy', dt, values: dy }, { name: 'rstd', dt: STAT[dt], values: rstd }, { name: 'ws', dt: 'float64', size: chunks * d, out: true },
+      ], `${RMSNORM_DW_PARTIAL}(ws.data(), x.data(), dy.data(), rstd.data(), ${rows}, ${d}, ${chunks}, ${len})`, grid, THREADS).ws;
+      const out = { wsOld, wsNew };
+      assert.ok(chunks > 1, 'the test covers more than one chunk');
+      const bad = out.wsNew.findIndex((v, i) => !Object.is(v, out.wsOld[i]));
+      assert.equal(bad, -1, `${dt} partial ${bad}: ${out.wsNew[bad]} vs ${out.wsOld[bad]}`);
+      // and the partials sum to the CPU backend's dw
+      const want = cpu.rmsNormBackward(typed(dt === 'bfloat16' ? 'float64' : dt, x), typed(dt === 'bfloat16' ? 'float64' : dt, w), typed(dt === 'bfloat16' ? 'float64' : dt, rstd), typed(dt === 'bfloat16' ? 'float64' : dt, dy), rows, d, dt === 'bfloat16' ? 'float64' : dt, true).dw!;
+      const dw = Array.from({ length: d }, (_, c) => out.wsNew[c] + out.wsNew[d + c]);
+      assert.ok(relErr(dw, want as ArrayLike<number>) < TOL[dt] * 10, `${dt} dw: ${relErr(dw, want as ArrayLike<number>)}`);
     });
   }
 

@@ -342,6 +342,20 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const mid = launches();
       const withDw = backend.rmsNormGradBackward(x, w, rstd, g, c, rows, d, dt, true);
       assert.ok(withDw.dw !== null && launches() - mid > 1, `${dt}: the kernel, then the column sum`);
+      // the first-order backward's dw over more than 64 rows: partials from dy and x, no [rows, d] buffer of products
+      const names: string[] = [];
+      const sizes: number[] = [];
+      const be = backend as unknown as { launch: (...a: unknown[]) => void; alloc: (dt: string, n: number) => unknown };
+      const [launch, alloc] = [be.launch, be.alloc];
+      be.launch = function (this: unknown, ...a: unknown[]) { names.push(String(a[5])); return launch.apply(this, a); };
+      be.alloc = function (this: unknown, t: string, n: number) { sizes.push(n); return alloc.call(this, t, n); };
+      try {
+        backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true);
+      } finally {
+        [be.launch, be.alloc] = [launch, alloc];
+      }
+      assert.ok(names.includes('rmsnorm_dw_partial'), `${dt}: ${names}`);
+      assert.equal(sizes.filter((n) => n === rows * d).length, 1, `${dt}: dx alone is [rows, d]`);
     }
     // a TTT-E2E meta-gradient over the stand-in: fewer launches with the kernel than through the composite
     const T = await import('../src/index.js');

@@ -21,7 +21,7 @@ import {
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
   LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, castAddName, CUDA_FLOATS, compareName, copyName,
-  COL_TILE, writeRowsAtName, NLL_BWD, NLL_BWD_ACC, NLL_FWD, NLL_HVP, NLL_HVP_ACC, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
+  COL_TILE, writeRowsAtName, NLL_BWD, NLL_BWD_ACC, NLL_FWD, NLL_HVP, NLL_HVP_ACC, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_DW_PARTIAL, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
 import {
@@ -630,25 +630,36 @@ export class CudaBackend implements Backend {
       this.launch(this.fn('reduce', dt, reduceColsName(op)), this.blocksFor(total), THREADS, 0, a, reduceColsName(op));
     } else {
       // Split along n into chunks so that enough blocks run, then combine the partials in order.
-      const outputBlocks = inner === 1 ? outer : outer * Math.ceil(inner / COL_TILE);
-      const minLen = inner === 1 ? 4096 : 256;
-      const chunks = Math.max(1, Math.min(Math.ceil(n / minLen), Math.ceil(busy / outputBlocks)));
-      const len = Math.ceil(n / chunks);
+      const { outputBlocks, chunks, len } = this.splitPlan(outer, n, inner);
       const ws = this.allocator.alloc(chunks * total * 8);
       const name = inner === 1 ? reduceRowsPartialName(op) : reduceColsPartialName(op);
       const a = this.args.reset().ptr(ws.ptr).ptr(buf(x).ptr).i64(outer).i64(n);
       if (inner > 1) a.i64(inner);
       a.i64(chunks).i64(len);
       this.launch(this.fn('reduce', dt, name), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, name);
-      const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(total).i64(chunks);
-      // many partials per output (a whole tensor's sum: hundreds of chunks): a warp per output, not one thread
-      const warpPerOutput = chunks >= 32;
-      const final = warpPerOutput ? reduceFinalWarpName(op) : reduceFinalName(op);
-      const blocks = warpPerOutput ? Math.ceil(total / (THREADS / 32)) : this.blocksFor(total);
-      this.launch(this.fn('reduce', dt, final), blocks, THREADS, 0, f, final);
-      this.allocator.free(ws); // stream-ordered: a later reuse runs after these kernels
+      this.combinePartials(op, out, ws, total, chunks, dt);
     }
     return out;
+  }
+
+  /** How the split reduction of [outer, n, inner] along n divides the work: chunks of len rows, outputBlocks blocks per chunk. */
+  private splitPlan(outer: number, n: number, inner: number): { outputBlocks: number; chunks: number; len: number } {
+    const busy = 4 * this.sms; // blocks that keep every SM occupied
+    const outputBlocks = inner === 1 ? outer : outer * Math.ceil(inner / COL_TILE);
+    const minLen = inner === 1 ? 4096 : 256;
+    const chunks = Math.max(1, Math.min(Math.ceil(n / minLen), Math.ceil(busy / outputBlocks)));
+    return { outputBlocks, chunks, len: Math.ceil(n / chunks) };
+  }
+
+  /** The split reduction's last step: `total` outputs of `dt` from the chunks' partials in ws (double), in chunk order; frees ws. */
+  private combinePartials(op: ReduceOp, out: DeviceBuffer, ws: DeviceBuffer, total: number, chunks: number, dt: DType): void {
+    const f = this.args.reset().ptr(out.ptr).ptr(ws.ptr).i64(total).i64(chunks);
+    // many partials per output (a whole tensor's sum: hundreds of chunks): a warp per output, not one thread
+    const warpPerOutput = chunks >= 32;
+    const final = warpPerOutput ? reduceFinalWarpName(op) : reduceFinalName(op);
+    const blocks = warpPerOutput ? Math.ceil(total / (THREADS / 32)) : this.blocksFor(total);
+    this.launch(this.fn('reduce', dt, final), blocks, THREADS, 0, f, final);
+    this.allocator.free(ws); // stream-ordered: a later reuse runs after these kernels
   }
 
   private rowKernel(name: string, x: unknown, outer: number, n: number, outSize: number, dtype: DType): DeviceBuffer {
@@ -893,12 +904,29 @@ export class CudaBackend implements Backend {
     const acc: DType = statDType(dt);
     const dx = this.alloc(dt, rows * d);
     if (rows === 0) return { dx, dw: wantDw ? this.fill(d, dt, 0) : null };
-    // gxr = dy·x·rstd per element, whose column sums are dw (not written without wantDw)
-    const gxr = wantDw ? this.alloc(acc, rows * d) : null;
+    // dw = Σ_rows dy·x·rstd. Over few rows, the kernel writes those products (gxr) for a column sum; over more, the
+    // split reduction's partials come from dy and x themselves (no [rows, d] float buffer written and read back),
+    // the same terms in the same order, so the same bits
+    const gxr = wantDw && rows <= 64 ? this.alloc(acc, rows * d) : null;
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr ? gxr.ptr : 0).i64(rows).i64(d);
     this.launchRmsNorm(dt, d, rows, [x, w, dy], a, RMSNORM_BWD, RMSNORM_BWD_VEC);
-    // dw: column sums of gxr, in the deterministic split reduction, then to the tensors' dtype
-    return { dx, dw: gxr ? this.columnSum(gxr, rows, d, acc, dt) : null };
+    if (!wantDw) return { dx, dw: null };
+    return { dx, dw: gxr ? this.columnSum(gxr, rows, d, acc, dt) : this.rmsNormDw(x, dy, rstd, rows, d, dt) };
+  }
+
+  /** RMSNorm's dw = Σ_rows dy·x·rstd for rows > 64, as `reduce`'s split column sum of those products would give it. */
+  private rmsNormDw(x: unknown, dy: unknown, rstd: unknown, rows: number, d: number, dt: DType): DeviceBuffer {
+    const acc: DType = statDType(dt);
+    const { outputBlocks, chunks, len } = this.splitPlan(1, rows, d);
+    const ws = this.allocator.alloc(chunks * d * 8);
+    const a = this.args.reset().ptr(ws.ptr).ptr(buf(x).ptr).ptr(buf(dy).ptr).ptr(buf(rstd).ptr).i64(rows).i64(d).i64(chunks).i64(len);
+    this.launch(this.fn('reduce', dt, RMSNORM_DW_PARTIAL), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, RMSNORM_DW_PARTIAL);
+    const sums = this.alloc(acc, d);
+    this.combinePartials('sum', sums, ws, d, chunks, acc);
+    if (acc === dt) return sums;
+    const out = this.cast(sums, d, acc, dt);
+    this.allocator.free(sums);
+    return out;
   }
 
   /**

@@ -58,6 +58,8 @@ export const RMSNORM_FWD_VEC = 'rmsnorm_fwd_vec';
 export const RMSNORM_BWD_VEC = 'rmsnorm_bwd_vec';
 /** The backward of RMSNorm's backward (Backend.rmsNormGradBackward), a warp per row. */
 export const RMSNORM_GRAD_BWD = 'rmsnorm_grad_bwd';
+/** dw's split column sum read from dy, x and rstd (the partials of reduce_cols_partial_sum over dy·x·rstd). */
+export const RMSNORM_DW_PARTIAL = 'rmsnorm_dw_partial';
 /** Rows per block of the RMSNorm kernels (one warp each). */
 export const RMSNORM_ROWS = 8;
 /** 16-byte vectors of a row each lane of the vector kernels holds at most. */
@@ -319,6 +321,28 @@ extern "C" __global__ void ${RMSNORM_BWD_VEC}(const ${T}* x, const ${T}* w, cons
       if (gxr) gxr[row * d + i * ${VW} + q] = g * xq * k;
     }
     dr[i] = out;`)}
+}
+extern "C" __global__ void ${RMSNORM_DW_PARTIAL}(double* ws, const ${T}* x, const ${T}* dy, const ${A}* rstd, i64 n, i64 inner, i64 chunks, i64 len) {
+  __shared__ double part[1024];
+  const int tx = threadIdx.x % ${COL_TILE}, ty = threadIdx.x / ${COL_TILE}, lanes = blockDim.x / ${COL_TILE};
+  const i64 tiles = (inner + ${COL_TILE} - 1) / ${COL_TILE};
+  for (i64 blk = blockIdx.x; blk < tiles * chunks; blk += gridDim.x) {
+    const i64 ch = blk % chunks, tile = blk / chunks;
+    const i64 c = tile * ${COL_TILE} + tx;
+    const i64 lo = ch * len, hi = lo + len < n ? lo + len : n;
+    double acc = 0.0;
+    if (c < inner) {
+      // each term rounded to the math type as the backward kernels' gxr = g * x * k is
+      for (i64 r = lo + ty; r < hi; r += lanes) { const ${A} t = ${ld('dy[r * inner + c]')} * ${ld('x[r * inner + c]')} * rstd[r]; acc += (double)t; }
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (ty == 0 && c < inner) {
+      for (int l = 1; l < lanes; l++) acc += part[l * ${COL_TILE} + tx];
+      ws[ch * inner + c] = acc;
+    }
+    __syncthreads();
+  }
 }
 extern "C" __global__ void ${RMSNORM_GRAD_BWD}(const ${T}* x, const ${T}* w, const ${A}* rstd, const ${T}* dy, const ${T}* c,
     ${T}* dx, ${T}* dg, ${A}* gh, i64 rows, i64 d) {
