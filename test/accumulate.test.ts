@@ -11,35 +11,41 @@ import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { checkGrad, checkHvp, rn } from './helpers/check.js';
 
-/** fn's result and the backend's matmul calls, each with whether it accumulated and into which buffer. */
-function spyMatmul<R>(fn: () => R): { result: R; calls: { accumulate: unknown }[] } {
-  const be = T.getBackend();
-  const original = be.matmul;
-  const calls: { accumulate: unknown }[] = [];
-  be.matmul = function (this: T.Backend, ...args: Parameters<T.Backend['matmul']>) {
-    calls.push({ accumulate: args[5] });
+/** fn's result and the argument list of each call it made to the current backend's `method`. */
+function spyBackend<R>(method: keyof T.Backend, fn: () => R): { result: R; calls: unknown[][] } {
+  const be = T.getBackend() as unknown as Record<string, (...args: unknown[]) => unknown>;
+  const original = be[method];
+  const calls: unknown[][] = [];
+  be[method] = function (this: unknown, ...args: unknown[]) {
+    calls.push(args);
     return original.apply(this, args);
-  } as T.Backend['matmul'];
+  };
   try {
     return { result: fn(), calls };
   } finally {
-    be.matmul = original;
+    be[method] = original;
   }
+}
+
+/** fn's result and the backend's matmul calls, each with the buffer it accumulated into (undefined: none). */
+function spyMatmul<R>(fn: () => R): { result: R; calls: { accumulate: unknown }[] } {
+  const { result, calls } = spyBackend('matmul', fn);
+  return { result, calls: calls.map((a) => ({ accumulate: a[5] })) };
 }
 
 /** fn's result and how many binary adds the backend ran over tensors of `size` elements. */
 function countAdds<R>(size: number, fn: () => R): { result: R; adds: number } {
-  const be = T.getBackend();
-  const original = be.binary;
-  let adds = 0;
-  be.binary = function (this: T.Backend, ...args: Parameters<T.Backend['binary']>) {
-    if (args[0] === 'add' && args[5].reduce((a, b) => a * b, 1) === size) adds++;
-    return original.apply(this, args);
-  } as T.Backend['binary'];
+  const { result, calls } = spyBackend('binary', fn);
+  return { result, adds: calls.filter((a) => a[0] === 'add' && (a[5] as number[]).reduce((x, y) => x * y, 1) === size).length };
+}
+
+/** fn with in-place accumulation off (each contribution added separately), the setting restored after. */
+function separately<R>(fn: () => R): R {
+  const before = T.setInPlaceAccumulation(false);
   try {
-    return { result: fn(), adds };
+    return fn();
   } finally {
-    be.binary = original;
+    T.setInPlaceAccumulation(before);
   }
 }
 
@@ -147,32 +153,12 @@ describe('in-place accumulation of cotangents', () => {
       // the outer NLL plus a product with the NLL's gradient: the logits get both cotangents in one walk
       const f = (x: T.Tensor) => T.add(T.sum(T.fusedTokenNll(x, targets)), T.sum(T.mul(T.grad((y: T.Tensor) => T.sum(T.fusedTokenNll(y, targets)))(x) as T.Tensor, v)));
       const x = rn(50, [3, 5]);
-      const be = T.getBackend();
-      const [first, second] = [be.tokenNllBackward, be.tokenNllGradBackward];
-      const accumulated: string[] = [];
-      be.tokenNllBackward = function (this: T.Backend, ...args: Parameters<T.Backend['tokenNllBackward']>) {
-        if (args[7] !== undefined) accumulated.push('first order');
-        return first.apply(this, args);
-      } as T.Backend['tokenNllBackward'];
-      be.tokenNllGradBackward = function (this: T.Backend, ...args: Parameters<T.Backend['tokenNllGradBackward']>) {
-        if (args[8] !== undefined) accumulated.push('second order');
-        return second.apply(this, args);
-      } as T.Backend['tokenNllGradBackward'];
-      let g: T.Tensor;
-      try {
-        g = T.grad(f)(x) as T.Tensor;
-      } finally {
-        [be.tokenNllBackward, be.tokenNllGradBackward] = [first, second];
-      }
+      const first = spyBackend('tokenNllBackward', () => spyBackend('tokenNllGradBackward', () => T.grad(f)(x) as T.Tensor));
+      const g = first.result.result;
       // whichever of the two kernels runs second adds into the other's result
-      assert.equal(accumulated.length, 1, `one kernel added into the running cotangent: ${accumulated}`);
-      const before = T.setInPlaceAccumulation(false);
-      let plain: T.Tensor;
-      try {
-        plain = T.grad(f)(x) as T.Tensor;
-      } finally {
-        T.setInPlaceAccumulation(before);
-      }
+      const accumulated = [...first.calls.filter((a) => a[7] !== undefined), ...first.result.calls.filter((a) => a[8] !== undefined)];
+      assert.equal(accumulated.length, 1, 'one kernel added into the running cotangent');
+      const plain = separately(() => T.grad(f)(x) as T.Tensor);
       const [a, b] = [g.toArray(), plain.toArray()];
       assert.ok(a.every((val, i) => Math.abs(val - b[i]) < 1e-13), 'in place = a separate sum');
       checkGrad(f, [x], { label: 'NLL + its gradient' });
@@ -186,27 +172,10 @@ describe('in-place accumulation of cotangents', () => {
       // w (float64) is used directly and through a float32 copy: the copy's cotangent comes back as float32
       // (in this order the walk reaches the cast after w's direct use, so the cast adds into w's running cotangent)
       const f = (p: T.Tensor) => T.add(T.cast(T.sum(T.tanh(T.matmul(x, T.cast(p, 'float32')))), 'float64'), T.sum(T.square(p)));
-      const be = T.getBackend();
-      const original = be.addInto;
-      const mixed: string[] = [];
-      be.addInto = function (this: T.Backend, ...args: Parameters<T.Backend['addInto']>) {
-        if (args[4] !== undefined && args[4] !== args[3]) mixed.push(`${args[4]} into ${args[3]}`);
-        return original.apply(this, args);
-      } as T.Backend['addInto'];
-      let g: T.Tensor;
-      try {
-        g = T.grad(f)(w) as T.Tensor;
-      } finally {
-        be.addInto = original;
-      }
+      const { result: g, calls } = spyBackend('addInto', () => T.grad(f)(w) as T.Tensor);
+      const mixed = calls.filter((a) => a[4] !== undefined && a[4] !== a[3]).map((a) => `${a[4]} into ${a[3]}`);
       assert.deepEqual(mixed, ['float32 into float64']);
-      const before = T.setInPlaceAccumulation(false);
-      let plain: T.Tensor;
-      try {
-        plain = T.grad(f)(w) as T.Tensor;
-      } finally {
-        T.setInPlaceAccumulation(before);
-      }
+      const plain = separately(() => T.grad(f)(w) as T.Tensor);
       assert.deepEqual(g.toArray(), plain.toArray(), 'the same values, bit for bit');
     });
   });
@@ -217,27 +186,9 @@ describe('in-place accumulation of cotangents', () => {
       const tokens = T.tensor([3, 1, 3, 6, 0], [5], 'int32');
       // the output layer's product comes first in the walk, then the lookup adds into its gradient
       const f = (e: T.Tensor) => T.sum(T.tanh(T.matmul(T.gather(e, tokens, 0), e, { transB: true })));
-      const be = T.getBackend();
-      const original = be.scatterAdd;
-      const inPlace: boolean[] = [];
-      be.scatterAdd = function (this: T.Backend, ...args: Parameters<T.Backend['scatterAdd']>) {
-        inPlace.push(args[8] === true);
-        return original.apply(this, args);
-      } as T.Backend['scatterAdd'];
-      let g: T.Tensor;
-      try {
-        g = T.grad(f)(table) as T.Tensor;
-      } finally {
-        be.scatterAdd = original;
-      }
-      assert.deepEqual(inPlace, [true]);
-      const before = T.setInPlaceAccumulation(false);
-      let plain: T.Tensor;
-      try {
-        plain = T.grad(f)(table) as T.Tensor;
-      } finally {
-        T.setInPlaceAccumulation(before);
-      }
+      const { result: g, calls } = spyBackend('scatterAdd', () => T.grad(f)(table) as T.Tensor);
+      assert.deepEqual(calls.map((a) => a[8] === true), [true], 'one scatter-add, in place');
+      const plain = separately(() => T.grad(f)(table) as T.Tensor);
       const [a, b] = [g.toArray(), plain.toArray()];
       assert.ok(a.every((v, i) => Math.abs(v - b[i]) < 1e-14));
       checkGrad(f, [table], { label: 'tied embedding' });
@@ -249,13 +200,9 @@ describe('in-place accumulation of cotangents', () => {
       const w = rn(60, [6, 5]);
       const xs = [rn(61, [4, 6]), rn(62, [3, 6])];
       const f = (p: T.Tensor) => T.add(T.sum(T.tanh(T.matmul(xs[0], p))), T.sum(T.tanh(T.matmul(xs[1], p))));
-      const before = T.setInPlaceAccumulation(false);
-      try {
-        const { calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w)));
-        assert.equal(calls.filter((c) => c.accumulate !== undefined).length, 0);
-      } finally {
-        T.setInPlaceAccumulation(before);
-      }
+      const off = separately(() => spyMatmul(() => countAdds(30, () => T.grad(f)(w))));
+      assert.equal(off.calls.filter((c) => c.accumulate !== undefined).length, 0);
+      assert.equal(off.result.adds, 1, 'the two products summed by an add');
       const { result, calls } = spyMatmul(() => countAdds(30, () => T.grad(f)(w)));
       assert.equal(calls.filter((c) => c.accumulate !== undefined).length, 1);
       assert.equal(result.adds, 0);
