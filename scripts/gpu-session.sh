@@ -9,6 +9,8 @@
 #                AdamW's one-launch kernel (TTT_ADAMW_KERNEL=fusedAll) / both (name the stage twice for two rounds)
 #   train-inplace  the same step with both on, in-place accumulation of cotangents on and off (TTT_ACCUMULATE_IN_PLACE=0),
 #                alternating, two rounds
+#   phases       where the 125m TTT-E2E step's GPU time goes by phase of the method (bench/phases.js: events at phase
+#                boundaries, no synchronisation between), as it is and with the second-order kernels on
 #   latency      the latency table (cuda-latency.js) at 8K, 32K and 128K for full attention and TTT-E2E
 # Every command runs under `timeout -k 5 -s KILL` (a hung GPU process has ignored plain timeouts before). The device
 # tool brings back at most 8 files from $OUT, so each stage appends to one log ($OUT/STAGE.log) and results go to
@@ -66,12 +68,18 @@ for stage in "$@"; do
         done
       done
       ;;
+    phases)
+      run phases phases-plain 150 env TTT_DEVICE=cuda node dist/bench/phases.js e2e 8192 125m bf16 3
+      keep phases-plain bench/results/phases-cuda-125m-e2e.json
+      run phases phases-kernels 150 env TTT_DEVICE=cuda TTT_CUDA_GRAD_KERNELS=1 node dist/bench/phases.js e2e 8192 125m bf16 3
+      keep phases-kernels bench/results/phases-cuda-125m-e2e.json
+      ;;
     latency)
       run latency latency 500 node dist/bench/cuda-latency.js 8192,32768,131072 full,e2e
       keep latency bench/results/latency-cuda.json
       ;;
     *)
-      echo "gpu-session: unknown stage '$stage' (tests, train-ab, train-inplace, latency)" >&2
+      echo "gpu-session: unknown stage '$stage' (tests, train-ab, train-inplace, phases, latency)" >&2
       exit 2
       ;;
   esac

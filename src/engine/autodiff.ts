@@ -6,7 +6,7 @@
  * any depth, and nothing about "requires grad" outlives the call that created it.
  */
 import { leaves, mapLeaves } from './pytree.js';
-import { alias, isTracked, record, setTraceDepth, traceDepth } from './runtime.js';
+import { alias, isTracked, phase, record, setTraceDepth, traceDepth } from './runtime.js';
 import { Tensor, closeScope, nextTensorId, openScope } from './tensor.js';
 import { add, addInto, onesLike, zerosLike } from './ops.js';
 import { fmt } from './shape.js';
@@ -289,7 +289,8 @@ export function valueAndGrad<F extends AnyFn>(f: F, opts: ValueAndGradOptions = 
         throw new Error(`grad: the function must return a scalar tensor${opts.hasAux ? ' as the first element of [value, aux]' : ''}, got ${value instanceof Tensor ? fmt(value.shape) : typeof value}`);
       }
       setTraceDepth(t.level);
-      const raw = backward([value], [onesLike(value)], t.vars, t.level, new Set(leaves(aux)));
+      const traced = t;
+      const raw = phase('backward', () => backward([value], [onesLike(value)], traced.vars, traced.level, new Set(leaves(aux))));
       grads = raw.map((g, i) => g ?? zerosLike(t!.vars[i]));
     } catch (e) {
       setTraceDepth(outerDepth);
@@ -367,10 +368,10 @@ export function checkpoint<F extends AnyFn>(f: F): F {
       // Straight through trace and backward rather than vjp: outputs without a cotangent and inputs
       // the rerun's gradient does not reach stay null instead of becoming zero tensors (a TTT-E2E
       // mini-batch's checkpoint takes every parameter; most get nothing from its outputs' cotangents).
-      const t = trace(rerun, tracked, tracked.map((_, i) => i));
+      const t = phase('recompute', () => trace(rerun, tracked, tracked.map((_, i) => i)));
       setTraceDepth(t.level);
       // the running cotangents handed in are added into by the rerun's backward itself (its GEMMs with β = 1)
-      return backward(t.out as Tensor[], cts, t.vars, t.level, new Set(), into ?? []);
+      return phase('checkpoint backward', () => backward(t.out as Tensor[], cts, t.vars, t.level, new Set(), into ?? []));
     });
     return out;
   }) as F;

@@ -237,6 +237,20 @@ export interface Backend {
   adamw(p: BackendData, g: BackendData, m: BackendData, v: BackendData, size: number, h: AdamWHyper, dtype: DType): { p: BackendData; m: BackendData; v: BackendData };
   /** The same step for every parameter in `params` (one dtype), in one launch where the backend can; `h.decay` is per entry. */
   adamwAll(params: AdamWEntry[], h: AdamWHyper, dtype: DType): { p: BackendData; m: BackendData; v: BackendData }[];
+  /**
+   * Phase timing (engine `phase`): the work queued from now on belongs to phase `name`, until the next mark. A device
+   * backend records an event on its queue (no synchronisation); the CPU notes the time. Absent: no phase timing.
+   */
+  markPhase?(name: string): void;
+  /** Time per phase since the last report (device time between consecutive marks), and how many spans each had; clears the marks. */
+  phaseReport?(): PhaseTime[];
+}
+
+/** One phase's share of the work timed by `Backend.markPhase`. */
+export interface PhaseTime {
+  phase: string;
+  ms: number;
+  spans: number;
 }
 
 /** One parameter of `adamwAll`: its arrays, its size and whether it takes weight decay. */
@@ -267,4 +281,16 @@ export interface AdamWHyper {
   /** Whether this parameter takes decoupled weight decay, and its factor 1 − lr·wd. */
   decay: boolean;
   shrink: number;
+}
+
+/** Phase times from marks in order and the time between each mark and the next (the last mark's span is open), largest first. */
+export function sumPhaseSpans(names: readonly string[], gaps: readonly number[]): PhaseTime[] {
+  const by = new Map<string, PhaseTime>();
+  gaps.forEach((ms, i) => {
+    const e = by.get(names[i]) ?? { phase: names[i], ms: 0, spans: 0 };
+    e.ms += ms;
+    e.spans++;
+    by.set(names[i], e);
+  });
+  return [...by.values()].sort((a, b) => b.ms - a.ms);
 }

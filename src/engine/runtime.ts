@@ -83,6 +83,36 @@ export function pinWhileRecording(t: Tensor): void {
   if (pinned) pinned.push(alias(t));
 }
 
+// ---- phase timing ---------------------------------------------------------------------------
+
+let phaseTiming = process.env.TTT_PHASES === '1';
+const phaseStack: string[] = [];
+
+/** Turns phase timing on or off (`TTT_PHASES=1` at start); returns the previous setting. */
+export function setPhaseTiming(on: boolean): boolean {
+  const before = phaseTiming;
+  phaseTiming = on;
+  return before;
+}
+
+/**
+ * Runs fn as the phase `name` (nested in the phases around it: "backward / recompute / mini-batch / forward"): with
+ * phase timing on, the backend marks where its work begins and ends (`Backend.markPhase`; `phaseReport` sums them).
+ * Off, or on a backend without marks, it only runs fn.
+ */
+export function phase<T>(name: string, fn: () => T): T {
+  const be = current;
+  if (!phaseTiming || !be?.markPhase) return fn();
+  phaseStack.push(name);
+  be.markPhase(phaseStack.join(' / '));
+  try {
+    return fn();
+  } finally {
+    phaseStack.pop();
+    be.markPhase(phaseStack.length ? phaseStack.join(' / ') : '(outside any phase)');
+  }
+}
+
 // ---- traces --------------------------------------------------------------------------------
 
 /**

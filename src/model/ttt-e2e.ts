@@ -7,7 +7,7 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, reshape, slice, sqrt, stack, stopGradient, sum, sumSquares,
+  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, phase, reshape, slice, sqrt, stack, stopGradient, sum, sumSquares,
   tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
@@ -87,7 +87,7 @@ export function miniBatchStep(
 ): StepOut {
   const s = suffixStart(c);
   type Aux = { nll: Tensor; perSeq: Tensor; caches: (MixerState | null)[]; last?: Tensor };
-  const lossOf = (w: FastWeights): [Tensor, Aux] => {
+  const lossOf = (w: FastWeights): [Tensor, Aux] => phase('forward', () => {
     const r = runBlocks(c, params, s, c.nLayers, x, positions, caches, w);
     const z = outputLogits(c, params, r.x);
     const nll = tokenNll(z, targets);
@@ -96,7 +96,7 @@ export function miniBatchStep(
     const last = wantLast ? stopGradient(logSoftmax(reshape(widenLogits(params, slice(z, [0, n - 1, 0], [1, n, V])), [V]))) : undefined;
     // Summing over sequences keeps each sequence's gradient its own (W has a batch axis).
     return [sum(perSeq), { nll, perSeq, caches: r.states, last }];
-  };
+  });
   if (!update || lr === 0) {
     const [, aux] = lossOf(fast);
     return { loss: mean(aux.perSeq), nll: aux.nll, fast, caches: aux.caches, last: aux.last };
@@ -132,11 +132,11 @@ export function innerLoop(
   const [B, T] = tokens.shape;
   const b = c.miniBatch;
   const s = suffixStart(c);
-  const prefix = runBlocks(c, params, 0, s, embed(c, params, tokens), range(0, T), [], []);
+  const prefix = phase('prefix', () => runBlocks(c, params, 0, s, embed(c, params, tokens), range(0, T), [], []));
   const chunks = range(0, Math.ceil(T / b)).map((i) => [i * b, Math.min(T, (i + 1) * b)] as const);
   const cut = (t: Tensor | undefined, lo: number, hi: number) => t && slice(t, [0, lo], [B, hi]);
   if (c.suffixLen === 0) {
-    const nll = outputNll(c, params, prefix.x, targets);
+    const nll = phase('output', () => outputNll(c, params, prefix.x, targets));
     const losses = chunks.map(([lo, hi]) => mean(perSequenceLoss(cut(nll, lo, hi)!, cut(opts.mask, lo, hi))));
     return { tokenNll: nll, losses, fast: [] };
   }
@@ -153,7 +153,7 @@ export function innerLoop(
   const nlls: Tensor[] = [];
   chunks.forEach(([lo, hi], i) => {
     const learn = update && (finalUpdate || i < chunks.length - 1);
-    const r = step(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi, learn);
+    const r = phase('mini-batch', () => step(params, fast, caches, cut(prefix.x, lo, hi)!, cut(targets, lo, hi)!, cut(opts.mask, lo, hi), lo, hi, learn));
     losses.push(r.loss);
     nlls.push(r.nll);
     fast = r.fast;

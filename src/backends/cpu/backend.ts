@@ -5,7 +5,7 @@
  * WebAssembly SIMD). Float32 exp / sigmoid / silu and softmax / logsumexp rows go through
  * WebAssembly SIMD kernels (./wasm-elementwise.ts) above a small size, when built.
  */
-import type { AdamWEntry, AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
+import { type AdamWEntry, type AdamWHyper, type AttentionJob, type Backend, type BinaryOp, type CompareOp, type MatmulJob, type PhaseTime, type ReduceOp, type RopeLayout, type UnaryOp, sumPhaseSpans } from '../../engine/backend.js';
 import { type DType, type HostArray, statDType } from '../../engine/dtype.js';
 import { coalesce, sizeOf } from '../../engine/shape.js';
 import { attentionBackward, attentionForward } from './attention.js';
@@ -511,6 +511,16 @@ export class CpuBackend implements Backend {
       vo[i] = vi;
     }
     return { p: po, m: mo, v: vo };
+  }
+  // the CPU's ops run as they are called: a phase's time is the wall time between its marks
+  private phaseMarks: { name: string; at: number }[] = [];
+  markPhase(name: string): void {
+    this.phaseMarks.push({ name, at: performance.now() });
+  }
+  phaseReport(): PhaseTime[] {
+    const marks = this.phaseMarks;
+    this.phaseMarks = [];
+    return sumPhaseSpans(marks.map((m) => m.name), marks.slice(1).map((m, i) => m.at - marks[i].at));
   }
   adamwAll(params: AdamWEntry[], h: AdamWHyper, dtype: DType): { p: Arr; m: Arr; v: Arr }[] {
     return params.map((e) => this.adamw(e.p, e.g, e.m, e.v, e.size, { ...h, decay: e.decay }, dtype));

@@ -8,7 +8,7 @@
  * (values widen to float in every kernel and round once on store; GEMMs on tensor cores with fp32
  * accumulation through cublasGemm*Ex).
  */
-import type { AdamWEntry, AdamWHyper, AttentionJob, Backend, BinaryOp, CompareOp, MatmulJob, ReduceOp, RopeLayout, UnaryOp } from '../../engine/backend.js';
+import { type AdamWEntry, type AdamWHyper, type AttentionJob, type Backend, type BinaryOp, type CompareOp, type MatmulJob, type PhaseTime, type ReduceOp, type RopeLayout, type UnaryOp, sumPhaseSpans } from '../../engine/backend.js';
 import { type DType, type HostArray, fromBfloat16Bits, hostArray, statDType, toBfloat16Bits } from '../../engine/dtype.js';
 import { sizeOf } from '../../engine/shape.js';
 import { type AllocatorStats, CachingAllocator, DeviceBuffer } from './allocator.js';
@@ -282,6 +282,37 @@ export class CudaBackend implements Backend {
     e.calls++;
     e.ms += performance.now() - t0;
     this.profile.set(what, e);
+  }
+
+  /** Phase marks: an event recorded on the stream at each (none while recording for replay). */
+  private phaseEvents: { name: string; event: Handle }[] = [];
+
+  markPhase(name: string): void {
+    if (this.recording) return;
+    const { cuEventCreate, cuEventRecord } = this.drv;
+    if (!cuEventCreate || !cuEventRecord) throw new Error('cuda backend: phase timing needs the driver\'s event API (cuEventCreate, cuEventRecord)');
+    const out: unknown[] = [null];
+    this.cu('cuEventCreate', cuEventCreate(out, 0));
+    this.cu('cuEventRecord', cuEventRecord(out[0], this.stream));
+    this.phaseEvents.push({ name, event: out[0] });
+  }
+
+  /** Device time between consecutive marks, by phase (waits for the last mark); frees the events. */
+  phaseReport(): PhaseTime[] {
+    const marks = this.phaseEvents;
+    this.phaseEvents = [];
+    if (marks.length === 0) return [];
+    const { cuEventSynchronize, cuEventElapsedTime, cuEventDestroy } = this.drv;
+    if (!cuEventSynchronize || !cuEventElapsedTime || !cuEventDestroy) throw new Error('cuda backend: phase timing needs the driver\'s event API');
+    this.cu('cuEventSynchronize', cuEventSynchronize(marks[marks.length - 1].event));
+    const gaps: number[] = [];
+    const ms = [0];
+    for (let i = 0; i + 1 < marks.length; i++) {
+      this.cu('cuEventElapsedTime', cuEventElapsedTime(ms, marks[i].event, marks[i + 1].event));
+      gaps.push(ms[0]);
+    }
+    for (const m of marks) this.cu('cuEventDestroy', cuEventDestroy(m.event));
+    return sumPhaseSpans(marks.map((m) => m.name), gaps);
   }
 
   /** The profile since the last reset, largest total first (empty unless TTT_CUDA_PROFILE is set). */

@@ -77,6 +77,12 @@ export interface Driver {
   cuCtxSynchronize: Fn;
   cuGetErrorName: Fn;
   cuGetErrorString: Fn;
+  /** Events, for phase timing only (absent where the driver exports none of a name). */
+  cuEventCreate?: Fn;
+  cuEventRecord?: Fn;
+  cuEventSynchronize?: Fn;
+  cuEventElapsedTime?: Fn;
+  cuEventDestroy?: Fn;
 }
 
 export interface Nvrtc {
@@ -154,7 +160,31 @@ export function loadDriver(): Driver {
     cuGetErrorName: 'int cuGetErrorName(int err, _Out_ const char **s)',
     cuGetErrorString: 'int cuGetErrorString(int err, _Out_ const char **s)',
   });
-  return { path, ...f } as unknown as Driver;
+  // CUDA 12.8+ exports the _v2 names the headers map these to; older drivers the plain ones
+  const events = bindFirst(lib, {
+    cuEventCreate: ['int cuEventCreate(_Out_ void **event, unsigned int flags)'],
+    cuEventRecord: ['int cuEventRecord(void *event, void *stream)'],
+    cuEventSynchronize: ['int cuEventSynchronize(void *event)'],
+    cuEventElapsedTime: ['int cuEventElapsedTime_v2(_Out_ float *ms, void *start, void *end)', 'int cuEventElapsedTime(_Out_ float *ms, void *start, void *end)'],
+    cuEventDestroy: ['int cuEventDestroy_v2(void *event)', 'int cuEventDestroy(void *event)'],
+  });
+  return { path, ...f, ...events } as unknown as Driver;
+}
+
+/** For each key, the first of its declarations the library exports (none: the key is left out). */
+function bindFirst(lib: Lib, decls: Record<string, string[]>): Record<string, Fn> {
+  const out: Record<string, Fn> = {};
+  for (const [key, options] of Object.entries(decls)) {
+    for (const decl of options) {
+      try {
+        out[key] = lib.func(decl) as unknown as Fn;
+        break;
+      } catch {
+        // not exported under this name: try the next
+      }
+    }
+  }
+  return out;
 }
 
 export function loadNvrtc(): Nvrtc {

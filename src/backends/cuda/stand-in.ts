@@ -66,6 +66,11 @@ export function standInLibraries(): { driver: Driver; nvrtc: Nvrtc; cublas: Cubl
       calls.lastLaunch = args;
     }),
     cuStreamSynchronize: ok('cuStreamSynchronize'),
+    cuEventCreate: ok('cuEventCreate', (e) => set(e, { event: true })),
+    cuEventRecord: ok('cuEventRecord'),
+    cuEventSynchronize: ok('cuEventSynchronize'),
+    cuEventElapsedTime: ok('cuEventElapsedTime', (ms) => set(ms, 0.25)),
+    cuEventDestroy: ok('cuEventDestroy'),
     cuStreamCreate: ok('cuStreamCreate', (st) => set(st, { stream: true })),
     cuStreamBeginCapture: ok('cuStreamBeginCapture'),
     cuStreamEndCapture: ok('cuStreamEndCapture', (_s, g) => set(g, { graph: true })),
