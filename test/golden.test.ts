@@ -17,9 +17,10 @@ import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import * as T from '../src/index.js';
 import { configFromReference, namedLeaves, paramsFromReference, referenceNames, referenceSlice } from '../src/model/reference.js';
-import { innerLoop, outerLoss } from '../src/model/ttt-e2e.js';
+import { innerLoop, outerLoss, setOutputRows } from '../src/model/ttt-e2e.js';
 import type { Params } from '../src/model/transformer.js';
 import { setNormPath } from '../src/nn/layers.js';
+import { withOpPath } from './helpers/fused.js';
 
 const GOLDEN = fileURLToPath(new URL('../../shared/golden/ttt-e2e-tiny.json', import.meta.url));
 const golden = existsSync(GOLDEN) ? JSON.parse(readFileSync(GOLDEN, 'utf8')) : null;
@@ -58,6 +59,25 @@ function runWith(name: string, dtype: 'float32' | 'float64') {
 }
 
 describe('agreement with the reference implementation', { skip: !golden && 'no ../shared/golden' }, () => {
+  for (const name of ['swa', 'full'].filter((n) => golden?.cases?.[n])) {
+    test(`${name}: the output layer's fused loss (its gradients taken in the forward, in pieces of 16 positions) gives the float64 loss and gradients of the checked path`, () => {
+      const checked = run(name, 'float64');
+      const before = setOutputRows(16);
+      let fused: ReturnType<typeof run>;
+      try {
+        fused = withOpPath('loss', 'fused', () => run(name, 'float64'));
+      } finally {
+        setOutputRows(before);
+      }
+      assert.ok(Math.abs(fused.loss - checked.loss) / checked.loss < 1e-12, `loss ${fused.loss} vs ${checked.loss}`);
+      assert.ok(Math.abs(fused.loss - fused.cs.loss) / fused.cs.loss < 1e-5, `loss ${fused.loss} vs the reference's ${fused.cs.loss}`);
+      for (const [path, g] of checked.grads) {
+        const err = relErr(fused.grads.get(path)!, g);
+        assert.ok(err < 1e-10, `${path}: relative difference ${err.toExponential(2)}`);
+      }
+    });
+  }
+
   for (const name of Object.keys(golden?.cases ?? {})) {
     test(`${name}: token NLL, loss and every gradient (float64 and float32)`, () => {
       const r64 = run(name, 'float64');

@@ -5,10 +5,10 @@
  * 128256-token vocabulary each one is half a gigabyte per 1024 positions. As for RMSNorm, the
  * composite is the truth; a backward that will itself be differentiated is the op tokenNllGrad.
  */
-import { vjp } from './autodiff.js';
+import { stopGradient, tidy, vjp } from './autodiff.js';
 import { recordFused } from './fused.js';
-import { cast, expandDims, logsumexp, reshape, sub, takeAlongAxis } from './ops.js';
-import { fromData, isTracked } from './runtime.js';
+import { add, cast, concat, expandDims, logsumexp, matmul, mul, reshape, slice, sub, sum, takeAlongAxis, zeros } from './ops.js';
+import { activeMask, fromData, isTracked, record } from './runtime.js';
 import { statDType } from './dtype.js';
 import { fmt } from './shape.js';
 import type { Tensor } from './tensor.js';
@@ -74,4 +74,81 @@ export function tokenNllGrad(logits: Tensor, targets: Tensor, g: Tensor, lse: Te
     return [r.dLogits, r.dG];
   }, [targets, lse]);
   return dlogits;
+}
+
+/** linearTokenNllSum's definition: Σ weights ⊙ tokenNll(x Wᵀ), from differentiable ops (the fused NLL's own fallbacks). */
+export function compositeLinearTokenNllSum(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor): Tensor {
+  const nll = fusedTokenNll(matmul(x, w, { transB: true }), targets);
+  return sum(mul(nll, cast(weights, nll.dtype)));
+}
+
+/**
+ * The output layer's training loss Σ weights ⊙ tokenNll(x Wᵀ) (x [..., D], W [V, D], targets int32 and weights of
+ * x's leading shape) as one op whose forward also takes its gradients: the loss is a scalar, so its cotangent only
+ * scales them. In pieces of `rowsPerPiece` rows (0: all at once): the piece's logits, their NLL and logsumexp, then
+ * dlogits = (softmax − onehot) · weight, dx = dlogits W and dW += dlogitsᵀ x (a GEMM with β = 1); each piece's logits
+ * are freed before the next. The backward multiplies the kept dx and dW by the cotangent. So no [rows, V] buffer
+ * outlives its piece and the backward recomputes no logits (a checkpointed output layer's does). Where a trace
+ * outside the one differentiating the loss follows x or W (its backward will be differentiated), the op is its
+ * composite definition instead; untraced, it computes the loss alone.
+ */
+export function linearTokenNllSum(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, rowsPerPiece = 0): Tensor {
+  const D = x.shape[x.rank - 1];
+  if (w.rank !== 2 || w.shape[1] !== D) throw new Error(`linearTokenNllSum: W ${fmt(w.shape)} should be [V, ${D}] for x ${fmt(x.shape)}`);
+  const lead = x.shape.slice(0, -1);
+  if (fmt(targets.shape) !== fmt(lead) || fmt(weights.shape) !== fmt(lead)) {
+    throw new Error(`linearTokenNllSum: targets ${fmt(targets.shape)} and weights ${fmt(weights.shape)} should be x's leading shape ${fmt(lead)}`);
+  }
+  if (!Number.isInteger(rowsPerPiece) || rowsPerPiece < 0) throw new Error(`linearTokenNllSum: rowsPerPiece must be a whole number >= 0, got ${rowsPerPiece}`);
+  const deps = (x.deps | w.deps) & activeMask();
+  // traced by more than one trace: the backward will be differentiated, so the definition (any order)
+  if ((deps & (deps - 1)) !== 0 || isTracked(weights)) return compositeLinearTokenNllSum(x, w, targets, weights);
+  const wantGrads = deps !== 0;
+  const rows = x.size / D;
+  const V = w.shape[0];
+  const per = rowsPerPiece === 0 ? Math.max(rows, 1) : rowsPerPiece;
+  const { backend } = x;
+  const [xs, ws] = [reshape(stopGradient(x), [rows, D]), stopGradient(w)];
+  const [ts, wts] = [reshape(targets, [rows]), reshape(stopGradient(weights), [rows])];
+  let loss: Tensor | null = null;
+  let dw: Tensor | null = null;
+  const dxs: Tensor[] = [];
+  for (let lo = 0; lo < rows; lo += per) {
+    const hi = Math.min(rows, lo + per);
+    // one piece: its logits and dlogits are freed when it ends (only the loss, dx and dW carry over)
+    const piece = tidy(() => {
+      const [xp, tp] = [slice(xs, [lo, 0], [hi, D]), slice(ts, [lo], [hi])];
+      const z = matmul(xp, ws, { transB: true });
+      const stat = statDType(z.dtype);
+      const wp = cast(slice(wts, [lo], [hi]), stat);
+      const r = backend.tokenNllForward(z.data, tp.data, hi - lo, V, z.dtype);
+      const nll = fromData(r.nll, [hi - lo], stat, backend);
+      const lse = fromData(r.lse, [hi - lo], stat, backend);
+      const part = loss ? add(loss, sum(mul(nll, wp))) : sum(mul(nll, wp));
+      if (!wantGrads) return { part, dx: null, dw: null };
+      // dlogits with each row's weight as its cotangent, then the two products
+      const d = fromData(backend.tokenNllBackward(z.data, tp.data, lse.data, wp.data, hi - lo, V, z.dtype), [hi - lo, V], z.dtype, backend);
+      const dxp = matmul(d, ws, { outDType: x.dtype });
+      const dwAll = dw ? matmul(d, xp, { transA: true, outDType: w.dtype, into: dw }) : matmul(d, xp, { transA: true, outDType: w.dtype });
+      return { part, dx: dxp, dw: dwAll };
+    });
+    loss?.dispose();
+    loss = piece.part;
+    if (piece.dx) dxs.push(piece.dx);
+    dw = piece.dw;
+  }
+  const y = loss ?? zeros([], statDType(x.dtype));
+  if (!wantGrads || !dw) return y;
+  const dx = reshape(concat(dxs, 0), x.shape);
+  for (const t of dxs) if (t !== dx) t.dispose();
+  const dW: Tensor = dw;
+  record('linearTokenNllSum', [x, w], [y], ([g], needs) => {
+    if (isTracked(x) || isTracked(w) || isTracked(g!)) {
+      return vjp((a: Tensor, b: Tensor) => compositeLinearTokenNllSum(a, b, targets, weights), x, w)[1](g!) as Tensor[];
+    }
+    // the kept gradients scaled by the cotangent (in float32 at least, then in the operand's dtype)
+    const scaled = (t: Tensor) => (t.dtype === 'bfloat16' ? cast(mul(cast(t, 'float32'), cast(g!, 'float32')), t.dtype) : mul(t, cast(g!, t.dtype)));
+    return [needs[0] ? scaled(dx) : null, needs[1] ? scaled(dW) : null];
+  }, [dx, dW, targets, weights]);
+  return y;
 }

@@ -7,11 +7,11 @@
  * and the outer (training) loss is mean_i loss_i, differentiated through every inner step.
  */
 import {
-  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, logSoftmax, maximum, mean, mul, phase, reshape, slice, sqrt, stack, stopGradient, sum, sumSquares,
-  tensor, valueAndGrad,
+  type Tensor, addcmul, broadcastTo, checkpoint, concat, div, full, linearTokenNllSum, logSoftmax, maximum, mean, mul, phase, reshape, slice, sqrt, stack,
+  stopGradient, sum, sumSquares, tensor, valueAndGrad,
 } from '../engine/index.js';
 import type { MlpWeights } from '../nn/layers.js';
-import { tokenNll } from '../nn/layers.js';
+import { fusedLoss, rmsNorm, tokenNll } from '../nn/layers.js';
 import { type ModelConfig } from './config.js';
 import type { MixerState } from './mixers/index.js';
 import {
@@ -173,9 +173,12 @@ export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, tar
  * objective of full/SWA/hybrid models and of TTT-naive (which then runs the inner loop at test time).
  */
 export function lmLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, mask?: Tensor): Tensor {
-  const T = tokens.shape[1];
+  const [B, T] = tokens.shape;
   const h = runBlocks(c, params, 0, c.nLayers, embed(c, params, tokens), range(0, T), [], params.fast).x;
-  return mean(perSequenceLoss(outputNll(c, params, h, targets), mask));
+  if (!fusedLoss(h)) return mean(perSequenceLoss(outputNll(c, params, h, targets), mask));
+  // the same mean of per-sequence means as per-token weights, for the output layer's loss that takes its own gradients
+  const weights = mask ? div(mask, mul(maximum(sum(mask, 1, true), 1e-9), B)) : full([B, T], 1 / (B * T), h.dtype === 'float64' ? 'float64' : 'float32');
+  return phase('output', () => linearTokenNllSum(rmsNorm(h, params.finalNorm, c.normEps), params.embed, targets, stopGradient(weights), outputRows));
 }
 
 /**

@@ -270,6 +270,11 @@ export function tokenNll(logits: Tensor, targets: Tensor): Tensor {
   return useFused('loss', logits) ? fusedTokenNll(logits, targets) : compositeTokenNll(logits, targets);
 }
 
+/** Whether the loss takes its fused ops for tensors like t (the token NLL, the output layer's loss with its gradients). */
+export function fusedLoss(t: Tensor): boolean {
+  return useFused('loss', t);
+}
+
 /** Mean of `values` where `mask` is 1 (mask float, same shape), or plain mean without a mask. */
 export function maskedMean(values: Tensor, mask?: Tensor): Tensor {
   if (!mask) return mean(values);
