@@ -9,6 +9,8 @@
 #                AdamW's one-launch kernel (TTT_ADAMW_KERNEL=fusedAll) / both (name the stage twice for two rounds)
 #   train-inplace  the same step with both on, in-place accumulation of cotangents on and off (TTT_ACCUMULATE_IN_PLACE=0),
 #                alternating, two rounds
+#   train-plain  the 125m SWA step (T 8K, bf16), the output layer as one op with its gradients from the forward and as
+#                checkpointed pieces (TTT_FUSED_OUTPUT_LOSS=0), alternating, two rounds
 #   phases       where the 125m TTT-E2E step's GPU time goes by phase of the method (bench/phases.js: events at phase
 #                boundaries, no synchronisation between), as it is and with the second-order kernels on
 #   latency      the latency table (cuda-latency.js) at 8K, 32K and 128K for full attention and TTT-E2E
@@ -68,6 +70,16 @@ for stage in "$@"; do
         done
       done
       ;;
+    train-plain)
+      for r in 1 2; do
+        for variant in fused pieces; do
+          envs=()
+          [ $variant = pieces ] && envs=(TTT_FUSED_OUTPUT_LOSS=0)
+          run train-plain "swa-$variant-$r" 140 env "${envs[@]}" node dist/bench/cuda-train.js 8192 1 125m swa bf16
+          keep "swa-$variant-$r" bench/results/cuda-train-125m.json
+        done
+      done
+      ;;
     phases)
       run phases phases-plain 150 env TTT_DEVICE=cuda node dist/bench/phases.js e2e 8192 125m bf16 3
       keep phases-plain bench/results/phases-cuda-125m-e2e.json
@@ -79,7 +91,7 @@ for stage in "$@"; do
       keep latency bench/results/latency-cuda.json
       ;;
     *)
-      echo "gpu-session: unknown stage '$stage' (tests, train-ab, train-inplace, phases, latency)" >&2
+      echo "gpu-session: unknown stage '$stage' (tests, train-ab, train-inplace, train-plain, phases, latency)" >&2
       exit 2
       ;;
   esac

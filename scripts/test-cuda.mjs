@@ -9,7 +9,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 const root = new URL('..', import.meta.url).pathname;
-const SUITES = ['cuda', 'kv-store', 'norm', 'rope', 'swiglu', 'softmax', 'accumulate', 'phases', 'loss', 'engine-caches', 'autodiff', 'ops-forward', 'ops-grad', 'errors', 'attention', 'model', 'session', 'golden', 'mixer-', 'train.test', 'toy', 'launch-plan', 'decode-plan'];
+const SUITES = ['cuda', 'kv-store', 'norm', 'rope', 'swiglu', 'softmax', 'accumulate', 'phases', 'output-loss', 'loss', 'engine-caches', 'autodiff', 'ops-forward', 'ops-grad', 'errors', 'attention', 'model', 'session', 'golden', 'mixer-', 'train.test', 'toy', 'launch-plan', 'decode-plan'];
 const useTsx = existsSync(join(root, 'node_modules', 'tsx'));
 const dir = useTsx ? 'test' : join('dist', 'test');
 const ext = useTsx ? '.test.ts' : '.test.js';

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { makeConfig } from '../src/model/config.js';
 import { initParams, type Params } from '../src/model/transformer.js';
-import { lmLoss, setOutputRows } from '../src/model/ttt-e2e.js';
+import { lmLoss, setFusedOutputLoss, setOutputRows } from '../src/model/ttt-e2e.js';
 import { checkGrad, checkHvp, rn } from './helpers/check.js';
 import { withOpPath } from './helpers/fused.js';
 
@@ -91,6 +91,14 @@ describe('linearTokenNllSum (the output layer\'s loss with its gradients taken i
         for (const m of [undefined, mask]) {
           const run = (path: 'fused' | 'composite') => withOpPath('loss', path, () => T.valueAndGrad((p: Params) => lmLoss(c, p, tokens, targets2, m))(params));
           const [fused, composite] = [run('fused'), run('composite')];
+          const off = setFusedOutputLoss(false);
+          let pieces: ReturnType<typeof run>;
+          try {
+            pieces = run('fused'); // the fused token NLL through outputNll's checkpointed pieces
+          } finally {
+            setFusedOutputLoss(off);
+          }
+          assert.ok(Math.abs(pieces[0].item() - fused[0].item()) < 1e-13, 'the checkpointed pieces give the same loss');
           assert.ok(Math.abs(fused[0].item() - composite[0].item()) < 1e-13, `${m ? 'masked' : 'plain'}: loss`);
           const [gf, gc] = [T.leaves(fused[1]), T.leaves(composite[1])];
           gf.forEach((g, i) => assert.ok(maxRel(g, gc[i]) < 1e-11, `${m ? 'masked' : 'plain'}: gradient ${i}: ${maxRel(g, gc[i])}`));

@@ -175,10 +175,24 @@ export function e2eOuterLoss(c: ModelConfig, params: Params, tokens: Tensor, tar
 export function lmLoss(c: ModelConfig, params: Params, tokens: Tensor, targets: Tensor, mask?: Tensor): Tensor {
   const [B, T] = tokens.shape;
   const h = runBlocks(c, params, 0, c.nLayers, embed(c, params, tokens), range(0, T), [], params.fast).x;
-  if (!fusedLoss(h)) return mean(perSequenceLoss(outputNll(c, params, h, targets), mask));
+  if (!fusedLoss(h) || !fusedOutputLoss) return mean(perSequenceLoss(outputNll(c, params, h, targets), mask));
   // the same mean of per-sequence means as per-token weights, for the output layer's loss that takes its own gradients
   const weights = mask ? div(mask, mul(maximum(sum(mask, 1, true), 1e-9), B)) : full([B, T], 1 / (B * T), h.dtype === 'float64' ? 'float64' : 'float32');
   return phase('output', () => linearTokenNllSum(rmsNorm(h, params.finalNorm, c.normEps), params.embed, targets, stopGradient(weights), outputRows));
+}
+
+/**
+ * Whether the plain loss takes the output layer as one op with its gradients from the forward (`linearTokenNllSum`,
+ * where the loss is fused: the GPU by default) rather than `outputNll`'s checkpointed pieces, which recompute the
+ * logits in the backward. `TTT_FUSED_OUTPUT_LOSS=0` turns it off at start (A/B runs).
+ */
+let fusedOutputLoss = process.env.TTT_FUSED_OUTPUT_LOSS !== '0';
+
+/** Sets whether the plain loss uses `linearTokenNllSum` where the loss is fused; returns the previous setting. */
+export function setFusedOutputLoss(on: boolean): boolean {
+  const before = fusedOutputLoss;
+  fusedOutputLoss = on;
+  return before;
 }
 
 /**
