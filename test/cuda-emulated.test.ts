@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CpuBackend } from '../src/backends/cpu/backend.js';
-import { ADAMW_ALL, ADAMW_ENTRY_WORDS, COL_TILE, RMSNORM_BWD, RMSNORM_DW_PARTIAL, castAddName, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
+import { ADAMW_ALL, ADAMW_ENTRY_WORDS, COL_TILE, RMSNORM_BWD, RMSNORM_DW_PARTIAL, castAddName, ADAMW_PER_BLOCK, NLL_BWD, NLL_BWD_ACC, NLL_HVP, NLL_HVP_ACC, RMSNORM_GRAD_BWD, RMSNORM_ROWS, SOFTMAX_BIAS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, SWIGLU_GRAD_BWD, THREADS, moduleSource } from '../src/backends/cuda/kernels/index.js';
 import { fromBfloat16Bits, roundToBfloat16, toBfloat16Bits } from '../src/index.js';
 import { seededValues } from './helpers/check.js';
 
@@ -154,21 +154,27 @@ describe('CUDA kernels not yet run on a GPU, emulated on the CPU (g++)', { skip 
   }
 
   for (const dt of ['float32', 'float64', 'bfloat16'] as const) {
-    test(`${SOFTMAX_BWD} and ${SOFTMAX_GRAD_BWD} ${dt}: dx, dy and dg against the CPU backend (a block per row; rows of 700, 33 and 1)`, () => {
+    test(`${SOFTMAX_BWD}, ${SOFTMAX_GRAD_BWD} and ${SOFTMAX_BIAS} ${dt}: dx, dy, dg and softmax(x + bias) against the CPU backend (a block per row; rows of 700, 33 and 1)`, () => {
       const ref = dt === 'bfloat16' ? 'float64' : dt;
       for (const [rows, n] of [[5, 700], [9, 33], [4, 1]]) {
         const size = rows * n;
         // y: rows of a softmax (positive, summing to about 1), g and u of either sign
         const y = values(dt, 61, size, 0, 2 / n);
         const [g, u] = [values(dt, 62, size), values(dt, 63, size)];
-        // both kernels in one launch of the emulation (one build): each thread runs one, then the other
+        // and softmax(g + bias) with a bias of fewer rows, repeating (values like the attention band's: 0 and -1e9)
+        const biasRows = rows === 9 ? 3 : rows === 4 ? 2 : rows;
+        const bias = values(dt, 64, biasRows * n).map((v, i) => (i % 4 === 1 ? -1e9 : v));
+        // the kernels in one launch of the emulation (one build): each thread runs one, then the next
         const out = emulate(moduleSource('reduce', dt), [
-          { name: 'y', dt, values: y }, { name: 'g', dt, values: g }, { name: 'u', dt, values: u },
-          { name: 'dx', dt, size, out: true }, { name: 'dy', dt, size, out: true }, { name: 'dg', dt, size, out: true },
-        ], `${SOFTMAX_BWD}(dx.data(), y.data(), g.data(), ${rows}, ${n}); ${SOFTMAX_GRAD_BWD}(dy.data(), dg.data(), y.data(), g.data(), u.data(), ${rows}, ${n})`, rows, THREADS);
+          { name: 'y', dt, values: y }, { name: 'g', dt, values: g }, { name: 'u', dt, values: u }, { name: 'b', dt, values: bias },
+          { name: 'dx', dt, size, out: true }, { name: 'dy', dt, size, out: true }, { name: 'dg', dt, size, out: true }, { name: 'p', dt, size, out: true },
+        ], `${SOFTMAX_BWD}(dx.data(), y.data(), g.data(), ${rows}, ${n}); ${SOFTMAX_GRAD_BWD}(dy.data(), dg.data(), y.data(), g.data(), u.data(), ${rows}, ${n}); ` +
+          `${SOFTMAX_BIAS}(p.data(), g.data(), b.data(), ${rows}, ${n}, ${biasRows})`, rows, THREADS);
         const [ty, tg, tu] = [y, g, u].map((v) => typed(ref, v));
-        const want = { dx: cpu.softmaxBackward(ty, tg, rows, n, ref), ...cpu.softmaxGradBackward(ty, tg, tu, rows, n, ref) } as unknown as Record<string, ArrayLike<number>>;
-        for (const name of ['dx', 'dy', 'dg'] as const) {
+        const want = {
+          dx: cpu.softmaxBackward(ty, tg, rows, n, ref), ...cpu.softmaxGradBackward(ty, tg, tu, rows, n, ref), p: cpu.softmax(tg, rows, n, ref, { data: typed(ref, bias), rows: biasRows }),
+        } as unknown as Record<string, ArrayLike<number>>;
+        for (const name of ['dx', 'dy', 'dg', 'p'] as const) {
           const got = out[name];
           const e = relErr(got, want[name]);
           assert.ok(e < TOL[dt], `${dt} ${rows}x${n} ${name}: error ${e}`);

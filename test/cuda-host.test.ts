@@ -356,6 +356,20 @@ describe('cuda backend host side (stand-in libraries)', () => {
       }
       assert.ok(names.includes('rmsnorm_dw_partial'), `${dt}: ${names}`);
       assert.equal(sizes.filter((n) => n === rows * d).length, 1, `${dt}: dx alone is [rows, d]`);
+      // TTT_CUDA_NEW_KERNELS=0: the written products and their column sum, as before; softmax adds its bias first
+      backend.newKernels = false;
+      names.length = 0;
+      be.launch = function (this: unknown, ...a: unknown[]) { names.push(String(a[5])); return launch.apply(this, a); };
+      try {
+        backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true);
+        backend.softmax(x, rows, d, dt, { data: w, rows: 1 });
+      } finally {
+        be.launch = launch;
+        backend.newKernels = true;
+      }
+      assert.ok(!names.includes('rmsnorm_dw_partial') && !names.includes('softmax_bias_rows') && names.includes('softmax_rows'), `${dt}: ${names}`);
+      backend.softmax(x, rows, d, dt, { data: w, rows: 1 });
+      assert.equal((calls.lastLaunch as [{ name: string }])[0].name, 'softmax_bias_rows', `${dt}: the bias in the softmax kernel`);
     }
     // a TTT-E2E meta-gradient over the stand-in: fewer launches with the kernel than through the composite
     const T = await import('../src/index.js');

@@ -107,8 +107,11 @@ export interface Backend {
   addcmul(a: BackendData, aStrides: number[], b: BackendData, bStrides: number[], c: BackendData, cStrides: number[], shape: number[], dtype: DType): BackendData;
   /** Reduce the middle axis of a contiguous [outer, n, inner] array to [outer, inner]. */
   reduce(op: ReduceOp, x: BackendData, outer: number, n: number, inner: number, dtype: DType): BackendData;
-  /** Softmax / logsumexp over the last axis of a contiguous [outer, n] array. */
-  softmax(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
+  /**
+   * Softmax / logsumexp over the last axis of a contiguous [outer, n] array. softmax's `bias` ([rows, n] of dtype,
+   * rows dividing outer) is added first, row o taking bias row o mod rows, the sum rounded to dtype as an add would.
+   */
+  softmax(x: BackendData, outer: number, n: number, dtype: DType, bias?: { data: BackendData; rows: number }): BackendData;
   logsumexp(x: BackendData, outer: number, n: number, dtype: DType): BackendData;
   /**
    * Whether softmax's backward is the two row kernels below: dx = y ⊙ (g − Σ g ⊙ y) in one pass, and in a

@@ -448,6 +448,15 @@ export function softmaxGrad(y: Tensor, g: Tensor): Tensor {
  */
 export function biasedSoftmax(x: Tensor, bias: Tensor): Tensor {
   requireFloat('biasedSoftmax', x);
+  const n = x.shape[x.rank - 1];
+  const lead = bias.shape.slice(0, bias.rank - 1);
+  // a bias that repeats whole over x's rows (the attention band: [Tq, Tk] under [heads, Tq, Tk]) goes into the kernel
+  const trailing = x.rank >= bias.rank && bias.rank >= 1 && bias.shape.every((d, i) => d === x.shape[x.rank - bias.rank + i]);
+  if (trailing && n > 0 && bias.dtype === x.dtype && bias.backend === x.backend && sizeOf(lead) > 0 && !isTracked(bias)) {
+    const p = fromData(x.backend.softmax(x.data, x.size / n, n, x.dtype, { data: bias.data, rows: sizeOf(lead) }), x.shape, x.dtype, x.backend);
+    record('softmax', [x], [p], ([g]) => [softmaxGrad(p, g!)]);
+    return p;
+  }
   // the biased scores on an untracked alias of x, freed once the probabilities exist
   const xc = alias(x);
   const scope = openScope();

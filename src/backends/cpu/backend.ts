@@ -198,7 +198,19 @@ export class CpuBackend implements Backend {
     }
     return out;
   }
-  softmax(xd: unknown, outer: number, n: number, dtype: DType): Arr {
+  softmax(xd: unknown, outer: number, n: number, dtype: DType, bias?: { data: unknown; rows: number }): Arr {
+    if (bias) {
+      // the biased rows first (one rounding to dtype, as an add), then the plain softmax of them
+      const [x, b] = [xd as Arr, bias.data as Arr];
+      const biased = pool.alloc(dtype, outer * n, false);
+      for (let o = 0; o < outer; o++) {
+        const [xo, bo] = [o * n, (o % bias.rows) * n];
+        for (let i = 0; i < n; i++) biased[xo + i] = x[xo + i] + b[bo + i];
+      }
+      const out = this.softmax(biased, outer, n, dtype);
+      pool.release(biased, dtype, outer * n);
+      return out;
+    }
     const x = xd as Arr;
     const out = pool.alloc(dtype, outer * n, false);
     if (dtype === 'float32' && wasmSoftmaxF32(x as Float32Array, out as Float32Array, outer, n)) return out;

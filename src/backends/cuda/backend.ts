@@ -20,7 +20,7 @@ import {
 } from './ffi.js';
 import {
   ADAMW, ROPE, SWIGLU_BWD, SWIGLU_FWD, SWIGLU_GRAD_BWD, ATT_BWD_DKV, ATT_BWD_DQ, ATT_FWD, ATT_MAX_D, ATT_THREADS, BYTES, CUMSUM, type CudaDType, FILL, GATHER, LOGSUMEXP, MAX_RANK,
-  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, castAddName, CUDA_FLOATS, compareName, copyName,
+  LSE_FINAL, LSE_PARTIAL, type ModuleKind, SCATTER_ADD, allModuleSources, SOFTMAX, SOFTMAX_BIAS, SOFTMAX_BWD, SOFTMAX_GRAD_BWD, THREADS, WHERE, ADDCMUL, ADDCMUL_ROWS_VEC, ROPE_LAYOUTS, ADAMW_ALL, ADAMW_ENTRY_WORDS, ADAMW_PER_BLOCK, attentionShared, binaryName, binaryFlatName, binaryVecName, unaryVecName, vecWidth, castName, castAddName, CUDA_FLOATS, compareName, copyName,
   COL_TILE, writeRowsAtName, NLL_BWD, NLL_BWD_ACC, NLL_FWD, NLL_HVP, NLL_HVP_ACC, RMSNORM_BWD, RMSNORM_BWD_VEC, RMSNORM_DW_PARTIAL, RMSNORM_GRAD_BWD, RMSNORM_FWD, RMSNORM_FWD_VEC, RMSNORM_ROWS, moduleSource, rmsNormLanes, rmsNormVectorizable, reduceColsName, reduceColsPartialName, reduceFinalName, reduceFinalWarpName, reduceRowsName, reduceRowsPartialName, reduceRowsWarpName, unaryName,
 } from './kernels/index.js';
 import { CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS } from './ffi.js';
@@ -703,8 +703,27 @@ export class CudaBackend implements Backend {
     return out;
   }
 
-  softmax(x: unknown, outer: number, n: number, dtype: DType): DeviceBuffer {
-    return this.rowKernel(SOFTMAX, x, outer, n, outer * n, dtype);
+  /**
+   * Whether the kernels added since the last GPU run (`softmax_bias_rows`, `rmsnorm_dw_partial`) are used; off
+   * (`TTT_CUDA_NEW_KERNELS=0`), softmax adds its bias first and RMSNorm's dw sums written products, as before them.
+   */
+  newKernels = process.env.TTT_CUDA_NEW_KERNELS !== '0';
+
+  softmax(x: unknown, outer: number, n: number, dtype: DType, bias?: { data: unknown; rows: number }): DeviceBuffer {
+    if (!bias) return this.rowKernel(SOFTMAX, x, outer, n, outer * n, dtype);
+    if (!this.newKernels) {
+      const r = bias.rows;
+      const biased = this.binary('add', x, [r * n, n, 1], bias.data, [0, n, 1], [outer / r, r, n], dtype);
+      const out = this.rowKernel(SOFTMAX, biased, outer, n, outer * n, dtype);
+      this.allocator.free(biased);
+      return out;
+    }
+    if (!CUDA_FLOATS.has(dtype)) throw new Error(`cuda backend: softmax needs a float dtype, got ${dtype}`);
+    const out = this.alloc(dtype, outer * n);
+    if (outer * n === 0) return out;
+    const a = this.args.reset().ptr(out.ptr).ptr(buf(x).ptr).ptr(buf(bias.data).ptr).i64(outer).i64(n).i64(bias.rows);
+    this.launch(this.fn('reduce', dtype, SOFTMAX_BIAS), this.rowBlocks(outer), THREADS, 0, a, SOFTMAX_BIAS);
+    return out;
   }
 
   /** Whether softmax's backward takes the row kernels below (see Backend.softmaxGradKernel): off until they have run on a GPU, as rmsNormGradKernel. */
@@ -938,7 +957,7 @@ export class CudaBackend implements Backend {
     // dw = Σ_rows dy·x·rstd. Over few rows, the kernel writes those products (gxr) for a column sum; over more, the
     // split reduction's partials come from dy and x themselves (no [rows, d] float buffer written and read back),
     // the same terms in the same order, so the same bits
-    const gxr = wantDw && rows <= 64 ? this.alloc(acc, rows * d) : null;
+    const gxr = wantDw && (rows <= 64 || !this.newKernels) ? this.alloc(acc, rows * d) : null;
     const a = this.args.reset().ptr(buf(x).ptr).ptr(buf(w).ptr).ptr(buf(rstd).ptr).ptr(buf(dy).ptr).ptr(dx.ptr).ptr(gxr ? gxr.ptr : 0).i64(rows).i64(d);
     this.launchRmsNorm(dt, d, rows, [x, w, dy], a, RMSNORM_BWD, RMSNORM_BWD_VEC);
     if (!wantDw) return { dx, dw: null };

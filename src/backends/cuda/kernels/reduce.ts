@@ -41,6 +41,8 @@ export const COL_TILE = 32;
 export const SOFTMAX = 'softmax_rows';
 export const LOGSUMEXP = 'logsumexp_rows';
 export const SOFTMAX_BWD = 'softmax_bwd_rows';
+/** softmax(x + bias) over rows, bias [rows, n] repeating over x's rows (the composite attention's band). */
+export const SOFTMAX_BIAS = 'softmax_bias_rows';
 export const SOFTMAX_GRAD_BWD = 'softmax_grad_bwd_rows';
 export const LSE_PARTIAL = 'logsumexp_partial';
 export const LSE_FINAL = 'logsumexp_final';
@@ -492,6 +494,25 @@ export function reduceSource(dtype: CudaDType): string {
     s = block_dsum(s, red);
     double inv = 1.0 / s;
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${ld('row[i]')} - m)`))} * inv`)};
+  }
+}`);
+    // x + bias rounded to T as the add kernel rounds it, then the softmax kernel's passes over those values
+    const biased = (i: string) => ld(store(`${ld(`row[${i}]`)} + ${ld(`brow[${i}]`)}`));
+    parts.push(`extern "C" __global__ void ${SOFTMAX_BIAS}(${T}* out, const ${T}* x, const ${T}* bias, i64 outer, i64 n, i64 rows) {
+  __shared__ double red[1024];
+  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
+    const ${T}* row = x + o * n;
+    const ${T}* brow = bias + (o % rows) * n;
+    ${T}* orow = out + o * n;
+    double m = NEG_INF_D;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${biased('i')});
+    m = block_fmax(m, red);
+    if (m == NEG_INF_D) m = 0.0;
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${biased('i')} - m);
+    s = block_dsum(s, red);
+    double inv = 1.0 / s;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${biased('i')} - m)`))} * inv`)};
   }
 }`);
     // softmax's backward and that backward's backward (Backend.softmaxBackward / softmaxGradBackward): a block
