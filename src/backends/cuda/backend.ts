@@ -973,10 +973,7 @@ export class CudaBackend implements Backend {
     this.launch(this.fn('reduce', dt, RMSNORM_DW_PARTIAL), Math.min(outputBlocks * chunks, 65535 * 16), THREADS, 0, a, RMSNORM_DW_PARTIAL);
     const sums = this.alloc(acc, d);
     this.combinePartials('sum', sums, ws, d, chunks, acc);
-    if (acc === dt) return sums;
-    const out = this.cast(sums, d, acc, dt);
-    this.allocator.free(sums);
-    return out;
+    return this.sumsIn(sums, d, acc, dt);
   }
 
   /**
@@ -1005,6 +1002,11 @@ export class CudaBackend implements Backend {
   private columnSum(m: DeviceBuffer, rows: number, d: number, acc: DType, dt: DType): DeviceBuffer {
     const sums = this.reduce('sum', m, 1, rows, d, acc);
     this.allocator.free(m);
+    return this.sumsIn(sums, d, acc, dt);
+  }
+
+  /** d sums kept in `acc`, as a buffer of `dt` (the same one where the dtypes agree; else a cast, the sums freed). */
+  private sumsIn(sums: DeviceBuffer, d: number, acc: DType, dt: DType): DeviceBuffer {
     if (acc === dt) return sums;
     const out = this.cast(sums, d, acc, dt);
     this.allocator.free(sums);

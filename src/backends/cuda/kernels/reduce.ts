@@ -480,41 +480,29 @@ export function reduceSource(dtype: CudaDType): string {
     // max that skips NaN (the CPU's "if (x > m) m = x"), then sums of exp in double
     parts.push(blockReduce('block_fmax', 'double', 'fmax(a, b)'));
     parts.push(blockReduce('block_dsum', 'double', 'a + b'));
-    parts.push(`extern "C" __global__ void ${SOFTMAX}(${T}* out, const ${T}* x, i64 outer, i64 n) {
+    // softmax over rows; the biased form adds a bias row that repeats over x's rows (o mod rows), the sum rounded to T
+    // as the add kernel rounds it, before the same passes
+    const softmaxRows = (name: string, biased: boolean) => {
+      const v = biased ? ld(store(`${ld('row[i]')} + ${ld('brow[i]')}`)) : ld('row[i]');
+      return `extern "C" __global__ void ${name}(${T}* out, const ${T}* x, ${biased ? `const ${T}* bias, ` : ''}i64 outer, i64 n${biased ? ', i64 rows' : ''}) {
   __shared__ double red[1024];
   for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
-    const ${T}* row = x + o * n;
+    const ${T}* row = x + o * n;${biased ? `
+    const ${T}* brow = bias + (o % rows) * n;` : ''}
     ${T}* orow = out + o * n;
     double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${ld('row[i]')});
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${v});
     m = block_fmax(m, red);
     if (m == NEG_INF_D) m = 0.0;
     double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${ld('row[i]')} - m);
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${v} - m);
     s = block_dsum(s, red);
     double inv = 1.0 / s;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${ld('row[i]')} - m)`))} * inv`)};
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${v} - m)`))} * inv`)};
   }
-}`);
-    // x + bias rounded to T as the add kernel rounds it, then the softmax kernel's passes over those values
-    const biased = (i: string) => ld(store(`${ld(`row[${i}]`)} + ${ld(`brow[${i}]`)}`));
-    parts.push(`extern "C" __global__ void ${SOFTMAX_BIAS}(${T}* out, const ${T}* x, const ${T}* bias, i64 outer, i64 n, i64 rows) {
-  __shared__ double red[1024];
-  for (i64 o = blockIdx.x; o < outer; o += gridDim.x) {
-    const ${T}* row = x + o * n;
-    const ${T}* brow = bias + (o % rows) * n;
-    ${T}* orow = out + o * n;
-    double m = NEG_INF_D;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, ${biased('i')});
-    m = block_fmax(m, red);
-    if (m == NEG_INF_D) m = 0.0;
-    double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += exp(${biased('i')} - m);
-    s = block_dsum(s, red);
-    double inv = 1.0 / s;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) orow[i] = ${store(`${ld(store(`exp(${biased('i')} - m)`))} * inv`)};
-  }
-}`);
+}`;
+    };
+    parts.push(softmaxRows(SOFTMAX, false), softmaxRows(SOFTMAX_BIAS, true));
     // softmax's backward and that backward's backward (Backend.softmaxBackward / softmaxGradBackward): a block
     // per row, the row sums in double, each output rounded once; the second pass rereads the row (from L2)
     parts.push(`extern "C" __global__ void ${SOFTMAX_BWD}(${T}* dx, const ${T}* y, const ${T}* g, i64 outer, i64 n) {
