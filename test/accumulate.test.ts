@@ -10,22 +10,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as T from '../src/index.js';
 import { checkGrad, checkHvp, rn } from './helpers/check.js';
-
-/** fn's result and the argument list of each call it made to the current backend's `method`. */
-function spyBackend<R>(method: keyof T.Backend, fn: () => R): { result: R; calls: unknown[][] } {
-  const be = T.getBackend() as unknown as Record<string, (...args: unknown[]) => unknown>;
-  const original = be[method];
-  const calls: unknown[][] = [];
-  be[method] = function (this: unknown, ...args: unknown[]) {
-    calls.push(args);
-    return original.apply(this, args);
-  };
-  try {
-    return { result: fn(), calls };
-  } finally {
-    be[method] = original;
-  }
-}
+import { spyBackend } from './helpers/fused.js';
 
 /** fn's result and the backend's matmul calls, each with the buffer it accumulated into (undefined: none). */
 function spyMatmul<R>(fn: () => R): { result: R; calls: { accumulate: unknown }[] } {

@@ -343,28 +343,32 @@ describe('cuda backend host side (stand-in libraries)', () => {
       const withDw = backend.rmsNormGradBackward(x, w, rstd, g, c, rows, d, dt, true);
       assert.ok(withDw.dw !== null && launches() - mid > 1, `${dt}: the kernel, then the column sum`);
       // the first-order backward's dw over more than 64 rows: partials from dy and x, no [rows, d] buffer of products
-      const names: string[] = [];
-      const sizes: number[] = [];
-      const be = backend as unknown as { launch: (...a: unknown[]) => void; alloc: (dt: string, n: number) => unknown };
-      const [launch, alloc] = [be.launch, be.alloc];
-      be.launch = function (this: unknown, ...a: unknown[]) { names.push(String(a[5])); return launch.apply(this, a); };
-      be.alloc = function (this: unknown, t: string, n: number) { sizes.push(n); return alloc.call(this, t, n); };
-      try {
-        backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true);
-      } finally {
-        [be.launch, be.alloc] = [launch, alloc];
-      }
-      assert.ok(names.includes('rmsnorm_dw_partial'), `${dt}: ${names}`);
-      assert.equal(sizes.filter((n) => n === rows * d).length, 1, `${dt}: dx alone is [rows, d]`);
+      // the kernels a call launches and the buffer sizes it allocates (the backend's own launch and alloc, spied on)
+      const traced = (fn: () => void) => {
+        const be = backend as unknown as { launch: (...a: unknown[]) => void; alloc: (dt: string, n: number) => unknown };
+        const [launch, alloc] = [be.launch, be.alloc];
+        const seen = { names: [] as string[], sizes: [] as number[] };
+        be.launch = function (this: unknown, ...a: unknown[]) { seen.names.push(String(a[5])); return launch.apply(this, a); };
+        be.alloc = function (this: unknown, t: string, n: number) { seen.sizes.push(n); return alloc.call(this, t, n); };
+        try {
+          fn();
+        } finally {
+          [be.launch, be.alloc] = [launch, alloc];
+        }
+        return seen;
+      };
+      const first = traced(() => backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true));
+      assert.ok(first.names.includes('rmsnorm_dw_partial'), `${dt}: ${first.names}`);
+      assert.equal(first.sizes.filter((n) => n === rows * d).length, 1, `${dt}: dx alone is [rows, d]`);
       // TTT_CUDA_NEW_KERNELS=0: the written products and their column sum, as before; softmax adds its bias first
       backend.newKernels = false;
-      names.length = 0;
-      be.launch = function (this: unknown, ...a: unknown[]) { names.push(String(a[5])); return launch.apply(this, a); };
+      let names: string[];
       try {
-        backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true);
-        backend.softmax(x, rows, d, dt, { data: w, rows: 1 });
+        names = traced(() => {
+          backend.rmsNormBackward(x, w, rstd, g, rows, d, dt, true);
+          backend.softmax(x, rows, d, dt, { data: w, rows: 1 });
+        }).names;
       } finally {
-        be.launch = launch;
         backend.newKernels = true;
       }
       assert.ok(!names.includes('rmsnorm_dw_partial') && !names.includes('softmax_bias_rows') && names.includes('softmax_rows'), `${dt}: ${names}`);
