@@ -165,12 +165,14 @@ function backward(
     const outCts = node.outputs.map((o) => cts.get(o) ?? null);
     if (outCts.every((c) => c === null)) continue;
     const needs = node.inputs.map(needed);
-    // running cotangents the vjp may add into in place, where nothing it reads is traced
-    const untracked = !outCts.some((c) => c !== null && isTracked(c)) && !node.inputs.some(isTracked) && !node.outputs.some(isTracked) && !node.saved.some(isTracked);
+    // running cotangents the vjp may add into in place, where nothing it reads is traced (checked only for a node
+    // that has one: most inputs get their first contribution)
     const into = node.inputs.map((t, i) => {
-      const prev = needs[i] && untracked ? cts.get(t) : undefined;
+      const prev = needs[i] ? cts.get(t) : undefined;
       return prev && mutable(prev) ? prev : null;
     });
+    const untracked = () => !outCts.some((c) => c !== null && isTracked(c)) && !node.inputs.some(isTracked) && !node.outputs.some(isTracked) && !node.saved.some(isTracked);
+    if (into.some((p) => p !== null) && !untracked()) into.fill(null);
     const scope = openScope();
     let inCts: (Tensor | null)[];
     try {
